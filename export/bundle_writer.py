@@ -1,0 +1,142 @@
+"""Checkpoint -> model bundle: encoder.onnx, fusion.onnx, manifest.json."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmap_deploy import __version__
+from mmap_deploy.bundle import Manifest, ModelFile, sha256_file
+from mmap_train.model import MMAP, load_checkpoint
+
+from .graphs import EncoderGraph, FusionGraph, deployable
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+ENCODER_INPUTS = ["views"]
+ENCODER_OUTPUTS = ["f", "y1"]
+FUSION_INPUTS = ["f", "bank", "mask", "y1"]
+FUSION_OUTPUTS = ["prediction"]
+
+
+def example_inputs(model: MMAP, batch: int = 2, bank: int = 3) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Deterministic example inputs of the right shapes and dtypes for both graphs."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    s, v, d = cfg.input_size, len(cfg.crop_fractions), model.embed_dim
+    views = torch.randint(0, 256, (batch, v, s, s, 3), dtype=torch.uint8, generator=g)
+    f = torch.randn(batch, d, generator=g)
+    mask = torch.ones(batch, bank, dtype=torch.bool)
+    return {
+        "encoder": (views,),
+        "fusion": (f, torch.randn(batch, bank, d, generator=g), mask, torch.randn(batch, cfg.n_genes, generator=g)),
+    }
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic: dict[str, dict[int, str]]) -> None:
+    """torch.onnx (dynamo) export to a single self-contained .onnx file."""
+    from torch.export import Dim
+
+    dims: dict[str, Any] = {}
+    named = {}
+    for name in inputs:
+        axes = dynamic.get(name, {})
+        named[name] = {ax: dims.setdefault(label, Dim(label, min=1, max=65536)) for ax, label in axes.items()} or None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            module, args, dynamo=True, input_names=inputs, output_names=outputs,
+            dynamic_shapes=tuple(named[n] for n in inputs), opset_version=OPSET,
+            optimize=True, verbose=False,
+        )
+    prog.save(str(path), external_data=False)
+
+
+def export_onnx(model: MMAP, out_dir: Path) -> dict[str, Path]:
+    """Export the deployable model's two graphs into `out_dir`."""
+    model = deployable(model)
+    ex = example_inputs(model)
+    enc_path, fus_path = out_dir / "encoder.onnx", out_dir / "fusion.onnx"
+    with torch.no_grad():
+        _export(EncoderGraph(model, model.config.view_spec).eval(), ex["encoder"], enc_path,
+                ENCODER_INPUTS, ENCODER_OUTPUTS, {"views": {0: "batch"}})
+        _export(FusionGraph(model).eval(), ex["fusion"], fus_path, FUSION_INPUTS, FUSION_OUTPUTS,
+                {"f": {0: "batch"}, "bank": {0: "batch", 1: "bank"}, "mask": {0: "batch", 1: "bank"},
+                 "y1": {0: "batch"}})
+    return {"encoder": enc_path, "fusion": fus_path}
+
+
+def manifest_for(model: MMAP, provenance: dict[str, Any], demo: bool = False) -> Manifest:
+    cfg = model.config
+    return Manifest(
+        genes=list(cfg.genes), embed_dim=model.embed_dim, view=cfg.view_spec,
+        prototypes=cfg.prototype_rule, query_view=cfg.query_view, head_average=cfg.head_average,
+        backbone=cfg.backbone, provenance=provenance, demo=demo,
+    )
+
+
+def add_file(manifest: Manifest, bundle_dir: Path, role: str, path: Path, precision: str = "fp32",
+             fmt: str = "onnx", target: dict | None = None, parity: dict | None = None) -> ModelFile:
+    """Record a model file (replacing any entry of the same role/precision/format)."""
+    mf = ModelFile(role=role, path=path.relative_to(bundle_dir).as_posix(), sha256=sha256_file(path),
+                   precision=precision, format=fmt, target=dict(target or {}), parity=dict(parity or {}))
+    manifest.files = [f for f in manifest.files
+                      if (f.role, f.precision, f.format) != (role, precision, fmt)] + [mf]
+    return mf
+
+
+def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, demo: bool = False,
+                  overwrite: bool = False) -> Manifest:
+    """Turn a checkpoint into a bundle directory (written to a temp dir, then moved in place)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    model, ckpt = load_checkpoint(checkpoint)
+    provenance = {
+        "mmap_deploy_version": __version__,
+        "torch_version": torch.__version__,
+        "checkpoint": str(Path(checkpoint).name),
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    for key in ("phase", "epoch", "training_data", "metrics", "trained"):
+        if key in ckpt and ckpt[key] is not None:
+            provenance[key] = ckpt[key]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".mmap-export-", dir=out_dir.parent))
+    try:
+        paths = export_onnx(model, tmp)
+        manifest = manifest_for(model, provenance, demo=demo)
+        for role, p in paths.items():
+            add_file(manifest, tmp, role, p)
+        manifest.provenance["export_seconds"] = round(time.perf_counter() - t0, 2)
+        manifest.write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.replace(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def torch_reference(model: MMAP, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """f, y1 of the deployable torch model for uint8 views: the parity reference."""
+    graph = EncoderGraph(model, model.config.view_spec).eval()
+    with torch.no_grad():
+        f, y1 = graph(torch.from_numpy(views))
+    return f.numpy(), y1.numpy()

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny MMAP model, its checkpoint and exported bundle, and the real data."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path | None:
+    """The real data (her2st, published features): $MMAP_DATA_DIR, else ../shared/data if present."""
+    env = os.environ.get("MMAP_DATA_DIR")
+    p = Path(env) if env else REPO.parent / "shared" / "data"
+    return p if p.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    p = data_dir()
+    if p is None:
+        pytest.skip("real data not found: set MMAP_DATA_DIR to the folder holding her2st/ and mmap_features/")
+    return p
+
+
+TINY_GENES = [f"GENE{i}" for i in range(12)]
+
+
+def make_tiny_model(seed: int = 0, **overrides):
+    """A tiny randomly initialised MMAP with non-zero LoRA weights (so merging matters)."""
+    import torch
+
+    from mmap_train.config import MMAPConfig
+    from mmap_train.model import MMAP
+
+    cfg = MMAPConfig(genes=list(TINY_GENES), backbone="tiny", lora_last_blocks=2, **overrides)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = MMAP(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from mmap_train.model import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, make_tiny_model(), phase=2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+    """An exported bundle of the tiny model (session-wide; do not modify: copy it first)."""
+    from mmap_export.bundle_writer import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(tiny_checkpoint, out)
+    return out
+
+
+def random_views(n: int, size: int = 112, n_views: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, n_views, size, size, 3), dtype=np.uint8)

@@ -1,0 +1,266 @@
+"""The MMAP model: one definition used by training, export and the parity tests.
+
+Phase 1 (`MagnificationEncoder`): a ViT encodes each magnification view; a
+cross-magnification attention lets one view's CLS attend over the other views'
+patch tokens, giving the fused embedding `f`; `y1` averages a head on `f` and a
+head on the highest-magnification CLS.
+
+Phase 2 (`FusionHead`): `f` attends over its prototype bank (padded and masked)
+giving `h`; the final prediction averages `y1` and a head on `h`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MMAPConfig
+
+log = logging.getLogger(__name__)
+
+# Large enough to zero a softmax weight, small enough to survive fp16 (max 65504).
+MASK_VALUE = -30000.0
+
+_BACKBONE_GEOMETRY = {
+    # name: (timm architecture, embed_dim, depth, heads)
+    "tiny": ("vit_tiny_patch16_224", 96, 4, 3),
+    "small": ("vit_small_patch16_224", 384, 12, 6),
+    "uni": ("vit_large_patch16_224", 1024, 24, 16),
+}
+
+
+def embed_dim_of(backbone: str) -> int:
+    return _BACKBONE_GEOMETRY[backbone][1]
+
+
+def build_backbone(cfg: MMAPConfig, weights: str | Path | None = None) -> nn.Module:
+    """A timm ViT at the model's fixed input size, with LayerScale (init 1e-5) as in UNI.
+
+    The position table is built for the input grid (e.g. 7x7 at 112 px). UNI's
+    224 px table (14x14) is resampled once on load: what `dynamic_img_size=True`
+    does on every forward, done ahead so the exported graph has a fixed size.
+    """
+    import timm
+
+    arch, dim, depth, heads = _BACKBONE_GEOMETRY[cfg.backbone]
+    model = timm.create_model(
+        arch, pretrained=False, num_classes=0, img_size=cfg.input_size,
+        embed_dim=dim, depth=depth, num_heads=heads, init_values=1e-5,
+    )
+    if weights:
+        load_backbone_weights(model, weights)
+    elif cfg.backbone == "uni":
+        warnings.warn(
+            "UNI backbone with RANDOM weights (no --backbone-weights file given): "
+            "fine for tests and benchmarks, useless for predictions",
+            stacklevel=2,
+        )
+    return model
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+    """Load ViT weights (e.g. UNI's pytorch_model.bin or .safetensors) from a local file."""
+    from timm.layers import resample_abs_pos_embed
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: backbone weights file not found (UNI weights are gated: download them once, then pass the local file)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != model.pos_embed.shape:
+        grid = model.patch_embed.grid_size
+        state["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=1)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the backbone: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def add_lora(backbone: nn.Module, cfg: MMAPConfig) -> nn.Module:
+    """Wrap a ViT with peft LoRA on the last `cfg.lora_last_blocks` blocks.
+
+    Targets are a full-name regex (`blocks\\.N\\.attn\\.(qkv|proj)`): the bare
+    name `proj` would also match `patch_embed.proj`, a Conv2d.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    depth = len(backbone.blocks)
+    n = min(cfg.lora_last_blocks, depth)
+    blocks = "|".join(str(i) for i in range(depth - n, depth))
+    lora = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+        target_modules=rf"blocks\.({blocks})\.{cfg.lora_targets}",
+    )
+    return get_peft_model(backbone, lora)
+
+
+class CrossAttention(nn.Module):
+    """Pre-norm multi-head attention of one query vector over a context sequence.
+
+    As in the reference: no residual, no feed-forward; dropout on the attention
+    weights and the output. `mask` (B, N) marks valid context entries (True).
+    """
+
+    def __init__(self, dim: int, heads: int = 8, head_dim: int = 64, dropout: float = 0.0,
+                 norm_layer: type[nn.Module] = nn.LayerNorm):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.norm = norm_layer(dim)
+        self.q = nn.Linear(dim, inner, bias=False)
+        self.kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.proj = nn.Linear(inner, dim)
+        self.attn_drop = nn.Dropout(dropout)
+        self.out_drop = nn.Dropout(dropout)
+        self.scale = head_dim ** -0.5
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = context.shape
+        h, d = self.heads, self.head_dim
+        q = self.q(self.norm(query)).reshape(b, h, 1, d)
+        kv = self.kv(self.norm(context)).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]
+        scores = (q * self.scale) @ k.transpose(-1, -2)  # (B, H, 1, N)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], MASK_VALUE)
+        attn = self.attn_drop(scores.softmax(dim=-1))
+        out = (attn @ v).reshape(b, h * d)
+        return self.out_drop(self.proj(out))
+
+
+class MagnificationEncoder(nn.Module):
+    """Phase 1: views (B, V, 3, S, S), normalised float -> f (B, D), y1 (B, G), CLS (B, V, D)."""
+
+    def __init__(self, cfg: MMAPConfig, backbone_weights: str | Path | None = None):
+        super().__init__()
+        self.n_views = len(cfg.crop_fractions)
+        self.query_view = cfg.query_view
+        self.detail_view = self.n_views - 1  # the highest magnification: e^(2) in the paper
+        n_backbones = 1 if cfg.shared_encoder else self.n_views
+        backbones = []
+        for _ in range(n_backbones):
+            bb = build_backbone(cfg, backbone_weights)
+            if cfg.lora_last_blocks > 0:
+                bb = add_lora(bb, cfg)
+            backbones.append(bb)
+        self.backbones = nn.ModuleList(backbones)
+        dim = embed_dim_of(cfg.backbone)
+        self.cross_attn = CrossAttention(dim, cfg.attn_heads, cfg.attn_head_dim, cfg.dropout)
+        self.head_f = nn.Linear(dim, cfg.n_genes)  # MLP_a(f)
+        self.head_detail = nn.Linear(dim, cfg.n_genes)  # MLP_b(e^(2))
+
+    def tokens(self, views: torch.Tensor) -> torch.Tensor:
+        """Token sequences (B, V, T, D) of every view ([CLS, patch tokens])."""
+        b, v = views.shape[:2]
+        if len(self.backbones) == 1:
+            tok = self.backbones[0].forward_features(views.flatten(0, 1))
+            return tok.reshape(b, v, *tok.shape[1:])
+        return torch.stack([bb.forward_features(views[:, i]) for i, bb in enumerate(self.backbones)], dim=1)
+
+    def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tok = self.tokens(views)
+        cls = tok[:, :, 0]
+        query = cls[:, self.query_view]
+        others = [tok[:, i, 1:] for i in range(self.n_views) if i != self.query_view]
+        context = torch.cat([query[:, None], *others], dim=1)
+        f = self.cross_attn(query, context)
+        y1 = (self.head_f(f) + self.head_detail(cls[:, self.detail_view])) / 2
+        return f, y1, cls
+
+
+class FusionHead(nn.Module):
+    """Phase 2: f (B, D), bank (B, L, D), mask (B, L) bool, y1 (B, G) -> y (B, G), h (B, D).
+
+    `head_average="reference"`: y = (y1 + MLP3(h)) / 2 (the reference code).
+    `head_average="paper"`: Eq. 9, y = (MLP1(e2) + MLP2(f) + MLP3(h)) / 3 with
+    MLP1, MLP2 the frozen phase-1 heads, so MLP1(e2) + MLP2(f) = 2 * y1.
+    """
+
+    def __init__(self, cfg: MMAPConfig, dim: int):
+        super().__init__()
+        self.head_average = cfg.head_average
+        self.attn = CrossAttention(dim, cfg.attn_heads, cfg.attn_head_dim, cfg.dropout)
+        self.head_h = nn.Linear(dim, cfg.n_genes)  # MLP3(h)
+
+    def forward(self, f: torch.Tensor, bank: torch.Tensor, mask: torch.Tensor, y1: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        context = torch.cat([f[:, None], bank], dim=1)
+        full_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        h = self.attn(f, context, full_mask)
+        if self.head_average == "reference":
+            y = (y1 + self.head_h(h)) / 2
+        else:
+            y = (2 * y1 + self.head_h(h)) / 3
+        return y, h
+
+
+class MMAP(nn.Module):
+    """Both phases in one module, with its config: what a checkpoint holds."""
+
+    def __init__(self, cfg: MMAPConfig, backbone_weights: str | Path | None = None):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.encoder = MagnificationEncoder(cfg, backbone_weights)
+        self.fusion = FusionHead(cfg, embed_dim_of(cfg.backbone))
+
+    @property
+    def embed_dim(self) -> int:
+        return embed_dim_of(self.config.backbone)
+
+
+# -- losses ----------------------------------------------------------------
+def cosine_alignment_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - cos(a_i, b_i) (the paper's L_mag)."""
+    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+
+
+def contrastive_alignment_loss(a: torch.Tensor, b: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """Batch-contrastive variant (the reference code's): pull matching pairs together
+    (1 - cos on the diagonal), push other pairs below `margin` cosine (hinge)."""
+    sim = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+    n = sim.shape[0]
+    pos = (1 - sim.diagonal()).mean()
+    if n < 2:
+        return pos
+    off = ~torch.eye(n, dtype=torch.bool, device=sim.device)
+    neg = F.relu(sim[off] - margin).mean()
+    return pos + neg
+
+
+def alignment_loss(cfg: MMAPConfig, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if cfg.mag_loss == "cosine":
+        return cosine_alignment_loss(a, b)
+    return contrastive_alignment_loss(a, b, cfg.mag_margin)
+
+
+# -- checkpoints -----------------------------------------------------------
+def save_checkpoint(path: str | Path, model: MMAP, **extra) -> None:
+    """Write {config, state_dict, **extra} atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict(), **extra}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[MMAP, dict]:
+    """Rebuild the model from a checkpoint's config and load its weights (no backbone file needed)."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    cfg = MMAPConfig.from_dict(ckpt["config"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-init warning: weights come from the checkpoint
+        model = MMAP(cfg)
+    model.load_state_dict(ckpt["state_dict"])
+    return model, ckpt
