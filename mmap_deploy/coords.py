@@ -1,0 +1,349 @@
+"""Reading spot coordinates: Visium, her2st and plain x,y tables.
+
+`read_coords` recognises the layout from the header and returns `Spots`: ids,
+(x, y) centres in level-0 (full-resolution) pixels — x the column, y the row —
+and the layout name, in the order of the file.
+
+Recognised layouts (`LAYOUTS`):
+
+- ``visium``: Space Ranger 2+ ``tissue_positions.csv`` with header
+  ``barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres``;
+- ``visium-list``: Space Ranger 1 ``tissue_positions_list.csv``, the same six
+  columns without a header;
+- ``her2st``: ``*_selection.tsv`` with header ``x y new_x new_y pixel_x pixel_y
+  selected``; x = ``pixel_x``, y = ``pixel_y``, id ``"{x}x{y}"`` of the array
+  coordinates ``x``, ``y`` rounded to integers;
+- ``xy``: a header with ``x`` and ``y`` and optionally an id column
+  (``barcode``, ``id``, ``spot_id`` or ``spot``); without one, ids are
+  ``spot_{i}``.
+
+Visium spots with ``in_tissue == 0`` and her2st spots with ``selected == 0``
+are dropped unless `all_spots`. The delimiter is sniffed: tab, comma,
+semicolon, or runs of whitespace. Every problem is a one-line `UserError`
+naming the file, line and value and saying how to fix it.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+LAYOUTS = {
+    "visium": "Visium tissue_positions.csv (barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres)",
+    "visium-list": "Visium tissue_positions_list.csv (the same six columns, no header)",
+    "her2st": "her2st *_selection.tsv (x y new_x new_y pixel_x pixel_y selected)",
+    "xy": "plain table with a header x,y and optionally barcode/id/spot_id/spot",
+}
+VISIUM_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
+ID_COLUMNS = ("barcode", "id", "spot_id", "spot")
+# Files larger than this are not coordinate tables (a Visium HD 2 µm table is ~1 GB
+# as parquet, but its CSV export of 8 µm bins stays well under this).
+MAX_COORDS_BYTES = 2_000_000_000
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_SHOW = 5  # how many offending rows/ids a message lists
+
+
+@dataclass
+class Spots:
+    """Spot ids and centres, in the order of the coordinates file.
+
+    `xy` is (N, 2) float64: x = column, y = row, in level-0 full-resolution pixels.
+    `source_format` is one of `LAYOUTS`.
+    """
+
+    ids: list[str]
+    xy: np.ndarray
+    source_format: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _describe_layouts() -> str:
+    return "; ".join(LAYOUTS.values())
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise UserError(f"{path}: coordinates file not found; check the path")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; pass the coordinates file (e.g. spatial/tissue_positions.csv)")
+    try:
+        size = path.stat().st_size
+        if size > MAX_COORDS_BYTES:
+            raise UserError(f"{path}: {size} bytes is too large for a coordinates table; split it into several slides' files")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the coordinates file: {exc.strerror or exc}") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise UserError(f"{path}: the gzip file is damaged ({exc}); re-copy it or pass it uncompressed") from None
+    if path.suffix.lower() == ".parquet" or raw[:4] == b"PAR1":
+        raise UserError(
+            f"{path}: parquet coordinates are not read directly; convert to CSV, e.g. "
+            "`python -c \"import pandas as pd; pd.read_parquet('IN.parquet').to_csv('OUT.csv', index=False)\"`"
+        )
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: not a UTF-8 text table (undecodable byte at offset {exc.start}); "
+            f"expected one of: {_describe_layouts()}"
+        ) from None
+    if "\x00" in text:
+        raise UserError(f"{path}: contains NUL bytes, so it is not a text table; expected one of: {_describe_layouts()}")
+    return text
+
+
+def _sniff_delimiter(lines: list[str]) -> str | None:
+    """The delimiter of a table: tab, comma or semicolon if the first line has one
+    and the following lines agree on the field count; None means runs of whitespace."""
+    first, rest = lines[0], lines[1:20]
+    for delim in ("\t", ",", ";"):
+        if delim in first:
+            n = len(_split(first, delim))
+            if all(len(_split(line, delim)) == n for line in rest):
+                return delim
+    for delim in ("\t", ",", ";"):
+        if delim in first:
+            return delim
+    return None
+
+
+def _split(line: str, delim: str | None) -> list[str]:
+    if delim is None:
+        return line.split()
+    try:
+        fields = next(csv.reader([line], delimiter=delim, strict=False))
+    except (csv.Error, StopIteration):
+        fields = line.split(delim)
+    return [f.strip() for f in fields]
+
+
+def _unquote(name: str) -> str:
+    return name.strip().strip('"').strip("'").strip().lower()
+
+
+def _parse_number(value: str, path: Path, line_no: int, column: str) -> float:
+    if _NUMBER.fullmatch(value):
+        v = float(value)
+        if math.isfinite(v):
+            return v
+    shown = value if len(value) <= 40 else value[:37] + "..."
+    fix = "use a dot as the decimal separator" if re.fullmatch(r"[+-]?\d+,\d+", value) else "fix or remove that row"
+    raise UserError(f"{path}: line {line_no}, column '{column}': {shown!r} is not a finite number; {fix}")
+
+
+def _parse_flag(value: str, path: Path, line_no: int, column: str) -> bool:
+    v = _parse_number(value, path, line_no, column)
+    if v not in (0.0, 1.0):
+        raise UserError(f"{path}: line {line_no}, column '{column}': {value!r} must be 0 or 1")
+    return v == 1.0
+
+
+def _is_number(value: str) -> bool:
+    return bool(_NUMBER.fullmatch(value.strip().strip('"')))
+
+
+def read_coords(path: str | Path, all_spots: bool = False) -> Spots:
+    """Read a coordinates table (Visium, her2st or plain x,y) into `Spots`.
+
+    Keeps the file's order. Drops spots outside the tissue (`in_tissue == 0`,
+    her2st `selected == 0`) unless `all_spots`. Raises `UserError` for a
+    missing/empty file, unknown columns, bad values, duplicate ids, or no spots left.
+    """
+    path = Path(path)
+    text = _read_text(path)
+    # Keep (line number, text) so that messages point at the file's own lines.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = [(i + 1, line) for i, line in enumerate(text.split("\n")) if line.strip()]
+    if not lines:
+        raise UserError(f"{path}: the coordinates file is empty; expected one of: {_describe_layouts()}")
+    delim = _sniff_delimiter([line for _, line in lines])
+    header = [_unquote(f) for f in _split(lines[0][1], delim)]
+
+    layout, body = _detect_layout(path, header, lines, delim)
+    rows = [(n, _split(line, delim)) for n, line in body]
+    width = 6 if layout == "visium-list" else len(header)
+    for n, fields in rows:
+        if len(fields) != width:
+            raise UserError(
+                f"{path}: line {n} has {len(fields)} fields where the "
+                f"{'first line' if layout == 'visium-list' else 'header'} has {width}; "
+                "fix that row (a missing value or a stray delimiter)"
+            )
+    if not rows:
+        raise UserError(f"{path}: has a header but no spots; add one row per spot")
+
+    if layout in ("visium", "visium-list"):
+        cols = VISIUM_COLUMNS if layout == "visium-list" else header
+        ids, xy, keep = _read_visium(path, cols, rows)
+        dropped_by = "in_tissue == 0"
+    elif layout == "her2st":
+        ids, xy, keep = _read_her2st(path, header, rows)
+        dropped_by = "selected == 0"
+    else:
+        ids, xy, keep = _read_xy(path, header, rows)
+        dropped_by = ""
+
+    if not all_spots and not all(keep):
+        ids = [i for i, k in zip(ids, keep) if k]
+        xy = xy[np.asarray(keep, dtype=bool)]
+        if not ids:
+            raise UserError(
+                f"{path}: all {len(keep)} spots have {dropped_by}, so none is left; "
+                "pass --all-spots to predict every spot"
+            )
+    _check_unique(path, ids)
+    return Spots(ids=ids, xy=np.ascontiguousarray(xy, dtype=np.float64), source_format=layout)
+
+
+def _detect_layout(path: Path, header: list[str], lines, delim) -> tuple[str, list]:
+    names = set(header)
+    if {"pxl_row_in_fullres", "pxl_col_in_fullres", "barcode"} <= names:
+        return "visium", lines[1:]
+    if {"x", "y", "pixel_x", "pixel_y"} <= names:
+        return "her2st", lines[1:]
+    if {"x", "y"} <= names:
+        return "xy", lines[1:]
+    first = _split(lines[0][1], delim)
+    if len(first) == 6 and not _is_number(first[0]) and all(_is_number(f) for f in first[1:]):
+        return "visium-list", lines
+    if first and all(_is_number(f) for f in first):
+        raise UserError(
+            f"{path}: the first line {lines[0][1][:60]!r} has no column names; add a header line "
+            "'x,y' (or 'barcode,x,y') with x the column and y the row in full-resolution pixels"
+        )
+    shown = ",".join(header[:8]) + (",..." if len(header) > 8 else "")
+    if {"pxl_row_in_fullres", "pxl_col_in_fullres"} & names or "in_tissue" in names:
+        hint = f"a Visium table needs all of {','.join(VISIUM_COLUMNS)}"
+    elif "pixel_x" in names or "pixel_y" in names:
+        hint = "a her2st table needs x, y, pixel_x and pixel_y"
+    else:
+        hint = "rename the coordinate columns to x and y (x = column, y = row, full-resolution pixels)"
+    raise UserError(f"{path}: unrecognised columns [{shown}]; {hint}. Recognised layouts: {_describe_layouts()}")
+
+
+def _column(header, name: str) -> int:
+    return list(header).index(name)
+
+
+def _read_visium(path, header, rows):
+    ib = _column(header, "barcode")
+    it = _column(header, "in_tissue") if "in_tissue" in header else None
+    ir, ic = _column(header, "pxl_row_in_fullres"), _column(header, "pxl_col_in_fullres")
+    ids, xy, keep = [], np.empty((len(rows), 2)), []
+    for k, (n, f) in enumerate(rows):
+        ids.append(_spot_id(path, n, f[ib]))
+        xy[k, 0] = _parse_number(f[ic], path, n, "pxl_col_in_fullres")
+        xy[k, 1] = _parse_number(f[ir], path, n, "pxl_row_in_fullres")
+        keep.append(True if it is None else _parse_flag(f[it], path, n, "in_tissue"))
+    return ids, xy, keep
+
+
+def _read_her2st(path, header, rows):
+    ix, iy = _column(header, "x"), _column(header, "y")
+    px, py = _column(header, "pixel_x"), _column(header, "pixel_y")
+    isel = _column(header, "selected") if "selected" in header else None
+    ids, xy, keep = [], np.empty((len(rows), 2)), []
+    for k, (n, f) in enumerate(rows):
+        ax = _parse_number(f[ix], path, n, "x")
+        ay = _parse_number(f[iy], path, n, "y")
+        ids.append(f"{int(round(ax))}x{int(round(ay))}")
+        xy[k, 0] = _parse_number(f[px], path, n, "pixel_x")
+        xy[k, 1] = _parse_number(f[py], path, n, "pixel_y")
+        keep.append(True if isel is None else _parse_flag(f[isel], path, n, "selected"))
+    return ids, xy, keep
+
+
+def _read_xy(path, header, rows):
+    ix, iy = _column(header, "x"), _column(header, "y")
+    iid = next((_column(header, c) for c in ID_COLUMNS if c in header), None)
+    ids, xy = [], np.empty((len(rows), 2))
+    for k, (n, f) in enumerate(rows):
+        ids.append(f"spot_{k}" if iid is None else _spot_id(path, n, f[iid]))
+        xy[k, 0] = _parse_number(f[ix], path, n, "x")
+        xy[k, 1] = _parse_number(f[iy], path, n, "y")
+    return ids, xy, [True] * len(rows)
+
+
+def _spot_id(path: Path, line_no: int, value: str) -> str:
+    value = value.strip().strip('"').strip()
+    if not value:
+        raise UserError(f"{path}: line {line_no}: empty spot id; give every spot an id or drop the id column")
+    return value
+
+
+def _check_unique(path: Path, ids: list[str]) -> None:
+    if len(set(ids)) == len(ids):
+        return
+    seen, dup = set(), []
+    for i in ids:
+        if i in seen and i not in dup:
+            dup.append(i)
+        seen.add(i)
+    shown = ", ".join(repr(d) for d in dup[:_SHOW]) + (", ..." if len(dup) > _SHOW else "")
+    raise UserError(f"{path}: {len(dup)} duplicate spot id(s): {shown}; every spot needs a unique id")
+
+
+def check_inside(spots: Spots, width: int, height: int, coords_path, slide_path) -> None:
+    """Raise `UserError` if any spot centre lies outside the slide's level-0 area.
+
+    The message says how many, lists the first few, and hints at swapped x/y or
+    at coordinates from a different image scale.
+    """
+    x, y = spots.xy[:, 0], spots.xy[:, 1]
+    outside = (x < 0) | (y < 0) | (x >= width) | (y >= height)
+    n_out = int(outside.sum())
+    if n_out == 0:
+        return
+    idx = np.flatnonzero(outside)[:_SHOW]
+    shown = ", ".join(f"{spots.ids[i]} ({x[i]:g}, {y[i]:g})" for i in idx) + (", ..." if n_out > _SHOW else "")
+    msg = (
+        f"{coords_path}: {n_out} of {len(spots)} spot centres lie outside the slide {slide_path} "
+        f"({width} x {height} px): {shown}"
+    )
+    swapped_inside = (y >= 0) & (x >= 0) & (y < width) & (x < height)
+    extent = max(float(x.max()) / width, float(y.max()) / height)
+    if swapped_inside.all():
+        msg += "; x and y look swapped (x is the column, y the row): check which columns hold them"
+    elif extent > 1.5:
+        msg += (
+            f"; the coordinates reach {extent:.1f}x the slide's size: are they full-resolution coordinates "
+            "over a downscaled image (e.g. tissue_hires_image.png)? Pass the full-resolution slide"
+        )
+    elif (x < 0).any() or (y < 0).any():
+        msg += "; negative coordinates: check that they are pixels of this slide, not of another image or a crop"
+    else:
+        msg += "; check that the coordinates belong to this slide (full-resolution pixels, x = column, y = row)"
+    raise UserError(msg)
+
+
+def scale_warning(spots: Spots, width: int, height: int) -> str | None:
+    """A warning when all spots crowd into a small corner of the slide, else None.
+
+    Coordinates in a downscaled image's pixels (Visium `hires`/`lowres`) over a
+    full-resolution slide all fit inside it, so `check_inside` cannot catch them.
+    """
+    if len(spots) < 2:
+        return None
+    span_x = float(spots.xy[:, 0].max()) / width
+    span_y = float(spots.xy[:, 1].max()) / height
+    if max(span_x, span_y) < 0.25:
+        return (
+            f"all spots lie within the top-left {max(span_x, span_y):.0%} of the slide: if the coordinates "
+            "are hires/lowres image pixels, convert them to full resolution (divide by tissue_hires_scalef "
+            "from scalefactors_json.json) or use pxl_col_in_fullres/pxl_row_in_fullres"
+        )
+    return None

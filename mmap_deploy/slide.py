@@ -1,0 +1,458 @@
+"""Reading H&E slides: OpenSlide for whole-slide formats, a plain-image reader otherwise.
+
+`open_slide` returns a `SlideReader`: level-0 size, the resolution in µm per
+pixel (`mpp`) and where it came from (`mpp_source`), `read_patch` for one
+spot's patch at the model's resolution, and `thumbnail` for the output's
+`hires` image.
+
+Whole-slide formats (SVS, pyramidal TIFF, NDPI, MRXS, ...) go through OpenSlide
+and are never held in memory whole: each patch is read from the pyramid level
+nearest the needed resolution (never a coarser one). Plain JPEG/PNG/TIFF images
+(the her2st images are ~9 300 x 9 900 px JPEGs) are decoded once into memory.
+
+The mpp comes from `--mpp` when given, else from the slide's metadata through a
+fallback chain (see `MPP_SOURCES`); without either, opening fails and says to
+pass `--mpp`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .preprocess import ViewSpec, patch_region, resize
+
+# Microscope scans lie between ~0.1 µm/px (100x) and a few µm/px (1.25x); these
+# bounds reject placeholders such as 72 dpi (352.8 µm/px) without rejecting a
+# low-power scan.
+MPP_RANGE = (0.05, 20.0)
+# The plain-image reader decodes the whole image (3 bytes per pixel). Above this
+# the user should convert to a pyramidal TIFF, which OpenSlide reads tile by tile.
+MAX_PLAIN_IMAGE_PIXELS = 25_000 * 25_000
+# Plain-image formats the fallback reader accepts (PIL format names).
+PLAIN_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
+# Where the mpp can come from, in the order tried. "--mpp" always wins.
+MPP_SOURCES = (
+    "--mpp",
+    "openslide.mpp-x",
+    "aperio.MPP",
+    "tiff.XResolution",
+    "exif.XResolution",
+    "image.dpi",
+)
+MPP_HINT = "pass --mpp, e.g. --mpp 0.5 for a 20x scan or --mpp 0.25 for a 40x scan"
+# Relative tolerance when choosing a pyramid level: a level whose downsample is
+# within 0.1% of the needed one counts as "not coarser".
+LEVEL_TOLERANCE = 1e-3
+
+_PIL_LOCK = threading.Lock()
+
+
+class PatchReadError(UserError):
+    """A region of the slide could not be decoded (corrupt tile), even after a retry."""
+
+
+def _plausible(mpp: float) -> bool:
+    return math.isfinite(mpp) and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]
+
+
+def _check_mpp(path: Path, mpp: float, source: str) -> float:
+    if not _plausible(mpp):
+        raise UserError(
+            f"{path}: implausible resolution {mpp:g} µm per pixel from {source} "
+            f"(expected {MPP_RANGE[0]}..{MPP_RANGE[1]}); {MPP_HINT}"
+        )
+    return float(mpp)
+
+
+def _parse_float(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _resolution_to_mpp(resolution: float, unit: str) -> float | None:
+    """Pixels per unit -> µm per pixel; None for a missing or unitless resolution."""
+    if resolution is None or resolution <= 0:
+        return None
+    unit = unit.lower()
+    if unit in ("centimeter", "cm", "3"):
+        return 1e4 / resolution
+    if unit in ("inch", "in", "2"):
+        return 25400.0 / resolution
+    return None
+
+
+def _mpp_from_openslide_properties(props) -> tuple[float, str] | None:
+    """The first resolution found in OpenSlide's properties, with its source name."""
+    mx = _parse_float(props.get("openslide.mpp-x"))
+    my = _parse_float(props.get("openslide.mpp-y"))
+    if mx is not None and mx > 0:
+        # Square pixels are the norm; if a scanner reports two values, use their mean.
+        if my is not None and my > 0 and abs(mx - my) > 1e-6 * mx:
+            return (mx + my) / 2.0, "openslide.mpp-x/mpp-y"
+        return mx, "openslide.mpp-x"
+    aperio = _parse_float(props.get("aperio.MPP"))
+    if aperio is not None and aperio > 0:
+        return aperio, "aperio.MPP"
+    xres = _parse_float(props.get("tiff.XResolution"))
+    mpp = _resolution_to_mpp(xres, props.get("tiff.ResolutionUnit", ""))
+    if mpp is not None:
+        return mpp, "tiff.XResolution"
+    return None
+
+
+class SlideReader:
+    """An open slide: level-0 geometry, resolution, and patch/thumbnail reading.
+
+    Attributes: `path`, `mpp` (level-0 µm per pixel), `mpp_source`, `width`,
+    `height` (level-0 pixels), `format` ("openslide:<vendor>" or "image:<FORMAT>").
+    Thread-safe: the pipeline reads patches from a thread pool.
+    """
+
+    path: Path
+    mpp: float
+    mpp_source: str
+    width: int
+    height: int
+    format: str
+
+    def read_patch(self, x: float, y: float, spec: ViewSpec) -> np.ndarray:
+        """The (patch_px, patch_px, 3) uint8 RGB patch centred on level-0 pixel (x, y).
+
+        It covers `spec.patch_um` µm of tissue, resampled to `spec.patch_px`
+        pixels; areas outside the slide are white.
+        """
+        left, top, side = patch_region(x, y, self.mpp, spec)
+        region = self._read_region(left, top, side, spec.patch_px)
+        patch = resize(region, spec.patch_px)
+        # resize returns its input when no resampling is needed: never hand out a
+        # view of the slide's own pixels.
+        return patch.copy() if patch is region else patch
+
+    def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
+        """An RGB uint8 image of the whole slide, longest side <= max_side, and its scale.
+
+        The scale is thumbnail pixels per level-0 pixel (along x), e.g. the
+        `tissue_hires_scalef` of a Visium-style output.
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the slide's file handles and memory."""
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, {self.width}x{self.height} px, "
+            f"mpp={self.mpp:g} from {self.mpp_source})"
+        )
+
+    def _thumbnail_size(self, max_side: int) -> tuple[int, int]:
+        scale = min(1.0, max_side / max(self.width, self.height))
+        return max(1, int(round(self.width * scale))), max(1, int(round(self.height * scale)))
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """RGBA (straight alpha, as openslide-python returns) -> RGB over a white background."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+class OpenSlideReader(SlideReader):
+    """A whole-slide image read through OpenSlide, tile by tile."""
+
+    def __init__(self, path: Path, handle, mpp: float, mpp_source: str):
+        self.path = path
+        self._handle = handle
+        # OpenSlide errors are sticky: after a failed tile the handle refuses every
+        # later call. A failed read therefore reopens the slide (generation counter
+        # so that concurrent readers reopen it once) and retries once.
+        self._generation = 0
+        self._stale: list = []
+        self._lock = threading.Lock()
+        self.mpp = mpp
+        self.mpp_source = mpp_source
+        self.width, self.height = handle.dimensions
+        self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
+        self.level_dimensions = tuple(handle.level_dimensions)
+        self.format = f"openslide:{handle.properties.get('openslide.vendor', 'unknown')}"
+
+    def level_for_downsample(self, downsample: float) -> int:
+        """The coarsest pyramid level that is not coarser than `downsample` (level-0 px per output px)."""
+        best = 0
+        for level, d in enumerate(self.level_downsamples):
+            if d <= downsample * (1.0 + LEVEL_TOLERANCE) and d >= self.level_downsamples[best]:
+                best = level
+        return best
+
+    def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
+        level = self.level_for_downsample(side / out_px)
+        d = self.level_downsamples[level]
+        size = max(1, int(math.ceil(side / d - 1e-9)))
+        for attempt in (0, 1):
+            with self._lock:
+                handle, generation = self._handle, self._generation
+            if handle is None:
+                raise RuntimeError(f"{self.path}: slide is closed")
+            try:
+                image = handle.read_region((left, top), level, (size, size))
+                return _composite_on_white(np.asarray(image))
+            except Exception as exc:  # openslide.OpenSlideError, or a closed handle
+                if attempt == 1:
+                    raise PatchReadError(
+                        f"{self.path}: cannot decode the region at x={left}, y={top} "
+                        f"({side}x{side} level-0 px, level {level}): {exc}; the file may be "
+                        "corrupt or truncated: re-export or re-copy it"
+                    ) from None
+                self._reopen(generation)
+        raise AssertionError("unreachable")
+
+    def _reopen(self, generation: int) -> None:
+        import openslide
+
+        with self._lock:
+            if self._generation != generation or self._handle is None:
+                return
+            self._stale.append(self._handle)
+            try:
+                self._handle = openslide.OpenSlide(str(self.path))
+            except Exception as exc:
+                raise PatchReadError(f"{self.path}: cannot reopen the slide after a read error: {exc}") from None
+            self._generation += 1
+
+    def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
+        w, h = self._thumbnail_size(max_side)
+        downsample = self.width / w
+        level = self.level_for_downsample(downsample)
+        lw, lh = self.level_dimensions[level]
+        with self._lock:
+            handle = self._handle
+        try:
+            # Read the chosen level whole only when it is small; else let
+            # OpenSlide build the thumbnail (it also reads level by level).
+            if lw * lh <= 64_000_000:
+                rgba = np.asarray(handle.read_region((0, 0), level, (lw, lh)))
+                rgb = _composite_on_white(rgba)
+                image = _pil_resize(rgb, w, h)
+            else:
+                image = np.asarray(handle.get_thumbnail((w, h)).convert("RGB"))
+        except Exception as exc:
+            raise PatchReadError(
+                f"{self.path}: cannot read the slide for its thumbnail: {exc}; the file may be corrupt"
+            ) from None
+        return image, image.shape[1] / self.width
+
+    def close(self) -> None:
+        with self._lock:
+            handles = self._stale + ([self._handle] if self._handle is not None else [])
+            self._handle, self._stale = None, []
+        for h in handles:
+            h.close()
+
+
+def _pil_resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Antialiased downscale for thumbnails (PIL, deterministic)."""
+    from PIL import Image
+
+    if rgb.shape[1] == width and rgb.shape[0] == height:
+        return np.ascontiguousarray(rgb)
+    with _PIL_LOCK:
+        im = Image.fromarray(np.ascontiguousarray(rgb))
+        out = im.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        return np.asarray(out)
+
+
+class ImageReader(SlideReader):
+    """A plain image (JPEG, PNG, non-pyramidal TIFF) decoded once into memory."""
+
+    def __init__(self, path: Path, pixels: np.ndarray, mpp: float, mpp_source: str, fmt: str):
+        self.path = path
+        pixels.setflags(write=False)
+        self._pixels = pixels
+        self.mpp = mpp
+        self.mpp_source = mpp_source
+        self.height, self.width = pixels.shape[:2]
+        self.format = f"image:{fmt}"
+
+    def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
+        pixels = self._pixels
+        if pixels is None:
+            raise RuntimeError(f"{self.path}: slide is closed")
+        x0, y0 = max(left, 0), max(top, 0)
+        x1, y1 = min(left + side, self.width), min(top + side, self.height)
+        if x0 == left and y0 == top and x1 == left + side and y1 == top + side:
+            return pixels[y0:y1, x0:x1]
+        out = np.full((side, side, 3), 255, dtype=np.uint8)
+        if x1 > x0 and y1 > y0:
+            out[y0 - top : y1 - top, x0 - left : x1 - left] = pixels[y0:y1, x0:x1]
+        return out
+
+    def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
+        if self._pixels is None:
+            raise RuntimeError(f"{self.path}: slide is closed")
+        w, h = self._thumbnail_size(max_side)
+        image = _pil_resize(self._pixels, w, h)
+        return image, image.shape[1] / self.width
+
+    def close(self) -> None:
+        self._pixels = None
+
+
+def _exif_mpp(image) -> float | None:
+    """µm per pixel from EXIF XResolution + ResolutionUnit (2 = inch, 3 = cm)."""
+    try:
+        exif = image.getexif()
+        res, unit = exif.get(282), exif.get(296, 2)
+    except Exception:
+        return None
+    res = _parse_float(res)
+    return _resolution_to_mpp(res, str(unit)) if res else None
+
+
+def _plain_image_mpp(image) -> tuple[float, str] | None:
+    """A plausible resolution from a plain image's own metadata, if any.
+
+    Plain images usually carry a placeholder (72 or 96 dpi) that says nothing
+    about the microscope, so only plausible values are used.
+    """
+    fmt = image.format
+    if fmt == "TIFF":
+        tags = getattr(image, "tag_v2", {})
+        res = _parse_float(tags.get(282))
+        mpp = _resolution_to_mpp(res, str(tags.get(296, 2))) if res else None
+        if mpp is not None and _plausible(mpp):
+            return mpp, "tiff.XResolution"
+    mpp = _exif_mpp(image)
+    if mpp is not None and _plausible(mpp):
+        return mpp, "exif.XResolution"
+    dpi = image.info.get("dpi")
+    if dpi:
+        res = _parse_float(dpi[0])
+        mpp = _resolution_to_mpp(res, "inch") if res else None
+        if mpp is not None and _plausible(mpp):
+            return mpp, "image.dpi"
+    return None
+
+
+def _open_plain_image(path: Path, mpp: float | None) -> ImageReader | None:
+    """Open `path` with PIL; None if PIL does not recognise it as an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    with _PIL_LOCK:
+        old_limit = Image.MAX_IMAGE_PIXELS
+        # PIL's decompression-bomb guard (89 Mpx) is below a her2st image; this
+        # reader applies its own, higher limit below.
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            image = Image.open(path)
+        except UnidentifiedImageError:
+            return None
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read the image: {exc}; check that the file is complete") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = old_limit
+    with image:
+        fmt = image.format or "unknown"
+        if fmt not in PLAIN_FORMATS:
+            raise UserError(
+                f"{path}: {fmt} images are not supported; convert it to a pyramidal TIFF, JPEG or PNG"
+            )
+        w, h = image.size
+        if w * h > MAX_PLAIN_IMAGE_PIXELS:
+            raise UserError(
+                f"{path}: a {w}x{h} px plain image is too large to decode in memory; convert it to a "
+                "pyramidal tiled TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`)"
+            )
+        if mpp is not None:
+            resolved = (_check_mpp(path, mpp, "--mpp"), "--mpp")
+        else:
+            found = _plain_image_mpp(image)
+            if found is None:
+                raise UserError(f"{path}: no resolution (µm per pixel) in the slide's metadata; {MPP_HINT}")
+            resolved = found
+        try:
+            image.load()
+            pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as exc:
+            # PIL reports truncated/corrupt data only when decoding.
+            raise UserError(
+                f"{path}: the image is truncated or corrupt ({exc}); re-copy or re-export the file"
+            ) from None
+    return ImageReader(path, np.ascontiguousarray(pixels), resolved[0], resolved[1], fmt)
+
+
+def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
+    """Open a slide or plain image and resolve its resolution (µm per pixel).
+
+    `mpp` (the CLI's `--mpp`) overrides the metadata. Raises `UserError` for a
+    missing file, a file that is not a slide/image, a truncated or corrupt file,
+    no resolution anywhere, or an implausible one.
+    """
+    import openslide
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: slide file not found; check the path")
+    if path.is_dir() and path.suffix.lower() != ".mrxs":
+        raise UserError(f"{path}: is a directory, not a slide; pass the slide file (e.g. .svs, .tif, .ndpi, .mrxs)")
+    if mpp is not None:
+        mpp = _check_mpp(path, float(mpp), "--mpp")
+
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(path))
+    except Exception:
+        vendor = None
+    if vendor is not None:
+        try:
+            handle = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideUnsupportedFormatError:
+            handle = None
+        except Exception as exc:
+            raise UserError(
+                f"{path}: OpenSlide cannot open this {vendor} slide ({exc}); the file may be truncated "
+                "or corrupt: re-copy or re-export it"
+            ) from None
+        if handle is not None:
+            try:
+                if mpp is not None:
+                    resolved = (mpp, "--mpp")
+                else:
+                    found = _mpp_from_openslide_properties(handle.properties)
+                    if found is None:
+                        raise UserError(
+                            f"{path}: no resolution (µm per pixel) in the slide's metadata; {MPP_HINT}"
+                        )
+                    resolved = (_check_mpp(path, found[0], found[1]), found[1])
+                return OpenSlideReader(path, handle, resolved[0], resolved[1])
+            except BaseException:
+                handle.close()
+                raise
+
+    reader = _open_plain_image(path, mpp)
+    if reader is None:
+        raise UserError(
+            f"{path}: not a slide or image this tool can read; supported: whole-slide formats "
+            "OpenSlide reads (SVS, pyramidal TIFF, NDPI, MRXS, SCN, ...) and plain JPEG/PNG/TIFF images"
+        )
+    return reader
+
