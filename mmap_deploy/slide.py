@@ -82,10 +82,12 @@ def _resolution_to_mpp(resolution: float, unit: str) -> float | None:
     if resolution is None or resolution <= 0:
         return None
     unit = unit.lower()
+    # Rounded to 1e-6 µm: resolution tags are rationals, and 1e4 / (1e6 / 73)
+    # should read back as 0.73, not 0.7300000000000001.
     if unit in ("centimeter", "cm", "3"):
-        return 1e4 / resolution
+        return round(1e4 / resolution, 6)
     if unit in ("inch", "in", "2"):
-        return 25400.0 / resolution
+        return round(25400.0 / resolution, 6)
     return None
 
 
