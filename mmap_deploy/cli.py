@@ -1,0 +1,419 @@
+"""`mmap-predict`: predict spatial gene expression for the spots of H&E slides.
+
+    mmap-predict SLIDE COORDS -o OUT.h5ad [--model BUNDLE_DIR] [--mpp X] ...
+    mmap-predict --demo -o demo.h5ad
+    mmap-predict --manifest slides.csv -o OUT_DIR [--shard i/n]
+
+A mistake in the input is one line `error: ...` on stderr and exit code 2,
+with no output file; anything else is a bug and shows its traceback. This
+module imports only click at start-up, so `mmap-predict --help` is instant;
+onnxruntime, anndata and openslide are imported when a run needs them.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_BATCH_FAILED = 1
+MANIFEST_COLUMNS = ("slide", "coords")
+MANIFEST_OPTIONAL = ("mpp", "id")
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@dataclass
+class RunSettings:
+    """What every slide of one invocation shares."""
+
+    backend: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 32
+    threads: int = 0
+    all_spots: bool = False
+    overwrite: bool = False
+    strict: bool = False
+    plot: list[str] = field(default_factory=list)
+    progress: bool = True
+
+
+@dataclass
+class SlideResult:
+    output: Path
+    n_spots: int
+    n_dropped: int
+    seconds: float
+    timings: dict[str, float]
+    plots: list[Path]
+
+
+def load_model(model: Path | None) -> Any:
+    """The bundle from --model, or the demo bundle (said plainly on stderr)."""
+    from .bundle import default_bundle_path, load_bundle
+
+    if model is None:
+        path = default_bundle_path()
+        if not (path / "manifest.json").is_file():
+            raise UserError(
+                f"no --model given and the demo bundle is not installed ({path}); "
+                "pass --model DIR with a bundle made by mmap-export"
+            )
+        bundle = load_bundle(path)
+        _echo(
+            f"note: no --model given: using the built-in DEMO model ({path}); it is a tiny model for "
+            "trying the tool, not for real predictions; pass --model DIR for a real bundle"
+        )
+        return bundle
+    bundle = load_bundle(model)
+    if bundle.manifest.demo:
+        _echo(f"note: {model} is a DEMO model (its manifest says so); do not use its predictions for research")
+    return bundle
+
+
+def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any, engines: Any,
+                    settings: RunSettings, *, mpp: float | None = None, library_id: str | None = None) -> SlideResult:
+    """One slide end to end: open, read coords, predict, write the .h5ad (and plots)."""
+    from .coords import check_inside, read_coords, scale_warning
+    from .output import build_anndata, check_output_path, now_utc, write_gene_plots, write_h5ad
+    from .pipeline import KMEANS_SEED, predict_slide
+    from .runners import default_threads
+    from .slide import open_slide
+
+    t0 = time.perf_counter()
+    out = check_output_path(out, settings.overwrite)
+    spots = read_coords(coords_path, all_spots=settings.all_spots)
+    with open_slide(slide_path, mpp=mpp) as slide:
+        check_inside(spots, slide.width, slide.height, coords_path, slide_path)
+        warning = scale_warning(spots, slide.width, slide.height)
+        if warning:
+            _echo(f"warning: {coords_path}: {warning}")
+        t_open = time.perf_counter() - t0
+        library_id = library_id or slide_path.stem
+        from tqdm import tqdm
+
+        with tqdm(total=len(spots), unit="spot", desc=slide_path.name, file=sys.stderr,
+                  disable=not settings.progress, leave=False, dynamic_ncols=True) as bar:
+            pred = predict_slide(
+                slide, spots, bundle, engines, batch_size=settings.batch_size,
+                read_workers=min(4, default_threads()), strict=settings.strict, progress=bar.update,
+            )
+        t = time.perf_counter()
+        thumb, scale = slide.thumbnail(2000)
+        t_thumb = time.perf_counter() - t
+        m = bundle.manifest
+        provenance = {
+            "project": "mmap-deploy",
+            "project_version": __version__,
+            "created_at": now_utc(),
+            "command": " ".join(["mmap-predict"] + sys.argv[1:]),
+            "library_id": library_id,
+            "slide": str(slide_path),
+            "slide_format": str(slide.format),
+            "slide_width": int(slide.width),
+            "slide_height": int(slide.height),
+            "mpp": float(slide.mpp),
+            "mpp_source": str(slide.mpp_source),
+            "coords": str(coords_path),
+            "coords_format": str(spots.source_format),
+            "all_spots": bool(settings.all_spots),
+            "bundle": str(bundle.root),
+            "bundle_sha256": bundle.sha256(),
+            "bundle_demo": bool(m.demo),
+            "backbone": m.backbone,
+            "model_mpp": float(m.view.mpp),
+            "patch_um": float(m.view.patch_um),
+            "input_size": int(m.view.input_size),
+            "backend": engines.plan.backend,
+            "providers": ",".join(engines.encoder.providers),
+            "precision": engines.encoder.precision,
+            "batch_size": int(settings.batch_size),
+            "threads": int(settings.threads),
+            "strict": bool(settings.strict),
+            "kmeans_seed": int(KMEANS_SEED),
+        }
+        pred.timings["open"] = round(t_open, 4)
+        pred.timings["thumbnail"] = round(t_thumb, 4)
+        adata = build_anndata(pred, thumb, scale, library_id=library_id, slide_mpp=slide.mpp,
+                              patch_um=m.view.patch_um, provenance=provenance)
+    t = time.perf_counter()
+    write_h5ad(adata, out, overwrite=settings.overwrite)
+    plots = write_gene_plots(adata, settings.plot, out, library_id) if settings.plot else []
+    timings = dict(pred.timings, write=round(time.perf_counter() - t, 4))
+    seconds = time.perf_counter() - t0
+    timings["wall"] = round(seconds, 4)
+    return SlideResult(out, len(pred.spot_ids), len(pred.dropped), seconds, timings, plots)
+
+
+def _report(result: SlideResult) -> None:
+    rate = result.n_spots / result.seconds if result.seconds > 0 else 0.0
+    msg = f"wrote {result.output}: {result.n_spots} spots in {result.seconds:.1f} s ({rate:.1f} spots/s)"
+    if result.n_dropped:
+        msg += f"; {result.n_dropped} unreadable spot(s) dropped (listed in uns['mmap']['dropped_spots'])"
+    _echo(msg)
+    for p in result.plots:
+        _echo(f"wrote {p}")
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    if value is None:
+        return None
+    try:
+        i_s, n_s = value.split("/")
+        i, n = int(i_s), int(n_s)
+    except ValueError:
+        raise UserError(f"--shard must look like i/n (e.g. 0/4), got {value!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--shard {value}: need 0 <= i < n (shards are numbered 0 to n-1)")
+    return i, n
+
+
+@dataclass
+class ManifestRow:
+    line: int
+    slide: Path
+    coords: Path
+    mpp: float | None
+    name: str
+
+
+def read_manifest(path: Path) -> list[ManifestRow]:
+    """The batch manifest CSV: columns slide, coords, optional mpp and id; paths relative to the CSV."""
+    import math
+
+    if not path.is_file():
+        raise UserError(f"{path}: manifest file not found; check the --manifest path")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file; the manifest must be a CSV with columns slide,coords") from None
+    reader = csv.reader(text.splitlines())
+    header = next(reader, None)
+    if not header or not any(h.strip() for h in header):
+        raise UserError(f"{path}: empty manifest; it needs a header line 'slide,coords[,mpp][,id]' and one row per slide")
+    header = [h.strip().lower() for h in header]
+    missing = [c for c in MANIFEST_COLUMNS if c not in header]
+    unknown = [c for c in header if c not in MANIFEST_COLUMNS + MANIFEST_OPTIONAL]
+    if missing or unknown or len(set(header)) != len(header):
+        what = []
+        if missing:
+            what.append(f"missing column(s) {', '.join(missing)}")
+        if unknown:
+            what.append(f"unknown column(s) {', '.join(unknown)}")
+        if len(set(header)) != len(header):
+            what.append("a repeated column")
+        raise UserError(f"{path}: line 1: {'; '.join(what)}; the header must be slide,coords with optional mpp,id")
+    rows: list[ManifestRow] = []
+    names: dict[str, int] = {}
+    base = path.parent
+    for line_no, values in enumerate(reader, start=2):
+        if not values or all(not v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            raise UserError(f"{path}: line {line_no}: {len(values)} fields, the header has {len(header)}")
+        rec = {h: v.strip() for h, v in zip(header, values)}
+        if not rec["slide"] or not rec["coords"]:
+            raise UserError(f"{path}: line {line_no}: empty slide or coords path")
+        mpp = None
+        if rec.get("mpp"):
+            try:
+                mpp = float(rec["mpp"])
+            except ValueError:
+                mpp = math.nan
+            if not math.isfinite(mpp) or mpp <= 0:
+                raise UserError(f"{path}: line {line_no}: mpp {rec['mpp']!r} is not a positive number (µm per pixel)")
+        slide = Path(rec["slide"]).expanduser()
+        coords = Path(rec["coords"]).expanduser()
+        slide = slide if slide.is_absolute() else base / slide
+        coords = coords if coords.is_absolute() else base / coords
+        name = rec.get("id") or slide.stem
+        if any(c in name for c in "/\\") or name in (".", ".."):
+            raise UserError(f"{path}: line {line_no}: id {name!r} cannot be a file name; use letters, digits, - and _")
+        if name in names:
+            raise UserError(
+                f"{path}: line {line_no}: output name {name!r} is already used on line {names[name]}; "
+                "give the slides distinct 'id' values"
+            )
+        names[name] = line_no
+        rows.append(ManifestRow(line_no, slide, coords, mpp, name))
+    if not rows:
+        raise UserError(f"{path}: the manifest lists no slides; add one row per slide under the header")
+    return rows
+
+
+def run_batch(manifest: Path, out_dir: Path, bundle: Any, engines: Any, settings: RunSettings,
+              shard: tuple[int, int] | None) -> int:
+    """Every slide of the manifest (or of one shard); returns the exit code."""
+    rows = read_manifest(manifest)
+    if out_dir.suffix == ".h5ad" or (out_dir.exists() and not out_dir.is_dir()):
+        raise UserError(f"{out_dir}: with --manifest, -o is an output folder (one .h5ad per slide)")
+    if shard is not None:
+        i, n = shard
+        rows = [r for k, r in enumerate(rows) if k % n == i]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done, skipped, failed = [], [], []
+    for k, row in enumerate(rows, start=1):
+        out = out_dir / f"{row.name}.h5ad"
+        prefix = f"[{k}/{len(rows)}] {row.name}"
+        if out.exists() and not settings.overwrite:
+            skipped.append(row.name)
+            _echo(f"{prefix}: skipped, {out} exists (pass --overwrite to redo it)")
+            continue
+        try:
+            result = predict_to_file(row.slide, row.coords, out, bundle, engines, settings,
+                                     mpp=row.mpp, library_id=row.name)
+        except UserError as e:
+            failed.append((row, str(e)))
+            _echo(f"{prefix}: error: {e}")
+            continue
+        except Exception as e:  # a bug: show it, but finish the other slides
+            failed.append((row, f"internal error {type(e).__name__}: {e} (traceback above)"))
+            _echo(f"{prefix}: internal error; traceback follows")
+            traceback.print_exc(file=sys.stderr)
+            continue
+        done.append(row.name)
+        _echo(f"{prefix}: " + _summary_line(result))
+    shard_txt = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+    _echo(f"batch{shard_txt}: {len(done)} done, {len(skipped)} skipped (already done), {len(failed)} failed "
+          f"of {len(rows)} slide(s) in {manifest}")
+    for row, msg in failed:
+        _echo(f"  failed: {row.name} ({manifest} line {row.line}): {msg}")
+    return EXIT_BATCH_FAILED if failed else 0
+
+
+def _summary_line(result: SlideResult) -> str:
+    rate = result.n_spots / result.seconds if result.seconds > 0 else 0.0
+    msg = f"wrote {result.output.name}, {result.n_spots} spots, {rate:.1f} spots/s"
+    if result.n_dropped:
+        msg += f", {result.n_dropped} unreadable spot(s) dropped"
+    return msg
+
+
+def _demo_paths() -> tuple[Path, Path, float]:
+    try:
+        from .demo import sample_paths
+    except ImportError:
+        sample_paths = None
+    if sample_paths is None:
+        raise UserError("the demo sample is not installed with this copy of mmap-deploy; run on your own SLIDE COORDS")
+    image, coords, mpp = sample_paths()
+    return Path(image), Path(coords), float(mpp)
+
+
+def _parse_genes(value: str | None) -> list[str]:
+    if not value:
+        return []
+    genes = [g.strip() for g in value.split(",") if g.strip()]
+    if not genes:
+        raise UserError(f"--plot needs gene names separated by commas, got {value!r}")
+    return list(dict.fromkeys(genes))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("slide", required=False, type=click.Path(path_type=Path, dir_okay=True))
+@click.argument("coords", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Output .h5ad file (with --manifest: an output folder, one .h5ad per slide).")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="Model bundle directory made by mmap-export. Default: the built-in demo model.")
+@click.option("--mpp", type=float, help="Slide resolution in µm per pixel; overrides the slide's metadata.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
+              show_default=True, help="Inference engine; auto picks the fastest available and says which.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Which of the bundle's model files to run.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Spots per engine call.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="CPU threads for ONNX Runtime (0: all cores).")
+@click.option("--all-spots", is_flag=True, help="Keep spots marked outside the tissue (in_tissue/selected = 0).")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("--plot", "plot_genes", metavar="GENE[,GENE...]",
+              help="Also write a PNG map of each gene over the slide thumbnail (needs matplotlib).")
+@click.option("--strict", is_flag=True, help="Fail on an unreadable spot instead of dropping and listing it.")
+@click.option("--library-id", help="Key of uns['spatial'] (default: the slide file name without extension).")
+@click.option("--demo", is_flag=True, help="Run the built-in her2st sample with the demo model.")
+@click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
+              help="Batch mode: CSV with columns slide,coords and optional mpp,id (paths relative to the CSV).")
+@click.option("--shard", metavar="I/N",
+              help="With --manifest: run only rows k with k %% N == I (I = 0..N-1), e.g. $SLURM_ARRAY_TASK_ID/N.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.version_option(__version__, prog_name="mmap-predict")
+def main(slide: Path | None, coords: Path | None, output: Path, model: Path | None, mpp: float | None,
+         backend: str, precision: str, batch_size: int, threads: int, all_spots: bool, overwrite: bool,
+         plot_genes: str | None, strict: bool, library_id: str | None, demo: bool, manifest: Path | None,
+         shard: str | None, quiet: bool) -> None:
+    """Predict spatial gene expression for the spots of an H&E slide (MMAP).
+
+    SLIDE is a whole-slide image (SVS, pyramidal TIFF, NDPI, MRXS, ...) or a
+    plain JPEG/PNG/TIFF; COORDS the spot centres in full-resolution pixels:
+    Visium tissue_positions(.csv / _list.csv), her2st *_selection.tsv, or a
+    table with x,y and optionally barcode/id. Writes an AnnData .h5ad that
+    scanpy and squidpy plot directly.
+
+    Exit codes: 0 done; 2 bad input (one-line error, no output written);
+    1 with --manifest when some slides failed (the others are written).
+    """
+    try:
+        code = _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots,
+                     overwrite, plot_genes, strict, library_id, demo, manifest, shard, quiet)
+    except UserError as e:
+        _echo(f"error: {e}")
+        sys.exit(EXIT_USER_ERROR)
+    sys.exit(code)
+
+
+def _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots, overwrite,
+          plot_genes, strict, library_id, demo, manifest, shard, quiet) -> int:
+    modes = sum([bool(manifest), bool(demo), slide is not None])
+    if modes != 1:
+        raise UserError(
+            "give either SLIDE COORDS, or --demo, or --manifest CSV (exactly one); see mmap-predict --help"
+        )
+    if slide is not None and coords is None:
+        raise UserError(f"missing COORDS after SLIDE {slide}: the spot coordinates file")
+    if shard is not None and manifest is None:
+        raise UserError("--shard only applies with --manifest")
+    if manifest is not None and (mpp is not None or library_id):
+        raise UserError("with --manifest, give mpp and id per slide in the manifest's mpp and id columns")
+    settings = RunSettings(backend=backend, precision=precision, batch_size=batch_size, threads=threads,
+                           all_spots=all_spots, overwrite=overwrite, strict=strict,
+                           plot=_parse_genes(plot_genes), progress=not quiet)
+    shard_ix = parse_shard(shard)
+    if manifest is None:
+        from .output import check_output_path
+
+        check_output_path(output, overwrite)  # before loading anything: fail fast
+    if demo:
+        # the sample's mpp is in its EXIF tags: open_slide finds it (and records the source)
+        slide, coords, _ = _demo_paths()
+    bundle = load_model(model)
+    if settings.plot:
+        from .output import check_plot_genes
+
+        check_plot_genes(settings.plot, bundle.manifest.genes, bundle.root)
+    from .runners import open_engines
+
+    with open_engines(backend, bundle, precision, threads=threads) as engines:
+        _echo(f"engines: {engines.plan.reason}; providers: {', '.join(engines.encoder.providers)}")
+        if manifest is not None:
+            return run_batch(manifest, output, bundle, engines, settings, shard_ix)
+        result = predict_to_file(slide, coords, output, bundle, engines, settings, mpp=mpp, library_id=library_id)
+    _report(result)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

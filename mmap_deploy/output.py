@@ -1,0 +1,233 @@
+"""The output: an AnnData `.h5ad` that scanpy and squidpy plot as it is, and gene maps.
+
+Layout (see docs/architecture.md, "The output"):
+- `X` float32 predictions on the training log scale; `var_names` genes;
+  `obs_names` spot ids; `obs['mmap_cluster']` the k-means prototype (categorical);
+- `obsm['spatial']` (x, y) in full-resolution pixels; `obsm['mmap_embedding']` f;
+- `uns['spatial'][library_id]`: `images['hires']` (thumbnail, longest side
+  2000 px) and `scalefactors` (`tissue_hires_scalef`, `spot_diameter_fullres`);
+- `uns['mmap']`: provenance. No None anywhere (anndata cannot write it).
+
+Files are written to a temporary file in the destination directory and
+renamed into place, so a killed run never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata
+
+    from .pipeline import SlidePrediction
+
+THUMBNAIL_MAX_SIDE = 2000
+# Plotting size of a spot: half the typical centre-to-centre distance of the
+# spots (ST: 200 µm pitch -> 100 µm, the real ST spot; Visium: 100 µm -> 50,
+# close to its 55 µm spots), never larger than the patch the model saw.
+SPOT_DIAMETER_PITCH_RATIO = 0.5
+_PITCH_SAMPLE = 512
+PLOT_MAX_SIDE = 1000
+
+
+def check_output_path(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output unless `overwrite`; make sure the folder can take the file."""
+    path = Path(path)
+    if path.suffix != ".h5ad":
+        raise UserError(f"{path}: the output must be an .h5ad file (e.g. -o {path.with_suffix('.h5ad').name})")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give a file name ending in .h5ad")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"{path.parent}: is not a directory; choose another -o")
+    return path
+
+
+def spot_diameter_fullres(xy: np.ndarray, patch_side_fullres: float) -> float:
+    """A spot's plotting diameter in full-resolution pixels.
+
+    Half the median nearest-neighbour distance between spot centres (measured
+    on an evenly spaced sample of at most 512 spots against all spots),
+    capped at the patch side; the patch side when there is a single spot.
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    n = len(xy)
+    if n < 2:
+        return float(patch_side_fullres)
+    sample = xy[np.linspace(0, n - 1, min(n, _PITCH_SAMPLE)).round().astype(np.int64)]
+    nearest = np.full(len(sample), np.inf)
+    for s in range(0, n, 8192):  # chunks: (512, 8192) distances at a time
+        block = xy[s : s + 8192]
+        d = ((sample[:, None, :] - block[None, :, :]) ** 2).sum(-1)
+        d[d == 0] = np.inf  # the spot itself (and exact duplicates)
+        nearest = np.minimum(nearest, d.min(axis=1))
+    finite = nearest[np.isfinite(nearest)]
+    if len(finite) == 0:
+        return float(patch_side_fullres)
+    pitch = float(np.sqrt(np.median(finite)))
+    return float(min(SPOT_DIAMETER_PITCH_RATIO * pitch, patch_side_fullres))
+
+
+def check_no_none(obj: Any, where: str = "uns") -> None:
+    """Raise ValueError naming the key of any None (anndata cannot write None)."""
+    if obj is None:
+        raise ValueError(f"{where} is None; anndata cannot write None values")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_no_none(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_no_none(v, f"{where}[{i}]")
+
+
+def _str_array(values: list[str]) -> np.ndarray:
+    return np.asarray([str(v) for v in values], dtype=object) if values else np.zeros(0, dtype="U1")
+
+
+def build_anndata(
+    pred: "SlidePrediction",
+    thumbnail: np.ndarray,
+    thumbnail_scale: float,
+    *,
+    library_id: str,
+    slide_mpp: float,
+    patch_um: float,
+    provenance: dict[str, Any],
+) -> "anndata.AnnData":
+    """Assemble the AnnData for one slide's predictions (see the module docstring)."""
+    import anndata as ad
+    import pandas as pd
+
+    n = len(pred.spot_ids)
+    obs = pd.DataFrame(index=pd.Index(pred.spot_ids, dtype=object, name=None))
+    k = pred.n_prototypes
+    obs["mmap_cluster"] = pd.Categorical(
+        pred.clusters.astype(str), categories=[str(i) for i in range(k)]
+    )
+    var = pd.DataFrame(index=pd.Index(pred.genes, dtype=object))
+    adata = ad.AnnData(X=np.ascontiguousarray(pred.prediction, dtype=np.float32), obs=obs, var=var)
+    adata.obsm["spatial"] = np.ascontiguousarray(pred.xy, dtype=np.float64).reshape(n, 2)
+    adata.obsm["mmap_embedding"] = np.ascontiguousarray(pred.embedding, dtype=np.float32)
+    patch_side = patch_um / slide_mpp
+    diameter = spot_diameter_fullres(pred.xy, patch_side)
+    thumb = np.ascontiguousarray(thumbnail, dtype=np.uint8)
+    adata.uns["spatial"] = {
+        library_id: {
+            "images": {"hires": thumb},
+            "scalefactors": {
+                "tissue_hires_scalef": float(thumbnail_scale),
+                "spot_diameter_fullres": float(diameter),
+            },
+            "metadata": {"source": "mmap-predict"},
+        }
+    }
+    mmap = dict(provenance)
+    mmap.update(
+        n_spots=int(n),
+        n_dropped=len(pred.dropped),
+        dropped_spots=_str_array([d.spot_id for d in pred.dropped]),
+        dropped_errors=_str_array([d.error for d in pred.dropped]),
+        n_prototypes=int(pred.n_prototypes),
+        bank_size=int(pred.bank_size),
+        spot_diameter_rule=(
+            f"{SPOT_DIAMETER_PITCH_RATIO} x median nearest-spot distance, at most the patch side "
+            f"({patch_side:.1f} px = {patch_um} um)"
+        ),
+        timings={k2: float(v) for k2, v in pred.timings.items()},
+        engines=dict(pred.engines),
+    )
+    check_no_none(mmap, "uns['mmap']")
+    adata.uns["mmap"] = mmap
+    return adata
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_h5ad(adata: "anndata.AnnData", path: str | Path, overwrite: bool = False) -> Path:
+    """Write `adata` to `path` atomically; refuse an existing file unless `overwrite`."""
+    path = check_output_path(path, overwrite)
+    _atomic_write(path, lambda tmp: adata.write_h5ad(tmp))
+    return path
+
+
+def plot_paths(out: Path, genes: list[str]) -> list[Path]:
+    """Where `--plot` writes each gene's map: next to the output, `{stem}.{gene}.png`."""
+    return [out.with_name(f"{out.stem}.{re.sub(r'[^A-Za-z0-9._-]+', '_', g)}.png") for g in genes]
+
+
+def check_plot_genes(genes: list[str], bundle_genes: list[str], bundle_root: Path) -> None:
+    """Before any work: every --plot gene is predicted by the bundle, and matplotlib imports."""
+    known = set(bundle_genes)
+    unknown = [g for g in genes if g not in known]
+    if unknown:
+        shown = ", ".join(bundle_genes[:5]) + (", ..." if len(bundle_genes) > 5 else "")
+        raise UserError(
+            f"--plot: gene(s) {', '.join(unknown)} not predicted by the model {bundle_root} "
+            f"(it predicts {len(bundle_genes)} genes: {shown}); check the spelling"
+        )
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'mmap-deploy[plot]'") from None
+
+
+def write_gene_plots(adata: "anndata.AnnData", genes: list[str], out: Path, library_id: str) -> list[Path]:
+    """One PNG per gene: its predicted value per spot over the hires thumbnail (headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    lib = adata.uns["spatial"][library_id]
+    img = lib["images"]["hires"]
+    sf = lib["scalefactors"]
+    scale = float(sf["tissue_hires_scalef"])
+    xy = np.asarray(adata.obsm["spatial"]) * scale
+    h, w = img.shape[:2]
+    # The map is at most PLOT_MAX_SIDE px on its longest side (a 2000 px PNG
+    # takes seconds to encode); `px` = figure pixels per thumbnail pixel.
+    px = min(1.0, PLOT_MAX_SIDE / max(h, w))
+    dpi = 100
+    # 1 figure pixel = 72/dpi points, so spots are drawn at their real size
+    marker_pt = float(sf["spot_diameter_fullres"]) * scale * px * 72.0 / dpi
+    written = []
+    for gene, png in zip(genes, plot_paths(out, genes)):
+        values = np.asarray(adata[:, gene].X).ravel()
+        fig = Figure(figsize=(w * px / dpi / 0.85, h * px / dpi / 0.92), dpi=dpi)
+        ax = fig.add_axes((0.0, 0.0, 0.85, 0.92))
+        ax.imshow(img, interpolation="antialiased")
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=marker_pt**2, cmap="viridis", linewidths=0)
+        ax.set_axis_off()
+        ax.set_title(f"{gene} (predicted, log scale)")
+        cax = fig.add_axes((0.88, 0.1, 0.025, 0.75))
+        fig.colorbar(sc, cax=cax)
+        _atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+        written.append(png)
+    return written
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

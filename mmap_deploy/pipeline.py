@@ -1,0 +1,227 @@
+"""One slide through the engines: patches -> views -> encoder -> prototypes -> fusion.
+
+Patches are read and turned into views by a thread pool that runs ahead of
+the encoder (a bounded window of spots in flight, so memory stays bounded
+however many spots a slide has). The encoder's outputs stream into
+preallocated arrays. The K rule needs every spot of the slide, so k-means
+runs once encoding is done; each fusion batch then gathers its spots'
+top-L prototype banks (never the whole (N, L, D) bank at once).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .errors import UserError
+from .preprocess import make_views
+from .slide import PatchReadError
+from .prototypes import kmeans, top_l_banks
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .bundle import Bundle
+    from .runners import Engines
+
+# Seed of the per-slide k-means: fixed, so a slide always gets the same prototypes.
+KMEANS_SEED = 0
+
+
+@dataclass
+class DroppedSpot:
+    """A spot whose patch could not be read (after one retry)."""
+
+    spot_id: str
+    x: float
+    y: float
+    error: str
+
+
+@dataclass
+class SlidePrediction:
+    """Everything `predict_slide` computed for one slide, in the input spot order (minus dropped spots)."""
+
+    spot_ids: list[str]
+    xy: np.ndarray  # (N, 2) float64, level-0 (full-resolution) pixels
+    prediction: np.ndarray  # (N, G) float32, the training log scale
+    embedding: np.ndarray  # (N, D) float32, f
+    clusters: np.ndarray  # (N,) int64, k-means prototype of each spot
+    n_prototypes: int
+    bank_size: int
+    genes: list[str]
+    dropped: list[DroppedSpot] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    engines: dict[str, str] = field(default_factory=dict)
+
+
+def _read_views(slide: Any, x: float, y: float, spec: Any, spent: list[float]) -> np.ndarray:
+    """One spot's views. The slide reader retries a failed region once itself."""
+    t = time.perf_counter()
+    try:
+        return make_views(slide.read_patch(x, y, spec), spec)
+    finally:
+        spent.append(time.perf_counter() - t)  # list.append is atomic: safe across reader threads
+
+
+def _single_threaded_blas():
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _reader_error(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def predict_slide(
+    slide: Any,
+    spots: Any,
+    bundle: "Bundle",
+    engines: "Engines",
+    *,
+    batch_size: int = 16,
+    read_workers: int = 2,
+    strict: bool = False,
+    progress: Callable[[int], Any] | None = None,
+) -> SlidePrediction:
+    """Predict every spot of one slide.
+
+    `slide` is a `SlideReader` (`read_patch(x, y, spec)`), `spots` a `Spots`
+    (`ids`, `xy`), `engines` the loaded encoder and fusion runners
+    (`runners.open_engines`). `progress(n)` is called after each encoder
+    batch with the number of spots done in it.
+
+    A spot whose patch cannot be decoded (`PatchReadError`: the reader has
+    already retried once) is dropped and listed in `.dropped`; with `strict`
+    the first such spot is an error, and a slide where no spot can be read is
+    an error too (UserError). Any other exception is a bug and propagates.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be a positive number, got {batch_size}")
+    m = bundle.manifest
+    spec = m.view
+    ids = list(spots.ids)
+    xy = np.asarray(spots.xy, dtype=np.float64)
+    n = len(ids)
+    if n == 0:
+        raise UserError("no spots to predict: the coordinates file has no (in-tissue) spots")
+    t_start = time.perf_counter()
+    timings = {"read_wait": 0.0, "encoder": 0.0, "kmeans": 0.0, "banks": 0.0, "fusion": 0.0}
+
+    f = np.empty((n, m.embed_dim), dtype=np.float32)
+    y1 = np.empty((n, len(m.genes)), dtype=np.float32)
+    ok = np.zeros(n, dtype=bool)
+    dropped: list[DroppedSpot] = []
+    views_shape = (spec.n_views, spec.input_size, spec.input_size, 3)
+    batch = np.empty((batch_size,) + views_shape, dtype=np.uint8)
+    batch_rows: list[int] = []
+
+    def run_encoder() -> None:
+        k = len(batch_rows)
+        t = time.perf_counter()
+        out = engines.encoder.run({"views": batch[:k]})
+        timings["encoder"] += time.perf_counter() - t
+        rows = np.asarray(batch_rows)
+        f[rows] = out["f"]
+        y1[rows] = out["y1"]
+        ok[rows] = True
+        if progress is not None:
+            progress(k)
+        batch_rows.clear()
+
+    # The window of reads in flight: enough to keep the encoder fed, small
+    # enough that memory does not grow with the number of spots.
+    window = max(2 * batch_size, 4 * read_workers)
+    read_spent: list[float] = []
+    # The views' resizes are small matrix products: BLAS threads only fight the
+    # reader threads and the engine for cores (10-20x slower per spot on 2
+    # cores). The limit is process-wide, so it is lifted again for k-means.
+    with _single_threaded_blas(), \
+            ThreadPoolExecutor(max_workers=max(1, read_workers), thread_name_prefix="mmap-read") as pool:
+        pending: deque[tuple[int, Future]] = deque()
+        next_spot = 0
+        try:
+            while pending or next_spot < n:
+                while next_spot < n and len(pending) < window:
+                    x, y = xy[next_spot]
+                    pending.append((next_spot, pool.submit(_read_views, slide, float(x), float(y), spec, read_spent)))
+                    next_spot += 1
+                i, fut = pending.popleft()
+                t = time.perf_counter()
+                try:
+                    views = fut.result()
+                except PatchReadError as e:
+                    reason = _reader_error(e)
+                    if strict:
+                        raise UserError(
+                            f"spot {ids[i]} at ({xy[i, 0]:.0f}, {xy[i, 1]:.0f}): {e} "
+                            "(run without --strict to skip unreadable spots)"
+                        ) from None
+                    dropped.append(DroppedSpot(ids[i], float(xy[i, 0]), float(xy[i, 1]), reason))
+                    if progress is not None:
+                        progress(1)
+                    continue
+                finally:
+                    timings["read_wait"] += time.perf_counter() - t
+                batch[len(batch_rows)] = views
+                batch_rows.append(i)
+                if len(batch_rows) == batch_size:
+                    run_encoder()
+            if batch_rows:
+                run_encoder()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+    timings["read_threads"] = float(sum(read_spent))
+    if not ok.any():
+        first = dropped[0]
+        raise UserError(
+            f"{slide.path}: none of the {n} spots could be read (first: spot {first.spot_id}: {first.error}); "
+            "check that the file is a complete, readable slide"
+        )
+    keep = np.flatnonzero(ok)
+    if len(keep) < n:
+        f, y1 = f[keep], y1[keep]
+    kept_ids = [ids[i] for i in keep]
+
+    t = time.perf_counter()
+    rule = m.prototypes
+    k = rule.n_prototypes(len(keep))
+    km = kmeans(f, k, seed=KMEANS_SEED)
+    l = rule.bank_size(k)
+    timings["kmeans"] = time.perf_counter() - t
+
+    pred = np.empty_like(y1)
+    mask = np.ones((batch_size, l), dtype=bool)
+    for s in range(0, len(keep), batch_size):
+        e = min(s + batch_size, len(keep))
+        t = time.perf_counter()
+        idx = top_l_banks(f[s:e], km.centroids, l)
+        bank = km.centroids[idx]
+        t2 = time.perf_counter()
+        timings["banks"] += t2 - t
+        out = engines.fusion.run({"f": f[s:e], "bank": bank, "mask": mask[: e - s], "y1": y1[s:e]})
+        timings["fusion"] += time.perf_counter() - t2
+        pred[s:e] = out["prediction"]
+
+    timings["total"] = time.perf_counter() - t_start
+    timings["engines"] = timings["encoder"] + timings["fusion"]
+    timings["outside_engines"] = timings["total"] - timings["engines"]
+    return SlidePrediction(
+        spot_ids=kept_ids,
+        xy=xy[keep],
+        prediction=pred,
+        embedding=f,
+        clusters=km.labels,
+        n_prototypes=k,
+        bank_size=l,
+        genes=list(m.genes),
+        dropped=dropped,
+        timings={key: round(v, 4) for key, v in timings.items()},
+        engines=engines.describe(),
+    )
