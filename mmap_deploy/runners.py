@@ -146,6 +146,8 @@ class OnnxRuntimeRunner(Runner):
         self.output_names = [o.name for o in self._session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise RuntimeError(f"{self.path.name}: the runner is closed")
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise ValueError(f"{self.path.name}: missing inputs {missing}; it takes {self.input_names}")
