@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +63,10 @@ def _plausible(mpp: float) -> bool:
 
 def _check_mpp(path: Path, mpp: float, source: str) -> float:
     if not _plausible(mpp):
-        raise UserError(
-            f"{path}: implausible resolution {mpp:g} µm per pixel from {source} "
-            f"(expected {MPP_RANGE[0]}..{MPP_RANGE[1]}); {MPP_HINT}"
-        )
+        why = f"expected {MPP_RANGE[0]}..{MPP_RANGE[1]}"
+        if source != "--mpp" and mpp > MPP_RANGE[1]:
+            why += "; a value like this is a screen-resolution placeholder such as 72 dpi"
+        raise UserError(f"{path}: implausible resolution {mpp:g} µm per pixel from {source} ({why}); {MPP_HINT}")
     return float(mpp)
 
 
@@ -356,11 +357,30 @@ def _plain_image_mpp(image) -> tuple[float, str] | None:
     return None
 
 
+def _check_plain_tiff(path: Path, image) -> None:
+    """Refuse tiled or multi-page TIFFs: OpenSlide reads every intact one of those,
+    so reaching the plain-image reader means a damaged file or a layout to convert."""
+    try:
+        tiled = 322 in image.tag_v2  # TileWidth
+        pages = image.n_frames
+    except Exception:  # PIL raises assorted errors on a broken IFD chain
+        tiled, pages = True, 0
+    if tiled or pages != 1:
+        raise UserError(
+            f"{path}: OpenSlide cannot open this tiled or multi-page TIFF: it is truncated or corrupt, "
+            "or its layout is not supported; re-copy it, or convert it with "
+            "`vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`"
+        )
+
+
 def _open_plain_image(path: Path, mpp: float | None) -> ImageReader | None:
     """Open `path` with PIL; None if PIL does not recognise it as an image."""
     from PIL import Image, UnidentifiedImageError
 
-    with _PIL_LOCK:
+    with _PIL_LOCK, warnings.catch_warnings():
+        # PIL warns (e.g. "Corrupt EXIF data") on the damaged files that the
+        # checks below turn into one clear error.
+        warnings.filterwarnings("ignore", module=r"PIL\.")
         old_limit = Image.MAX_IMAGE_PIXELS
         # PIL's decompression-bomb guard (89 Mpx) is below a her2st image; this
         # reader applies its own, higher limit below.
@@ -369,38 +389,55 @@ def _open_plain_image(path: Path, mpp: float | None) -> ImageReader | None:
             image = Image.open(path)
         except UnidentifiedImageError:
             return None
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read the image: {exc}; check that the file is complete") from None
+        except Exception as exc:  # PIL raises assorted errors on damaged headers
+            raise UserError(f"{path}: cannot read the image ({exc}); check that the file is complete") from None
         finally:
             Image.MAX_IMAGE_PIXELS = old_limit
-    with image:
-        fmt = image.format or "unknown"
-        if fmt not in PLAIN_FORMATS:
-            raise UserError(
-                f"{path}: {fmt} images are not supported; convert it to a pyramidal TIFF, JPEG or PNG"
-            )
-        w, h = image.size
-        if w * h > MAX_PLAIN_IMAGE_PIXELS:
-            raise UserError(
-                f"{path}: a {w}x{h} px plain image is too large to decode in memory; convert it to a "
-                "pyramidal tiled TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`)"
-            )
-        if mpp is not None:
-            resolved = (_check_mpp(path, mpp, "--mpp"), "--mpp")
-        else:
-            found = _plain_image_mpp(image)
-            if found is None:
-                raise UserError(f"{path}: no resolution (µm per pixel) in the slide's metadata; {MPP_HINT}")
-            resolved = found
-        try:
-            image.load()
-            pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as exc:
-            # PIL reports truncated/corrupt data only when decoding.
-            raise UserError(
-                f"{path}: the image is truncated or corrupt ({exc}); re-copy or re-export the file"
-            ) from None
-    return ImageReader(path, np.ascontiguousarray(pixels), resolved[0], resolved[1], fmt)
+        with image:
+            fmt = image.format or "unknown"
+            if fmt not in PLAIN_FORMATS:
+                raise UserError(f"{path}: {fmt} images are not supported; convert it to a pyramidal TIFF, JPEG or PNG")
+            if fmt == "TIFF":
+                _check_plain_tiff(path, image)
+            w, h = image.size
+            if w * h > MAX_PLAIN_IMAGE_PIXELS:
+                raise UserError(
+                    f"{path}: a {w}x{h} px plain image is too large to decode in memory; convert it to a "
+                    "pyramidal tiled TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`)"
+                )
+            if image.mode not in _PLAIN_MODES:
+                raise UserError(
+                    f"{path}: {image.mode} pixels are not supported; save the image as 8-bit RGB (JPEG, PNG or TIFF)"
+                )
+            if mpp is not None:
+                resolved = (_check_mpp(path, mpp, "--mpp"), "--mpp")
+            else:
+                found = _plain_image_mpp(image)
+                if found is None:
+                    raise UserError(f"{path}: no resolution (µm per pixel) in the slide's metadata; {MPP_HINT}")
+                resolved = found
+            try:
+                pixels = _decode_rgb(image)
+            except Exception as exc:  # PIL reports truncated or corrupt data only when decoding
+                raise UserError(
+                    f"{path}: the image is truncated or corrupt ({exc}); re-copy or re-export the file"
+                ) from None
+    return ImageReader(path, pixels, resolved[0], resolved[1], fmt)
+
+
+# 8-bit modes the plain-image reader turns into RGB; 16-bit and float images are refused.
+_PLAIN_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1")
+
+
+def _decode_rgb(image) -> np.ndarray:
+    """Decode a PIL image to contiguous RGB uint8; transparent pixels become white."""
+    image.load()
+    if image.mode == "RGB":
+        return np.ascontiguousarray(np.asarray(image))
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        return _composite_on_white(np.asarray(image.convert("RGBA")))
+    return np.ascontiguousarray(np.asarray(image.convert("RGB")))
 
 
 def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
@@ -415,8 +452,11 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: slide file not found; check the path")
-    if path.is_dir() and path.suffix.lower() != ".mrxs":
-        raise UserError(f"{path}: is a directory, not a slide; pass the slide file (e.g. .svs, .tif, .ndpi, .mrxs)")
+    if path.is_dir():
+        raise UserError(
+            f"{path}: is a directory, not a slide; pass the slide file (e.g. .svs, .tif, .ndpi, .mrxs; "
+            "for DICOM, one .dcm file of the slide)"
+        )
     if mpp is not None:
         mpp = _check_mpp(path, float(mpp), "--mpp")
 

@@ -1,0 +1,413 @@
+"""Slide reading: real OpenSlide on pyramidal TIFF/SVS files written here, the plain-image reader
+on PNG/TIFF/JPEG (her2st), the mpp fallback chain, and every bad-input error."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from mmap_deploy.errors import UserError
+from mmap_deploy.preprocess import ViewSpec, patch_region, resize
+from mmap_deploy.slide import (
+    ImageReader,
+    OpenSlideReader,
+    PatchReadError,
+    _mpp_from_openslide_properties,
+    open_slide,
+)
+
+W, H = 2048, 1536  # level-0 size of the test slides
+MPP = 0.25  # level-0 µm per pixel of the test slides
+MARKER = (1500, 300, 64)  # a pure blue square: left, top, side (level-0 px)
+
+
+def gradient_slide() -> np.ndarray:
+    """Level 0 of the test slide: red encodes x, green encodes y, blue 128 (never white),
+    plus a pure blue marker square, so a patch's pixels say where they were read from."""
+    x = np.round(np.arange(W) * 255 / (W - 1)).astype(np.uint8)
+    y = np.round(np.arange(H) * 255 / (H - 1)).astype(np.uint8)
+    img = np.empty((H, W, 3), np.uint8)
+    img[..., 0] = x[None, :]
+    img[..., 1] = y[:, None]
+    img[..., 2] = 128
+    left, top, side = MARKER
+    img[top : top + side, left : left + side] = (0, 0, 255)
+    return img
+
+
+def expected_colour(x: float, y: float) -> np.ndarray:
+    return np.array([x * 255 / (W - 1), y * 255 / (H - 1), 128.0])
+
+
+def downsample(img: np.ndarray, factor: int) -> np.ndarray:
+    h, w = img.shape[0] // factor, img.shape[1] // factor
+    blocks = img[: h * factor, : w * factor].reshape(h, factor, w, factor, 3).astype(np.float64)
+    return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
+
+
+def write_pyramid(path: Path, img: np.ndarray, levels=(1, 2, 4), resolution=None, unit="CENTIMETER",
+                  description=None, tile=256) -> Path:
+    """A tiled, zlib-compressed pyramidal TIFF, one level per IFD (what OpenSlide's generic-tiff reads).
+
+    `resolution` is pixels per `unit` at level 0 (None: no resolution tags).
+    """
+    with tifffile.TiffWriter(path) as tw:
+        for i, factor in enumerate(levels):
+            kwargs = {}
+            if resolution is not None:
+                kwargs.update(resolution=(resolution / factor, resolution / factor), resolutionunit=unit)
+            else:
+                kwargs.update(resolutionunit="NONE")
+            if description is not None:
+                kwargs.update(description=description[i], metadata=None)
+            tw.write(downsample(img, factor) if factor > 1 else img, tile=(tile, tile), compression="zlib",
+                     photometric="rgb", subfiletype=1 if i else 0, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="module")
+def level0() -> np.ndarray:
+    return gradient_slide()
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory, level0) -> Path:
+    return write_pyramid(tmp_path_factory.mktemp("slides") / "gradient.tif", level0, resolution=1e4 / MPP)
+
+
+@pytest.fixture(scope="module")
+def slide(pyramid):
+    with open_slide(pyramid) as s:
+        yield s
+
+
+# --- OpenSlide: pyramidal TIFF -------------------------------------------------------------------
+
+
+def test_pyramidal_tiff_geometry_and_mpp_from_metadata(slide):
+    assert isinstance(slide, OpenSlideReader)
+    assert slide.format == "openslide:generic-tiff"
+    assert (slide.width, slide.height) == (W, H)
+    assert slide.level_downsamples == (1.0, 2.0, 4.0)
+    assert slide.mpp == pytest.approx(MPP)
+    assert slide.mpp_source == "openslide.mpp-x"
+
+
+def test_level_choice_is_nearest_not_coarser(slide):
+    assert [slide.level_for_downsample(d) for d in (0.5, 1.0, 1.99, 2.0, 3.0, 3.99, 4.0, 9.0)] == [
+        0, 0, 0, 1, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("model_mpp", [0.25, 0.5, 0.8, 1.0, 1.7])
+def test_read_patch_reads_the_right_place_at_every_level(slide, model_mpp):
+    spec = ViewSpec(patch_um=48.0, mpp=model_mpp, input_size=16)
+    for x, y in [(300.0, 200.0), (1024.0, 768.0), (1800.5, 1300.25), (700.0, 1400.0)]:
+        patch = slide.read_patch(x, y, spec)
+        assert patch.shape == (spec.patch_px, spec.patch_px, 3) and patch.dtype == np.uint8
+        c = spec.patch_px // 2
+        centre = patch[c - 1 : c + 1, c - 1 : c + 1].reshape(-1, 3).mean(axis=0)
+        np.testing.assert_allclose(centre, expected_colour(x, y), atol=2.5)
+        # the corners sit half a patch (48 µm / 0.25 µm/px / 2 = 96 level-0 px) away from the centre
+        half = spec.patch_um / MPP / 2
+        np.testing.assert_allclose(patch[0, 0].astype(float), expected_colour(x - half, y - half), atol=3.5)
+        np.testing.assert_allclose(patch[-1, -1].astype(float), expected_colour(x + half, y + half), atol=3.5)
+
+
+def test_read_patch_at_slide_resolution_is_exact(slide, level0):
+    spec = ViewSpec(patch_um=64 * MPP, mpp=MPP, input_size=16)  # 64 px, no resampling
+    x, y = 777.0, 555.0
+    left, top, side = patch_region(x, y, slide.mpp, spec)
+    assert side == spec.patch_px == 64
+    np.testing.assert_array_equal(slide.read_patch(x, y, spec), level0[top : top + side, left : left + side])
+
+
+def test_marker_found_at_a_coarse_level(slide):
+    left, top, side = MARKER
+    spec = ViewSpec(patch_um=64.0, mpp=1.0, input_size=16)  # downsample 4: level 2
+    patch = slide.read_patch(left + side / 2, top + side / 2, spec)
+    c = spec.patch_px // 2
+    np.testing.assert_array_equal(patch[c - 4 : c + 4, c - 4 : c + 4], np.broadcast_to([0, 0, 255], (8, 8, 3)))
+    beside = slide.read_patch(left + side / 2 + 200, top + side / 2, spec)
+    assert not (beside[..., 2] == 255).any()
+
+
+def test_outside_the_slide_is_white(slide, level0):
+    spec = ViewSpec(patch_um=64 * MPP, mpp=MPP, input_size=16)
+    patch = slide.read_patch(0.0, 0.0, spec)  # centred on the corner: three quarters outside
+    assert (patch[:32, :] == 255).all() and (patch[:, :32] == 255).all()
+    np.testing.assert_array_equal(patch[32:, 32:], level0[:32, :32])
+    far = slide.read_patch(-5000.0, 99999.0, spec)
+    assert (far == 255).all()
+
+
+def test_patches_are_deterministic_and_thread_safe(slide):
+    spec = ViewSpec(patch_um=60.0, mpp=0.6, input_size=16)
+    rng = np.random.default_rng(7)
+    spots = rng.uniform([-50, -50], [W + 50, H + 50], size=(24, 2))
+    first = [slide.read_patch(x, y, spec) for x, y in spots]
+    again = [slide.read_patch(x, y, spec) for x, y in spots]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = list(pool.map(lambda p: slide.read_patch(p[0], p[1], spec), spots))
+    for a, b, c in zip(first, again, threaded):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+def test_thumbnail(slide):
+    thumb, scale = slide.thumbnail(max_side=256)
+    assert thumb.shape == (192, 256, 3) and thumb.dtype == np.uint8
+    assert scale == pytest.approx(256 / W)
+    for tx, ty in [(20, 30), (128, 96), (240, 180)]:
+        np.testing.assert_allclose(thumb[ty, tx].astype(float), expected_colour((tx + 0.5) / scale, (ty + 0.5) / scale),
+                                   atol=3)
+    again, _ = slide.thumbnail(max_side=256)
+    assert again.tobytes() == thumb.tobytes()
+    big, scale1 = slide.thumbnail(max_side=5000)  # never enlarged
+    assert big.shape == (H, W, 3) and scale1 == 1.0
+
+
+def test_inch_resolution(tmp_path, level0):
+    path = write_pyramid(tmp_path / "inch.tif", level0[:512, :512], levels=(1, 2), resolution=25400 / 0.5,
+                         unit="INCH")
+    with open_slide(path) as s:
+        assert s.mpp == pytest.approx(0.5)
+
+
+def test_svs_like_aperio_file(tmp_path, level0):
+    desc = [
+        "Aperio Image Library v12.0.15 \n2048x1536 [0,0 2048x1536] (256x256) J2K/YUV16 Q=30|AppMag = 40|MPP = 0.2497",
+        "Aperio Image Library v12.0.15 \n2048x1536 -> 1024x768",
+        "Aperio Image Library v12.0.15 \n2048x1536 -> 512x384",
+    ]
+    path = write_pyramid(tmp_path / "slide.svs", level0, description=desc)
+    with open_slide(path) as s:
+        assert s.format == "openslide:aperio"
+        assert s.mpp == pytest.approx(0.2497)
+        assert s.mpp_source == "openslide.mpp-x"
+        spec = ViewSpec(patch_um=40.0, mpp=0.5, input_size=16)
+        patch = s.read_patch(1000.0, 700.0, spec)
+        c = spec.patch_px // 2
+        np.testing.assert_allclose(patch[c, c].astype(float), expected_colour(1000, 700), atol=3)
+
+
+def test_mpp_fallback_chain_order():
+    assert _mpp_from_openslide_properties({"openslide.mpp-x": "0.25", "aperio.MPP": "0.5"}) == (0.25, "openslide.mpp-x")
+    assert _mpp_from_openslide_properties({"openslide.mpp-x": "0.24", "openslide.mpp-y": "0.26"}) == (
+        pytest.approx(0.25), "openslide.mpp-x/mpp-y")
+    assert _mpp_from_openslide_properties({"openslide.mpp-x": "junk", "aperio.MPP": "0.5"}) == (0.5, "aperio.MPP")
+    assert _mpp_from_openslide_properties(
+        {"tiff.XResolution": "40000", "tiff.ResolutionUnit": "centimeter"}) == (0.25, "tiff.XResolution")
+    assert _mpp_from_openslide_properties({"tiff.XResolution": "1", "tiff.ResolutionUnit": "none"}) is None
+    assert _mpp_from_openslide_properties({}) is None
+
+
+def test_explicit_mpp_overrides_metadata(pyramid):
+    with open_slide(pyramid, mpp=0.3) as s:
+        assert (s.mpp, s.mpp_source) == (0.3, "--mpp")
+
+
+def test_no_resolution_says_pass_mpp(tmp_path, level0):
+    path = write_pyramid(tmp_path / "nores.tif", level0[:512, :512], levels=(1, 2))
+    with pytest.raises(UserError, match=r"nores\.tif: no resolution .*pass --mpp"):
+        open_slide(path)
+    with open_slide(path, mpp=0.5) as s:
+        assert (s.mpp, s.mpp_source) == (0.5, "--mpp")
+
+
+def test_placeholder_72_dpi_is_implausible(tmp_path, level0):
+    path = write_pyramid(tmp_path / "dpi72.tif", level0[:512, :512], levels=(1, 2), resolution=72, unit="INCH")
+    with pytest.raises(UserError, match=r"dpi72\.tif: implausible resolution 352\.778 µm per pixel from openslide\.mpp-x .*placeholder.*--mpp"):
+        open_slide(path)
+    with open_slide(path, mpp=0.5) as s:
+        assert s.mpp == 0.5
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, math.nan, math.inf, 100.0, 0.001])
+def test_implausible_explicit_mpp(pyramid, bad):
+    with pytest.raises(UserError, match=r"implausible resolution .* from --mpp"):
+        open_slide(pyramid, mpp=bad)
+
+
+# --- errors: missing, not a slide, truncated, corrupt --------------------------------------------
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(UserError, match=r"nope\.svs: slide file not found"):
+        open_slide(tmp_path / "nope.svs")
+    with pytest.raises(UserError, match="is a directory"):
+        open_slide(tmp_path)
+
+
+@pytest.mark.parametrize("name,content", [
+    ("notes.svs", b"this is not a slide\n"),
+    ("random.tif", bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8))),
+    ("empty.jpg", b""),
+])
+def test_not_a_slide(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=rf"{name}: not a slide or image this tool can read"):
+        open_slide(path)
+
+
+@pytest.mark.parametrize("fraction", [0.999, 0.9, 0.5, 0.02])
+def test_truncated_pyramidal_tiff(tmp_path, pyramid, fraction):
+    data = pyramid.read_bytes()
+    path = tmp_path / "cut.tif"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(UserError, match=r"cut\.tif: OpenSlide cannot open .*(truncated or corrupt)"):
+        open_slide(path)
+
+
+def test_truncated_jpeg(tmp_path):
+    from mmap_deploy.demo import sample_paths
+
+    image, _, _ = sample_paths()
+    data = image.read_bytes()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=r"cut\.jpg: the image is truncated or corrupt"):
+        open_slide(path, mpp=0.73)
+
+
+def test_corrupt_tile_raises_patch_read_error_and_the_rest_stays_readable(tmp_path, pyramid, level0):
+    with tifffile.TiffFile(pyramid) as tf:
+        page = tf.pages[0]
+        offsets, counts = page.dataoffsets, page.databytecounts
+        tiles_across = math.ceil(W / 256)
+    raw = bytearray(pyramid.read_bytes())
+    bad = 1 * tiles_across + 2  # tile row 1, column 2: x 512..768, y 256..512
+    raw[offsets[bad] : offsets[bad] + counts[bad]] = b"\xff" * counts[bad]
+    path = tmp_path / "badtile.tif"
+    path.write_bytes(bytes(raw))
+    spec = ViewSpec(patch_um=32 * MPP, mpp=MPP, input_size=16)  # level 0
+    with open_slide(path) as s:
+        with pytest.raises(PatchReadError, match=r"badtile\.tif: cannot decode the region at x=624, y=368"):
+            s.read_patch(640.0, 384.0, spec)
+        # OpenSlide errors are sticky; the reader reopens the slide so other spots still read
+        x, y = 1500.0, 1200.0
+        left, top, side = patch_region(x, y, s.mpp, spec)
+        np.testing.assert_array_equal(s.read_patch(x, y, spec), level0[top : top + side, left : left + side])
+    assert issubclass(PatchReadError, UserError)
+
+
+# --- plain images: PNG, strip TIFF, JPEG -----------------------------------------------------------
+
+
+def test_strip_tiff_reads_like_the_pyramid(tmp_path, slide, level0):
+    path = tmp_path / "strip.tif"
+    tifffile.imwrite(path, level0, photometric="rgb", resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit="CENTIMETER")
+    with open_slide(path) as s:
+        assert isinstance(s, ImageReader) and s.format == "image:TIFF"
+        assert (s.mpp, s.mpp_source) == (MPP, "tiff.XResolution")
+        assert (s.width, s.height) == (W, H)
+        for spec in (ViewSpec(patch_um=64 * MPP, mpp=MPP, input_size=16), ViewSpec(patch_um=40.0, mpp=0.4)):
+            for x, y in [(10.0, 10.0), (1000.0, 700.0), (2040.0, 1530.0)]:
+                a, b = s.read_patch(x, y, spec), slide.read_patch(x, y, spec)
+                if spec.mpp == MPP:  # same level-0 pixels, no resampling: identical
+                    np.testing.assert_array_equal(a, b)
+                else:  # the pyramid reads a downsampled level; the plain reader resamples level 0
+                    assert np.abs(a.astype(int) - b.astype(int)).max() <= 3
+                assert not np.shares_memory(a, s._pixels)  # callers may modify their patch
+
+
+def test_png_transparency_is_white_and_dpi_is_used(tmp_path):
+    rgba = np.zeros((300, 400, 4), np.uint8)
+    rgba[..., :3] = (200, 50, 100)
+    rgba[:, 200:, 3] = 255  # left half transparent
+    path = tmp_path / "slide.png"
+    Image.fromarray(rgba).save(path, dpi=(25400 / 0.5, 25400 / 0.5))
+    with open_slide(path) as s:
+        assert s.format == "image:PNG" and s.mpp_source == "image.dpi"
+        assert s.mpp == pytest.approx(0.5, rel=1e-4)
+        spec = ViewSpec(patch_um=20.0, mpp=0.5, input_size=16)
+        assert (s.read_patch(100.0, 150.0, spec) == 255).all()
+        np.testing.assert_array_equal(s.read_patch(300.0, 150.0, spec), np.broadcast_to([200, 50, 100], (40, 40, 3)))
+
+
+def test_jpeg_placeholder_dpi_needs_mpp(tmp_path):
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.full((64, 64, 3), 180, np.uint8)).save(path, dpi=(72, 72))
+    with pytest.raises(UserError, match=r"photo\.jpg: no resolution \(µm per pixel\) in the slide's metadata; pass --mpp"):
+        open_slide(path)
+    with open_slide(path, mpp=0.5) as s:
+        assert s.mpp_source == "--mpp"
+
+
+def test_sixteen_bit_image_refused(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.zeros((32, 32), np.uint16)).save(path)
+    with pytest.raises(UserError, match=r"deep\.png: I;16 pixels are not supported"):
+        open_slide(path, mpp=0.5)
+
+
+def test_demo_sample_opens_without_mpp():
+    from mmap_deploy.coords import check_inside, read_coords
+    from mmap_deploy.demo import sample_paths
+
+    image, coords, mpp = sample_paths()
+    assert mpp == 0.73
+    with open_slide(image) as s:
+        assert (s.mpp, s.mpp_source, s.width, s.height) == (0.73, "exif.XResolution", 3300, 3300)
+        spots = read_coords(coords)
+        check_inside(spots, s.width, s.height, coords, image)
+        assert len(spots) == 120 and spots.source_format == "her2st"
+        spec = ViewSpec()  # the reference geometry: 224 px at 0.73 µm/px, no resampling
+        patch = s.read_patch(*spots.xy[0], spec)
+        assert patch.shape == (224, 224, 3) and patch.std() > 10  # tissue, not background
+
+
+# --- the real her2st JPEG ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def her2st_c2(real_data):
+    path = real_data / "her2st" / "images" / "C2.jpg"
+    with open_slide(path, mpp=0.73) as s:
+        yield s
+
+
+def test_her2st_jpeg_needs_mpp(real_data):
+    path = real_data / "her2st" / "images" / "C2.jpg"
+    with pytest.raises(UserError, match=r"C2\.jpg: no resolution .*pass --mpp, e\.g\. --mpp 0\.5"):
+        open_slide(path)
+
+
+def test_her2st_jpeg_patches(real_data, her2st_c2):
+    from mmap_deploy.coords import check_inside, read_coords
+
+    s = her2st_c2
+    assert isinstance(s, ImageReader) and (s.width, s.height) == (9274, 9911)
+    assert (s.mpp, s.mpp_source) == (0.73, "--mpp")
+    spots_path = real_data / "her2st" / "spots" / "C2_selection.tsv"
+    spots = read_coords(spots_path)
+    check_inside(spots, s.width, s.height, spots_path, s.path)
+    # the reader agrees with PIL cropping the same region, at the reference geometry and resampled
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(s.path) as im:
+            for spec in (ViewSpec(), ViewSpec(mpp=1.0, input_size=56)):
+                for x, y in spots.xy[:3]:
+                    left, top, side = patch_region(x, y, s.mpp, spec)
+                    ref = np.asarray(im.crop((left, top, left + side, top + side)).convert("RGB"))
+                    np.testing.assert_array_equal(s.read_patch(x, y, spec), resize(ref, spec.patch_px))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    thumb, scale = s.thumbnail()
+    assert max(thumb.shape[:2]) == 2000 and scale == pytest.approx(thumb.shape[1] / 9274)
+
+
+def test_runtime_modules_do_not_import_torch():
+    code = (
+        "import sys, mmap_deploy.slide, mmap_deploy.coords, mmap_deploy.demo; "
+        "bad = [m for m in ('torch', 'mmap_train', 'mmap_export') if m in sys.modules]; "
+        "sys.exit(str(bad) if bad else 0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
