@@ -1,0 +1,155 @@
+"""The .h5ad output: layout, no None in uns, atomic writes, overwrite refusal, gene maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mmap_deploy.errors import UserError
+from mmap_deploy.output import (
+    build_anndata,
+    check_no_none,
+    check_output_path,
+    check_plot_genes,
+    plot_paths,
+    spot_diameter_fullres,
+    write_gene_plots,
+    write_h5ad,
+)
+from mmap_deploy.pipeline import DroppedSpot, SlidePrediction
+
+ad = pytest.importorskip("anndata")
+
+
+def _prediction(n: int = 20, genes: int = 5, dim: int = 8, k: int = 4, dropped: int = 1) -> SlidePrediction:
+    rng = np.random.default_rng(0)
+    gx, gy = np.meshgrid(np.arange(5), np.arange(4))
+    xy = np.stack([100.0 + 200.0 * gx.ravel(), 150.0 + 200.0 * gy.ravel()], axis=1)[:n]
+    return SlidePrediction(
+        spot_ids=[f"{int(x)}x{int(y)}" for x, y in xy],
+        xy=xy,
+        prediction=rng.standard_normal((n, genes)).astype(np.float32),
+        embedding=rng.standard_normal((n, dim)).astype(np.float32),
+        clusters=np.arange(n) % k,
+        n_prototypes=k,
+        bank_size=k // 2,
+        genes=[f"G{i}" for i in range(genes)],
+        dropped=[DroppedSpot(f"bad{i}", 1.0, 2.0, "cannot decode") for i in range(dropped)],
+        timings={"encoder": 1.5, "fusion": 0.25},
+        engines={"backend": "onnxruntime", "encoder_providers": "CPUExecutionProvider"},
+    )
+
+
+def _adata(pred=None, thumb_side=100):
+    pred = pred or _prediction()
+    thumb = np.full((thumb_side, thumb_side, 3), 200, np.uint8)
+    return build_anndata(pred, thumb, 0.1, library_id="S1", slide_mpp=0.5, patch_um=160.0,
+                         provenance={"mpp": 0.5, "mpp_source": "--mpp", "bundle_sha256": "ab" * 32})
+
+
+def test_spot_diameter_is_half_the_pitch_capped_by_the_patch():
+    gx, gy = np.meshgrid(np.arange(30), np.arange(30))
+    grid = np.stack([gx.ravel() * 200.0, gy.ravel() * 200.0], axis=1)
+    assert spot_diameter_fullres(grid, patch_side_fullres=300.0) == pytest.approx(100.0)
+    assert spot_diameter_fullres(grid, patch_side_fullres=60.0) == pytest.approx(60.0)
+    assert spot_diameter_fullres(grid[:1], patch_side_fullres=60.0) == 60.0
+    # all spots on one point: no pitch to measure
+    assert spot_diameter_fullres(np.zeros((5, 2)), patch_side_fullres=42.0) == 42.0
+
+
+def test_check_no_none_names_the_key():
+    check_no_none({"a": [1, "x", {"b": 2.0}]})
+    with pytest.raises(ValueError, match=r"uns\['a'\]\[2\]\['b'\] is None"):
+        check_no_none({"a": [1, "x", {"b": None}]})
+
+
+def test_anndata_layout_round_trips(tmp_path):
+    pred = _prediction()
+    out = write_h5ad(_adata(pred), tmp_path / "out.h5ad")
+    a = ad.read_h5ad(out)
+    assert a.X.dtype == np.float32
+    np.testing.assert_array_equal(a.X, pred.prediction)
+    assert list(a.var_names) == pred.genes
+    assert list(a.obs_names) == pred.spot_ids
+    np.testing.assert_array_equal(a.obsm["spatial"], pred.xy)
+    np.testing.assert_array_equal(a.obsm["mmap_embedding"], pred.embedding)
+    cl = a.obs["mmap_cluster"]
+    assert cl.dtype == "category" and list(cl.cat.categories) == ["0", "1", "2", "3"]
+    assert list(cl.astype(int)) == list(pred.clusters)
+    lib = a.uns["spatial"]["S1"]
+    assert lib["images"]["hires"].shape == (100, 100, 3) and lib["images"]["hires"].dtype == np.uint8
+    assert lib["scalefactors"]["tissue_hires_scalef"] == pytest.approx(0.1)
+    # 200 px pitch -> 100 px plotting diameter (patch side is 160 um / 0.5 = 320 px)
+    assert lib["scalefactors"]["spot_diameter_fullres"] == pytest.approx(100.0)
+    m = a.uns["mmap"]
+    assert m["n_spots"] == 20 and m["n_dropped"] == 1
+    assert list(m["dropped_spots"]) == ["bad0"] and list(m["dropped_errors"]) == ["cannot decode"]
+    assert m["timings"]["encoder"] == 1.5 and m["engines"]["backend"] == "onnxruntime"
+    assert m["mpp_source"] == "--mpp" and m["n_prototypes"] == 4 and m["bank_size"] == 2
+
+
+def test_no_dropped_spots_writes_empty_lists(tmp_path):
+    a = ad.read_h5ad(write_h5ad(_adata(_prediction(dropped=0)), tmp_path / "out.h5ad"))
+    assert len(a.uns["mmap"]["dropped_spots"]) == 0 and a.uns["mmap"]["n_dropped"] == 0
+
+
+def test_none_in_provenance_is_refused_before_writing():
+    with pytest.raises(ValueError, match="checkpoint.*is None"):
+        build_anndata(_prediction(), np.zeros((4, 4, 3), np.uint8), 1.0, library_id="S1", slide_mpp=0.5,
+                      patch_um=160.0, provenance={"checkpoint": None})
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path):
+    out = tmp_path / "out.h5ad"
+    out.write_bytes(b"precious")
+    with pytest.raises(UserError, match=r"out.h5ad: already exists; pass --overwrite"):
+        write_h5ad(_adata(), out)
+    assert out.read_bytes() == b"precious"
+    write_h5ad(_adata(), out, overwrite=True)
+    assert ad.read_h5ad(out).n_obs == 20
+
+
+def test_output_path_checks(tmp_path):
+    with pytest.raises(UserError, match=r"must be an .h5ad file \(e.g. -o out.h5ad\)"):
+        check_output_path(tmp_path / "out.csv", overwrite=False)
+    (tmp_path / "d.h5ad").mkdir()
+    with pytest.raises(UserError, match="is a directory"):
+        check_output_path(tmp_path / "d.h5ad", overwrite=True)
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    """A write that fails half-way leaves neither a partial output nor its temporary file."""
+    a = _adata()
+    a.uns["unwritable"] = object()  # anndata raises while writing this, after X is on disk
+    out = tmp_path / "out.h5ad"
+    with pytest.raises(Exception):
+        write_h5ad(a, out)
+    assert list(tmp_path.iterdir()) == []
+    # and an existing output survives a failed overwrite untouched
+    write_h5ad(_adata(), out)
+    before = out.read_bytes()
+    with pytest.raises(Exception):
+        write_h5ad(a, out, overwrite=True)
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["out.h5ad"]
+
+
+def test_plot_gene_checks(tmp_path):
+    check_plot_genes(["G1"], ["G0", "G1"], tmp_path)
+    with pytest.raises(UserError, match=r"--plot: gene\(s\) NOPE not predicted by the model .*2 genes: G0, G1.*spelling"):
+        check_plot_genes(["G1", "NOPE"], ["G0", "G1"], tmp_path)
+
+
+def test_gene_maps_are_pngs_next_to_the_output(tmp_path):
+    from PIL import Image
+
+    a = _adata(thumb_side=1500)
+    out = tmp_path / "slide.h5ad"
+    written = write_gene_plots(a, ["G0", "G3"], out, "S1")
+    assert written == plot_paths(out, ["G0", "G3"]) == [tmp_path / "slide.G0.png", tmp_path / "slide.G3.png"]
+    for p in written:
+        with Image.open(p) as im:
+            assert im.format == "PNG"
+            assert max(im.size) <= 1200  # capped, not the full 1500 px thumbnail
+            colours = np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)
+            assert len(colours) > 10  # spots in a colour map over the grey thumbnail, plus a colour bar
+    assert plot_paths(tmp_path / "x.h5ad", ["HLA-A/B"]) == [tmp_path / "x.HLA-A_B.png"]
