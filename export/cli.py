@@ -1,36 +1,130 @@
-"""`mmap-export CHECKPOINT -o BUNDLE_DIR`: turn a training checkpoint into a model bundle."""
+"""`mmap-export [CHECKPOINT] -o BUNDLE_DIR [--fp16] [--int8] [--tensorrt]`: make or extend a model bundle."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
 import click
 
+EXIT_USER_ERROR = 2
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _default_parity_data() -> Path | None:
+    env = os.environ.get("MMAP_DATA_DIR")
+    return Path(env) if env else None
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Bundle directory to write.")
+              help="Bundle directory to write (or, without CHECKPOINT, an existing bundle to add files to).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle directory.")
 @click.option("--demo", is_flag=True, help="Mark the bundle as a demo model (the runtime says so).")
-def main(checkpoint: Path, out_dir: Path, overwrite: bool, demo: bool) -> None:
+@click.option("--fp16", is_flag=True, help="Add encoder.fp16.onnx and fusion.fp16.onnx (for GPUs), with parity vs fp32.")
+@click.option("--int8", is_flag=True, help="Add encoder.int8.onnx (ONNX Runtime dynamic quantisation, for CPUs).")
+@click.option("--tensorrt", is_flag=True,
+              help="Build TensorRT engines for THIS GPU and TensorRT version (needs an NVIDIA GPU and tensorrt).")
+@click.option("--trt-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="Which ONNX files the engines are built from (strongly typed networks).")
+@click.option("--trt-batch", default="1,32,128", show_default=True, metavar="MIN,OPT,MAX",
+              help="Optimisation profile for the batch axis (spots per engine call).")
+@click.option("--trt-workspace-gib", type=click.FloatRange(min=0.0625), default=4.0, show_default=True,
+              help="Cap on the TensorRT builder's workspace memory.")
+@click.option("--trt-timing-cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="Timing cache file (read and updated). Default: tensorrt.timing-cache in the bundle.")
+@click.option("--parity-data", type=click.Path(file_okay=False, path_type=Path), default=_default_parity_data,
+              help="Folder holding her2st/ (images/*.jpg, spots/*_selection.tsv): parity on real patches. "
+                   "Default: $MMAP_DATA_DIR; without it, random views (the manifest says which).")
+@click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), default=None,
+              help="Smallest accepted output cosine vs fp32 (default: 0.999 for fp16, 0.99 for int8).")
+def main(checkpoint: Path | None, out_dir: Path, overwrite: bool, demo: bool, fp16: bool, int8: bool,
+         tensorrt: bool, trt_precision: str, trt_batch: str, trt_workspace_gib: float,
+         trt_timing_cache: Path | None, parity_data: Path | None, min_cosine: float | None) -> None:
     """Export CHECKPOINT (from mmap-train) as encoder.onnx + fusion.onnx + manifest.json.
 
     LoRA adapters are merged into plain weights and LayerScale is folded, so the
-    runtime needs neither peft nor torch.
+    runtime needs neither peft nor torch. --fp16, --int8 and --tensorrt add
+    reduced-precision files and engines, to the new bundle or, without
+    CHECKPOINT, to the existing bundle at -o. TensorRT engines are built for
+    the GPU and TensorRT version they are built on; run --tensorrt there.
     """
-    if not checkpoint.is_file():
-        raise click.UsageError(f"{checkpoint}: checkpoint not found; pass a .pt file written by mmap-train")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise click.UsageError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
-    from .bundle_writer import export_bundle
+    from mmap_deploy.errors import UserError
+
+    try:
+        _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precision, trt_batch,
+              trt_workspace_gib, trt_timing_cache, parity_data, min_cosine)
+    except UserError as e:
+        _echo(f"error: {e}")
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precision, trt_batch,
+          trt_workspace_gib, trt_timing_cache, parity_data, min_cosine) -> None:
+    from mmap_deploy.errors import UserError
 
     t0 = time.perf_counter()
-    manifest = export_bundle(checkpoint, out_dir, demo=demo, overwrite=overwrite)
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            raise click.UsageError(f"{checkpoint}: checkpoint not found; pass a .pt file written by mmap-train")
+        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+            raise click.UsageError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    elif not (fp16 or int8 or tensorrt):
+        raise click.UsageError("give CHECKPOINT to export, or --fp16/--int8/--tensorrt to add files to the bundle at -o")
+    elif overwrite or demo:
+        raise click.UsageError("--overwrite and --demo apply when exporting a CHECKPOINT")
+    batch = None
+    if tensorrt:
+        from .tensorrt_build import BatchProfile
+
+        batch = BatchProfile.parse(trt_batch)  # a bad profile fails before any work
+        from mmap_deploy.tensorrt_runner import current_target
+
+        current_target()  # no TensorRT or no GPU: say so before exporting anything
+    if parity_data is not None and not parity_data.is_dir():
+        raise UserError(f"{parity_data}: --parity-data folder not found; pass the folder that holds her2st/")
+
+    if checkpoint is not None:
+        from .bundle_writer import export_bundle
+
+        export_bundle(checkpoint, out_dir, demo=demo, overwrite=overwrite)
+        _echo(f"exported {out_dir} in {time.perf_counter() - t0:.1f} s")
+    from mmap_deploy.bundle import load_bundle
+
+    bundle = load_bundle(out_dir)  # checks the bundle before adding to it
+    need_fp16 = fp16 or (tensorrt and trt_precision == "fp16"
+                         and bundle.manifest.model_file("encoder", "fp16") is None)
+    if need_fp16:
+        from .precision import FP16_MIN_COSINE, add_fp16
+
+        t = time.perf_counter()
+        res = add_fp16(out_dir, parity_data, min_cosine=FP16_MIN_COSINE if min_cosine is None else min_cosine)
+        _echo(f"fp16: encoder cosine {res['encoder']['cosine_min']:.6f}, fusion cosine "
+              f"{res['fusion']['cosine_min']:.6f} vs fp32 ({time.perf_counter() - t:.1f} s)")
+    if int8:
+        from .precision import INT8_MIN_COSINE, add_int8
+
+        t = time.perf_counter()
+        res8 = add_int8(out_dir, parity_data, min_cosine=INT8_MIN_COSINE if min_cosine is None else min_cosine)
+        _echo(f"int8: encoder cosine {res8['cosine_min']:.6f} vs fp32 ({time.perf_counter() - t:.1f} s)")
+    if tensorrt:
+        from .tensorrt_build import add_tensorrt
+
+        res_trt = add_tensorrt(out_dir, precision=trt_precision, batch=batch, workspace_gib=trt_workspace_gib,
+                               timing_cache=trt_timing_cache, data_dir=parity_data)
+        for role, r in res_trt.items():
+            _echo(f"tensorrt {trt_precision} {role}: built in {r['seconds']:.1f} s for {r['target']['gpu']} "
+                  f"(sm {r['target']['compute_capability']}, TensorRT {r['target']['tensorrt']}), "
+                  f"cosine {r['parity']['cosine_min']:.6f} vs fp32")
+    manifest = load_bundle(out_dir).manifest
     sizes = ", ".join(f"{f.path} {(out_dir / f.path).stat().st_size / 1e6:.1f} MB" for f in manifest.files)
-    click.echo(f"wrote {out_dir} ({sizes}) in {time.perf_counter() - t0:.1f} s", err=True)
+    _echo(f"wrote {out_dir} ({sizes}) in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

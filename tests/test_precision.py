@@ -1,0 +1,159 @@
+"""mmap-export --fp16 / --int8: reduced-precision ONNX files, their parity, and the manifest records."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import random_views
+from mmap_deploy.bundle import load_bundle, sha256_file
+from mmap_deploy.preprocess import ViewSpec
+from mmap_deploy.runners import OnnxRuntimeRunner, tensorrt_importable
+from mmap_export.precision import (
+    FP16_KEEP_FP32,
+    ParityError,
+    add_fp16,
+    add_int8,
+    convert_fp16,
+    cosine_rows,
+    her2st_parity_views,
+)
+
+EXPORT = [sys.executable, "-m", "mmap_export.cli"]
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def _entry(root: Path, role: str, precision: str) -> dict:
+    files = json.loads((root / "manifest.json").read_text())["files"]
+    return next(f for f in files if f["role"] == role and f["precision"] == precision)
+
+
+def test_cosine_rows_matches_definition():
+    a = np.array([[1.0, 0.0], [1.0, 1.0], [3.0, 4.0]])
+    b = np.array([[0.0, 2.0], [2.0, 2.0], [-3.0, -4.0]])
+    assert np.allclose(cosine_rows(a, b), [0.0, 1.0, -1.0])
+
+
+def test_fp16_files_keep_fp32_io_and_fragile_ops(bundle_copy):
+    res = add_fp16(bundle_copy)
+    assert res["encoder"]["cosine_min"] >= 0.999 and res["fusion"]["cosine_min"] >= 0.999
+    b = load_bundle(bundle_copy)  # hashes of the new files are checked here
+    for role in ("encoder", "fusion"):
+        mf = b.select(role, "fp16")
+        model = onnx.load(str(b.path_of(mf)))
+        g = model.graph
+        assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in g.initializer)
+        io = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output]}
+        ref = onnx.load(str(b.path_of(b.select(role))), load_external_data=False).graph
+        assert io == {v.name: v.type.tensor_type.elem_type for v in [*ref.input, *ref.output]}
+        # LayerNormalization and Softmax are fed float32 (a Cast to float precedes each)
+        producers = {o: n for n in g.node for o in n.output}
+        fragile = [n for n in g.node if n.op_type in FP16_KEEP_FP32]
+        assert fragile
+        for n in fragile:
+            src = producers.get(n.input[0])
+            assert src is not None and src.op_type == "Cast"
+            assert next(a.i for a in src.attribute if a.name == "to") == onnx.TensorProto.FLOAT
+    # the random-view source is recorded, as numbers in parity and as text in provenance
+    enc = _entry(bundle_copy, "encoder", "fp16")
+    assert enc["parity"]["real_patches"] == 0.0 and enc["parity"]["n_spots"] == 24
+    assert "random" in b.manifest.provenance["parity_inputs_fp16"]
+
+
+def test_fp16_runs_through_the_runtime_runner(bundle_copy):
+    add_fp16(bundle_copy)
+    b = load_bundle(bundle_copy)
+    views = random_views(5, seed=3)
+    with OnnxRuntimeRunner(b.path_of(b.select("encoder")), threads=1) as r32, \
+            OnnxRuntimeRunner(b.path_of(b.select("encoder", "fp16")), threads=1, precision="fp16") as r16:
+        o32, o16 = r32.run({"views": views}), r16.run({"views": views})
+    assert o16["f"].dtype == np.float32 and o16["f"].shape == o32["f"].shape
+    assert cosine_rows(o32["f"], o16["f"]).min() >= 0.999
+    assert not np.array_equal(o32["f"], o16["f"])  # really computed in half precision
+
+
+def test_fp16_conversion_is_deterministic(tiny_bundle, tmp_path):
+    src = tiny_bundle / "encoder.onnx"
+    convert_fp16(src, tmp_path / "a.onnx")
+    convert_fp16(src, tmp_path / "b.onnx")
+    assert sha256_file(tmp_path / "a.onnx") == sha256_file(tmp_path / "b.onnx")
+
+
+def test_her2st_parity_views_are_real_tissue(real_data):
+    spec = ViewSpec()
+    inputs = her2st_parity_views(real_data, spec, n=6)
+    assert inputs.real and "her2st" in inputs.source
+    assert inputs.views.shape == (6, spec.n_views, spec.input_size, spec.input_size, 3)
+    assert inputs.views.dtype == np.uint8
+    # H&E tissue: not blank white, not constant, and different spots differ
+    assert inputs.views.mean() < 235 and inputs.views.std() > 10
+    assert not np.array_equal(inputs.views[0], inputs.views[-1])
+
+
+def test_int8_on_real_patches(bundle_copy, real_data):
+    parity = add_int8(bundle_copy, real_data)
+    assert parity["cosine_min"] >= 0.99
+    b = load_bundle(bundle_copy)
+    mf = b.select("encoder", "int8")
+    assert mf.parity["real_patches"] == 1.0 and mf.parity["cosine_min"] == pytest.approx(parity["cosine_min"])
+    assert "her2st" in b.manifest.provenance["parity_inputs_int8"]
+    model = onnx.load(str(b.path_of(mf)))
+    ops = {n.op_type for n in model.graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    assert b.path_of(mf).stat().st_size < 0.6 * b.path_of(b.select("encoder")).stat().st_size
+
+
+def test_failed_parity_writes_nothing(bundle_copy):
+    before = (bundle_copy / "manifest.json").read_bytes()
+    names = sorted(p.name for p in bundle_copy.iterdir())
+    with pytest.raises(ParityError, match=r"int8 encoder output cosine vs fp32 is 0\.9\d+, below the required"):
+        add_int8(bundle_copy, min_cosine=1.0)
+    with pytest.raises(ParityError, match="fp16"):
+        add_fp16(bundle_copy, min_cosine=1.0)
+    assert (bundle_copy / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in bundle_copy.iterdir()) == names  # no files, no temp files left
+
+
+def test_cli_adds_precisions_to_an_existing_bundle(bundle_copy):
+    r = subprocess.run([*EXPORT, "-o", str(bundle_copy), "--fp16", "--int8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "fp16: encoder cosine" in r.stderr and "int8: encoder cosine" in r.stderr
+    m = load_bundle(bundle_copy).manifest
+    assert {(f.role, f.precision) for f in m.files} >= {
+        ("encoder", "fp16"), ("fusion", "fp16"), ("encoder", "int8"), ("encoder", "fp32"), ("fusion", "fp32")}
+
+
+def test_cli_user_errors_are_one_line(bundle_copy, tmp_path):
+    r = subprocess.run([*EXPORT, "-o", str(bundle_copy)], capture_output=True, text=True)
+    assert r.returncode == 2 and "give CHECKPOINT" in r.stderr
+    r = subprocess.run([*EXPORT, "-o", str(tmp_path / "none"), "--int8"], capture_output=True, text=True)
+    assert r.returncode == 2 and "bundle directory not found" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*EXPORT, "-o", str(bundle_copy), "--int8", "--parity-data", str(tmp_path / "nodata")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--parity-data folder not found" in r.stderr
+    r = subprocess.run([*EXPORT, "-o", str(bundle_copy), "--tensorrt", "--trt-batch", "8,4,2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "1 <= min <= opt <= max" in r.stderr
+
+
+@pytest.mark.skipif(tensorrt_importable()[0], reason="tensorrt imports here: the no-TensorRT message is not shown")
+def test_cli_tensorrt_without_tensorrt_says_so(bundle_copy):
+    before = (bundle_copy / "manifest.json").read_bytes()
+    r = subprocess.run([*EXPORT, "-o", str(bundle_copy), "--tensorrt"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: TensorRT is not available here") and len(r.stderr.strip().splitlines()) == 1
+    assert (bundle_copy / "manifest.json").read_bytes() == before
