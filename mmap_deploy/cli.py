@@ -111,7 +111,7 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
                 read_workers=min(4, default_threads()), strict=settings.strict, progress=bar.update,
             )
         t = time.perf_counter()
-        thumb, scale = slide.thumbnail(2000)
+        thumb, scale, thumb_note = _thumbnail(slide)
         t_thumb = time.perf_counter() - t
         m = bundle.manifest
         provenance = {
@@ -143,6 +143,7 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
             "threads": int(settings.threads),
             "strict": bool(settings.strict),
             "kmeans_seed": int(KMEANS_SEED),
+            "thumbnail": thumb_note,
         }
         pred.timings["open"] = round(t_open, 4)
         pred.timings["thumbnail"] = round(t_thumb, 4)
@@ -155,6 +156,24 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
     seconds = time.perf_counter() - t0
     timings["wall"] = round(seconds, 4)
     return SlideResult(out, len(pred.spot_ids), len(pred.dropped), seconds, timings, plots)
+
+
+def _thumbnail(slide: Any) -> tuple[Any, float, str]:
+    """The hires image; a damaged region must not cost the predictions, so degrade step by step."""
+    import numpy as np
+
+    from .slide import PatchReadError
+
+    for side in (2000, 500):
+        try:
+            image, scale = slide.thumbnail(side)
+            return image, scale, f"longest side {max(image.shape[:2])} px"
+        except PatchReadError as e:
+            reason = str(e)
+    _echo(f"warning: {reason}; the output's hires image is left blank")
+    scale = min(1.0, 2000 / max(slide.width, slide.height))
+    shape = (max(1, round(slide.height * scale)), max(1, round(slide.width * scale)), 3)
+    return np.full(shape, 255, np.uint8), scale, f"blank: the slide could not be read for it ({reason})"
 
 
 def _report(result: SlideResult) -> None:
