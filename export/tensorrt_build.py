@@ -1,0 +1,187 @@
+"""Build TensorRT engines for a bundle on the GPU that will run them.
+
+Strongly typed networks: the precision comes from the ONNX file itself (the
+fp16 ONNX written by `--fp16`, with LayerNorm/Softmax kept in fp32), not from
+builder flags (TensorRT 11 removed `BuilderFlag.FP16`). One optimisation
+profile covers the batch axis (min/opt/max, configurable) and, for the fusion
+head, the bank length up to the manifest's longest bank. The builder's
+workspace is capped, and a timing cache (a file next to the engines unless
+given) makes rebuilds fast.
+
+Each engine is recorded in the manifest with its target (GPU name, compute
+capability, TensorRT version), which the runtime checks before loading it,
+and with its parity against the fp32 ONNX model measured on this GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmap_deploy.bundle import load_bundle
+from mmap_deploy.errors import UserError
+
+from .bundle_writer import add_file
+
+log = logging.getLogger(__name__)
+
+TIMING_CACHE_NAME = "tensorrt.timing-cache"
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """Batch sizes (spots per engine call) the engine is optimised for: min <= opt <= max."""
+
+    min: int = 1
+    opt: int = 32
+    max: int = 128
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise UserError(
+                f"TensorRT batch profile must satisfy 1 <= min <= opt <= max, got "
+                f"min={self.min} opt={self.opt} max={self.max}; fix --trt-batch"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> "BatchProfile":
+        """'1,32,128' -> BatchProfile(1, 32, 128)."""
+        try:
+            lo, opt, hi = (int(v) for v in text.split(","))
+        except ValueError:
+            raise UserError(f"--trt-batch must be MIN,OPT,MAX (three integers, e.g. 1,32,128), got {text!r}") from None
+        return cls(lo, opt, hi)
+
+
+def input_profiles(manifest, batch: BatchProfile) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
+    """Per role, per input: (min, opt, max) shapes for the optimisation profile."""
+    v = manifest.view
+    s, nv, d, g = v.input_size, v.n_views, manifest.embed_dim, len(manifest.genes)
+    max_bank = manifest.prototypes.max_bank
+
+    def shapes(*rest_min, rest_opt=None, rest_max=None):
+        rest_opt = rest_opt or rest_min
+        rest_max = rest_max or rest_min
+        return ((batch.min, *rest_min), (batch.opt, *rest_opt), (batch.max, *rest_max))
+
+    return {
+        "encoder": {"views": shapes(nv, s, s, 3)},
+        "fusion": {
+            "f": shapes(d),
+            "bank": shapes(1, d, rest_opt=(max_bank, d), rest_max=(max_bank, d)),
+            "mask": shapes(1, rest_opt=(max_bank,), rest_max=(max_bank,)),
+            "y1": shapes(g),
+        },
+    }
+
+
+def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]], *,
+                 workspace_bytes: int, timing_cache: Path | None = None) -> float:
+    """Parse `onnx_path` into a strongly typed network and write the serialised engine.
+
+    Returns the build time in seconds. Raises UserError with the parser's
+    messages when TensorRT cannot parse the model.
+    """
+    from mmap_deploy.tensorrt_runner import import_tensorrt
+
+    trt = import_tensorrt()
+    t0 = time.perf_counter()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly_typed is not None:  # TensorRT 11: always strongly typed, flag may be gone
+        flags |= 1 << int(strongly_typed)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"{onnx_path}: TensorRT cannot parse this model: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    opt_profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        name = network.get_input(i).name
+        if name not in profile:
+            raise UserError(f"{onnx_path}: unexpected input {name!r}; re-export the bundle with mmap-export")
+        lo, opt, hi = profile[name]
+        opt_profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(opt_profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
+    tmp = engine_path.with_name(f".{engine_path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(memoryview(serialized))
+    os.replace(tmp, engine_path)
+    if timing_cache is not None:
+        tmp_cache = timing_cache.with_name(f".{timing_cache.name}.tmp")
+        tmp_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+        os.replace(tmp_cache, timing_cache)
+    return time.perf_counter() - t0
+
+
+def add_tensorrt(bundle_dir: str | Path, *, precision: str = "fp16", batch: BatchProfile = BatchProfile(),
+                 workspace_gib: float = 4.0, timing_cache: Path | None = None, data_dir: Path | None = None,
+                 device: int = 0) -> dict[str, dict]:
+    """Build `encoder.<precision>.engine` and `fusion.<precision>.engine` for this GPU into the bundle.
+
+    `precision` picks the ONNX files the engines are built from (fp16: the
+    strongly typed mixed-precision files from --fp16; fp32). Records target and
+    parity (cosine vs the fp32 ONNX model on CPU) in the manifest. Returns
+    {role: {"seconds": build time, "parity": {...}, "target": {...}}}.
+    """
+    from mmap_deploy.tensorrt_runner import TensorRTRunner, current_target, import_tensorrt
+
+    from .precision import _run, compare_outputs, fusion_feeds, parity_inputs
+
+    import_tensorrt()  # a clear message before any work when TensorRT is missing
+    if precision not in ("fp16", "fp32"):
+        raise UserError(f"TensorRT engines are built from fp16 or fp32 ONNX files, not {precision!r}")
+    bundle = load_bundle(bundle_dir)
+    root = bundle.root
+    target = current_target(device)
+    cache = timing_cache if timing_cache is not None else root / TIMING_CACHE_NAME
+    profiles = input_profiles(bundle.manifest, batch)
+    inputs = parity_inputs(bundle.manifest.view, data_dir, n=min(batch.max, 24))
+    enc32 = bundle.path_of(bundle.select("encoder"))
+    fus32 = bundle.path_of(bundle.select("fusion"))
+    ref = _run(enc32, {"views": inputs.views})
+    feeds = {"encoder": {"views": inputs.views}, "fusion": fusion_feeds(bundle, ref["f"], ref["y1"])}
+    refs = {"encoder": ref, "fusion": _run(fus32, feeds["fusion"])}
+    results: dict[str, dict] = {}
+    for role in ("encoder", "fusion"):
+        src = bundle.path_of(bundle.select(role, precision, "onnx"))
+        engine = root / f"{role}.{precision}.engine"
+        seconds = build_engine(src, engine, profiles[role], workspace_bytes=int(workspace_gib * (1 << 30)),
+                               timing_cache=cache)
+        with TensorRTRunner(engine, target=target, precision=precision, device=device) as runner:
+            got = runner.run(feeds[role])
+        parity = compare_outputs(refs[role], got)
+        parity.update(n_spots=float(len(inputs.views)), real_patches=float(inputs.real),
+                      build_seconds=round(seconds, 2))
+        engine_target = dict(target, batch_profile=f"{batch.min},{batch.opt},{batch.max}",
+                             workspace_gib=f"{workspace_gib:g}")
+        add_file(bundle.manifest, root, role, engine, precision=precision, fmt="tensorrt",
+                 target=engine_target, parity=parity)
+        results[role] = {"seconds": seconds, "parity": parity, "target": engine_target}
+    bundle.manifest.provenance[f"parity_inputs_tensorrt_{precision}"] = inputs.source
+    bundle.manifest.write(root)
+    return results
+
+
+def tensorrt_status() -> dict[str, str]:
+    """Whether engines can be built here, for messages and benchmarks (never raises)."""
+    try:
+        from mmap_deploy.tensorrt_runner import current_target
+
+        return dict(current_target(), available="yes")
+    except Exception as e:
+        return {"available": "no", "reason": str(e).splitlines()[0] if str(e) else type(e).__name__}
+

@@ -1,0 +1,282 @@
+"""Native TensorRT engines: the runner, the GPU/TensorRT target, and the check that they match.
+
+TensorRT 10.12+ / 11 API only: name-based I/O tensors (`set_input_shape`,
+`set_tensor_address`), `execute_async_v3`, one optimisation profile. CUDA
+memory, streams and device queries go through the CUDA driver library
+(`libcuda`, present wherever the NVIDIA driver is) by ctypes, so the runtime
+needs neither pycuda, cuda-python nor torch. `tensorrt` is imported only when
+a runner is created.
+
+An engine is tied to the GPU model and TensorRT version it was built with;
+the bundle manifest records both (`target`), and the runner refuses an
+engine whose target differs from this machine's with an
+`EngineMismatchError` that says what differs and how to fix it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError, EngineMismatchError, UserError
+from .runners import Runner
+
+# The target fields an engine must match exactly.
+TARGET_FIELDS = ("gpu", "compute_capability", "tensorrt")
+_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
+_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
+
+
+class CudaDriver:
+    """The few CUDA driver calls the runner needs, through ctypes.
+
+    Uses the device's primary context (the one the CUDA runtime inside
+    TensorRT uses too), made current on the calling thread.
+    """
+
+    def __init__(self, device: int = 0):
+        name = ctypes.util.find_library("cuda") or "libcuda.so.1"
+        try:
+            self.lib = ctypes.CDLL(name)
+        except OSError:
+            raise UserError(
+                "no NVIDIA driver found (libcuda could not be loaded): TensorRT engines need an NVIDIA GPU; "
+                "use --backend onnxruntime on this machine"
+            ) from None
+        self._check(self.lib.cuInit(0), "cuInit")
+        count = ctypes.c_int()
+        self._check(self.lib.cuDeviceGetCount(ctypes.byref(count)), "cuDeviceGetCount")
+        if not 0 <= device < count.value:
+            raise UserError(f"CUDA device {device} does not exist (this machine has {count.value}); "
+                            "check CUDA_VISIBLE_DEVICES")
+        self.device = ctypes.c_int()
+        self._check(self.lib.cuDeviceGet(ctypes.byref(self.device), device), "cuDeviceGet")
+        self.context = ctypes.c_void_p()
+        self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(self.context), self.device),
+                    "cuDevicePrimaryCtxRetain")
+        self.make_current()
+
+    def _check(self, status: int, call: str) -> None:
+        if status != 0:
+            text = ctypes.c_char_p()
+            self.lib.cuGetErrorString(status, ctypes.byref(text))
+            msg = text.value.decode() if text.value else f"error {status}"
+            raise RuntimeError(f"CUDA {call} failed: {msg}")
+
+    def make_current(self) -> None:
+        self._check(self.lib.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+
+    def name(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        self._check(self.lib.cuDeviceGetName(buf, 256, self.device), "cuDeviceGetName")
+        return buf.value.decode(errors="replace")
+
+    def compute_capability(self) -> str:
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(major), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                                                  self.device), "cuDeviceGetAttribute")
+        self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(minor), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                                                  self.device), "cuDeviceGetAttribute")
+        return f"{major.value}.{minor.value}"
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = ctypes.c_uint64()
+        self._check(self.lib.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(max(int(nbytes), 1))), "cuMemAlloc")
+        return int(ptr.value)
+
+    def free(self, ptr: int) -> None:
+        self._check(self.lib.cuMemFree_v2(ctypes.c_uint64(ptr)), "cuMemFree")
+
+    def stream(self) -> int:
+        s = ctypes.c_void_p()
+        self._check(self.lib.cuStreamCreate(ctypes.byref(s), 0), "cuStreamCreate")
+        return int(s.value or 0)
+
+    def destroy_stream(self, stream: int) -> None:
+        self._check(self.lib.cuStreamDestroy_v2(ctypes.c_void_p(stream)), "cuStreamDestroy")
+
+    def to_device(self, dst: int, src: np.ndarray, stream: int) -> None:
+        self._check(self.lib.cuMemcpyHtoDAsync_v2(ctypes.c_uint64(dst), ctypes.c_void_p(src.ctypes.data),
+                                                  ctypes.c_size_t(src.nbytes), ctypes.c_void_p(stream)),
+                    "cuMemcpyHtoDAsync")
+
+    def to_host(self, dst: np.ndarray, src: int, stream: int) -> None:
+        self._check(self.lib.cuMemcpyDtoHAsync_v2(ctypes.c_void_p(dst.ctypes.data), ctypes.c_uint64(src),
+                                                  ctypes.c_size_t(dst.nbytes), ctypes.c_void_p(stream)),
+                    "cuMemcpyDtoHAsync")
+
+    def synchronize(self, stream: int) -> None:
+        self._check(self.lib.cuStreamSynchronize(ctypes.c_void_p(stream)), "cuStreamSynchronize")
+
+    def release(self) -> None:
+        if self.context:
+            self.lib.cuDevicePrimaryCtxRelease_v2(self.device)
+            self.context = ctypes.c_void_p()
+
+
+def import_tensorrt() -> Any:
+    """`import tensorrt`, or a UserError that says how to get it."""
+    try:
+        import tensorrt as trt
+    except Exception as e:  # ImportError, or its CUDA libraries failing to load
+        raise UserError(
+            f"TensorRT is not available here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+            "install it with pip install 'mmap-deploy[tensorrt]' on a machine with an NVIDIA GPU, "
+            "or run the ONNX models (mmap-predict --backend onnxruntime)"
+        ) from None
+    return trt
+
+
+def current_target(device: int = 0, cuda: CudaDriver | None = None) -> dict[str, str]:
+    """What an engine built here would be for: GPU name, compute capability, TensorRT version."""
+    trt = import_tensorrt()
+    cuda = cuda or CudaDriver(device)
+    return {"gpu": cuda.name(), "compute_capability": cuda.compute_capability(), "tensorrt": str(trt.__version__)}
+
+
+def check_engine_target(path: str | Path, recorded: dict[str, str], current: dict[str, str]) -> None:
+    """Raise EngineMismatchError when an engine's recorded target differs from this machine's."""
+    missing = [k for k in TARGET_FIELDS if not recorded.get(k)]
+    if missing:
+        raise EngineMismatchError(
+            f"{path}: the manifest does not record the engine's {', '.join(missing)}; "
+            "rebuild it with mmap-export --tensorrt on the GPU that will run it"
+        )
+    diffs = [f"{k} {recorded[k]!r} (here: {current.get(k)!r})" for k in TARGET_FIELDS
+             if str(recorded[k]) != str(current.get(k))]
+    if diffs:
+        raise EngineMismatchError(
+            f"{path}: TensorRT engine built for another target: {'; '.join(diffs)}. "
+            "Rebuild it here with mmap-export --tensorrt, or run the ONNX model with --backend onnxruntime"
+        )
+
+
+def recorded_target(engine_path: Path) -> tuple[dict[str, str], str]:
+    """The target and precision the bundle manifest next to `engine_path` records for it."""
+    manifest = engine_path.parent / "manifest.json"
+    try:
+        data = json.loads(manifest.read_text())
+        entries = [f for f in data["files"] if f.get("path") == engine_path.name and f.get("format") == "tensorrt"]
+    except (OSError, ValueError, KeyError, TypeError):
+        entries = []
+    if not entries:
+        raise BundleError(
+            f"{engine_path}: not listed as a TensorRT engine in {manifest}; "
+            "load engines through their bundle (mmap-export --tensorrt writes both)"
+        )
+    entry = entries[0]
+    return {str(k): str(v) for k, v in dict(entry.get("target") or {}).items()}, str(entry.get("precision", "fp16"))
+
+
+class TensorRTRunner(Runner):
+    """A deserialised TensorRT engine with its execution context, buffers and stream.
+
+    `run(feeds)` takes numpy arrays by input name (any batch size: batches
+    larger than the engine's profile maximum are split) and returns numpy
+    arrays by output name. Device buffers are allocated once, for the
+    profile's maximum shapes.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, path: str | Path, *, target: dict[str, str] | None = None,
+                 precision: str | None = None, device: int = 0):
+        self.path = Path(path)
+        self._buffers: dict[str, int] = {}
+        self._stream = 0
+        self._cuda: CudaDriver | None = None
+        trt = import_tensorrt()
+        if target is None:
+            target, recorded_precision = recorded_target(self.path)
+            precision = precision or recorded_precision
+        self.precision = precision or "fp16"
+        self._cuda = CudaDriver(device)
+        here = current_target(device, self._cuda)
+        check_engine_target(self.path, target, here)
+        self._trt = trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self._engine is None:
+            raise BundleError(f"{self.path}: TensorRT could not load this engine; rebuild it with mmap-export --tensorrt")
+        self._context = self._engine.create_execution_context()
+        self.providers = [f"TensorRT {trt.__version__}", here["gpu"]]
+        self.input_names, self.output_names = [], []
+        self._dtype: dict[str, np.dtype] = {}
+        self._max_shape: dict[str, tuple[int, ...]] = {}
+        for i in range(self._engine.num_io_tensors):
+            name = self._engine.get_tensor_name(i)
+            self._dtype[name] = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+            if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                self.input_names.append(name)
+                self._max_shape[name] = tuple(self._engine.get_tensor_profile_shape(name, 0)[2])
+            else:
+                self.output_names.append(name)
+        self.max_batch = min(s[0] for s in self._max_shape.values())
+        # Output buffers: set the inputs to their maximum shapes and ask the context.
+        for name in self.input_names:
+            self._context.set_input_shape(name, self._max_shape[name])
+        for name in self.output_names:
+            self._max_shape[name] = tuple(self._context.get_tensor_shape(name))
+        self._stream = self._cuda.stream()
+        for name, shape in self._max_shape.items():
+            nbytes = math.prod(shape) * self._dtype[name].itemsize
+            self._buffers[name] = self._cuda.malloc(nbytes)
+            self._context.set_tensor_address(name, self._buffers[name])
+
+    def _check_feed(self, name: str, value: np.ndarray) -> np.ndarray:
+        want = self._max_shape[name]
+        if value.ndim != len(want) or any(v > m for v, m in zip(value.shape[1:], want[1:])):
+            raise ValueError(f"{self.path.name}: input {name} has shape {value.shape}; the engine takes up to {want}")
+        return np.ascontiguousarray(value, dtype=self._dtype[name])
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise ValueError(f"{self.path.name}: missing inputs {missing}; it takes {self.input_names}")
+        arrays = {n: self._check_feed(n, np.asarray(feeds[n])) for n in self.input_names}
+        n = arrays[self.input_names[0]].shape[0]
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in self.output_names}
+        self._cuda.make_current()
+        for start in range(0, n, self.max_batch):
+            chunk = {k: v[start : start + self.max_batch] for k, v in arrays.items()}
+            for name, value in chunk.items():
+                self._context.set_input_shape(name, value.shape)
+                self._cuda.to_device(self._buffers[name], value, self._stream)
+            outs = {k: np.empty(tuple(self._context.get_tensor_shape(k)), dtype=self._dtype[k])
+                    for k in self.output_names}
+            if not self._context.execute_async_v3(self._stream):
+                raise RuntimeError(f"{self.path.name}: TensorRT execution failed")
+            for name, out in outs.items():
+                self._cuda.to_host(out, self._buffers[name], self._stream)
+            self._cuda.synchronize(self._stream)
+            for k, v in outs.items():
+                parts[k].append(v)
+        return {k: (v[0] if len(v) == 1 else np.concatenate(v)) for k, v in parts.items()}
+
+    def close(self) -> None:
+        cuda = self._cuda
+        if cuda is None:
+            return
+        self._context = None
+        self._engine = None
+        for ptr in self._buffers.values():
+            cuda.free(ptr)
+        self._buffers = {}
+        if self._stream:
+            cuda.destroy_stream(self._stream)
+            self._stream = 0
+        cuda.release()
+        self._cuda = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
