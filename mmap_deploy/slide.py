@@ -49,6 +49,8 @@ MPP_HINT = "pass --mpp, e.g. --mpp 0.5 for a 20x scan or --mpp 0.25 for a 40x sc
 # Relative tolerance when choosing a pyramid level: a level whose downsample is
 # within 0.1% of the needed one counts as "not coarser".
 LEVEL_TOLERANCE = 1e-3
+# Thumbnails are read in blocks of about this many level pixels a side (16 MiB as RGBA).
+THUMBNAIL_BLOCK_PX = 2048
 
 _PIL_LOCK = threading.Lock()
 
@@ -175,7 +177,7 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     rgb = rgba[..., :3]
     alpha = rgba[..., 3:4]
     if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
+        return rgb  # a view: callers copy or reduce it anyway
     a = alpha.astype(np.uint16)
     out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
     return out.astype(np.uint8)
@@ -211,7 +213,8 @@ class OpenSlideReader(SlideReader):
     def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
         level = self.level_for_downsample(side / out_px)
         d = self.level_downsamples[level]
-        size = max(1, int(math.ceil(side / d - 1e-9)))
+        # Rounded, not ceiled: the read covers the region to within half a level pixel.
+        size = max(1, int(round(side / d)))
         for attempt in (0, 1):
             with self._lock:
                 handle, generation = self._handle, self._generation
@@ -244,26 +247,39 @@ class OpenSlideReader(SlideReader):
             self._generation += 1
 
     def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
+        # Streams the chosen pyramid level in blocks, box-averaging each by an
+        # integer factor, so memory stays bounded even for a huge single-level
+        # TIFF (openslide-python's get_thumbnail reads the whole level at once).
         w, h = self._thumbnail_size(max_side)
-        downsample = self.width / w
-        level = self.level_for_downsample(downsample)
+        level = self.level_for_downsample(self.width / w)
+        d = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
+        k = max(1, lw // w)  # box factor: the reduced level is 1-2x the thumbnail
+        block = k * max(1, THUMBNAIL_BLOCK_PX // k)
+        reduced = np.empty((-(-lh // k), -(-lw // k), 3), np.uint8)
         with self._lock:
             handle = self._handle
+        if handle is None:
+            raise RuntimeError(f"{self.path}: slide is closed")
         try:
-            # Read the chosen level whole only when it is small; else let
-            # OpenSlide build the thumbnail (it also reads level by level).
-            if lw * lh <= 64_000_000:
-                rgba = np.asarray(handle.read_region((0, 0), level, (lw, lh)))
-                rgb = _composite_on_white(rgba)
-                image = _pil_resize(rgb, w, h)
-            else:
-                image = np.asarray(handle.get_thumbnail((w, h)).convert("RGB"))
-        except Exception as exc:
+            for top in range(0, lh, block):
+                for left in range(0, lw, block):
+                    size = (min(block, lw - left), min(block, lh - top))
+                    rgba = np.asarray(handle.read_region((round(left * d), round(top * d)), level, size))
+                    reduced[top // k : (top + size[1] + k - 1) // k, left // k : (left + size[0] + k - 1) // k] = (
+                        _box_reduce(_composite_on_white(rgba), k)
+                    )
+        except Exception as exc:  # openslide.OpenSlideError on a corrupt tile
             raise PatchReadError(
                 f"{self.path}: cannot read the slide for its thumbnail: {exc}; the file may be corrupt"
             ) from None
-        return image, image.shape[1] / self.width
+        # reduced pixel i covers level-0 pixels [i*k*d, (i+1)*k*d): resize to the
+        # thumbnail's scale, then cut off the overhang of the last partial block.
+        scale = w / self.width
+        rw = max(w, int(round(reduced.shape[1] * k * d * scale)))
+        rh = max(h, int(round(reduced.shape[0] * k * d * scale)))
+        image = np.ascontiguousarray(_pil_resize(reduced, rw, rh)[:h, :w])
+        return image, scale
 
     def close(self) -> None:
         with self._lock:
@@ -271,6 +287,18 @@ class OpenSlideReader(SlideReader):
             self._handle, self._stale = None, []
         for h in handles:
             h.close()
+
+
+def _box_reduce(rgb: np.ndarray, k: int) -> np.ndarray:
+    """Average k x k pixel blocks (edge pixels repeated to fill the last partial block)."""
+    if k == 1:
+        return rgb
+    h, w = rgb.shape[:2]
+    ph, pw = -h % k, -w % k
+    if ph or pw:
+        rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="edge")
+    sums = rgb.reshape(rgb.shape[0] // k, k, rgb.shape[1] // k, k, 3).sum(axis=(1, 3), dtype=np.uint32)
+    return ((sums + (k * k) // 2) // (k * k)).astype(np.uint8)
 
 
 def _pil_resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -436,7 +464,7 @@ def _decode_rgb(image) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(image))
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
-        return _composite_on_white(np.asarray(image.convert("RGBA")))
+        return np.ascontiguousarray(_composite_on_white(np.asarray(image.convert("RGBA"))))
     return np.ascontiguousarray(np.asarray(image.convert("RGB")))
 
 

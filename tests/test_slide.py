@@ -149,6 +149,10 @@ def test_outside_the_slide_is_white(slide, level0):
 
 
 def test_patches_are_deterministic_and_thread_safe(slide):
+    from threadpoolctl import threadpool_limits
+
+    # as the pipeline does: one BLAS thread per reader thread (the resizes are small products)
+    limits = threadpool_limits(limits=1, user_api="blas")
     spec = ViewSpec(patch_um=60.0, mpp=0.6, input_size=16)
     rng = np.random.default_rng(7)
     spots = rng.uniform([-50, -50], [W + 50, H + 50], size=(24, 2))
@@ -156,6 +160,7 @@ def test_patches_are_deterministic_and_thread_safe(slide):
     again = [slide.read_patch(x, y, spec) for x, y in spots]
     with ThreadPoolExecutor(max_workers=4) as pool:
         threaded = list(pool.map(lambda p: slide.read_patch(p[0], p[1], spec), spots))
+    limits.restore_original_limits()
     for a, b, c in zip(first, again, threaded):
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
@@ -171,6 +176,38 @@ def test_thumbnail(slide):
     assert again.tobytes() == thumb.tobytes()
     big, scale1 = slide.thumbnail(max_side=5000)  # never enlarged
     assert big.shape == (H, W, 3) and scale1 == 1.0
+
+
+def test_thumbnail_of_a_single_level_slide_streams(tmp_path, monkeypatch):
+    """A big non-pyramidal tiled TIFF: the thumbnail is built block by block, never the whole level."""
+    import tracemalloc
+
+    import mmap_deploy.slide as slide_module
+
+    bw, bh = 3000, 2000
+    x = np.round(np.arange(bw) * 255 / (bw - 1)).astype(np.uint8)
+    y = np.round(np.arange(bh) * 255 / (bh - 1)).astype(np.uint8)
+    img = np.empty((bh, bw, 3), np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = x[None, :], y[:, None], 128
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, img, tile=(256, 256), compression="zlib", photometric="rgb",
+                     resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    del img
+    monkeypatch.setattr(slide_module, "THUMBNAIL_BLOCK_PX", 512)
+    with open_slide(path) as s:
+        assert s.level_downsamples == (1.0,)
+        tracemalloc.start()
+        try:
+            thumb, scale = s.thumbnail(max_side=300)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert thumb.shape == (200, 300, 3) and scale == pytest.approx(0.1)
+    assert peak < 6e6  # the whole level would be 24 MB as RGBA
+    for tx, ty in [(5, 5), (150, 100), (295, 195)]:
+        got = thumb[ty, tx].astype(float)
+        want = [(tx + 0.5) / scale * 255 / (bw - 1), (ty + 0.5) / scale * 255 / (bh - 1), 128]
+        np.testing.assert_allclose(got, want, atol=2)
 
 
 def test_inch_resolution(tmp_path, level0):
