@@ -84,8 +84,13 @@ def load_model(model: Path | None) -> Any:
 
 
 def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any, engines: Any,
-                    settings: RunSettings, *, mpp: float | None = None, library_id: str | None = None) -> SlideResult:
-    """One slide end to end: open, read coords, predict, write the .h5ad (and plots)."""
+                    settings: RunSettings, *, mpp: float | None = None, library_id: str | None = None,
+                    mpp_origin: str = "--mpp") -> SlideResult:
+    """One slide end to end: open, read coords, predict, write the .h5ad (and plots).
+
+    `mpp_origin` names where a given `mpp` came from, for the provenance
+    (`--mpp`, or the batch manifest's mpp column).
+    """
     from .coords import check_inside, read_coords, scale_warning
     from .output import build_anndata, check_output_path, now_utc, write_gene_plots, write_h5ad
     from .pipeline import KMEANS_SEED, predict_slide
@@ -125,7 +130,7 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
             "slide_width": int(slide.width),
             "slide_height": int(slide.height),
             "mpp": float(slide.mpp),
-            "mpp_source": str(slide.mpp_source),
+            "mpp_source": mpp_origin if slide.mpp_source == "--mpp" else str(slide.mpp_source),
             "coords": str(coords_path),
             "coords_format": str(spots.source_format),
             "all_spots": bool(settings.all_spots),
@@ -273,12 +278,15 @@ def read_manifest(path: Path) -> list[ManifestRow]:
     return rows
 
 
-def run_batch(manifest: Path, out_dir: Path, bundle: Any, engines: Any, settings: RunSettings,
-              shard: tuple[int, int] | None) -> int:
-    """Every slide of the manifest (or of one shard); returns the exit code."""
-    rows = read_manifest(manifest)
+def check_output_dir(out_dir: Path) -> None:
     if out_dir.suffix == ".h5ad" or (out_dir.exists() and not out_dir.is_dir()):
         raise UserError(f"{out_dir}: with --manifest, -o is an output folder (one .h5ad per slide)")
+
+
+def run_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: Any, engines: Any,
+              settings: RunSettings, shard: tuple[int, int] | None) -> int:
+    """Every slide of the manifest's `rows` (or of one shard); returns the exit code."""
+    check_output_dir(out_dir)
     if shard is not None:
         i, n = shard
         rows = [r for k, r in enumerate(rows) if k % n == i]
@@ -293,7 +301,8 @@ def run_batch(manifest: Path, out_dir: Path, bundle: Any, engines: Any, settings
             continue
         try:
             result = predict_to_file(row.slide, row.coords, out, bundle, engines, settings,
-                                     mpp=row.mpp, library_id=row.name)
+                                     mpp=row.mpp, library_id=row.name,
+                                     mpp_origin=f"{manifest.name} mpp column")
         except UserError as e:
             failed.append((row, str(e)))
             _echo(f"{prefix}: error: {e}")
@@ -411,10 +420,14 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
                            all_spots=all_spots, overwrite=overwrite, strict=strict,
                            plot=_parse_genes(plot_genes), progress=not quiet)
     shard_ix = parse_shard(shard)
+    # check what is cheap to check before loading anything
     if manifest is None:
         from .output import check_output_path
 
-        check_output_path(output, overwrite)  # before loading anything: fail fast
+        check_output_path(output, overwrite)
+    else:
+        rows = read_manifest(manifest)
+        check_output_dir(output)
     if demo:
         # the sample's mpp is in its EXIF tags: open_slide finds it (and records the source)
         slide, coords, _ = _demo_paths()
@@ -428,7 +441,7 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
     with open_engines(backend, bundle, precision, threads=threads) as engines:
         _echo(f"engines: {engines.plan.reason}; providers: {', '.join(engines.encoder.providers)}")
         if manifest is not None:
-            return run_batch(manifest, output, bundle, engines, settings, shard_ix)
+            return run_batch(manifest, rows, output, bundle, engines, settings, shard_ix)
         result = predict_to_file(slide, coords, output, bundle, engines, settings, mpp=mpp, library_id=library_id)
     _report(result)
     return 0
