@@ -262,5 +262,13 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[MMAP, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-init warning: weights come from the checkpoint
         model = MMAP(cfg)
-    model.load_state_dict(ckpt["state_dict"])
+    state = ckpt["state_dict"]
+    if ckpt.get("encoder_trained") is False and not any(k.startswith("encoder.") for k in state):
+        # phase 2 trained from a feature cache alone: only the fusion head is real;
+        # the encoder keeps its random init (and the warning says so)
+        warnings.warn(f"{path}: checkpoint has no trained encoder (phase 2 from cached features); "
+                      "its encoder is randomly initialised", stacklevel=2)
+        model.fusion.load_state_dict({k[len("fusion."):]: v for k, v in state.items() if k.startswith("fusion.")})
+    else:
+        model.load_state_dict(state)
     return model, ckpt

@@ -1,0 +1,262 @@
+"""`mmap-train`: phase 1, the feature cache, phase 2 and evaluation from the command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from mmap_deploy.errors import UserError
+
+from .datasets import Section, her2st_sections, manifest_sections, read_genes, split_sections
+
+log = logging.getLogger("mmap_train")
+
+
+def _csv_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _sections(data_dir: str | None, manifest: str | None, names: list[str] | None,
+              with_images: bool) -> list[Section]:
+    if bool(data_dir) == bool(manifest):
+        raise UserError("pass exactly one of --data-dir (her2st layout) or --manifest (CSV of slide,coords,expression)")
+    if data_dir:
+        return her2st_sections(data_dir, names, with_images=with_images)
+    secs = manifest_sections(manifest)
+    if names:
+        unknown = [n for n in names if n not in {s.name for s in secs}]
+        if unknown:
+            raise UserError(f"{manifest}: no section(s) {', '.join(unknown)}")
+        secs = [s for s in secs if s.name in set(names)]
+    return secs
+
+
+def _genes(genes: str | None, data_dir: str | None) -> list[str]:
+    if genes:
+        return read_genes(genes)
+    if data_dir:
+        return read_genes(Path(data_dir) / "her2st" / "genes_785.txt")
+    raise UserError("pass --genes FILE (one target gene a line)")
+
+
+def sections_from_dirs(names: list[str], counts_dir: str | Path, spots_dir: str | Path) -> list[Section]:
+    """Sections named by a feature cache, with counts `{s}.tsv.gz`/`{s}.h5ad` and spots `{s}_selection.tsv`."""
+    counts_dir, spots_dir = Path(counts_dir), Path(spots_dir)
+    out = []
+    for n in names:
+        counts = next((p for p in (counts_dir / f"{n}.tsv.gz", counts_dir / f"{n}.tsv", counts_dir / f"{n}.h5ad")
+                       if p.is_file()), None)
+        if counts is None:
+            raise UserError(f"{counts_dir}: no counts for section {n} ({n}.tsv.gz or {n}.h5ad); "
+                            "pass --counts pointing at the folder of count tables")
+        coords = spots_dir / f"{n}_selection.tsv"
+        out.append(Section(n, counts=counts, coords=coords if coords.is_file() else None))
+    return out
+
+
+def _check_spots(sections: list[Section], feats: dict) -> None:
+    """Every cached spot must be in its section's spot table, when that table is there."""
+    for sec in sections:
+        if sec.coords is None:
+            log.info("%s: no spot table; spot ids are checked against the counts only", sec.name)
+            continue
+        from mmap_deploy.coords import read_coords
+
+        ids = set(read_coords(sec.coords, all_spots=True).ids)
+        bad = [s for s in feats[sec.name].spot_ids if s not in ids]
+        if bad:
+            raise UserError(f"{sec.coords}: spot '{bad[0]}' of the feature cache is not in this spot table "
+                            f"({len(bad)} such spots); the cache and the spots folder describe different sections")
+
+
+def _load_cache_and_targets(features: str, counts: str, spots: str, genes_file: str, names: list[str] | None):
+    from .datasets import load_targets
+    from .features import read_cache
+
+    genes = read_genes(genes_file)
+    feats = read_cache(features, names)
+    secs = sections_from_dirs(list(feats), counts, spots)
+    _check_spots(secs, feats)
+    targets = {s.name: load_targets(s, genes) for s in secs}
+    return genes, feats, targets
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log more detail to stderr.")
+def cli(verbose: bool) -> None:
+    """Train MMAP: phase 1 on slides, the feature cache, phase 2 on cached features, evaluation."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+data_options = [
+    click.option("--data-dir", type=click.Path(file_okay=False), help="Folder holding her2st/ (images, spots, counts)."),
+    click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with columns slide,coords,expression[,section,mpp]."),
+    click.option("--sections", help="Comma-separated sections to use (default: all with images)."),
+]
+
+
+def _add(options):
+    def deco(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+    return deco
+
+
+@cli.command()
+@_add(data_options)
+@click.option("--val-sections", help="Comma-separated validation sections (default: 20% of the sections, seeded).")
+@click.option("--genes", type=click.Path(dir_okay=False), help="Target genes, one a line (her2st default: genes_785.txt).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (checkpoints, log).")
+@click.option("--backbone", type=click.Choice(["tiny", "small", "uni"]), default="uni", show_default=True)
+@click.option("--backbone-weights", type=click.Path(dir_okay=False), help="Local UNI weights file (never downloaded).")
+@click.option("--lora-blocks", type=int, default=9, show_default=True, help="LoRA on the last N blocks; 0 trains the whole backbone.")
+@click.option("--input-size", type=int, default=112, show_default=True)
+@click.option("--epochs", type=int, default=50, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--accumulate", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
+@click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--min-lr", type=float, default=1e-6, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--mag-start-epoch", type=int, default=5, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--max-steps", type=int, default=0, help="Stop after this many optimiser steps (smoke runs).")
+@click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-amp", is_flag=True, help="No bfloat16 autocast on GPU.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+def phase1(data_dir, manifest, sections, val_sections, genes, out, backbone, backbone_weights, lora_blocks,
+           input_size, epochs, batch_size, accumulate, lr, min_lr, weight_decay, mag_start_epoch, seed,
+           max_steps, threads, device, no_amp, resume):
+    """Train the multi-magnification encoder (phase 1) on slides and their counts."""
+    from .config import MMAPConfig
+    from .phase1 import Phase1Recipe, load_spot_set, train_phase1
+
+    secs = _sections(data_dir, manifest, _csv_list(sections), with_images=True)
+    gene_list = _genes(genes, data_dir)
+    train_names, val_names = split_sections([s.name for s in secs], _csv_list(val_sections))
+    cfg = MMAPConfig(genes=gene_list, backbone=backbone, backbone_weights=backbone_weights or "",
+                     lora_last_blocks=lora_blocks, input_size=input_size)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    recipe = Phase1Recipe(epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr, min_lr=min_lr,
+                          weight_decay=weight_decay, mag_start_epoch=mag_start_epoch, seed=seed,
+                          max_steps=max_steps, threads=threads, device=device, amp=not no_amp)
+    spec = cfg.view_spec
+    train = load_spot_set([s for s in secs if s.name in train_names], gene_list, spec)
+    val = load_spot_set([s for s in secs if s.name in val_names], gene_list, spec) if val_names else None
+    res = train_phase1(cfg, train, val, out, recipe, resume=resume, extra={"command": " ".join(sys.argv)})
+    click.echo(f"phase 1: {len(res['history'])} epochs logged; checkpoint {res['checkpoint']}", err=True)
+
+
+@cli.command()
+@_add(data_options)
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Phase-1 (or later) checkpoint.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder ({section}_f.npy, _y1.npy, _spots.txt).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Recompute sections already in the cache.")
+def features(data_dir, manifest, sections, checkpoint, out, batch_size, overwrite):
+    """Compute f and y1 of every spot of every slide with a phase-1 checkpoint."""
+    from .features import compute_features
+
+    secs = _sections(data_dir, manifest, _csv_list(sections), with_images=True)
+    written = compute_features(checkpoint, secs, out, batch_size=batch_size, overwrite=overwrite)
+    click.echo(f"feature cache {out}: wrote {len(written)} section(s)", err=True)
+
+
+@cli.command()
+@click.option("--features", "features_dir", required=True, type=click.Path(file_okay=False), help="Feature cache folder.")
+@click.option("--counts", required=True, type=click.Path(file_okay=False), help="Folder of {section}.tsv.gz / .h5ad counts.")
+@click.option("--spots", required=True, type=click.Path(file_okay=False), help="Folder of {section}_selection.tsv spot tables.")
+@click.option("--genes", required=True, type=click.Path(dir_okay=False), help="Target genes, one a line (the order of y1's columns).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Writes OUT/checkpoint.pt and OUT/log.json.")
+@click.option("--sections", help="Comma-separated sections of the cache to use (default: all).")
+@click.option("--val-sections", help="Comma-separated validation sections (default: 20% of the sections, seeded).")
+@click.option("--init", "init_ckpt", type=click.Path(dir_okay=False), help="Phase-1 checkpoint the cache was made with: kept as the encoder.")
+@click.option("--head-average", type=click.Choice(["reference", "paper"]), default="reference", show_default=True)
+@click.option("--l-fixed", type=int, default=0, show_default=True, help="Fixed bank length L (0: adaptive, floor(0.5 K)).")
+@click.option("--epochs", type=int, default=None, help="Default: the recipe's.")
+@click.option("--lr", type=float, default=None)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--max-steps", type=int, default=0)
+@click.option("--threads", type=int, default=2, show_default=True)
+def phase2(features_dir, counts, spots, genes, out, sections, val_sections, init_ckpt, head_average, l_fixed,
+           epochs, lr, weight_decay, batch_size, seed, max_steps, threads):
+    """Train the prototype-aware fusion head (phase 2) on a feature cache."""
+    from .phase2 import Phase2Recipe, config_for_cache, load_init, train_phase2
+
+    gene_list, feats, targets = _load_cache_and_targets(features_dir, counts, spots, genes, _csv_list(sections))
+    train_names, val_names = split_sections(list(feats), _csv_list(val_sections))
+    recipe = Phase2Recipe(seed=seed, threads=threads)
+    for k, v in (("epochs", epochs), ("lr", lr), ("weight_decay", weight_decay), ("batch_size", batch_size)):
+        if v is not None:
+            setattr(recipe, k, v)
+    init = None
+    if init_ckpt:
+        init = load_init(init_ckpt)
+        cfg = init.config
+        if list(cfg.genes) != gene_list:
+            raise UserError(f"{init_ckpt}: its genes differ from {genes}; use the gene list it was trained with")
+        cfg.head_average, cfg.l_fixed = head_average, l_fixed
+    else:
+        dim = next(iter(feats.values())).f.shape[1]
+        cfg = config_for_cache(gene_list, dim, head_average=head_average, l_fixed=l_fixed)
+    res = train_phase2(cfg, feats, targets, train_names, val_names, out, recipe, init=init, max_steps=max_steps,
+                       extra={"command": " ".join(sys.argv), "features": str(features_dir)})
+    best = res["best"] or {}
+    click.echo(f"phase 2: checkpoint {res['checkpoint']} (validation pcc_pooled "
+               f"{best.get('pcc_pooled', float('nan')):.4f}, pcc_per_slide {best.get('pcc_per_slide', float('nan')):.4f})",
+               err=True)
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
+@click.option("--features", "features_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--counts", required=True, type=click.Path(file_okay=False))
+@click.option("--spots", required=True, type=click.Path(file_okay=False))
+@click.option("--genes", required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", required=True, type=click.Path(dir_okay=False), help="Where to write the metrics.")
+@click.option("--sections", help="Comma-separated sections of the cache to evaluate (default: all).")
+def evaluate(checkpoint, features_dir, counts, spots, genes, json_out, sections):
+    """Predict every cached section (k-means per section, as at run time) and write the metrics as JSON."""
+    from .phase2 import evaluate_checkpoint
+
+    gene_list, feats, targets = _load_cache_and_targets(features_dir, counts, spots, genes, _csv_list(sections))
+    m = evaluate_checkpoint(checkpoint, feats, targets)
+    m["checkpoint"] = str(checkpoint)
+    m["sections"] = sorted(m["per_section"])
+    out = Path(json_out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(m, indent=1, allow_nan=True) + "\n")
+    tmp.replace(out)
+    click.echo(f"pcc_pooled {m['pcc_pooled']:.4f}  pcc_per_slide {m['pcc_per_slide']:.4f}  mse {m['mse']:.4f}  "
+               f"mae {m['mae']:.4f}  n_spots {m['n_spots']}  ({m['n_constant_genes_pooled']} constant genes pooled)",
+               err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: a UserError prints one line and exits 2; anything else keeps its traceback."""
+    try:
+        cli.main(args=argv, prog_name="mmap-train", standalone_mode=False)
+    except UserError as e:
+        click.echo(f"mmap-train: error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("mmap-train: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

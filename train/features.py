@@ -1,0 +1,149 @@
+"""The phase-1 feature cache: `f` and `y1` of every spot of every section, on disk.
+
+Layout (the one of the published features in `mmap_features/`), per section:
+`{section}_f.npy` (n, D) float32, `{section}_y1.npy` (n, G) float32,
+`{section}_spots.txt` (the n spot ids, one a line). The published
+`{section}_clss.npy` / `{section}_outs.npy` names are read too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmap_deploy.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_F_NAMES = ("_f.npy", "_clss.npy")
+_Y1_NAMES = ("_y1.npy", "_outs.npy")
+
+
+@dataclass
+class SectionFeatures:
+    """Phase-1 outputs of one section's spots."""
+
+    section: str
+    spot_ids: list[str]
+    f: np.ndarray  # (n, D) float32
+    y1: np.ndarray  # (n, G) float32
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+    os.replace(tmp, path)
+
+
+def write_section(cache_dir: str | Path, feats: SectionFeatures) -> None:
+    """Write one section into the cache (each file atomically; spots last, marking it complete)."""
+    d = Path(cache_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    if not (len(feats.spot_ids) == len(feats.f) == len(feats.y1)):
+        raise ValueError("spot ids, f and y1 must have one row per spot")
+    _save_npy(d / f"{feats.section}_f.npy", np.ascontiguousarray(feats.f, dtype=np.float32))
+    _save_npy(d / f"{feats.section}_y1.npy", np.ascontiguousarray(feats.y1, dtype=np.float32))
+    tmp = d / f"{feats.section}_spots.txt.tmp"
+    tmp.write_text("".join(f"{s}\n" for s in feats.spot_ids))
+    os.replace(tmp, d / f"{feats.section}_spots.txt")
+
+
+def cached_sections(cache_dir: str | Path) -> list[str]:
+    """Names of the sections present in a cache directory (those with a spots file), sorted."""
+    d = Path(cache_dir)
+    if not d.is_dir():
+        raise UserError(f"{d}: feature cache directory not found; make one with `mmap-train features`")
+    return sorted(p.name[: -len("_spots.txt")] for p in d.glob("*_spots.txt"))
+
+
+def _first(d: Path, section: str, suffixes: tuple[str, ...], what: str) -> Path:
+    for suf in suffixes:
+        p = d / f"{section}{suf}"
+        if p.is_file():
+            return p
+    raise UserError(f"{d}: section {section} has a spots file but no {what} file "
+                    f"({' or '.join(section + s for s in suffixes)}); rebuild the cache")
+
+
+def read_section(cache_dir: str | Path, section: str) -> SectionFeatures:
+    """Read one section from a cache, checking that the three files agree."""
+    d = Path(cache_dir)
+    spots_path = d / f"{section}_spots.txt"
+    if not spots_path.is_file():
+        raise UserError(f"{d}: no {section}_spots.txt; the cache has {', '.join(cached_sections(d)) or 'no sections'}")
+    ids = [s.strip() for s in spots_path.read_text().splitlines() if s.strip()]
+    f_path = _first(d, section, _F_NAMES, "f")
+    y1_path = _first(d, section, _Y1_NAMES, "y1")
+    f = np.load(f_path).astype(np.float32, copy=False)
+    y1 = np.load(y1_path).astype(np.float32, copy=False)
+    if f.ndim != 2 or y1.ndim != 2 or not len(ids) == len(f) == len(y1):
+        raise UserError(f"{d}: section {section} has {len(ids)} spot ids, f of shape {f.shape} and "
+                        f"y1 of shape {y1.shape}; they must have one row per spot")
+    if len(ids) and not (np.isfinite(f).all() and np.isfinite(y1).all()):
+        raise UserError(f"{f_path}: non-finite values in the cached features; rebuild the cache")
+    return SectionFeatures(section, ids, f, y1)
+
+
+def read_cache(cache_dir: str | Path, sections: list[str] | None = None) -> dict[str, SectionFeatures]:
+    """Read all (or the named) sections of a cache; UserError for a name the cache lacks."""
+    have = cached_sections(cache_dir)
+    if not have:
+        raise UserError(f"{cache_dir}: no *_spots.txt files; this is not a feature cache")
+    names = have if not sections else sections
+    missing = [s for s in names if s not in have]
+    if missing:
+        raise UserError(f"{cache_dir}: section(s) {', '.join(missing)} not in the cache (it has {', '.join(have)})")
+    return {s: read_section(cache_dir, s) for s in names}
+
+
+def compute_features(checkpoint: str | Path, sections: list, out_dir: str | Path, *,
+                     batch_size: int = 32, overwrite: bool = False) -> list[str]:
+    """Run a phase-1 checkpoint's encoder over every spot of every section and write the cache.
+
+    Spots are those the runtime's coords reader returns (as at run time);
+    views are the deterministic centre crops. Sections already in `out_dir`
+    are skipped unless `overwrite`. Returns the sections written.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+    from tqdm import tqdm
+
+    from mmap_deploy.coords import read_coords
+    from mmap_deploy.preprocess import make_views, normalise
+
+    from .datasets import read_section_patches
+    from .model import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    model.eval()
+    spec = model.config.view_spec
+    done = set(cached_sections(out_dir)) if Path(out_dir).is_dir() else set()
+    written = []
+    # views are many small numpy matmuls: BLAS threads only fight torch's for the cores
+    limit = threadpool_limits(limits=1, user_api="blas")
+    for sec in tqdm(sections, desc="feature cache", unit="section"):
+        if sec.name in done and not overwrite:
+            log.info("%s: already in %s, skipped", sec.name, out_dir)
+            continue
+        spots = read_coords(sec.coords)
+        patches = read_section_patches(sec, np.asarray(spots.xy, np.float64), spec)
+        fs, ys = [], []
+        with torch.no_grad():
+            for i in range(0, len(patches), batch_size):
+                views = np.stack([make_views(p, spec) for p in patches[i:i + batch_size]])
+                f, y1, _ = model.encoder(torch.from_numpy(normalise(views, spec)))
+                fs.append(f.numpy())
+                ys.append(y1.numpy())
+        d = model.embed_dim
+        write_section(out_dir, SectionFeatures(
+            sec.name, list(spots.ids),
+            np.concatenate(fs) if fs else np.zeros((0, d), np.float32),
+            np.concatenate(ys) if ys else np.zeros((0, model.config.n_genes), np.float32)))
+        written.append(sec.name)
+    limit.restore_original_limits()
+    return written

@@ -1,0 +1,263 @@
+"""Phase 1: the multi-magnification encoder, trained on spot patches and their expression.
+
+Patches are read once per section through the runtime's slide reader and kept
+in memory as uint8; every epoch draws random sub-crop positions and the
+method's augmentations for each spot from a generator seeded by
+(seed, epoch, spot), so a resumed run repeats exactly what an uninterrupted
+one would have done.
+
+Checkpoints: `last.pt` after every epoch (model, optimiser, schedule, history:
+what `--resume` reads) and `checkpoint.pt`, the epoch with the best validation
+pooled PCC (the last epoch without validation sections). Both load with
+`mmap_train.model.load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmap_deploy.errors import UserError
+from mmap_deploy.preprocess import ViewSpec, make_views, normalise
+
+from .config import MMAPConfig
+from .datasets import training_views
+from .metrics import evaluate
+from .model import MMAP, alignment_loss, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Phase1Recipe:
+    """Training settings of phase 1 (defaults: the method's, for UNI with LoRA)."""
+
+    epochs: int = 50
+    batch_size: int = 16
+    accumulate: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    weight_decay: float = 0.0
+    mag_start_epoch: int = 5  # the alignment loss joins after this many epochs (reference)
+    augment: bool = True
+    seed: int = 42
+    max_steps: int = 0  # stop after this many optimiser steps (smoke runs); 0 = no limit
+    threads: int = 2
+    device: str = "auto"  # "auto": cuda when available
+    amp: bool = True  # bfloat16 autocast on GPU (ignored on CPU)
+
+
+@dataclass
+class SpotSet:
+    """Spots of one or more sections with their patches in memory."""
+
+    patches: np.ndarray  # (N, P, P, 3) uint8
+    targets: np.ndarray  # (N, G) float32
+    sections: np.ndarray  # (N,) section name per spot
+    spot_ids: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    @staticmethod
+    def concat(sets: list["SpotSet"]) -> "SpotSet":
+        return SpotSet(np.concatenate([s.patches for s in sets]), np.concatenate([s.targets for s in sets]),
+                       np.concatenate([s.sections for s in sets]), [i for s in sets for i in s.spot_ids])
+
+
+def load_spot_set(sections: list, genes: list[str], spec: ViewSpec) -> SpotSet:
+    """Read targets, positions (joined by spot id) and patches of every section."""
+    from tqdm import tqdm
+
+    from .datasets import join_spots, load_targets, read_section_patches
+
+    sets = []
+    for sec in tqdm(sections, desc="reading patches", unit="section"):
+        table = join_spots(sec, load_targets(sec, genes))
+        patches = read_section_patches(sec, table.xy, spec)
+        sets.append(SpotSet(patches, table.targets, np.array([sec.name] * len(patches)), table.spot_ids))
+    return SpotSet.concat(sets)
+
+
+def _spot_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index])
+
+
+def batch_views(spots: SpotSet, rows: np.ndarray, spec: ViewSpec, *, epoch: int, seed: int,
+                augment: bool) -> torch.Tensor:
+    """Normalised views (B, V, 3, S, S) of the spots `rows`: random crops when training."""
+    if epoch < 0:  # evaluation: deterministic centre crops
+        views = np.stack([make_views(spots.patches[i], spec) for i in rows])
+    else:
+        views = np.stack([training_views(spots.patches[i], spec, _spot_rng(seed, epoch, int(i)), augment)
+                          for i in rows])
+    return torch.from_numpy(normalise(views, spec))
+
+
+def trainable_parameters(model: MMAP) -> list[torch.nn.Parameter]:
+    """LoRA adapters + attention + heads with LoRA; everything when LoRA is off (a backbone trained in full)."""
+    if model.config.lora_last_blocks == 0:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    for p in model.fusion.parameters():  # phase 2's head is not trained here
+        p.requires_grad_(False)
+    return [p for p in model.encoder.parameters() if p.requires_grad]
+
+
+def _device(recipe: Phase1Recipe) -> torch.device:
+    if recipe.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(recipe.device)
+
+
+@torch.no_grad()
+def predict_spots(model: MMAP, spots: SpotSet, spec: ViewSpec, batch_size: int = 64,
+                  device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(f, y1) for every spot from centre crops."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    fs, ys = [], []
+    for i in range(0, len(spots), batch_size):
+        x = batch_views(spots, np.arange(i, min(i + batch_size, len(spots))), spec, epoch=-1, seed=0, augment=False)
+        f, y1, _ = model.encoder(x.to(device))
+        fs.append(f.float().cpu().numpy())
+        ys.append(y1.float().cpu().numpy())
+    return np.concatenate(fs), np.concatenate(ys)
+
+
+def _write_log(out_dir: Path, history: list[dict[str, Any]]) -> None:
+    (out_dir / "log.json").write_text(json.dumps(history, indent=1) + "\n")
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    with (out_dir / "log.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def train_phase1(cfg: MMAPConfig, train: SpotSet, val: SpotSet | None, out_dir: str | Path,
+                 recipe: Phase1Recipe | None = None, *, backbone_weights: str | None = None,
+                 resume: bool = False, progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the phase-1 encoder; write checkpoints and the per-epoch log into `out_dir`.
+
+    `resume=True` continues from `out_dir/last.pt` (same data and recipe).
+    Returns {"checkpoint", "history", "best"}.
+    """
+    from threadpoolctl import threadpool_limits
+
+    # views are many small numpy matmuls: BLAS threads only fight torch's for the cores
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _train_phase1(cfg, train, val, out_dir, recipe, backbone_weights=backbone_weights,
+                             resume=resume, progress=progress, extra=extra)
+
+
+def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume, progress, extra):
+    from tqdm import tqdm
+
+    recipe = recipe or Phase1Recipe()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.threads > 0:
+        torch.set_num_threads(recipe.threads)
+    if len(train) == 0:
+        raise UserError("no training spots (check the sections and their counts)")
+    device = _device(recipe)
+    spec = cfg.view_spec
+    torch.manual_seed(recipe.seed)
+    model = MMAP(cfg, backbone_weights or cfg.backbone_weights or None).to(device)
+    params = trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / (recipe.batch_size * recipe.accumulate))
+    total = recipe.epochs * steps_per_epoch
+    if recipe.max_steps:
+        total = min(total, recipe.max_steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total), eta_min=recipe.min_lr)
+    history: list[dict[str, Any]] = []
+    start_epoch, step, best = 0, 0, -math.inf
+    last_path, best_path = out_dir / "last.pt", out_dir / "checkpoint.pt"
+    if resume:
+        if not last_path.is_file():
+            raise UserError(f"{last_path}: nothing to resume; run without --resume first")
+        state = torch.load(last_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        history, start_epoch, step = state["history"], state["epoch"], state["step"]
+        best = state.get("best_score", -math.inf)
+    use_amp = recipe.amp and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+    baseline = train.targets.mean(axis=0, keepdims=True)
+    meta = {"phase": 1, "recipe": asdict(recipe),
+            "training_data": {"train_sections": sorted(set(train.sections.tolist())),
+                              "val_sections": sorted(set(val.sections.tolist())) if val is not None else [],
+                              "n_train_spots": len(train), "n_val_spots": len(val) if val is not None else 0},
+            **(extra or {})}
+    bar = tqdm(total=total, initial=step, desc="phase 1", unit="step", disable=not progress)
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, recipe.epochs):
+        if recipe.max_steps and step >= recipe.max_steps:
+            break
+        model.train()
+        order = np.random.default_rng([recipe.seed, epoch]).permutation(len(train))
+        micro = [order[i:i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
+        losses, mag_on = [], epoch >= recipe.mag_start_epoch and cfg.mag_weight > 0
+        for j in range(0, len(micro), recipe.accumulate):
+            group = micro[j:j + recipe.accumulate]
+            opt.zero_grad(set_to_none=True)
+            n_group = sum(len(g) for g in group)
+            total_loss = 0.0
+            for rows in group:
+                x = batch_views(train, rows, spec, epoch=epoch, seed=recipe.seed, augment=recipe.augment).to(device)
+                t = torch.from_numpy(train.targets[rows]).to(device)
+                with autocast():
+                    f, y1, cls = model.encoder(x)
+                    loss = torch.mean((y1.float() - t) ** 2)
+                    if mag_on:
+                        loss = loss + cfg.mag_weight * alignment_loss(cfg, f.float(), cls[:, cfg.ref_view].float())
+                (loss * (len(rows) / n_group)).backward()
+                total_loss += loss.item() * len(rows) / n_group
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(total_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total_loss:.4f}")
+            if recipe.max_steps and step >= recipe.max_steps:
+                break
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
+                               "lr": opt.param_groups[0]["lr"], "mag_loss_on": mag_on,
+                               "seconds": round(time.perf_counter() - t0, 1)}
+        score = float(epoch)
+        if val is not None and len(val):
+            _, y1v = predict_spots(model, val, spec, device=device)
+            m = evaluate(y1v, val.targets, val.sections)
+            row.update({f"val_{k}": m[k] for k in ("pcc_pooled", "pcc_per_slide", "mse", "mae")})
+            b = val.targets - baseline
+            row.update({"val_train_mean_mse": float((b ** 2).mean()), "val_train_mean_mae": float(np.abs(b).mean())})
+            score = m["pcc_pooled"] if np.isfinite(m["pcc_pooled"]) else -math.inf
+        history.append(row)
+        if score > best:
+            best = score
+            row["kept"] = True
+            save_checkpoint(best_path, model, epoch=epoch + 1, encoder_trained=True,
+                            metrics={k: v for k, v in row.items() if k.startswith("val_")}, **meta)
+        save_checkpoint(last_path, model, epoch=epoch + 1, step=step, history=history, best_score=best,
+                        optimizer=opt.state_dict(), scheduler=sched.state_dict(), torch_rng=torch.get_rng_state(),
+                        encoder_trained=True, **meta)
+        _write_log(out_dir, history)
+    bar.close()
+    if not best_path.is_file():  # stopped before the first epoch ended (max_steps)
+        save_checkpoint(best_path, model, epoch=0, encoder_trained=True, **meta)
+    return {"checkpoint": str(best_path), "history": history, "best": best}

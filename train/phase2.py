@@ -1,0 +1,336 @@
+"""Phase 2: prototype banks from a frozen phase-1 feature cache, and the masked fusion head.
+
+Per section: k-means on the section's `f` with the runtime's numpy k-means and
+K rule (`mmap_deploy.prototypes`), each spot's top-L centroids by cosine as its
+bank, padded to the rule's longest bank and masked. The fusion head is trained
+on the training sections; validation is by section, and the checkpoint with the
+best validation score is kept.
+
+Trained from a cache alone (e.g. the published features), a checkpoint holds
+only the fusion weights and `encoder_trained: False`: its encoder is not
+meaningful. Trained on top of a phase-1 checkpoint (`init`), it holds the whole
+model with that encoder (`encoder_trained: True`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmap_deploy.errors import UserError
+from mmap_deploy.prototypes import PrototypeRule, build_banks, kmeans, top_l_banks
+
+from .config import MMAPConfig
+from .datasets import Targets
+from .features import SectionFeatures
+from .metrics import evaluate
+from .model import MMAP, FusionHead, alignment_loss, embed_dim_of, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+KMEANS_SEED = 0  # the runtime's seed: banks at training time are the banks at run time
+BACKBONE_BY_DIM = {embed_dim_of(b): b for b in ("tiny", "small", "uni")}
+
+
+@dataclass
+class Phase2Recipe:
+    """The default phase-2 training recipe (see benchmarks/RESULTS_training.md for how it was chosen)."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-4
+    seed: int = 42
+    select: str = "pcc_pooled"  # validation metric that picks the kept checkpoint
+    threads: int = 2
+
+
+@dataclass
+class PreparedSection:
+    """One section ready for the fusion head: features, targets and its prototype bank."""
+
+    name: str
+    spot_ids: list[str]
+    f: np.ndarray  # (n, D)
+    y1: np.ndarray  # (n, G)
+    target: np.ndarray  # (n, G)
+    centroids: np.ndarray  # (K, D)
+    bank_idx: np.ndarray  # (n, L) indices into centroids
+    k: int
+    l: int
+
+
+def prepare_section(feats: SectionFeatures, targets: Targets, rule: PrototypeRule) -> PreparedSection | None:
+    """K-means and banks on all the section's cached spots; keep the spots that have targets.
+
+    Returns None (and logs why) for a section without spots.
+    """
+    if len(feats.spot_ids) == 0:
+        log.warning("section %s: no spots in the feature cache; left out", feats.section)
+        return None
+    k = rule.n_prototypes(len(feats.f))
+    km = kmeans(feats.f, k, seed=KMEANS_SEED)
+    l = rule.bank_size(k)
+    idx = top_l_banks(feats.f, km.centroids, l)
+    index = {s: i for i, s in enumerate(targets.spot_ids)}
+    keep = np.array([s in index for s in feats.spot_ids])
+    if not keep.any():
+        log.warning("section %s: none of its cached spots has counts; left out", feats.section)
+        return None
+    if not keep.all():
+        log.info("section %s: %d cached spots have no counts; they shape the prototypes but are not scored",
+                 feats.section, int((~keep).sum()))
+    rows = np.array([index[s] for s, k_ in zip(feats.spot_ids, keep) if k_], dtype=np.int64)
+    return PreparedSection(feats.section, [s for s, k_ in zip(feats.spot_ids, keep) if k_],
+                           feats.f[keep], feats.y1[keep], targets.values[rows], km.centroids, idx[keep], k, l)
+
+
+class BankedSpots:
+    """Spots of several sections as tensors; banks gathered per batch from all sections' centroids."""
+
+    def __init__(self, sections: list[PreparedSection], pad_to: int):
+        self.sections = sections
+        self.names = np.concatenate([[s.name] * len(s.f) for s in sections])
+        self.f = torch.from_numpy(np.concatenate([s.f for s in sections]))
+        self.y1 = torch.from_numpy(np.concatenate([s.y1 for s in sections]))
+        self.target = torch.from_numpy(np.concatenate([s.target for s in sections]))
+        dim = self.f.shape[1]
+        # row 0 is the zero padding entry; section centroids follow
+        cents = [np.zeros((1, dim), np.float32)] + [s.centroids for s in sections]
+        self.centroids = torch.from_numpy(np.concatenate(cents))
+        idx = np.zeros((len(self.f), pad_to), dtype=np.int64)
+        mask = np.zeros((len(self.f), pad_to), dtype=bool)
+        row, base = 0, 1
+        for s in sections:
+            n = len(s.f)
+            idx[row:row + n, :s.l] = s.bank_idx + base
+            mask[row:row + n, :s.l] = True
+            row += n
+            base += len(s.centroids)
+        self.bank_idx = torch.from_numpy(idx)
+        self.mask = torch.from_numpy(mask)
+
+    def __len__(self) -> int:
+        return len(self.f)
+
+    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.f[rows], self.centroids[self.bank_idx[rows]], self.mask[rows], self.y1[rows], self.target[rows])
+
+
+def prepare(feats: dict[str, SectionFeatures], targets: dict[str, Targets], names: list[str],
+            rule: PrototypeRule) -> list[PreparedSection]:
+    out = []
+    for n in names:
+        p = prepare_section(feats[n], targets[n], rule)
+        if p is not None:
+            out.append(p)
+    return out
+
+
+def config_for_cache(genes: list[str], dim: int, **overrides: Any) -> MMAPConfig:
+    """A model config for a cache of `dim`-wide features (its backbone is the one of that width)."""
+    backbone = BACKBONE_BY_DIM.get(dim)
+    if backbone is None:
+        raise UserError(f"cached features are {dim}-wide; known backbones give "
+                        f"{', '.join(f'{d} ({b})' for d, b in BACKBONE_BY_DIM.items())}")
+    cfg = MMAPConfig(genes=list(genes), backbone=backbone, **overrides)
+    cfg.validate()
+    return cfg
+
+
+@torch.no_grad()
+def predict(fusion: FusionHead, data: BankedSpots, batch_size: int = 256) -> np.ndarray:
+    fusion.eval()
+    out = []
+    for i in range(0, len(data), batch_size):
+        rows = torch.arange(i, min(i + batch_size, len(data)))
+        f, bank, mask, y1, _ = data.batch(rows)
+        out.append(fusion(f, bank, mask, y1)[0].numpy())
+    return np.concatenate(out) if out else np.zeros((0, data.y1.shape[1]), np.float32)
+
+
+def _write_log(out_dir: Path, history: list[dict[str, Any]]) -> None:
+    (out_dir / "log.json").write_text(json.dumps(history, indent=1) + "\n")
+    keys = [k for k in history[0] if not isinstance(history[0][k], dict)] if history else []
+    with (out_dir / "log.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(history)
+
+
+def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: dict[str, Targets],
+                 train_names: list[str], val_names: list[str], out_dir: str | Path,
+                 recipe: Phase2Recipe | None = None, init: MMAP | None = None,
+                 max_steps: int = 0, progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the fusion head; write `out_dir/checkpoint.pt` (best on validation) and logs.
+
+    `init`: a phase-1 model whose encoder the checkpoint keeps; None trains from
+    the cache alone. Without validation sections the last epoch is kept.
+    Returns a summary with the history and the best validation metrics.
+    """
+    from tqdm import tqdm
+
+    recipe = recipe or Phase2Recipe()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.threads > 0:
+        torch.set_num_threads(recipe.threads)
+    rule = cfg.prototype_rule
+    train = prepare(feats, targets, train_names, rule)
+    val = prepare(feats, targets, val_names, rule)
+    if not train:
+        raise UserError("no training section has spots with both features and counts")
+    dim = train[0].f.shape[1]
+    if dim != embed_dim_of(cfg.backbone):
+        raise UserError(f"cached features are {dim}-wide but the model's {cfg.backbone} backbone gives "
+                        f"{embed_dim_of(cfg.backbone)}; use a cache made by this phase-1 model")
+    if train[0].y1.shape[1] != cfg.n_genes or train[0].target.shape[1] != cfg.n_genes:
+        raise UserError(f"cached y1 has {train[0].y1.shape[1]} genes but the gene list has {cfg.n_genes}")
+    train_data = BankedSpots(train, rule.max_bank)
+    val_data = BankedSpots(val, rule.max_bank) if val else None
+
+    torch.manual_seed(recipe.seed)
+    if init is not None:
+        model = init
+        model.fusion = FusionHead(cfg, dim)  # fresh head with the recipe's seed
+        fusion = model.fusion
+    else:
+        model = None
+        fusion = FusionHead(cfg, dim)
+    opt = torch.optim.AdamW(fusion.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(train_data) / recipe.batch_size)
+    total = recipe.epochs * steps_per_epoch if not max_steps else min(max_steps, recipe.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total), eta_min=recipe.min_lr)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    history: list[dict[str, Any]] = []
+    best_score, best_state, best_metrics, best_epoch, step = -math.inf, None, None, 0, 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc="phase 2", unit="step", disable=not progress)
+    for epoch in range(recipe.epochs):
+        fusion.train()
+        perm = torch.randperm(len(train_data), generator=gen)
+        losses = []
+        for i in range(0, len(perm), recipe.batch_size):
+            f, bank, mask, y1, t = train_data.batch(perm[i:i + recipe.batch_size])
+            y, h = fusion(f, bank, mask, y1)
+            mse = torch.mean((y - t) ** 2)
+            loss = mse + cfg.mag_weight * alignment_loss(cfg, f, h) if cfg.mag_weight > 0 else mse
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if max_steps and step >= max_steps:
+                break
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
+                               "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
+        if val_data is not None:
+            m = evaluate(predict(fusion, val_data), val_data.target.numpy(), val_data.names)
+            row.update({f"val_{k}": m[k] for k in ("pcc_pooled", "pcc_per_slide", "mse", "mae")})
+            score = m[recipe.select] if recipe.select in m else m["pcc_pooled"]
+        else:
+            m, score = None, float(epoch)
+        history.append(row)
+        if score > best_score:
+            best_score, best_metrics, best_epoch = score, m, epoch + 1
+            best_state = {k: v.detach().clone() for k, v in fusion.state_dict().items()}
+            row["kept"] = True
+        if max_steps and step >= max_steps:
+            break
+    bar.close()
+    fusion.load_state_dict(best_state)
+    meta = {
+        "phase": 2,
+        "epoch": best_epoch,
+        "encoder_trained": init is not None,
+        "training_data": {"train_sections": [s.name for s in train], "val_sections": [s.name for s in val],
+                          "n_train_spots": len(train_data), "n_val_spots": len(val_data) if val_data else 0},
+        "metrics": {k: v for k, v in (best_metrics or {}).items() if k != "per_section"},
+        "recipe": asdict(recipe),
+        **(extra or {}),
+    }
+    ckpt_path = out_dir / "checkpoint.pt"
+    if model is not None:
+        save_checkpoint(ckpt_path, model, **meta)
+    else:
+        save_fusion_checkpoint(ckpt_path, cfg, fusion, **meta)
+    _write_log(out_dir, history)
+    return {"checkpoint": str(ckpt_path), "history": history, "best": best_metrics, "meta": meta}
+
+
+def save_fusion_checkpoint(path: str | Path, cfg: MMAPConfig, fusion: FusionHead, **extra: Any) -> None:
+    """A checkpoint holding only the fusion weights (`encoder_trained: False`), loadable by load_checkpoint."""
+    path = Path(path)
+    state = {f"fusion.{k}": v for k, v in fusion.state_dict().items()}
+    extra["encoder_trained"] = False
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"config": cfg.to_dict(), "state_dict": state, **extra}, tmp)
+    tmp.replace(path)
+
+
+def load_fusion(path: str | Path) -> tuple[MMAPConfig, FusionHead, dict[str, Any]]:
+    """Only the fusion head of a checkpoint (no backbone is built): what evaluation on a cache needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
+        raise UserError(f"{path}: not an mmap-train checkpoint (no config/state_dict)")
+    cfg = MMAPConfig.from_dict(ckpt["config"])
+    fusion = FusionHead(cfg, embed_dim_of(cfg.backbone))
+    state = {k[len("fusion."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("fusion.")}
+    fusion.load_state_dict(state)
+    return cfg, fusion.eval(), ckpt
+
+
+@torch.no_grad()
+def predict_section(cfg: MMAPConfig, fusion: FusionHead, feats: SectionFeatures) -> np.ndarray:
+    """Predictions for one cached section, banks built exactly as at run time (no padding)."""
+    bank, mask, _ = build_banks(feats.f, cfg.prototype_rule, seed=KMEANS_SEED)
+    fusion.eval()
+    y, _ = fusion(torch.from_numpy(feats.f), torch.from_numpy(bank), torch.from_numpy(mask),
+                  torch.from_numpy(feats.y1))
+    return y.numpy()
+
+
+def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures],
+                        targets: dict[str, Targets]) -> dict[str, Any]:
+    """Predict every cached section (k-means per section, as at run time) and score against the targets."""
+    cfg, fusion, _ = load_fusion(checkpoint)
+    preds, tgts, labels = [], [], []
+    for name, sf in feats.items():
+        if len(sf.spot_ids) == 0:
+            continue
+        if sf.f.shape[1] != embed_dim_of(cfg.backbone) or sf.y1.shape[1] != cfg.n_genes:
+            raise UserError(f"section {name}: cached f/y1 are {sf.f.shape[1]}/{sf.y1.shape[1]} wide, the checkpoint "
+                            f"expects {embed_dim_of(cfg.backbone)}/{cfg.n_genes}")
+        rows = targets[name].rows_for(sf.spot_ids, f"section {name}")
+        preds.append(predict_section(cfg, fusion, sf))
+        tgts.append(targets[name].values[rows])
+        labels += [name] * len(sf.spot_ids)
+    if not preds:
+        raise UserError("no section with spots to evaluate")
+    return evaluate(np.concatenate(preds), np.concatenate(tgts), labels)
+
+
+def load_init(checkpoint: str | Path) -> MMAP:
+    """A phase-1 checkpoint as the starting model of phase 2."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = load_checkpoint(checkpoint)
+    return model
