@@ -54,10 +54,11 @@ def downsample(img: np.ndarray, factor: int) -> np.ndarray:
 
 
 def write_pyramid(path: Path, img: np.ndarray, levels=(1, 2, 4), resolution=None, unit="CENTIMETER",
-                  description=None, tile=256) -> Path:
-    """A tiled, zlib-compressed pyramidal TIFF, one level per IFD (what OpenSlide's generic-tiff reads).
+                  description=None, tile=256, compression="zlib") -> Path:
+    """A tiled pyramidal TIFF, one level per IFD (what OpenSlide's generic-tiff and aperio drivers read).
 
-    `resolution` is pixels per `unit` at level 0 (None: no resolution tags).
+    `resolution` is pixels per `unit` at level 0 (None: no resolution tags); zlib
+    keeps pixels exact, "jpeg" (quality 95) is what real scans hold.
     """
     with tifffile.TiffWriter(path) as tw:
         for i, factor in enumerate(levels):
@@ -68,7 +69,9 @@ def write_pyramid(path: Path, img: np.ndarray, levels=(1, 2, 4), resolution=None
                 kwargs.update(resolutionunit="NONE")
             if description is not None:
                 kwargs.update(description=description[i], metadata=None)
-            tw.write(downsample(img, factor) if factor > 1 else img, tile=(tile, tile), compression="zlib",
+            if compression == "jpeg":
+                kwargs.update(compressionargs={"level": 95})
+            tw.write(downsample(img, factor) if factor > 1 else img, tile=(tile, tile), compression=compression,
                      photometric="rgb", subfiletype=1 if i else 0, **kwargs)
     return path
 
@@ -217,21 +220,52 @@ def test_inch_resolution(tmp_path, level0):
         assert s.mpp == pytest.approx(0.5)
 
 
-def test_svs_like_aperio_file(tmp_path, level0):
-    desc = [
-        "Aperio Image Library v12.0.15 \n2048x1536 [0,0 2048x1536] (256x256) J2K/YUV16 Q=30|AppMag = 40|MPP = 0.2497",
-        "Aperio Image Library v12.0.15 \n2048x1536 -> 1024x768",
-        "Aperio Image Library v12.0.15 \n2048x1536 -> 512x384",
-    ]
-    path = write_pyramid(tmp_path / "slide.svs", level0, description=desc)
-    with open_slide(path) as s:
+SVS_DESCRIPTION = [
+    "Aperio Image Library v12.0.15 \n2048x1536 [0,0 2048x1536] (256x256) JPEG/RGB Q=95|AppMag = 40|MPP = 0.2497",
+    "Aperio Image Library v12.0.15 \n2048x1536 -> 1024x768",
+    "Aperio Image Library v12.0.15 \n2048x1536 -> 512x384",
+]
+
+
+@pytest.fixture(scope="module")
+def svs(tmp_path_factory, level0) -> Path:
+    """An SVS-like file: Aperio ImageDescription with the MPP, JPEG-compressed tiles (YCbCr)."""
+    return write_pyramid(tmp_path_factory.mktemp("svs") / "slide.svs", level0, description=SVS_DESCRIPTION,
+                         compression="jpeg")
+
+
+def test_svs_like_aperio_file(svs, slide):
+    with open_slide(svs) as s:
         assert s.format == "openslide:aperio"
+        assert (s.width, s.height) == (W, H) and s.level_downsamples == (1.0, 2.0, 4.0)
         assert s.mpp == pytest.approx(0.2497)
         assert s.mpp_source == "openslide.mpp-x"
-        spec = ViewSpec(patch_um=40.0, mpp=0.5, input_size=16)
-        patch = s.read_patch(1000.0, 700.0, spec)
-        c = spec.patch_px // 2
-        np.testing.assert_allclose(patch[c, c].astype(float), expected_colour(1000, 700), atol=3)
+        for model_mpp in (0.25, 1.0):
+            spec = ViewSpec(patch_um=40.0, mpp=model_mpp, input_size=16)
+            for x, y in [(1000.0, 700.0), (200.0, 1400.0)]:
+                patch = s.read_patch(x, y, spec)
+                c = spec.patch_px // 2
+                np.testing.assert_allclose(patch[c, c].astype(float), expected_colour(x, y), atol=4)
+                # JPEG at quality 95 against the lossless pyramid: close everywhere
+                assert np.abs(patch.astype(int) - slide.read_patch(x, y, spec).astype(int)).mean() < 2.0
+
+
+def test_svs_corrupt_jpeg_tile(tmp_path, svs):
+    with tifffile.TiffFile(svs) as tf:
+        offsets, counts = tf.pages[0].dataoffsets, tf.pages[0].databytecounts
+    raw = bytearray(svs.read_bytes())
+    bad = 2 * math.ceil(W / 256) + 3  # tile row 2, column 3: x 768..1024, y 512..768
+    # keep the JPEG start-of-image marker, destroy the rest of the tile
+    raw[offsets[bad] + 2 : offsets[bad] + counts[bad]] = b"\x00" * (counts[bad] - 2)
+    path = tmp_path / "badtile.svs"
+    path.write_bytes(bytes(raw))
+    spec = ViewSpec(patch_um=16.0, mpp=0.25, input_size=16)
+    with open_slide(path) as s:
+        with pytest.raises(PatchReadError, match=r"badtile\.svs: cannot decode the region at x=868, y=618 .*corrupt"):
+            s.read_patch(900.0, 650.0, spec)
+        healthy = s.read_patch(300.0, 300.0, spec)
+        with open_slide(svs) as intact:
+            np.testing.assert_array_equal(healthy, intact.read_patch(300.0, 300.0, spec))
 
 
 def test_mpp_fallback_chain_order():
