@@ -124,6 +124,8 @@ def _sniff_delimiter(lines: list[str]) -> str | None:
 def _split(line: str, delim: str | None) -> list[str]:
     if delim is None:
         return line.split()
+    if '"' not in line and "'" not in line:  # the common case, without the csv module's cost
+        return [f.strip() for f in line.split(delim)]
     try:
         fields = next(csv.reader([line], delimiter=delim, strict=False))
     except (csv.Error, StopIteration):
@@ -143,13 +145,6 @@ def _parse_number(value: str, path: Path, line_no: int, column: str) -> float:
     shown = value if len(value) <= 40 else value[:37] + "..."
     fix = "use a dot as the decimal separator" if re.fullmatch(r"[+-]?\d+,\d+", value) else "fix or remove that row"
     raise UserError(f"{path}: line {line_no}, column '{column}': {shown!r} is not a finite number; {fix}")
-
-
-def _parse_flag(value: str, path: Path, line_no: int, column: str) -> bool:
-    v = _parse_number(value, path, line_no, column)
-    if v not in (0.0, 1.0):
-        raise UserError(f"{path}: line {line_no}, column '{column}': {value!r} must be 0 or 1")
-    return v == 1.0
 
 
 def _is_number(value: str) -> bool:
@@ -197,9 +192,9 @@ def read_coords(path: str | Path, all_spots: bool = False) -> Spots:
         ids, xy, keep = _read_xy(path, header, rows)
         dropped_by = ""
 
-    if not all_spots and not all(keep):
-        ids = [i for i, k in zip(ids, keep) if k]
-        xy = xy[np.asarray(keep, dtype=bool)]
+    if not all_spots and keep is not None and not keep.all():
+        ids = [i for i, k in zip(ids, keep.tolist()) if k]
+        xy = xy[keep]
         if not ids:
             raise UserError(
                 f"{path}: all {len(keep)} spots have {dropped_by}, so none is left; "
@@ -239,50 +234,60 @@ def _column(header, name: str) -> int:
     return list(header).index(name)
 
 
+def _numbers(path: Path, rows, index: int, column: str) -> np.ndarray:
+    """One numeric column as float64; the first bad value is reported with its line."""
+    values = [f[index] for _, f in rows]
+    if all(map(_NUMBER.fullmatch, values)):
+        out = np.array(values, dtype=np.float64)
+        if np.isfinite(out).all():
+            return out
+    for n, f in rows:  # rare: find the offending row for the message
+        _parse_number(f[index], path, n, column)
+    raise AssertionError("a bad value was detected but not found")
+
+
+def _flags(path: Path, rows, index: int, column: str) -> np.ndarray:
+    """A 0/1 column (in_tissue, selected) as bool."""
+    values = _numbers(path, rows, index, column)
+    bad = np.flatnonzero((values != 0) & (values != 1))
+    if bad.size:
+        n, f = rows[bad[0]]
+        raise UserError(f"{path}: line {n}, column '{column}': {f[index]!r} must be 0 or 1")
+    return values == 1
+
+
+def _ids(path: Path, rows, index: int) -> list[str]:
+    ids = [f[index].strip('"').strip() for _, f in rows]
+    if not all(ids):
+        n = rows[ids.index("")][0]
+        raise UserError(f"{path}: line {n}: empty spot id; give every spot an id or drop the id column")
+    return ids
+
+
 def _read_visium(path, header, rows):
-    ib = _column(header, "barcode")
-    it = _column(header, "in_tissue") if "in_tissue" in header else None
-    ir, ic = _column(header, "pxl_row_in_fullres"), _column(header, "pxl_col_in_fullres")
-    ids, xy, keep = [], np.empty((len(rows), 2)), []
-    for k, (n, f) in enumerate(rows):
-        ids.append(_spot_id(path, n, f[ib]))
-        xy[k, 0] = _parse_number(f[ic], path, n, "pxl_col_in_fullres")
-        xy[k, 1] = _parse_number(f[ir], path, n, "pxl_row_in_fullres")
-        keep.append(True if it is None else _parse_flag(f[it], path, n, "in_tissue"))
-    return ids, xy, keep
+    ids = _ids(path, rows, _column(header, "barcode"))
+    x = _numbers(path, rows, _column(header, "pxl_col_in_fullres"), "pxl_col_in_fullres")
+    y = _numbers(path, rows, _column(header, "pxl_row_in_fullres"), "pxl_row_in_fullres")
+    keep = _flags(path, rows, _column(header, "in_tissue"), "in_tissue") if "in_tissue" in header else None
+    return ids, np.stack([x, y], axis=1), keep
 
 
 def _read_her2st(path, header, rows):
-    ix, iy = _column(header, "x"), _column(header, "y")
-    px, py = _column(header, "pixel_x"), _column(header, "pixel_y")
-    isel = _column(header, "selected") if "selected" in header else None
-    ids, xy, keep = [], np.empty((len(rows), 2)), []
-    for k, (n, f) in enumerate(rows):
-        ax = _parse_number(f[ix], path, n, "x")
-        ay = _parse_number(f[iy], path, n, "y")
-        ids.append(f"{int(round(ax))}x{int(round(ay))}")
-        xy[k, 0] = _parse_number(f[px], path, n, "pixel_x")
-        xy[k, 1] = _parse_number(f[py], path, n, "pixel_y")
-        keep.append(True if isel is None else _parse_flag(f[isel], path, n, "selected"))
-    return ids, xy, keep
+    ax = _numbers(path, rows, _column(header, "x"), "x")
+    ay = _numbers(path, rows, _column(header, "y"), "y")
+    ids = [f"{int(round(a))}x{int(round(b))}" for a, b in zip(ax.tolist(), ay.tolist())]
+    x = _numbers(path, rows, _column(header, "pixel_x"), "pixel_x")
+    y = _numbers(path, rows, _column(header, "pixel_y"), "pixel_y")
+    keep = _flags(path, rows, _column(header, "selected"), "selected") if "selected" in header else None
+    return ids, np.stack([x, y], axis=1), keep
 
 
 def _read_xy(path, header, rows):
-    ix, iy = _column(header, "x"), _column(header, "y")
     iid = next((_column(header, c) for c in ID_COLUMNS if c in header), None)
-    ids, xy = [], np.empty((len(rows), 2))
-    for k, (n, f) in enumerate(rows):
-        ids.append(f"spot_{k}" if iid is None else _spot_id(path, n, f[iid]))
-        xy[k, 0] = _parse_number(f[ix], path, n, "x")
-        xy[k, 1] = _parse_number(f[iy], path, n, "y")
-    return ids, xy, [True] * len(rows)
-
-
-def _spot_id(path: Path, line_no: int, value: str) -> str:
-    value = value.strip().strip('"').strip()
-    if not value:
-        raise UserError(f"{path}: line {line_no}: empty spot id; give every spot an id or drop the id column")
-    return value
+    ids = [f"spot_{k}" for k in range(len(rows))] if iid is None else _ids(path, rows, iid)
+    x = _numbers(path, rows, _column(header, "x"), "x")
+    y = _numbers(path, rows, _column(header, "y"), "y")
+    return ids, np.stack([x, y], axis=1), None
 
 
 def _check_unique(path: Path, ids: list[str]) -> None:
