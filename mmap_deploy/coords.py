@@ -91,8 +91,8 @@ def _read_text(path: Path) -> str:
             raise UserError(f"{path}: the gzip file is damaged ({exc}); re-copy it or pass it uncompressed") from None
     if path.suffix.lower() == ".parquet" or raw[:4] == b"PAR1":
         raise UserError(
-            f"{path}: parquet coordinates are not read directly; convert to CSV, e.g. "
-            "`python -c \"import pandas as pd; pd.read_parquet('IN.parquet').to_csv('OUT.csv', index=False)\"`"
+            f"{path}: parquet coordinates are not read directly; convert them to CSV, e.g. with pandas and "
+            "pyarrow: `python -c \"import pandas as pd; pd.read_parquet('IN.parquet').to_csv('OUT.csv', index=False)\"`"
         )
     try:
         text = raw.decode("utf-8-sig")

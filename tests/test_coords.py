@@ -233,7 +233,7 @@ def test_not_text(tmp_path):
         read_coords(write(tmp_path, "nul.csv", b"x,y\n1,\x002\n"))
     with pytest.raises(UserError, match=r"bad\.gz: the gzip file is damaged"):
         read_coords(write(tmp_path, "bad.gz", gzip.compress(b"x,y\n1,2\n")[:15]))
-    with pytest.raises(UserError, match=r"tissue_positions\.parquet: parquet coordinates are not read directly; convert to CSV"):
+    with pytest.raises(UserError, match=r"tissue_positions\.parquet: parquet coordinates are not read directly; convert them to CSV"):
         read_coords(write(tmp_path, "tissue_positions.parquet", b"PAR1\x00\x00"))
 
 

@@ -435,6 +435,21 @@ def test_demo_sample_opens_without_mpp():
         assert patch.shape == (224, 224, 3) and patch.std() > 10  # tissue, not background
 
 
+def test_demo_sample_regenerates_identically(real_data, tmp_path):
+    """The committed sample is exactly what `python -m mmap_deploy.demo.make_sample` makes from the data."""
+    import json
+
+    from mmap_deploy.demo import SAMPLE_DIR
+    from mmap_deploy.demo.make_sample import main
+
+    assert main(["--data-dir", str(real_data), "--out", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / "sample.json").read_text())
+    assert info["license"] == "CC-BY 4.0" and "Andersson" in info["citation"]
+    for name in (info["image"], info["coords"], "sample.json"):
+        assert (tmp_path / name).read_bytes() == (SAMPLE_DIR / name).read_bytes(), name
+    assert (tmp_path / info["image"]).stat().st_size < 3_000_000
+
+
 # --- the real her2st JPEG ------------------------------------------------------------------------
 
 
