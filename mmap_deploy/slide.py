@@ -184,17 +184,22 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
 
 
 class OpenSlideReader(SlideReader):
-    """A whole-slide image read through OpenSlide, tile by tile."""
+    """A whole-slide image read through OpenSlide, tile by tile.
+
+    OpenSlide errors are sticky: after one undecodable tile, the handle refuses
+    every later call, from every thread. So a failed read retires the shared
+    handle (closed once no thread uses it; later reads get a fresh one) and
+    retries once on a private handle, which no other thread's failure can
+    spoil. A region that fails twice raises `PatchReadError`.
+    """
 
     def __init__(self, path: Path, handle, mpp: float, mpp_source: str):
         self.path = path
-        self._handle = handle
-        # OpenSlide errors are sticky: after a failed tile the handle refuses every
-        # later call. A failed read therefore reopens the slide (generation counter
-        # so that concurrent readers reopen it once) and retries once.
-        self._generation = 0
-        self._stale: list = []
         self._lock = threading.Lock()
+        self._handle = handle
+        self._users: dict[int, int] = {id(handle): 0}  # reads in flight per handle
+        self._retired: list = []  # failed handles, closed when their last read returns
+        self._closed = False
         self.mpp = mpp
         self.mpp_source = mpp_source
         self.width, self.height = handle.dimensions
@@ -210,41 +215,75 @@ class OpenSlideReader(SlideReader):
                 best = level
         return best
 
+    def _acquire(self):
+        """The shared handle, counted as in use; None if it could not be reopened after a failure."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self.path}: slide is closed")
+            handle = self._handle
+            if handle is not None:
+                self._users[id(handle)] += 1
+            return handle
+
+    def _release(self, handle, failed: bool) -> None:
+        """End one read on `handle`; a failed handle is replaced and closed when idle."""
+        import openslide
+
+        to_close = []
+        with self._lock:
+            if self._closed:
+                return
+            self._users[id(handle)] -= 1
+            if failed and handle is self._handle:
+                self._retired.append(handle)
+                try:
+                    self._handle = openslide.OpenSlide(str(self.path))
+                    self._users[id(self._handle)] = 0
+                except Exception:
+                    self._handle = None  # later reads fail with a clear error below
+            for h in [h for h in self._retired if self._users[id(h)] == 0]:
+                self._retired.remove(h)
+                del self._users[id(h)]
+                to_close.append(h)
+        for h in to_close:
+            h.close()
+
+    def _read_rgba(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """read_region with one retry on a private handle; PatchReadError if both fail."""
+        import openslide
+
+        handle = self._acquire()
+        if handle is not None:
+            failed = True
+            try:
+                rgba = np.asarray(handle.read_region(location, level, size))
+                failed = False
+                return rgba
+            except Exception:  # openslide.OpenSlideError; the retry below reports it
+                pass
+            finally:
+                self._release(handle, failed)
+        try:
+            private = openslide.OpenSlide(str(self.path))
+        except Exception as exc:
+            raise PatchReadError(f"{self.path}: cannot reopen the slide after a read error: {exc}") from None
+        try:
+            return np.asarray(private.read_region(location, level, size))
+        except Exception as exc:
+            raise PatchReadError(
+                f"{self.path}: cannot decode the region at x={location[0]}, y={location[1]} "
+                f"({size[0]}x{size[1]} px at level {level}): {exc}; the file may be corrupt or "
+                "truncated: re-copy or re-export it"
+            ) from None
+        finally:
+            private.close()
+
     def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
         level = self.level_for_downsample(side / out_px)
         d = self.level_downsamples[level]
         # Rounded, not ceiled: the read covers the region to within half a level pixel.
         size = max(1, int(round(side / d)))
-        for attempt in (0, 1):
-            with self._lock:
-                handle, generation = self._handle, self._generation
-            if handle is None:
-                raise RuntimeError(f"{self.path}: slide is closed")
-            try:
-                image = handle.read_region((left, top), level, (size, size))
-                return _composite_on_white(np.asarray(image))
-            except Exception as exc:  # openslide.OpenSlideError, or a closed handle
-                if attempt == 1:
-                    raise PatchReadError(
-                        f"{self.path}: cannot decode the region at x={left}, y={top} "
-                        f"({side}x{side} level-0 px, level {level}): {exc}; the file may be "
-                        "corrupt or truncated: re-export or re-copy it"
-                    ) from None
-                self._reopen(generation)
-        raise AssertionError("unreachable")
-
-    def _reopen(self, generation: int) -> None:
-        import openslide
-
-        with self._lock:
-            if self._generation != generation or self._handle is None:
-                return
-            self._stale.append(self._handle)
-            try:
-                self._handle = openslide.OpenSlide(str(self.path))
-            except Exception as exc:
-                raise PatchReadError(f"{self.path}: cannot reopen the slide after a read error: {exc}") from None
-            self._generation += 1
+        return _composite_on_white(self._read_rgba((left, top), level, (size, size)))
 
     def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
         # Streams the chosen pyramid level in blocks, box-averaging each by an
@@ -257,22 +296,13 @@ class OpenSlideReader(SlideReader):
         k = max(1, lw // w)  # box factor: the reduced level is 1-2x the thumbnail
         block = k * max(1, THUMBNAIL_BLOCK_PX // k)
         reduced = np.empty((-(-lh // k), -(-lw // k), 3), np.uint8)
-        with self._lock:
-            handle = self._handle
-        if handle is None:
-            raise RuntimeError(f"{self.path}: slide is closed")
-        try:
-            for top in range(0, lh, block):
-                for left in range(0, lw, block):
-                    size = (min(block, lw - left), min(block, lh - top))
-                    rgba = np.asarray(handle.read_region((round(left * d), round(top * d)), level, size))
-                    reduced[top // k : (top + size[1] + k - 1) // k, left // k : (left + size[0] + k - 1) // k] = (
-                        _box_reduce(_composite_on_white(rgba), k)
-                    )
-        except Exception as exc:  # openslide.OpenSlideError on a corrupt tile
-            raise PatchReadError(
-                f"{self.path}: cannot read the slide for its thumbnail: {exc}; the file may be corrupt"
-            ) from None
+        for top in range(0, lh, block):
+            for left in range(0, lw, block):
+                size = (min(block, lw - left), min(block, lh - top))
+                rgba = self._read_rgba((round(left * d), round(top * d)), level, size)
+                reduced[top // k : (top + size[1] + k - 1) // k, left // k : (left + size[0] + k - 1) // k] = (
+                    _box_reduce(_composite_on_white(rgba), k)
+                )
         # reduced pixel i covers level-0 pixels [i*k*d, (i+1)*k*d): resize to the
         # thumbnail's scale, then cut off the overhang of the last partial block.
         scale = w / self.width
@@ -283,8 +313,8 @@ class OpenSlideReader(SlideReader):
 
     def close(self) -> None:
         with self._lock:
-            handles = self._stale + ([self._handle] if self._handle is not None else [])
-            self._handle, self._stale = None, []
+            handles = self._retired + ([self._handle] if self._handle is not None else [])
+            self._handle, self._retired, self._users, self._closed = None, [], {}, True
         for h in handles:
             h.close()
 

@@ -348,25 +348,61 @@ def test_truncated_jpeg(tmp_path):
         open_slide(path, mpp=0.73)
 
 
-def test_corrupt_tile_raises_patch_read_error_and_the_rest_stays_readable(tmp_path, pyramid, level0):
+@pytest.fixture(scope="module")
+def corrupt_tile_slide(tmp_path_factory, pyramid) -> Path:
+    """The gradient pyramid with one level-0 tile destroyed: x 512..768, y 256..512."""
     with tifffile.TiffFile(pyramid) as tf:
         page = tf.pages[0]
         offsets, counts = page.dataoffsets, page.databytecounts
-        tiles_across = math.ceil(W / 256)
     raw = bytearray(pyramid.read_bytes())
-    bad = 1 * tiles_across + 2  # tile row 1, column 2: x 512..768, y 256..512
+    bad = 1 * math.ceil(W / 256) + 2  # tile row 1, column 2
     raw[offsets[bad] : offsets[bad] + counts[bad]] = b"\xff" * counts[bad]
-    path = tmp_path / "badtile.tif"
+    path = tmp_path_factory.mktemp("corrupt") / "badtile.tif"
     path.write_bytes(bytes(raw))
+    return path
+
+
+def test_corrupt_tile_raises_patch_read_error_and_the_rest_stays_readable(corrupt_tile_slide, level0):
     spec = ViewSpec(patch_um=32 * MPP, mpp=MPP, input_size=16)  # level 0
-    with open_slide(path) as s:
+    with open_slide(corrupt_tile_slide) as s:
         with pytest.raises(PatchReadError, match=r"badtile\.tif: cannot decode the region at x=624, y=368"):
             s.read_patch(640.0, 384.0, spec)
-        # OpenSlide errors are sticky; the reader reopens the slide so other spots still read
+        # OpenSlide errors are sticky; the reader replaces the handle, so other spots still read
         x, y = 1500.0, 1200.0
         left, top, side = patch_region(x, y, s.mpp, spec)
         np.testing.assert_array_equal(s.read_patch(x, y, spec), level0[top : top + side, left : left + side])
+        assert s._retired == []  # the failed handle was closed once idle
     assert issubclass(PatchReadError, UserError)
+
+
+def test_corrupt_tile_under_concurrent_reads(corrupt_tile_slide, level0):
+    """Readers in a thread pool: spots on the bad tile fail, every other spot reads exactly."""
+    from threadpoolctl import threadpool_limits
+
+    spec = ViewSpec(patch_um=32 * MPP, mpp=MPP, input_size=16)
+    rng = np.random.default_rng(3)
+    healthy = [(float(x), float(y)) for x, y in rng.uniform([800, 600], [2000, 1500], size=(40, 2))]
+    broken = [(float(x), float(y)) for x, y in rng.uniform([540, 280], [740, 490], size=(8, 2))]
+    jobs = healthy + broken
+    order = rng.permutation(len(jobs))
+
+    def read(i):
+        try:
+            return i, jobs[i], slide.read_patch(*jobs[i], spec)
+        except PatchReadError:
+            return i, jobs[i], None
+
+    with threadpool_limits(limits=1, user_api="blas"), open_slide(corrupt_tile_slide) as slide:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(read, order))
+        assert slide._retired == []
+    for i, (x, y), patch in results:
+        if i < len(healthy):
+            left, top, side = patch_region(x, y, MPP, spec)
+            assert patch is not None, (x, y)
+            np.testing.assert_array_equal(patch, level0[top : top + side, left : left + side])
+        else:
+            assert patch is None, (x, y)
 
 
 # --- plain images: PNG, strip TIFF, JPEG -----------------------------------------------------------
