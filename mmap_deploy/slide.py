@@ -40,6 +40,7 @@ PLAIN_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
 MPP_SOURCES = (
     "--mpp",
     "openslide.mpp-x",
+    "openslide.mpp-x/mpp-y",
     "aperio.MPP",
     "tiff.XResolution",
     "exif.XResolution",
@@ -117,8 +118,9 @@ class SlideReader:
     """An open slide: level-0 geometry, resolution, and patch/thumbnail reading.
 
     Attributes: `path`, `mpp` (level-0 µm per pixel), `mpp_source`, `width`,
-    `height` (level-0 pixels), `format` ("openslide:<vendor>" or "image:<FORMAT>").
-    Thread-safe: the pipeline reads patches from a thread pool.
+    `height` (level-0 pixels), `format` ("openslide:<vendor>" or "image:<FORMAT>"),
+    `metadata_mpp` (the slide's own (mpp, source) even when `--mpp` overrides it;
+    None when it has none). Thread-safe: the pipeline reads patches from a thread pool.
     """
 
     path: Path
@@ -127,6 +129,19 @@ class SlideReader:
     width: int
     height: int
     format: str
+    metadata_mpp: tuple[float, str] | None = None
+
+    def mpp_warning(self, tolerance: float = 0.05) -> str | None:
+        """A warning when `--mpp` contradicts the slide's own plausible resolution, else None."""
+        if self.mpp_source != "--mpp" or self.metadata_mpp is None:
+            return None
+        own, source = self.metadata_mpp
+        if not _plausible(own) or abs(self.mpp - own) <= tolerance * own:
+            return None
+        return (
+            f"{self.path}: --mpp {self.mpp:g} overrides the slide's own {own:g} µm per pixel ({source}); "
+            "patches cover the wrong area if --mpp is wrong"
+        )
 
     def read_patch(self, x: float, y: float, spec: ViewSpec) -> np.ndarray:
         """The (patch_px, patch_px, 3) uint8 RGB patch centred on level-0 pixel (x, y).
@@ -467,10 +482,10 @@ def _open_plain_image(path: Path, mpp: float | None) -> ImageReader | None:
                 raise UserError(
                     f"{path}: {image.mode} pixels are not supported; save the image as 8-bit RGB (JPEG, PNG or TIFF)"
                 )
+            found = _plain_image_mpp(image)
             if mpp is not None:
                 resolved = (_check_mpp(path, mpp, "--mpp"), "--mpp")
             else:
-                found = _plain_image_mpp(image)
                 if found is None:
                     raise UserError(f"{path}: no resolution (µm per pixel) in the slide's metadata; {MPP_HINT}")
                 resolved = found
@@ -480,7 +495,9 @@ def _open_plain_image(path: Path, mpp: float | None) -> ImageReader | None:
                 raise UserError(
                     f"{path}: the image is truncated or corrupt ({exc}); re-copy or re-export the file"
                 ) from None
-    return ImageReader(path, pixels, resolved[0], resolved[1], fmt)
+    reader = ImageReader(path, pixels, resolved[0], resolved[1], fmt)
+    reader.metadata_mpp = found
+    return reader
 
 
 # 8-bit modes the plain-image reader turns into RGB; 16-bit and float images are refused.
@@ -534,16 +551,18 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
             ) from None
         if handle is not None:
             try:
+                found = _mpp_from_openslide_properties(handle.properties)
                 if mpp is not None:
                     resolved = (mpp, "--mpp")
                 else:
-                    found = _mpp_from_openslide_properties(handle.properties)
                     if found is None:
                         raise UserError(
                             f"{path}: no resolution (µm per pixel) in the slide's metadata; {MPP_HINT}"
                         )
                     resolved = (_check_mpp(path, found[0], found[1]), found[1])
-                return OpenSlideReader(path, handle, resolved[0], resolved[1])
+                reader = OpenSlideReader(path, handle, resolved[0], resolved[1])
+                reader.metadata_mpp = found
+                return reader
             except BaseException:
                 handle.close()
                 raise

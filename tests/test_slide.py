@@ -282,6 +282,13 @@ def test_mpp_fallback_chain_order():
 def test_explicit_mpp_overrides_metadata(pyramid):
     with open_slide(pyramid, mpp=0.3) as s:
         assert (s.mpp, s.mpp_source) == (0.3, "--mpp")
+        assert s.metadata_mpp == (MPP, "openslide.mpp-x")
+        assert s.mpp_warning() == (f"{pyramid}: --mpp 0.3 overrides the slide's own 0.25 µm per pixel "
+                                   "(openslide.mpp-x); patches cover the wrong area if --mpp is wrong")
+    with open_slide(pyramid, mpp=0.251) as s:
+        assert s.mpp_warning() is None  # within 5%
+    with open_slide(pyramid) as s:
+        assert s.mpp_warning() is None and s.metadata_mpp == (MPP, "openslide.mpp-x")
 
 
 def test_no_resolution_says_pass_mpp(tmp_path, level0):
@@ -298,6 +305,7 @@ def test_placeholder_72_dpi_is_implausible(tmp_path, level0):
         open_slide(path)
     with open_slide(path, mpp=0.5) as s:
         assert s.mpp == 0.5
+        assert s.mpp_warning() is None  # the placeholder is no evidence against --mpp
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.5, math.nan, math.inf, 100.0, 0.001])
