@@ -53,11 +53,11 @@ def write_pyramidal_tiff(path: Path, image: np.ndarray, mpp: float, levels: int 
     return path
 
 
-def corrupt_tiles(src: Path, dst: Path, tiles: list[int] | None) -> Path:
-    """Copy `src` with the level-0 tiles `tiles` (None: all) overwritten by garbage."""
+def corrupt_tiles(src: Path, dst: Path, tiles: list[int] | None, level: int = 0) -> Path:
+    """Copy `src` with the tiles `tiles` (None: all) of pyramid `level` overwritten by garbage."""
     data = bytearray(src.read_bytes())
     with tifffile.TiffFile(src) as tf:
-        page = tf.pages[0]
+        page = tf.pages[level]
         offsets, counts = page.dataoffsets, page.databytecounts
     for t in range(len(offsets)) if tiles is None else tiles:
         data[offsets[t] : offsets[t] + counts[t]] = b"\xff" * counts[t]
@@ -362,17 +362,36 @@ def test_corrupt_tile_drops_and_lists_its_spots(pyramid, tiny_bundle, tmp_path):
     out = tmp_path / "o.h5ad"
     r = predict(bad, coords, "-o", out, "--model", tiny_bundle)
     assert f"{len(expected)} unreadable spot(s) dropped" in r.stderr
-    assert "hires image is left blank" in r.stderr  # tile 0 is in every thumbnail of this small slide
     a = ad.read_h5ad(out)
     m = a.uns["mmap"]
     assert list(m["dropped_spots"]) == expected and m["n_dropped"] == len(expected)
     assert all("cannot decode" in e for e in m["dropped_errors"])
     assert list(a.obs_names) == [i for i in ids if i not in expected]
+    # the hires image is still there: from the slide, a coarser level, or blank if both fail
+    assert a.uns["spatial"]["bad"]["images"]["hires"].ndim == 3
+    assert m["thumbnail"].startswith(("longest side", "blank"))
 
     strict_out = tmp_path / "strict.h5ad"
     r = predict(bad, coords, "-o", strict_out, "--model", tiny_bundle, "--strict", expect=2)
     assert_one_line_error(r, f"spot {expected[0]}", "cannot decode", "run without --strict")
     assert not strict_out.exists()
+
+
+def test_unreadable_thumbnail_leaves_a_blank_hires_image(pyramid, tiny_bundle, tmp_path):
+    """Damage away from the spots (last level-0 tile, all coarser levels): predictions are kept."""
+    bad = corrupt_tiles(pyramid, tmp_path / "bad0.tif", [-1])
+    bad = corrupt_tiles(bad, tmp_path / "bad1.tif", None, level=1)
+    bad = corrupt_tiles(bad, tmp_path / "bad.tif", None, level=2)
+    coords = tmp_path / "c.csv"
+    coords.write_text("x,y\n300,300\n500,300\n300,500\n500,500\n")
+    out = tmp_path / "o.h5ad"
+    r = predict(bad, coords, "-o", out, "--model", tiny_bundle)
+    assert "warning: " in r.stderr and "hires image is left blank" in r.stderr
+    a = ad.read_h5ad(out)
+    assert a.n_obs == 4 and a.uns["mmap"]["n_dropped"] == 0
+    assert a.uns["mmap"]["thumbnail"].startswith("blank: the slide could not be read")
+    hires = a.uns["spatial"]["bad"]["images"]["hires"]
+    assert hires.shape == (TIFF_SIDE, TIFF_SIDE, 3) and (hires == 255).all()
 
 
 def test_slide_where_no_spot_can_be_read_fails_like_bad_input(pyramid, tiny_bundle, tmp_path):
