@@ -105,6 +105,9 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
         warning = scale_warning(spots, slide.width, slide.height)
         if warning:
             _echo(f"warning: {coords_path}: {warning}")
+        mpp_warning = slide.mpp_warning() if hasattr(slide, "mpp_warning") else None
+        if mpp_warning:
+            _echo(f"warning: {mpp_warning}")
         t_open = time.perf_counter() - t0
         library_id = library_id or slide_path.stem
         from concurrent.futures import ThreadPoolExecutor

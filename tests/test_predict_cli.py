@@ -167,6 +167,15 @@ def test_all_spots_keeps_out_of_tissue_spots(pyramid, tiny_bundle, tmp_path):
     assert a.n_obs == 36 > len(ids) and a.uns["mmap"]["all_spots"]
 
 
+def test_mpp_that_contradicts_the_slide_is_used_with_a_warning(pyramid, tiny_bundle, tmp_path):
+    coords, ids, _ = write_coords(tmp_path / "c.csv", "xy")
+    out = tmp_path / "o.h5ad"
+    r = predict(pyramid, coords, "-o", out, "--model", tiny_bundle, "--mpp", "0.6")
+    assert "warning: " in r.stderr and "--mpp 0.6 overrides the slide's own 0.5" in r.stderr
+    m = ad.read_h5ad(out).uns["mmap"]
+    assert m["mpp"] == 0.6 and m["mpp_source"] == "--mpp"
+
+
 def test_console_script_in_a_subprocess(pyramid, tiny_bundle, tmp_path):
     """The installed `mmap-predict` entry point, as a user runs it."""
     exe = Path(sys.executable).parent / "mmap-predict"
