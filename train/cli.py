@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from mmap_deploy.errors import UserError
 
@@ -83,6 +84,17 @@ def _load_cache_and_targets(features: str, counts: str, spots: str, genes_file: 
     _check_spots(secs, feats)
     targets = {s.name: load_targets(s, genes) for s in secs}
     return genes, feats, targets
+
+
+def _finite_or_null(value):
+    """NaN (a section whose genes are all constant) as JSON null: strict JSON readers reject NaN."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 @click.group()
@@ -236,7 +248,7 @@ def evaluate(checkpoint, features_dir, counts, spots, genes, json_out, sections)
     m["sections"] = sorted(m["per_section"])
     out = Path(json_out)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(m, indent=1, allow_nan=True) + "\n")
+    tmp.write_text(json.dumps(_finite_or_null(m), indent=1) + "\n")
     tmp.replace(out)
     click.echo(f"pcc_pooled {m['pcc_pooled']:.4f}  pcc_per_slide {m['pcc_per_slide']:.4f}  mse {m['mse']:.4f}  "
                f"mae {m['mae']:.4f}  n_spots {m['n_spots']}  ({m['n_constant_genes_pooled']} constant genes pooled)",

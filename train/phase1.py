@@ -148,10 +148,13 @@ def _write_log(out_dir: Path, history: list[dict[str, Any]]) -> None:
 
 def train_phase1(cfg: MMAPConfig, train: SpotSet, val: SpotSet | None, out_dir: str | Path,
                  recipe: Phase1Recipe | None = None, *, backbone_weights: str | None = None,
-                 resume: bool = False, progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 resume: bool = False, progress: bool = True, extra: dict[str, Any] | None = None,
+                 stop_after_epoch: int = 0) -> dict[str, Any]:
     """Train the phase-1 encoder; write checkpoints and the per-epoch log into `out_dir`.
 
     `resume=True` continues from `out_dir/last.pt` (same data and recipe).
+    `stop_after_epoch` ends the run after that epoch as an interruption would
+    (the schedule still spans `recipe.epochs`; `resume` picks it up).
     Returns {"checkpoint", "history", "best"}.
     """
     from threadpoolctl import threadpool_limits
@@ -159,10 +162,10 @@ def train_phase1(cfg: MMAPConfig, train: SpotSet, val: SpotSet | None, out_dir: 
     # views are many small numpy matmuls: BLAS threads only fight torch's for the cores
     with threadpool_limits(limits=1, user_api="blas"):
         return _train_phase1(cfg, train, val, out_dir, recipe, backbone_weights=backbone_weights,
-                             resume=resume, progress=progress, extra=extra)
+                             resume=resume, progress=progress, extra=extra, stop_after_epoch=stop_after_epoch)
 
 
-def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume, progress, extra):
+def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume, progress, extra, stop_after_epoch):
     from tqdm import tqdm
 
     recipe = recipe or Phase1Recipe()
@@ -207,7 +210,7 @@ def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume,
     bar = tqdm(total=total, initial=step, desc="phase 1", unit="step", disable=not progress)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, recipe.epochs):
-        if recipe.max_steps and step >= recipe.max_steps:
+        if (recipe.max_steps and step >= recipe.max_steps) or (stop_after_epoch and epoch >= stop_after_epoch):
             break
         model.train()
         order = np.random.default_rng([recipe.seed, epoch]).permutation(len(train))

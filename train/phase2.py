@@ -47,7 +47,7 @@ BACKBONE_BY_DIM = {embed_dim_of(b): b for b in ("tiny", "small", "uni")}
 class Phase2Recipe:
     """The default phase-2 training recipe (see benchmarks/RESULTS_training.md for how it was chosen)."""
 
-    epochs: int = 30
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-4
     min_lr: float = 1e-6

@@ -1,0 +1,143 @@
+"""Phase 2 on a feature cache: banks are the runtime's, padding is masked, loss goes down, checkpoints load."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from mmap_deploy.prototypes import build_banks
+from mmap_train.datasets import Targets
+from mmap_train.features import SectionFeatures
+from mmap_train.model import load_checkpoint
+from mmap_train.phase2 import (
+    BankedSpots, Phase2Recipe, config_for_cache, load_fusion, predict, predict_section, prepare, train_phase2,
+)
+
+GENES = [f"G{i}" for i in range(12)]
+DIM = 96  # the tiny backbone's width
+
+
+@pytest.fixture(scope="module")
+def cache():
+    """Three sections of clustered 96-d features whose targets depend on the cluster and on f."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(DIM, len(GENES))).astype(np.float32) / 10
+    feats, targets = {}, {}
+    for s, n in (("S1", 60), ("S2", 45), ("S3", 12)):
+        centres = rng.normal(size=(4, DIM)).astype(np.float32)
+        f = centres[rng.integers(0, 4, n)] + 0.3 * rng.normal(size=(n, DIM)).astype(np.float32)
+        ids = [f"{i}x{s}" for i in range(n)]
+        y1 = (f @ w + 0.5 * rng.normal(size=(n, len(GENES)))).astype(np.float32)
+        t = (f @ w + 1.0).astype(np.float32)
+        feats[s] = SectionFeatures(s, ids, f, y1)
+        targets[s] = Targets(ids[::-1], t[::-1].copy())  # counts in another order: joined by id
+    return feats, targets
+
+
+def test_banks_are_the_runtime_banks_and_padding_is_masked(cache):
+    feats, targets = cache
+    cfg = config_for_cache(GENES, DIM)
+    rule = cfg.prototype_rule
+    secs = prepare(feats, targets, ["S1", "S3"], rule)
+    for p in secs:
+        bank, mask, km = build_banks(feats[p.name].f, rule, seed=0)
+        np.testing.assert_array_equal(p.centroids[p.bank_idx], bank)
+        assert p.k == min(max(len(p.f) // 5, 32), 80, len(p.f))
+    torch.manual_seed(0)
+    from mmap_train.model import FusionHead
+
+    head = FusionHead(cfg, DIM).eval()
+    padded = predict(head, BankedSpots(secs, rule.max_bank))  # training path: banks padded to 40
+    unpadded = np.concatenate([predict_section(cfg, head, feats[p.name]) for p in secs])  # run-time path
+    np.testing.assert_allclose(padded, unpadded, rtol=1e-5, atol=1e-5)
+
+
+def test_targets_joined_by_spot_id(cache):
+    feats, targets = cache
+    (p,) = prepare(feats, targets, ["S2"], config_for_cache(GENES, DIM).prototype_rule)
+    rows = targets["S2"].rows_for(feats["S2"].spot_ids, "S2")
+    np.testing.assert_array_equal(p.target, targets["S2"].values[rows])
+    np.testing.assert_array_equal(p.target[0], targets["S2"].values[-1])
+
+
+def test_loss_goes_down_and_checkpoint_loads(cache, tmp_path):
+    feats, targets = cache
+    cfg = config_for_cache(GENES, DIM)
+    recipe = Phase2Recipe(epochs=8, batch_size=32, lr=3e-3, threads=1)
+    res = train_phase2(cfg, feats, targets, ["S1", "S2"], ["S3"], tmp_path, recipe, progress=False)
+    losses = [r["train_loss"] for r in res["history"]]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert json.loads((tmp_path / "log.json").read_text())[0]["epoch"] == 1
+    kept = [r for r in res["history"] if r.get("kept")]
+    assert res["meta"]["epoch"] == kept[-1]["epoch"]
+    assert res["meta"]["metrics"]["pcc_pooled"] == pytest.approx(max(r["val_pcc_pooled"] for r in res["history"]))
+    # fusion-only checkpoint: load_checkpoint rebuilds the model and says its encoder is untrained
+    with pytest.warns(UserWarning, match="no trained encoder"):
+        model, ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["encoder_trained"] is False and ckpt["phase"] == 2
+    _, fusion, _ = load_fusion(tmp_path / "checkpoint.pt")
+    for k, v in fusion.state_dict().items():
+        assert torch.equal(model.fusion.state_dict()[k], v)
+
+
+def test_paper_averaging_and_fixed_l(cache, tmp_path):
+    feats, targets = cache
+    cfg = config_for_cache(GENES, DIM, head_average="paper", l_fixed=3)
+    res = train_phase2(cfg, feats, targets, ["S1", "S2"], [], tmp_path, Phase2Recipe(epochs=1, threads=1),
+                       progress=False)
+    c, _, _ = load_fusion(res["checkpoint"])
+    assert (c.head_average, c.l_fixed) == ("paper", 3)
+    assert res["meta"]["training_data"]["val_sections"] == []
+
+
+def test_on_top_of_phase1_keeps_the_encoder(cache, tmp_path):
+    from conftest import make_tiny_model
+
+    feats, targets = cache
+    init = make_tiny_model()
+    init.config.genes = list(GENES)
+    enc = {k: v.clone() for k, v in init.encoder.state_dict().items()}
+    res = train_phase2(init.config, feats, targets, ["S1"], ["S2"], tmp_path, Phase2Recipe(epochs=1, threads=1),
+                       init=init, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a full checkpoint loads without the untrained-encoder warning
+        model, ckpt = load_checkpoint(res["checkpoint"])
+    assert ckpt["encoder_trained"] is True
+    assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in enc.items())
+
+
+def test_cli_phase2_and_evaluate_on_published_features(real_data, tmp_path):
+    from mmap_train.cli import main
+
+    her2st = real_data / "her2st"
+    common = ["--features", str(real_data / "mmap_features" / "train"), "--counts", str(her2st / "counts"),
+              "--spots", str(her2st / "spots"), "--genes", str(her2st / "genes_785.txt")]
+    main(["phase2", *common, "--out", str(tmp_path / "p2"), "--sections", "A2,A3,A4",
+          "--val-sections", "A4", "--epochs", "1", "--max-steps", "2", "--threads", "1"])
+    assert (tmp_path / "p2" / "checkpoint.pt").is_file()
+    main(["evaluate", *common, "--checkpoint", str(tmp_path / "p2" / "checkpoint.pt"),
+          "--json", str(tmp_path / "m.json"), "--sections", "A6,B2"])
+    m = json.loads((tmp_path / "m.json").read_text())
+    for key in ("pcc_pooled", "pcc_per_slide", "mse", "mae", "n_spots", "n_constant_genes_pooled"):
+        assert key in m
+    n = sum(len((real_data / "mmap_features" / "train" / f"{s}_spots.txt").read_text().split()) for s in ("A6", "B2"))
+    assert m["n_spots"] == n and sorted(m["per_section"]) == ["A6", "B2"]
+    assert -1 <= m["pcc_pooled"] <= 1 and m["mse"] > 0
+
+
+def test_cli_user_errors_are_one_line(tmp_path, capsys, real_data):
+    from mmap_train.cli import main
+
+    her2st = real_data / "her2st"
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--features", str(tmp_path / "nothing"),
+              "--counts", str(her2st / "counts"), "--spots", str(her2st / "spots"),
+              "--genes", str(her2st / "genes_785.txt"), "--json", str(tmp_path / "m.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nothing" in err and "Traceback" not in err
+    assert not (tmp_path / "m.json").exists()
