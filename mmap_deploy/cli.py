@@ -121,7 +121,7 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
                       disable=not settings.progress, leave=False, dynamic_ncols=True) as bar:
                 pred = predict_slide(
                     slide, spots, bundle, engines, batch_size=settings.batch_size,
-                    read_workers=min(4, default_threads()), strict=settings.strict, progress=bar.update,
+                    read_workers=min(4, settings.threads or default_threads()), strict=settings.strict, progress=bar.update,
                 )
             t = time.perf_counter()
             thumb, scale, thumb_note, t_thumb = thumb_job.result()

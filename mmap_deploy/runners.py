@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import BundleError, EngineMismatchError, UserError
+from .errors import BundleError, UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundle import Bundle
@@ -170,10 +170,8 @@ def tensorrt_importable() -> tuple[bool, str]:
 def _open_tensorrt(path: Path, precision: str) -> Runner:
     from .tensorrt_runner import TensorRTRunner
 
-    runner = TensorRTRunner(path)
-    if not getattr(runner, "precision", None):
-        runner.precision = precision
-    return runner
+    # the runner reads the engine's target (GPU, TensorRT version) from the manifest beside it
+    return TensorRTRunner(path, precision=precision)
 
 
 @dataclass
@@ -328,15 +326,15 @@ def open_engines(backend: str, bundle: "Bundle", precision: str = "fp32", *, thr
                  providers: list[str] | None = None) -> Engines:
     """`select_backend`, then load both runners.
 
-    With `auto`, a TensorRT engine built for another GPU or TensorRT version
-    (EngineMismatchError) falls back to ONNX Runtime and the reason says so;
-    with `--backend tensorrt` it is an error.
+    With `auto`, a TensorRT engine that cannot run here (built for another
+    GPU or TensorRT version, no NVIDIA driver, ...) falls back to ONNX
+    Runtime and the reason says so; with `--backend tensorrt` it is an error.
     """
     plan = select_backend(backend, bundle, precision, threads=threads, providers=providers)
     try:
         return plan.open()
-    except EngineMismatchError as e:
-        if backend != "auto":
+    except UserError as e:  # EngineMismatchError, or no usable GPU
+        if backend != "auto" or plan.backend != "tensorrt":
             raise
         fallback = select_backend("onnxruntime", bundle, precision, threads=threads, providers=providers)
         fallback.reason = f"picked {fallback.reason} because the TensorRT engine does not fit here: {e}"
