@@ -521,6 +521,42 @@ def rss_rows(report: Report, suite: Suite, slide: tuple[Path, Path, float], work
 
 
 # -- GPU -------------------------------------------------------------------------
+def gpu_probe(report: Report) -> None:
+    """First row of the GPU suite: the GPU, onnxruntime's providers, whether tensorrt imports,
+    and a CUDA driver round trip through the TensorRT runner's own memory helpers."""
+    import onnxruntime as ort
+
+    from mmap_deploy.runners import tensorrt_importable
+
+    row: dict[str, Any] = {"name": "probe", "onnxruntime": ort.__version__,
+                           "onnxruntime_providers": ort.get_available_providers()}
+    ok, trt = tensorrt_importable()
+    row["tensorrt"] = trt if ok else f"no: {trt}"
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        row["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        row["nvidia_smi"] = f"failed: {e}"
+    try:
+        from mmap_deploy.tensorrt_runner import CudaDriver
+
+        cuda = CudaDriver()
+        src = np.arange(1 << 20, dtype=np.float32)
+        dst = np.empty_like(src)
+        ptr, stream = cuda.malloc(src.nbytes), cuda.stream()
+        cuda.to_device(ptr, src, stream)
+        cuda.to_host(dst, ptr, stream)
+        cuda.synchronize(stream)
+        cuda.free(ptr)
+        cuda.destroy_stream(stream)
+        row["cuda_driver"] = {"gpu": cuda.name(), "compute_capability": cuda.compute_capability(),
+                              "round_trip_ok": bool(np.array_equal(src, dst))}
+    except Exception as e:
+        row["cuda_driver"] = f"failed: {type(e).__name__}: {e}"
+    report.add(row)
+
+
 def gpu_rows(report: Report, suite: Suite, work: Path, deadline: float) -> None:
     """torch eager fp32/bf16/fp16 and torch.compile on the GPU; ORT GPU providers and TensorRT where present."""
     import torch
@@ -680,20 +716,33 @@ def markdown(data: dict) -> str:
            if r["backend"] == "torch" and r["precision"] == "fp32"}
     enc_rows = [dict(r, vs_torch_fp32=round(r["spots_per_s"] / ref[(r["model"], r["batch"], r.get("device"))], 2)
                      if (r["model"], r["batch"], r.get("device")) in ref else "") for r in enc]
-    parts.append("## Encoder (spots/s; one spot = three views)\n")
-    parts.append(_table(enc_rows, ["model", "device", "backend", "provider", "precision", "batch", "spots_per_s",
-                                   "vs_torch_fp32"]))
-    parts.append("\n## k-means\n")
-    parts.append(_table([r for r in res if r.get("name") == "kmeans"],
-                        ["impl", "n", "dim", "k", "n_init", "seconds", "inertia", "n_iter"]))
-    parts.append("\n## Tile reading (patch + three views)\n")
-    parts.append(_table([r for r in res if r.get("name") == "tile_read"],
-                        ["reader", "slide", "threads", "patches", "patches_per_s", "open_seconds"]))
-    parts.append("\n## mmap-predict outside the engines\n")
-    parts.append(_table([r for r in res if r.get("name") == "pipeline_overhead"],
-                        ["slide", "coords", "spots", "ms_per_spot", "wall_s", "engines_s"]))
-    parts.append("\n## Peak RSS of mmap-predict\n")
-    parts.append(_table([r for r in res if r.get("name") == "rss"], ["slide", "spots", "peak_rss_mib", "wall_s"]))
+    probe = next((r for r in res if r.get("name") == "probe"), None)
+    if probe:
+        parts.append(f"GPU probe: nvidia-smi `{probe.get('nvidia_smi')}`; onnxruntime {probe.get('onnxruntime')} providers "
+                     f"{probe.get('onnxruntime_providers')}; tensorrt: {probe.get('tensorrt')}; CUDA driver check "
+                     f"(the TensorRT runner's ctypes helpers): {probe.get('cuda_driver')}.\n")
+    if enc_rows:
+        parts.append("## Encoder (spots/s; one spot = three views)\n")
+        if any(r.get("device") == "cuda" for r in enc_rows):
+            parts.append("GPU rows: inputs already on the GPU (normalised float for torch); "
+                         "`slide_5000_s` = seconds for the encoder on 5 000 spots at that rate.\n")
+            for r in enc_rows:
+                r["slide_5000_s"] = round(5000 / r["spots_per_s"], 2)
+        parts.append(_table(enc_rows, ["model", "device", "backend", "provider", "precision", "batch", "spots_per_s",
+                                       "vs_torch_fp32"] + (["slide_5000_s"] if "slide_5000_s" in enc_rows[0] else [])))
+    sections = [
+        ("k-means", "kmeans", ["impl", "n", "dim", "k", "n_init", "seconds", "inertia", "n_iter"]),
+        ("Tile reading (patch + three views)", "tile_read",
+         ["reader", "slide", "threads", "patches", "patches_per_s", "open_seconds"]),
+        ("mmap-predict outside the engines", "pipeline_overhead",
+         ["slide", "coords", "spots", "ms_per_spot", "wall_s", "engines_s"]),
+        ("Peak RSS of mmap-predict", "rss", ["slide", "spots", "peak_rss_mib", "wall_s"]),
+    ]
+    for title, name, cols in sections:
+        picked = [r for r in res if r.get("name") == name]
+        if picked:
+            parts.append(f"\n## {title}\n")
+            parts.append(_table(picked, cols))
     other = [r for r in res if r.get("name") in ("export", "tensorrt_build", "skipped", "error")]
     if other:
         parts.append("\n## Other steps\n")
@@ -732,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.perf_counter() + suite.time_budget_s
     try:
         if suite.gpu:
+            with step(report, "probe"):
+                gpu_probe(report)
             if wanted("gpu"):
                 with step(report, "gpu"):
                     gpu_rows(report, suite, work, deadline)
