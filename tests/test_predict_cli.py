@@ -197,6 +197,35 @@ def test_console_script_in_a_subprocess(pyramid, tiny_bundle, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_pipeline_matches_the_whole_slide_reference(pyramid, tiny_bundle, tmp_path):
+    """Streaming (batches of 7, banks gathered per batch) = encoder on all spots + build_banks + fusion."""
+    from mmap_deploy.bundle import load_bundle
+    from mmap_deploy.coords import read_coords
+    from mmap_deploy.pipeline import KMEANS_SEED, predict_slide
+    from mmap_deploy.preprocess import make_views
+    from mmap_deploy.prototypes import build_banks
+    from mmap_deploy.runners import open_engines
+    from mmap_deploy.slide import open_slide
+
+    coords, ids, _ = write_coords(tmp_path / "c.csv", "xy")
+    bundle = load_bundle(tiny_bundle)
+    spec = bundle.manifest.view
+    spots = read_coords(coords)
+    done = []
+    with open_slide(pyramid) as slide, open_engines("onnxruntime", bundle, threads=1) as engines:
+        pred = predict_slide(slide, spots, bundle, engines, batch_size=7, read_workers=3, progress=done.append)
+        views = np.stack([make_views(slide.read_patch(x, y, spec), spec) for x, y in spots.xy])
+        enc = engines.encoder.run({"views": views})
+        bank, mask, km = build_banks(enc["f"], bundle.manifest.prototypes, seed=KMEANS_SEED)
+        ref = engines.fusion.run({"f": enc["f"], "bank": bank, "mask": mask, "y1": enc["y1"]})["prediction"]
+    assert sum(done) == len(ids) and pred.spot_ids == ids
+    np.testing.assert_allclose(pred.embedding, enc["f"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(pred.clusters, km.labels)
+    assert pred.n_prototypes == len(km.centroids) and pred.bank_size == mask.shape[1]
+    np.testing.assert_allclose(pred.prediction, ref, rtol=1e-5, atol=1e-5)
+    assert set(pred.timings) >= {"read_wait", "read_threads", "encoder", "kmeans", "banks", "fusion", "total"}
+
+
 # -- a real her2st JPEG ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def her2st_output(her2st_crop, tiny_bundle, tmp_path_factory) -> Path:
