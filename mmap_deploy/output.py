@@ -35,7 +35,7 @@ THUMBNAIL_MAX_SIDE = 2000
 # spots (ST: 200 µm pitch -> 100 µm, the real ST spot; Visium: 100 µm -> 50,
 # close to its 55 µm spots), never larger than the patch the model saw.
 SPOT_DIAMETER_PITCH_RATIO = 0.5
-_PITCH_SAMPLE = 512
+_PITCH_SAMPLE = 256
 PLOT_MAX_SIDE = 1000
 
 
@@ -57,7 +57,7 @@ def spot_diameter_fullres(xy: np.ndarray, patch_side_fullres: float) -> float:
     """A spot's plotting diameter in full-resolution pixels.
 
     Half the median nearest-neighbour distance between spot centres (measured
-    on an evenly spaced sample of at most 512 spots against all spots),
+    on an evenly spaced sample of at most 256 spots against all spots),
     capped at the patch side; the patch side when there is a single spot.
     """
     xy = np.asarray(xy, dtype=np.float64)
@@ -66,9 +66,10 @@ def spot_diameter_fullres(xy: np.ndarray, patch_side_fullres: float) -> float:
         return float(patch_side_fullres)
     sample = xy[np.linspace(0, n - 1, min(n, _PITCH_SAMPLE)).round().astype(np.int64)]
     nearest = np.full(len(sample), np.inf)
-    for s in range(0, n, 8192):  # chunks: (512, 8192) distances at a time
-        block = xy[s : s + 8192]
-        d = ((sample[:, None, :] - block[None, :, :]) ** 2).sum(-1)
+    for s in range(0, n, 2048):  # chunks of (256, 2048) distances: 4 MiB at a time
+        block = xy[s : s + 2048]
+        d = np.square(sample[:, :1] - block[None, :, 0])
+        d += np.square(sample[:, 1:] - block[None, :, 1])
         d[d == 0] = np.inf  # the spot itself (and exact duplicates)
         nearest = np.minimum(nearest, d.min(axis=1))
     finite = nearest[np.isfinite(nearest)]
