@@ -570,3 +570,55 @@ def test_runtime_modules_do_not_import_torch():
         "sys.exit(str(bad) if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- damaged files, property-based ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_slides(tmp_path_factory) -> dict[str, bytes]:
+    """Small valid files of each kind the readers take, to damage: JPEG, PNG, JPEG/zlib-tiled TIFF."""
+    import io
+
+    img = np.random.default_rng(5).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    out = {}
+    for fmt, ext in (("JPEG", "jpg"), ("PNG", "png")):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, fmt, dpi=(50800, 50800))
+        out[ext] = buf.getvalue()
+    path = tmp_path_factory.mktemp("seeds") / "seed.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for i, f in enumerate((1, 2)):
+            tw.write(np.ascontiguousarray(img[::f, ::f]), tile=(128, 128), compression="jpeg" if i == 0 else "zlib",
+                     photometric="rgb", subfiletype=1 if i else 0, resolution=(4e4 / f, 4e4 / f),
+                     resolutionunit="CENTIMETER")
+    out["tif"] = out["svs"] = path.read_bytes()
+    return out
+
+
+def test_damaged_files_give_only_user_errors(small_slides, tmp_path_factory):
+    """Truncated or overwritten JPEG/PNG/TIFF files: opening, reading a patch and a thumbnail either
+    work or raise a one-line UserError naming the file — never another exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    workdir = tmp_path_factory.mktemp("damaged")
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(kind=st.sampled_from(sorted(small_slides)), cut=st.floats(0, 1), at=st.floats(0, 1),
+           junk=st.binary(min_size=1, max_size=64), with_mpp=st.booleans())
+    def check(kind, cut, at, junk, with_mpp):
+        data = bytearray(small_slides[kind])
+        start = int(at * len(data))
+        data[start : start + len(junk)] = junk
+        data = data[: max(1, int(cut * len(data)))] if cut < 0.98 else data
+        path = workdir / f"damaged.{kind}"
+        path.write_bytes(bytes(data))
+        try:
+            with open_slide(path, mpp=0.25 if with_mpp else None) as s:
+                s.read_patch(100.0, 100.0, ViewSpec(patch_um=30.0, mpp=0.5, input_size=16))
+                s.thumbnail(64)
+        except UserError as exc:
+            assert str(exc).startswith(str(path)) and "\n" not in str(exc)
+
+    check()
