@@ -206,6 +206,7 @@ def test_pipeline_matches_the_whole_slide_reference(pyramid, tiny_bundle, tmp_pa
     from mmap_deploy.prototypes import build_banks
     from mmap_deploy.runners import open_engines
     from mmap_deploy.slide import open_slide
+    from threadpoolctl import threadpool_limits
 
     coords, ids, _ = write_coords(tmp_path / "c.csv", "xy")
     bundle = load_bundle(tiny_bundle)
@@ -214,7 +215,8 @@ def test_pipeline_matches_the_whole_slide_reference(pyramid, tiny_bundle, tmp_pa
     done = []
     with open_slide(pyramid) as slide, open_engines("onnxruntime", bundle, threads=1) as engines:
         pred = predict_slide(slide, spots, bundle, engines, batch_size=7, read_workers=3, progress=done.append)
-        views = np.stack([make_views(slide.read_patch(x, y, spec), spec) for x, y in spots.xy])
+        with threadpool_limits(1, user_api="blas"):  # as the pipeline does: tiny GEMMs, no BLAS threads
+            views = np.stack([make_views(slide.read_patch(x, y, spec), spec) for x, y in spots.xy])
         enc = engines.encoder.run({"views": views})
         bank, mask, km = build_banks(enc["f"], bundle.manifest.prototypes, seed=KMEANS_SEED)
         ref = engines.fusion.run({"f": enc["f"], "bank": bank, "mask": mask, "y1": enc["y1"]})["prediction"]
