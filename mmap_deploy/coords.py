@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import math
 import re
 import zlib
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +153,28 @@ def _is_number(value: str) -> bool:
     return bool(_NUMBER.fullmatch(value.strip().strip('"')))
 
 
+def _nonblank_lines(text: str):
+    """(line number, line) for every non-blank line, produced one at a time (no list of all lines)."""
+    pos, number, end = 0, 1, len(text)
+    while pos <= end:
+        nl = text.find("\n", pos)
+        if nl < 0:
+            nl = end
+        line = text[pos:nl]
+        if line.strip():
+            yield number, line
+        pos, number = nl + 1, number + 1
+
+
+# Which columns each layout reads (in_tissue/selected and the id column are optional).
+_LAYOUT_COLUMNS = {
+    "visium": ("barcode", "pxl_col_in_fullres", "pxl_row_in_fullres", "in_tissue"),
+    "visium-list": ("barcode", "pxl_col_in_fullres", "pxl_row_in_fullres", "in_tissue"),
+    "her2st": ("x", "y", "pixel_x", "pixel_y", "selected"),
+    "xy": ("x", "y"),
+}
+
+
 def read_coords(path: str | Path, all_spots: bool = False) -> Spots:
     """Read a coordinates table (Visium, her2st or plain x,y) into `Spots`.
 
@@ -159,38 +183,57 @@ def read_coords(path: str | Path, all_spots: bool = False) -> Spots:
     missing/empty file, unknown columns, bad values, duplicate ids, or no spots left.
     """
     path = Path(path)
-    text = _read_text(path)
-    # Keep (line number, text) so that messages point at the file's own lines.
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    lines = [(i + 1, line) for i, line in enumerate(text.split("\n")) if line.strip()]
-    if not lines:
+    text = _read_text(path).replace("\r\n", "\n").replace("\r", "\n")
+    lines = _nonblank_lines(text)
+    head = list(itertools.islice(lines, 20))  # enough to sniff the delimiter and the layout
+    if not head:
         raise UserError(f"{path}: the coordinates file is empty; expected one of: {_describe_layouts()}")
-    delim = _sniff_delimiter([line for _, line in lines])
-    header = [_unquote(f) for f in _split(lines[0][1], delim)]
+    delim = _sniff_delimiter([line for _, line in head])
+    header = [_unquote(f) for f in _split(head[0][1], delim)]
+    layout = _detect_layout(path, header, head, delim)
+    if layout == "visium-list":
+        header, body = list(VISIUM_COLUMNS), itertools.chain(head, lines)
+    else:
+        body = itertools.chain(head[1:], lines)
 
-    layout, body = _detect_layout(path, header, lines, delim)
-    rows = [(n, _split(line, delim)) for n, line in body]
-    width = 6 if layout == "visium-list" else len(header)
-    for n, fields in rows:
+    # Keep only the columns this layout reads, one list per column (memory: a
+    # Visium HD table has ~10^6 rows), and each row's line number for messages.
+    wanted = [c for c in _LAYOUT_COLUMNS[layout] if c in header]
+    if layout == "xy":
+        wanted += [c for c in ID_COLUMNS if c in header][:1]
+    index = {c: header.index(c) for c in wanted}
+    columns: dict[str, list[str]] = {c: [] for c in wanted}
+    line_nos = array("q")
+    width = len(header)
+    for n, line in body:
+        fields = _split(line, delim)
         if len(fields) != width:
             raise UserError(
                 f"{path}: line {n} has {len(fields)} fields where the "
                 f"{'first line' if layout == 'visium-list' else 'header'} has {width}; "
                 "fix that row (a missing value or a stray delimiter)"
             )
-    if not rows:
+        for c, k in index.items():
+            columns[c].append(fields[k])
+        line_nos.append(n)
+    if not line_nos:
         raise UserError(f"{path}: has a header but no spots; add one row per spot")
+    table = _Columns(path, columns, line_nos)
 
     if layout in ("visium", "visium-list"):
-        cols = VISIUM_COLUMNS if layout == "visium-list" else header
-        ids, xy, keep = _read_visium(path, cols, rows)
-        dropped_by = "in_tissue == 0"
+        ids = table.ids("barcode")
+        xy = np.stack([table.numbers("pxl_col_in_fullres"), table.numbers("pxl_row_in_fullres")], axis=1)
+        keep, dropped_by = table.flags("in_tissue"), "in_tissue == 0"
     elif layout == "her2st":
-        ids, xy, keep = _read_her2st(path, header, rows)
-        dropped_by = "selected == 0"
+        ax, ay = table.numbers("x"), table.numbers("y")
+        ids = [f"{int(round(a))}x{int(round(b))}" for a, b in zip(ax.tolist(), ay.tolist())]
+        xy = np.stack([table.numbers("pixel_x"), table.numbers("pixel_y")], axis=1)
+        keep, dropped_by = table.flags("selected"), "selected == 0"
     else:
-        ids, xy, keep = _read_xy(path, header, rows)
-        dropped_by = ""
+        id_column = next((c for c in ID_COLUMNS if c in columns), None)
+        ids = [f"spot_{k}" for k in range(len(line_nos))] if id_column is None else table.ids(id_column)
+        xy = np.stack([table.numbers("x"), table.numbers("y")], axis=1)
+        keep, dropped_by = None, ""
 
     if not all_spots and keep is not None and not keep.all():
         ids = [i for i, k in zip(ids, keep.tolist()) if k]
@@ -204,20 +247,20 @@ def read_coords(path: str | Path, all_spots: bool = False) -> Spots:
     return Spots(ids=ids, xy=np.ascontiguousarray(xy, dtype=np.float64), source_format=layout)
 
 
-def _detect_layout(path: Path, header: list[str], lines, delim) -> tuple[str, list]:
+def _detect_layout(path: Path, header: list[str], head, delim) -> str:
     names = set(header)
     if {"pxl_row_in_fullres", "pxl_col_in_fullres", "barcode"} <= names:
-        return "visium", lines[1:]
+        return "visium"
     if {"x", "y", "pixel_x", "pixel_y"} <= names:
-        return "her2st", lines[1:]
+        return "her2st"
     if {"x", "y"} <= names:
-        return "xy", lines[1:]
-    first = _split(lines[0][1], delim)
+        return "xy"
+    first = _split(head[0][1], delim)
     if len(first) == 6 and not _is_number(first[0]) and all(_is_number(f) for f in first[1:]):
-        return "visium-list", lines
+        return "visium-list"
     if first and all(_is_number(f) for f in first):
         raise UserError(
-            f"{path}: the first line {lines[0][1][:60]!r} has no column names; add a header line "
+            f"{path}: the first line {head[0][1][:60]!r} has no column names; add a header line "
             "'x,y' (or 'barcode,x,y') with x the column and y the row in full-resolution pixels"
         )
     shown = ",".join(header[:8]) + (",..." if len(header) > 8 else "")
@@ -230,64 +273,42 @@ def _detect_layout(path: Path, header: list[str], lines, delim) -> tuple[str, li
     raise UserError(f"{path}: unrecognised columns [{shown}]; {hint}. Recognised layouts: {_describe_layouts()}")
 
 
-def _column(header, name: str) -> int:
-    return list(header).index(name)
+class _Columns:
+    """The kept columns of a table (as text) and each row's line number, for parsing with messages."""
 
+    def __init__(self, path: Path, columns: dict[str, list[str]], line_nos: array):
+        self.path, self.columns, self.line_nos = path, columns, line_nos
 
-def _numbers(path: Path, rows, index: int, column: str) -> np.ndarray:
-    """One numeric column as float64; the first bad value is reported with its line."""
-    values = [f[index] for _, f in rows]
-    if all(map(_NUMBER.fullmatch, values)):
-        out = np.array(values, dtype=np.float64)
-        if np.isfinite(out).all():
-            return out
-    for n, f in rows:  # rare: find the offending row for the message
-        _parse_number(f[index], path, n, column)
-    raise AssertionError("a bad value was detected but not found")
+    def numbers(self, column: str) -> np.ndarray:
+        """A numeric column as float64; the first bad value is reported with its line."""
+        values = self.columns[column]
+        if all(map(_NUMBER.fullmatch, values)):
+            out = np.array(values, dtype=np.float64)
+            if np.isfinite(out).all():
+                return out
+        for n, v in zip(self.line_nos, values):  # rare: find the offending row for the message
+            _parse_number(v, self.path, n, column)
+        raise AssertionError("a bad value was detected but not found")
 
+    def flags(self, column: str) -> np.ndarray | None:
+        """A 0/1 column (in_tissue, selected) as bool; None if the table has no such column."""
+        if column not in self.columns:
+            return None
+        values = self.numbers(column)
+        bad = np.flatnonzero((values != 0) & (values != 1))
+        if bad.size:
+            k = int(bad[0])
+            raise UserError(
+                f"{self.path}: line {self.line_nos[k]}, column '{column}': {self.columns[column][k]!r} must be 0 or 1"
+            )
+        return values == 1
 
-def _flags(path: Path, rows, index: int, column: str) -> np.ndarray:
-    """A 0/1 column (in_tissue, selected) as bool."""
-    values = _numbers(path, rows, index, column)
-    bad = np.flatnonzero((values != 0) & (values != 1))
-    if bad.size:
-        n, f = rows[bad[0]]
-        raise UserError(f"{path}: line {n}, column '{column}': {f[index]!r} must be 0 or 1")
-    return values == 1
-
-
-def _ids(path: Path, rows, index: int) -> list[str]:
-    ids = [f[index].strip('"').strip() for _, f in rows]
-    if not all(ids):
-        n = rows[ids.index("")][0]
-        raise UserError(f"{path}: line {n}: empty spot id; give every spot an id or drop the id column")
-    return ids
-
-
-def _read_visium(path, header, rows):
-    ids = _ids(path, rows, _column(header, "barcode"))
-    x = _numbers(path, rows, _column(header, "pxl_col_in_fullres"), "pxl_col_in_fullres")
-    y = _numbers(path, rows, _column(header, "pxl_row_in_fullres"), "pxl_row_in_fullres")
-    keep = _flags(path, rows, _column(header, "in_tissue"), "in_tissue") if "in_tissue" in header else None
-    return ids, np.stack([x, y], axis=1), keep
-
-
-def _read_her2st(path, header, rows):
-    ax = _numbers(path, rows, _column(header, "x"), "x")
-    ay = _numbers(path, rows, _column(header, "y"), "y")
-    ids = [f"{int(round(a))}x{int(round(b))}" for a, b in zip(ax.tolist(), ay.tolist())]
-    x = _numbers(path, rows, _column(header, "pixel_x"), "pixel_x")
-    y = _numbers(path, rows, _column(header, "pixel_y"), "pixel_y")
-    keep = _flags(path, rows, _column(header, "selected"), "selected") if "selected" in header else None
-    return ids, np.stack([x, y], axis=1), keep
-
-
-def _read_xy(path, header, rows):
-    iid = next((_column(header, c) for c in ID_COLUMNS if c in header), None)
-    ids = [f"spot_{k}" for k in range(len(rows))] if iid is None else _ids(path, rows, iid)
-    x = _numbers(path, rows, _column(header, "x"), "x")
-    y = _numbers(path, rows, _column(header, "y"), "y")
-    return ids, np.stack([x, y], axis=1), None
+    def ids(self, column: str) -> list[str]:
+        ids = [v.strip('"').strip() for v in self.columns[column]]
+        if not all(ids):
+            n = self.line_nos[ids.index("")]
+            raise UserError(f"{self.path}: line {n}: empty spot id; give every spot an id or drop the id column")
+        return ids
 
 
 def _check_unique(path: Path, ids: list[str]) -> None:
