@@ -208,19 +208,20 @@ def export_model(model, work: Path, precisions: tuple[str, ...]) -> Path:
     return bundle
 
 
-def add_precisions(bundle: Path, precisions: tuple[str, ...]) -> None:
-    """Add the fp16/int8 files a bundle lacks (random parity views: speed runs)."""
+def add_precisions(bundle: Path, precisions: tuple[str, ...], parity_spots: int = 4) -> None:
+    """Add the fp16/int8 files a bundle lacks (parity on a few random views: speed runs;
+    the parity that matters is measured on real patches by mmap-export and the tests)."""
     from mmap_deploy.bundle import load_bundle
 
     m = load_bundle(bundle, verify_hashes=False).manifest
     if "fp16" in precisions and m.model_file("encoder", "fp16") is None:
         from mmap_export.precision import add_fp16
 
-        add_fp16(bundle)
+        add_fp16(bundle, n_spots=parity_spots)
     if "int8" in precisions and m.model_file("encoder", "int8") is None:
         from mmap_export.precision import add_int8
 
-        add_int8(bundle)
+        add_int8(bundle, n_spots=parity_spots)
 
 
 def prepare_model(backbone: str, work: Path, precisions: tuple[str, ...], checkpoint: Path | None = None,
