@@ -391,7 +391,7 @@ def _parse_genes(value: str | None) -> list[str]:
 @click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
               help="Batch mode: CSV with columns slide,coords and optional mpp,id (paths relative to the CSV).")
 @click.option("--shard", metavar="I/N",
-              help="With --manifest: run only rows k with k %% N == I (I = 0..N-1), e.g. $SLURM_ARRAY_TASK_ID/N.")
+              help="With --manifest: run only rows k with k % N == I (I = 0..N-1), e.g. $SLURM_ARRAY_TASK_ID/N.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.version_option(__version__, prog_name="mmap-predict")
 def main(slide: Path | None, coords: Path | None, output: Path, model: Path | None, mpp: float | None,
