@@ -454,6 +454,21 @@ def test_cli_import_is_light():
     assert proc.stdout.strip() == ""
 
 
+def test_a_whole_run_never_imports_torch(pyramid, tiny_bundle, tmp_path):
+    coords, _, _ = write_coords(tmp_path / "c.csv", "xy")
+    code = (
+        "import sys\n"
+        "from mmap_deploy.cli import main\n"
+        f"sys.argv = ['mmap-predict', {str(pyramid)!r}, {str(coords)!r}, '-o', {str(tmp_path / 'o.h5ad')!r},"
+        f" '--model', {str(tiny_bundle)!r}, '-q', '--plot', 'GENE1']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "print(code, [m for m in ('torch', 'mmap_train', 'mmap_export', 'timm') if m in sys.modules])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, MPLBACKEND="Agg"))
+    assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout + proc.stderr
+
+
 def test_help_lists_the_options():
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0
