@@ -41,7 +41,8 @@ class RunSettings:
 
     backend: str = "auto"
     precision: str = "fp32"
-    batch_size: int = 32
+    batch_size: int = 0  # 0: chosen for the engines (see engine_defaults)
+    read_workers: int = 2
     threads: int = 0
     all_spots: bool = False
     overwrite: bool = False
@@ -94,7 +95,6 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
     from .coords import check_inside, read_coords, scale_warning
     from .output import build_anndata, check_output_path, now_utc, write_gene_plots, write_h5ad
     from .pipeline import KMEANS_SEED, predict_slide
-    from .runners import default_threads
     from .slide import open_slide
 
     t0 = time.perf_counter()
@@ -121,7 +121,7 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
                       disable=not settings.progress, leave=False, dynamic_ncols=True) as bar:
                 pred = predict_slide(
                     slide, spots, bundle, engines, batch_size=settings.batch_size,
-                    read_workers=min(4, settings.threads or default_threads()), strict=settings.strict, progress=bar.update,
+                    read_workers=settings.read_workers, strict=settings.strict, progress=bar.update,
                 )
             t = time.perf_counter()
             thumb, scale, thumb_note, t_thumb = thumb_job.result()
@@ -170,6 +170,22 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
     seconds = time.perf_counter() - t0
     timings["wall"] = round(seconds, 4)
     return SlideResult(out, len(pred.spot_ids), len(pred.dropped), seconds, timings, plots)
+
+
+def engine_defaults(engines: Any, settings: RunSettings) -> RunSettings:
+    """Batch size and reader threads for the engines that were picked.
+
+    On the CPU the engine and the patch readers share the cores: 32 spots a
+    batch, at most 4 readers. On a GPU the cores are free for reading, and
+    bigger batches keep the GPU busy: 128 spots, a reader per core but one.
+    """
+    from .runners import GPU_PROVIDERS, default_threads
+
+    cores = settings.threads or default_threads()
+    on_gpu = engines.encoder.name == "tensorrt" or any(p in GPU_PROVIDERS for p in engines.encoder.providers)
+    settings.batch_size = settings.batch_size or (128 if on_gpu else 32)
+    settings.read_workers = max(1, min(16, cores - 1)) if on_gpu else max(1, min(4, cores))
+    return settings
 
 
 def _thumbnail(slide: Any) -> tuple[Any, float, str, float]:
@@ -377,8 +393,8 @@ def _parse_genes(value: str | None) -> list[str]:
               show_default=True, help="Inference engine; auto picks the fastest available and says which.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="Which of the bundle's model files to run.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Spots per engine call.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Spots per engine call (default: 32 on the CPU, 128 on a GPU).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="CPU threads for ONNX Runtime (0: all cores).")
 @click.option("--all-spots", is_flag=True, help="Keep spots marked outside the tissue (in_tissue/selected = 0).")
@@ -395,7 +411,7 @@ def _parse_genes(value: str | None) -> list[str]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.version_option(__version__, prog_name="mmap-predict")
 def main(slide: Path | None, coords: Path | None, output: Path, model: Path | None, mpp: float | None,
-         backend: str, precision: str, batch_size: int, threads: int, all_spots: bool, overwrite: bool,
+         backend: str, precision: str, batch_size: int | None, threads: int, all_spots: bool, overwrite: bool,
          plot_genes: str | None, strict: bool, library_id: str | None, demo: bool, manifest: Path | None,
          shard: str | None, quiet: bool) -> None:
     """Predict spatial gene expression for the spots of an H&E slide (MMAP).
@@ -431,7 +447,7 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
         raise UserError("--shard only applies with --manifest")
     if manifest is not None and (mpp is not None or library_id):
         raise UserError("with --manifest, give mpp and id per slide in the manifest's mpp and id columns")
-    settings = RunSettings(backend=backend, precision=precision, batch_size=batch_size, threads=threads,
+    settings = RunSettings(backend=backend, precision=precision, batch_size=batch_size or 0, threads=threads,
                            all_spots=all_spots, overwrite=overwrite, strict=strict,
                            plot=_parse_genes(plot_genes), progress=not quiet)
     shard_ix = parse_shard(shard)
@@ -454,7 +470,9 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
     from .runners import open_engines
 
     with open_engines(backend, bundle, precision, threads=threads) as engines:
-        _echo(f"engines: {engines.plan.reason}; providers: {', '.join(engines.encoder.providers)}")
+        engine_defaults(engines, settings)
+        _echo(f"engines: {engines.plan.reason}; providers: {', '.join(engines.encoder.providers)}; "
+              f"batch size {settings.batch_size}, {settings.read_workers} patch reader thread(s)")
         if manifest is not None:
             return run_batch(manifest, rows, output, bundle, engines, settings, shard_ix)
         result = predict_to_file(slide, coords, output, bundle, engines, settings, mpp=mpp, library_id=library_id)

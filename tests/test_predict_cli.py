@@ -469,6 +469,18 @@ def test_a_whole_run_never_imports_torch(pyramid, tiny_bundle, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout + proc.stderr
 
 
+def test_cpu_engines_get_cpu_batch_and_reader_defaults(tiny_bundle):
+    from mmap_deploy.bundle import load_bundle
+    from mmap_deploy.cli import RunSettings, engine_defaults
+    from mmap_deploy.runners import default_threads, open_engines
+
+    with open_engines("onnxruntime", load_bundle(tiny_bundle), providers=["cpu"]) as engines:
+        s = engine_defaults(engines, RunSettings())
+        assert (s.batch_size, s.read_workers) == (32, max(1, min(4, default_threads())))
+        s = engine_defaults(engines, RunSettings(batch_size=5, threads=1))
+        assert (s.batch_size, s.read_workers) == (5, 1)  # an explicit --batch-size and --threads win
+
+
 def test_help_lists_the_options():
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0
