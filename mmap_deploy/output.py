@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from glob import escape as glob_escape
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -153,8 +154,14 @@ def build_anndata(
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename it into place."""
+    """Write through a temporary file in the same folder, then rename it into place.
+
+    A killed run can leave its temporary file behind (`.{name}.*.tmp`); the
+    next write of the same output removes it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)

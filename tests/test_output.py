@@ -133,6 +133,15 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["out.h5ad"]
 
 
+def test_a_killed_runs_temporary_file_is_cleaned_up(tmp_path):
+    stale = tmp_path / ".out.h5ad.k3x9_q.tmp"  # what a run killed while writing leaves
+    stale.write_bytes(b"half")
+    other = tmp_path / ".other.h5ad.abc.tmp"
+    other.write_bytes(b"another output's")
+    write_h5ad(_adata(), tmp_path / "out.h5ad")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.h5ad.abc.tmp", "out.h5ad"]
+
+
 def test_plot_gene_checks(tmp_path):
     check_plot_genes(["G1"], ["G0", "G1"], tmp_path)
     with pytest.raises(UserError, match=r"--plot: gene\(s\) NOPE not predicted by the model .*2 genes: G0, G1.*spelling"):
