@@ -171,6 +171,33 @@ def _atomic_save(model, path: Path) -> None:
             os.remove(tmp)
 
 
+def topological_sort(graph) -> None:
+    """Order a graph's nodes so each comes after the producers of its inputs (stable), in place.
+
+    ONNX requires it (the checker and TensorRT's parser insist); the fp16
+    converter appends its Cast nodes at the end of the list.
+    """
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or a dangling input near node {rest[0].name!r}")
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
 def convert_fp16(src: Path, dst: Path, keep_fp32: tuple[str, ...] = FP16_KEEP_FP32) -> None:
     """Write an fp16 copy of the ONNX model `src` to `dst`, with float32 inputs/outputs kept.
 
@@ -182,6 +209,8 @@ def convert_fp16(src: Path, dst: Path, keep_fp32: tuple[str, ...] = FP16_KEEP_FP
 
     model = onnx.load(str(src))
     model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_fp32))
+    topological_sort(model16.graph)
+    onnx.checker.check_model(model16)
     _atomic_save(model16, dst)
 
 

@@ -78,6 +78,39 @@ def input_profiles(manifest, batch: BatchProfile) -> dict[str, dict[str, tuple[t
     }
 
 
+def cast_uint8_inputs_first(model) -> int:
+    """Make a Cast to float32 the only consumer of each uint8 graph input, in place.
+
+    The exported encoder transposes its uint8 views before casting them;
+    TensorRT takes uint8 only as network I/O feeding a cast, so the cast moves
+    to the front (Transpose and Shape give the same result on float32).
+    The input stays uint8: the runtime still moves 4x fewer bytes. Returns the
+    number of inputs changed.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    changed = 0
+    for inp in model.graph.input:
+        if inp.type.tensor_type.elem_type != TensorProto.UINT8:
+            continue
+        cast_out = f"{inp.name}__as_float32"
+        for node in model.graph.node:
+            for i, name in enumerate(node.input):
+                if name == inp.name:
+                    node.input[i] = cast_out
+        cast = helper.make_node("Cast", [inp.name], [cast_out], to=TensorProto.FLOAT, name=f"{inp.name}__cast")
+        model.graph.node.insert(0, cast)
+        changed += 1
+    if changed:
+        # intermediate tensors recorded as uint8 are float32 now: let the types be inferred
+        keep = [v for v in model.graph.value_info if v.type.tensor_type.elem_type != TensorProto.UINT8]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(keep)
+        onnx.checker.check_model(model)
+    return changed
+
+
 def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]], *,
                  workspace_bytes: int, timing_cache: Path | None = None) -> float:
     """Parse `onnx_path` into a strongly typed network and write the serialised engine.
@@ -97,7 +130,11 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, tuple[tu
         flags |= 1 << int(strongly_typed)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    cast_uint8_inputs_first(model)
+    if not parser.parse(model.SerializeToString(), str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"{onnx_path}: TensorRT cannot parse this model: {errors}")
     config = builder.create_builder_config()

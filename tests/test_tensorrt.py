@@ -165,3 +165,26 @@ def test_runner_refuses_an_engine_for_another_gpu(engine_bundle, tmp_path):
     with open_engines("auto", load_bundle(root), "fp16") as engines:  # falls back, and says why
         assert engines.encoder.name == "onnxruntime"
         assert "does not fit here" in engines.plan.reason
+
+
+def test_uint8_input_is_cast_first_without_changing_results(tiny_bundle, tmp_path):
+    """TensorRT takes uint8 only as network I/O feeding a cast: the cast moves to the front."""
+    import onnx
+    import onnxruntime as ort
+
+    from mmap_export.precision import convert_fp16
+    from mmap_export.tensorrt_build import cast_uint8_inputs_first
+
+    convert_fp16(tiny_bundle / "encoder.onnx", tmp_path / "encoder.fp16.onnx")
+    views = random_views(3, seed=1)
+    for path in (tiny_bundle / "encoder.onnx", tmp_path / "encoder.fp16.onnx"):
+        model = onnx.load(str(path))
+        assert cast_uint8_inputs_first(model) == 1
+        consumers = [n for n in model.graph.node if "views" in n.input]
+        assert [n.op_type for n in consumers] == ["Cast"]
+        assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8  # still uint8 in
+        before = ort.InferenceSession(str(path)).run(None, {"views": views})
+        after = ort.InferenceSession(model.SerializeToString()).run(None, {"views": views})
+        assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    fusion = onnx.load(str(tiny_bundle / "fusion.onnx"))
+    assert cast_uint8_inputs_first(fusion) == 0  # no uint8 inputs: untouched
