@@ -4,7 +4,6 @@ the output read back with anndata and plotted with scanpy, errors, faults and de
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
