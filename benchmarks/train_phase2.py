@@ -95,7 +95,7 @@ def main() -> None:
     for name in args.variants.split(","):
         run = out / name.replace("=", "")
         cmd = ["phase2", "--features", str(feat_dir), "--counts", str(counts), "--spots", str(spots),
-               "--genes", str(genes_file), "--out", str(run), "--sections", ",".join(train_all), *VARIANTS[name]]
+               "--genes", str(genes_file), "--out", str(run), "--sections", ",".join(train_all), "--threads", "1", *VARIANTS[name]]
         t0 = time.perf_counter()
         cli_main(cmd)
         train_s = time.perf_counter() - t0

@@ -138,7 +138,7 @@ def _add(options):
 @click.option("--mag-start-epoch", type=int, default=5, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--max-steps", type=int, default=0, help="Stop after this many optimiser steps (smoke runs).")
-@click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch.")
+@click.option("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-amp", is_flag=True, help="No bfloat16 autocast on GPU.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
@@ -200,7 +200,7 @@ def features(data_dir, manifest, sections, checkpoint, out, batch_size, overwrit
 @click.option("--batch-size", type=int, default=None)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--max-steps", type=int, default=0)
-@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice).")
 def phase2(features_dir, counts, spots, genes, out, sections, val_sections, init_ckpt, head_average, l_fixed,
            epochs, lr, weight_decay, batch_size, seed, max_steps, threads):
     """Train the prototype-aware fusion head (phase 2) on a feature cache."""

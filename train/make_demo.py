@@ -31,7 +31,7 @@ DEMO_VAL_SECTION = "C6"
 
 
 def make_demo(data_dir: str | Path, out: str | Path, work: str | Path, *, epochs: int = 8, phase2_epochs: int = 30,
-              val_section: str = DEMO_VAL_SECTION, threads: int = 2, max_steps: int = 0) -> dict:
+              val_section: str = DEMO_VAL_SECTION, threads: int = 1, max_steps: int = 0) -> dict:
     """Train both phases on the her2st sections with images and export the demo bundle; returns a summary."""
     from mmap_export.bundle_writer import export_bundle
 
@@ -77,7 +77,7 @@ def make_demo(data_dir: str | Path, out: str | Path, work: str | Path, *, epochs
 @click.option("--epochs", type=int, default=8, show_default=True, help="Phase-1 epochs.")
 @click.option("--phase2-epochs", type=int, default=30, show_default=True)
 @click.option("--val-section", default=DEMO_VAL_SECTION, show_default=True)
-@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads (1 is fastest on a busy machine).")
 @click.option("--max-steps", type=int, default=0, help="Smoke runs: stop each phase after this many steps.")
 def main(data_dir, out, work, epochs, phase2_epochs, val_section, threads, max_steps):
     """Train the tiny demo model on her2st and export it as the demo bundle."""

@@ -52,7 +52,7 @@ class Phase1Recipe:
     augment: bool = True
     seed: int = 42
     max_steps: int = 0  # stop after this many optimiser steps (smoke runs); 0 = no limit
-    threads: int = 2
+    threads: int = 0  # torch CPU threads; 0 = torch's default
     device: str = "auto"  # "auto": cuda when available
     amp: bool = True  # bfloat16 autocast on GPU (ignored on CPU)
 
@@ -196,7 +196,7 @@ def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume,
         model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         history, start_epoch, step = state["history"], state["epoch"], state["step"]
         best = state.get("best_score", -math.inf)
     use_amp = recipe.amp and device.type == "cuda"
