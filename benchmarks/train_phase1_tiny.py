@@ -1,0 +1,42 @@
+"""Phase 1 (tiny backbone) on the six her2st sections with images: the demo bundle's training run.
+
+    python -m mmap_train.make_demo --data-dir ../shared/data --out mmap_deploy/demo/bundle --work runs/demo
+    python benchmarks/train_phase1_tiny.py --work runs/demo
+
+Reads the run's logs (phase 1 per epoch; phase 2 on its feature cache), writes
+benchmarks/train_phase1_tiny.json and prints the markdown tables of the
+results page: loss curve and validation metrics per epoch, against the
+train-mean baseline (the mean training target for every spot: MSE/MAE only,
+its PCC is undefined as the prediction is constant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="runs/demo")
+    ap.add_argument("--json", default="benchmarks/train_phase1_tiny.json")
+    args = ap.parse_args()
+    work = Path(args.work)
+    p1 = json.loads((work / "phase1" / "log.json").read_text())
+    p2 = json.loads((work / "phase2" / "log.json").read_text())
+    Path(args.json).write_text(json.dumps({"phase1": p1, "phase2": p2}, indent=1) + "\n")
+    print("| epoch | train loss | val PCC pooled | val PCC per slide | val MSE | val MAE | train-mean MSE | train-mean MAE | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in p1:
+        print(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['val_pcc_pooled']:.4f} | {r['val_pcc_per_slide']:.4f} | "
+              f"{r['val_mse']:.4f} | {r['val_mae']:.4f} | {r['val_train_mean_mse']:.4f} | {r['val_train_mean_mae']:.4f} | "
+              f"{r['seconds'] / 60:.1f} |")
+    print("\n| phase-2 epoch | train loss | val PCC pooled | val PCC per slide | val MSE | val MAE |\n|---|---|---|---|---|---|")
+    for r in p2:
+        print(f"| {r['epoch']}{' (kept)' if r.get('kept') else ''} | {r['train_loss']:.4f} | {r['val_pcc_pooled']:.4f} | "
+              f"{r['val_pcc_per_slide']:.4f} | {r['val_mse']:.4f} | {r['val_mae']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
