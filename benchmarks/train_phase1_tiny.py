@@ -23,8 +23,11 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/train_phase1_tiny.json")
     args = ap.parse_args()
     work = Path(args.work)
-    p1 = json.loads((work / "phase1" / "log.json").read_text())
-    p2 = json.loads((work / "phase2" / "log.json").read_text())
+    # a work dir of make_demo has phase1/ and phase2/; an `mmap-train phase1 --out DIR` run is DIR itself
+    p1_log = work / "phase1" / "log.json" if (work / "phase1").is_dir() else work / "log.json"
+    p1 = json.loads(p1_log.read_text())
+    p2_log = work / "phase2" / "log.json"
+    p2 = json.loads(p2_log.read_text()) if p2_log.is_file() else []
     Path(args.json).write_text(json.dumps({"phase1": p1, "phase2": p2}, indent=1) + "\n")
     print("| epoch | train loss | val PCC pooled | val PCC per slide | val MSE | val MAE | train-mean MSE | train-mean MAE | minutes |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -32,9 +35,11 @@ def main() -> None:
         print(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['val_pcc_pooled']:.4f} | {r['val_pcc_per_slide']:.4f} | "
               f"{r['val_mse']:.4f} | {r['val_mae']:.4f} | {r['val_train_mean_mse']:.4f} | {r['val_train_mean_mae']:.4f} | "
               f"{r['seconds'] / 60:.1f} |")
+    if not p2:
+        return
     print("\n| phase-2 epoch | train loss | val PCC pooled | val PCC per slide | val MSE | val MAE |\n|---|---|---|---|---|---|")
     for r in p2:
-        print(f"| {r['epoch']}{' (kept)' if r.get('kept') else ''} | {r['train_loss']:.4f} | {r['val_pcc_pooled']:.4f} | "
+        print(f"| {r['epoch']}{' (best so far)' if r.get('kept') else ''} | {r['train_loss']:.4f} | {r['val_pcc_pooled']:.4f} | "
               f"{r['val_pcc_per_slide']:.4f} | {r['val_mse']:.4f} | {r['val_mae']:.4f} |")
 
 
