@@ -63,13 +63,15 @@ def test_encoder_rows_compare_torch_and_onnxruntime(smoke):
 
 
 def test_kmeans_rows_use_the_same_data(smoke):
-    km = {r["impl"]: r for r in rows(smoke, "kmeans")}
-    assert set(km) == {"numpy", "sklearn"}
+    km = {(r["impl"], r["threads"]): r for r in rows(smoke, "kmeans")}
+    assert set(km) == {("numpy", "default"), ("sklearn", "default"), ("numpy", 1), ("sklearn", 1)}
     for r in km.values():
         assert (r["n"], r["dim"], r["k"], r["n_init"]) == (400, 32, 8, 1)
         assert r["seconds"] > 0 and r["inertia"] > 0
     targets = {t["target"]: t for t in smoke["targets"]}
-    assert "k-means inertia within 1% of scikit-learn" in targets
+    assert "k-means inertia within 1% of scikit-learn (threads: 1)" in targets
+    # same data, same seed: the inertia does not depend on the thread count
+    assert km[("numpy", 1)]["inertia"] == pytest.approx(km[("numpy", "default")]["inertia"], rel=1e-5)
 
 
 @pytest.mark.skipif(not _demo_sample_present(), reason="the packaged demo sample is missing")
