@@ -31,6 +31,8 @@ VARIANTS = {
     "L=8": ["--l-fixed", "8"],
     "L=16": ["--l-fixed", "16"],
     "L=32": ["--l-fixed", "32"],
+    "default, seed 1": ["--seed", "1"],  # seed spread of the default recipe (head init, batch order)
+    "default, seed 2": ["--seed", "2"],
 }
 KEYS = ("pcc_pooled", "pcc_per_slide", "mse", "mae", "n_spots", "n_constant_genes_pooled", "n_constant_genes_per_slide")
 
@@ -43,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--out", default="runs/phase2")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=";".join(VARIANTS), help="';'-separated names of VARIANTS")
     ap.add_argument("--json", default="benchmarks/train_phase2.json")
     args = ap.parse_args()
 
@@ -76,6 +78,8 @@ def main() -> None:
         "split": {"eval": EVAL, "train": fit, "select": select},
         "baselines": {}, "phase2": {},
     }
+    if Path(args.json).is_file():  # keep the variants of earlier runs; rerun ones are replaced
+        results["phase2"] = json.loads(Path(args.json).read_text()).get("phase2", {})
     fe, y1e, te, le = stack(EVAL)
     results["baselines"]["published y1"] = _summary(evaluate(y1e, te, le))
     ff, _, tf, _ = stack(fit)
@@ -92,8 +96,8 @@ def main() -> None:
     results["baselines"]["ridge on f"] = m
 
     out = Path(args.out)
-    for name in args.variants.split(","):
-        run = out / name.replace("=", "")
+    for name in args.variants.split(";"):
+        run = out / name.replace("=", "").replace(", ", "_").replace(" ", "")
         cmd = ["phase2", "--features", str(feat_dir), "--counts", str(counts), "--spots", str(spots),
                "--genes", str(genes_file), "--out", str(run), "--sections", ",".join(train_all), "--threads", "1", *VARIANTS[name]]
         t0 = time.perf_counter()
