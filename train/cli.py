@@ -141,10 +141,11 @@ def _add(options):
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-amp", is_flag=True, help="No bfloat16 autocast on GPU.")
+@click.option("--loader-threads", type=int, default=1, show_default=True, help="Threads making the next batches' views.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 def phase1(data_dir, manifest, sections, val_sections, genes, out, backbone, backbone_weights, lora_blocks,
            input_size, epochs, batch_size, accumulate, lr, min_lr, weight_decay, mag_start_epoch, seed,
-           max_steps, threads, device, no_amp, resume):
+           max_steps, threads, device, no_amp, loader_threads, resume):
     """Train the multi-magnification encoder (phase 1) on slides and their counts."""
     from .config import MMAPConfig
     from .phase1 import Phase1Recipe, load_spot_set, train_phase1
@@ -160,7 +161,8 @@ def phase1(data_dir, manifest, sections, val_sections, genes, out, backbone, bac
         raise UserError(str(e)) from None
     recipe = Phase1Recipe(epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr, min_lr=min_lr,
                           weight_decay=weight_decay, mag_start_epoch=mag_start_epoch, seed=seed,
-                          max_steps=max_steps, threads=threads, device=device, amp=not no_amp)
+                          max_steps=max_steps, threads=threads, device=device, amp=not no_amp,
+                          loader_threads=loader_threads)
     spec = cfg.view_spec
     train = load_spot_set([s for s in secs if s.name in train_names], gene_list, spec)
     val = load_spot_set([s for s in secs if s.name in val_names], gene_list, spec) if val_names else None

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 import math
@@ -55,6 +58,7 @@ class Phase1Recipe:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     device: str = "auto"  # "auto": cuda when available
     amp: bool = True  # bfloat16 autocast on GPU (ignored on CPU)
+    loader_threads: int = 1  # threads making the next batches' views while one trains; 0 = in line
 
 
 @dataclass
@@ -102,6 +106,27 @@ def batch_views(spots: SpotSet, rows: np.ndarray, spec: ViewSpec, *, epoch: int,
         views = np.stack([training_views(spots.patches[i], spec, _spot_rng(seed, epoch, int(i)), augment)
                           for i in rows])
     return torch.from_numpy(normalise(views, spec))
+
+
+def prefetched(make: Callable[[Any], Any], items: list, threads: int) -> Iterator[Any]:
+    """`make(item)` for each item in order, computed up to `threads + 1` items ahead in threads.
+
+    The views of the next batches are numpy work that releases the GIL, so it
+    overlaps with the model step. Results do not depend on the thread count.
+    """
+    if threads <= 0:
+        for item in items:
+            yield make(item)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending = deque(pool.submit(make, item) for item in items[: threads + 1])
+        nxt = threads + 1
+        while pending:
+            result = pending.popleft().result()
+            if nxt < len(items):
+                pending.append(pool.submit(make, items[nxt]))
+                nxt += 1
+            yield result
 
 
 def trainable_parameters(model: MMAP) -> list[torch.nn.Parameter]:
@@ -215,6 +240,8 @@ def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume,
         model.train()
         order = np.random.default_rng([recipe.seed, epoch]).permutation(len(train))
         micro = [order[i:i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
+        views = prefetched(lambda rows, e=epoch: batch_views(train, rows, spec, epoch=e, seed=recipe.seed,
+                                                             augment=recipe.augment), micro, recipe.loader_threads)
         losses, mag_on = [], epoch >= recipe.mag_start_epoch and cfg.mag_weight > 0
         for j in range(0, len(micro), recipe.accumulate):
             group = micro[j:j + recipe.accumulate]
@@ -222,7 +249,7 @@ def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume,
             n_group = sum(len(g) for g in group)
             total_loss = 0.0
             for rows in group:
-                x = batch_views(train, rows, spec, epoch=epoch, seed=recipe.seed, augment=recipe.augment).to(device)
+                x = next(views).to(device)
                 t = torch.from_numpy(train.targets[rows]).to(device)
                 with autocast():
                     f, y1, cls = model.encoder(x)
