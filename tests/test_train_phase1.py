@@ -108,3 +108,29 @@ def test_prefetched_keeps_order_and_values():
     for threads in (0, 1, 3, 10):
         got = list(prefetched(lambda a: a * 2, items, threads))
         assert len(got) == 7 and all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_backbone_weights_from_a_local_file_stay_frozen_under_lora(spots, tmp_path):
+    """--backbone-weights: the file's weights are loaded; with LoRA only the adapters (and heads) move."""
+    import warnings
+
+    from mmap_train.model import build_backbone
+
+    cfg = _cfg(lora_last_blocks=2)
+    torch.manual_seed(11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weights = build_backbone(cfg).state_dict()
+    torch.save(weights, tmp_path / "vit.pth")
+    res = train_phase1(cfg, spots, None, tmp_path / "run", _recipe(epochs=1, max_steps=2),
+                       backbone_weights=str(tmp_path / "vit.pth"), progress=False)
+    model, _ = load_checkpoint(res["checkpoint"])
+    trained = model.encoder.backbones[0].base_model.model.state_dict()  # peft: base layers keep their names
+    for k, v in weights.items():
+        key = k.replace("attn.qkv.weight", "attn.qkv.base_layer.weight").replace("attn.qkv.bias", "attn.qkv.base_layer.bias") \
+            .replace("attn.proj.weight", "attn.proj.base_layer.weight").replace("attn.proj.bias", "attn.proj.base_layer.bias")
+        if key not in trained:
+            key = k
+        assert torch.equal(trained[key], v), k
+    lora = {k: v for k, v in model.encoder.state_dict().items() if "lora_B" in k}
+    assert lora and any(v.abs().sum() > 0 for v in lora.values())  # the adapters trained (lora_B starts at 0)
