@@ -9,7 +9,7 @@
 4. export with `mmap_export.bundle_writer.export_bundle(..., demo=True)`.
 
 A demo: it shows the runtime working end to end on real tissue; its
-predictions are weak (a 4-block ViT trained from scratch on ~900 spots).
+predictions are weak (a 4-block ViT trained from scratch on about 1 000 spots).
 """
 
 from __future__ import annotations
