@@ -141,3 +141,26 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, real_data):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nothing" in err and "Traceback" not in err
     assert not (tmp_path / "m.json").exists()
+
+
+def test_shared_bank_forward_equals_the_fusion_head(cache):
+    """The training fast path is FusionHead.forward, in train mode (dropout) and eval mode, both averagings."""
+    from mmap_train.model import FusionHead
+    from mmap_train.phase2 import fusion_forward_shared
+
+    feats, targets = cache
+    for average in ("reference", "paper"):
+        cfg = config_for_cache(GENES, DIM, head_average=average)
+        data = BankedSpots(prepare(feats, targets, ["S1", "S3"], cfg.prototype_rule), cfg.prototype_rule.max_bank)
+        torch.manual_seed(1)
+        head = FusionHead(cfg, DIM)
+        rows = torch.arange(0, len(data), 3)
+        f, bank, mask, y1, _ = data.batch(rows)
+        for train_mode in (True, False):
+            head.train(train_mode)
+            torch.manual_seed(7)
+            y_ref, h_ref = head(f, bank, mask, y1)
+            torch.manual_seed(7)
+            y, h = fusion_forward_shared(head, f, data.centroids, data.bank_idx[rows], mask, y1)
+            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-6)
