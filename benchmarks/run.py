@@ -554,7 +554,7 @@ def rss_rows(report: Report, suite: Suite, slide: tuple[Path, Path, float], work
 # -- GPU -------------------------------------------------------------------------
 def gpu_probe(report: Report) -> None:
     """First row of the GPU suite: the GPU, onnxruntime's providers, whether tensorrt imports,
-    and a CUDA driver round trip through the TensorRT runner's own memory helpers."""
+    and a CUDA driver round trip through the TensorRT runner's own CUDA driver calls."""
     import onnxruntime as ort
 
     from mmap_deploy.runners import tensorrt_importable
@@ -769,7 +769,7 @@ def markdown(data: dict) -> str:
     if probe:
         parts.append(f"GPU probe: nvidia-smi `{probe.get('nvidia_smi')}`; onnxruntime {probe.get('onnxruntime')} providers "
                      f"{probe.get('onnxruntime_providers')}; tensorrt: {probe.get('tensorrt')}; CUDA driver check "
-                     f"(the TensorRT runner's ctypes helpers): {probe.get('cuda_driver')}.\n")
+                     f"(the TensorRT runner's ctypes CUDA calls): {probe.get('cuda_driver')}.\n")
     if enc_rows:
         parts.append("## Encoder (spots/s; one spot = three views)\n")
         if any(r.get("device") == "cuda" for r in enc_rows):
