@@ -103,7 +103,17 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, demo: bool = F
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
     t0 = time.perf_counter()
-    model, ckpt = load_checkpoint(checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the no-trained-encoder warning becomes the error below
+        model, ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("encoder_trained") is False:
+        from mmap_deploy.errors import UserError
+
+        raise UserError(
+            f"{checkpoint}: this checkpoint has no trained encoder (phase 2 trained from cached features "
+            "alone), so its bundle would predict from a random encoder; train phase 2 with "
+            "--init PHASE1_CHECKPOINT and export that"
+        )
     provenance = {
         "mmap_deploy_version": __version__,
         "torch_version": torch.__version__,

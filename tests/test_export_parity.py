@@ -169,3 +169,15 @@ def test_uni_geometry_exports_with_parity(tmp_path):
     f, y1 = session(tmp_path / "uni" / "encoder.onnx").run(None, {"views": views})
     assert f.shape == (2, 1024) and y1.shape == (2, 785)
     assert rel_err(f, f_ref) <= RTOL and rel_err(y1, y_ref) <= RTOL
+
+
+def test_checkpoint_without_trained_encoder_is_refused(tmp_path):
+    """Phase 2 trained from cached features alone has a random encoder: exporting it is a user error."""
+    model = make_tiny_model(seed=4)
+    ckpt = tmp_path / "p2.pt"
+    torch.save({"config": model.config.to_dict(), "encoder_trained": False,
+                "state_dict": {k: v for k, v in model.state_dict().items() if k.startswith("fusion.")}}, ckpt)
+    r = subprocess.run([sys.executable, "-m", "mmap_export.cli", str(ckpt), "-o", str(tmp_path / "b")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "no trained encoder" in r.stderr and "--init" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "b").exists()
