@@ -177,14 +177,16 @@ def engine_defaults(engines: Any, settings: RunSettings) -> RunSettings:
 
     On the CPU the engine and the patch readers share the cores: 32 spots a
     batch, at most 4 readers. On a GPU the cores are free for reading, and
-    bigger batches keep the GPU busy: 128 spots, a reader per core but one.
+    bigger batches keep the GPU busy: 128 spots, a reader per core but one,
+    at most 8 (on a 16-core H200 machine, 8 readers made 3 166 patches/s and
+    16 read fewer; see benchmarks/RESULTS.md).
     """
     from .runners import GPU_PROVIDERS, default_threads
 
     cores = settings.threads or default_threads()
     on_gpu = engines.encoder.name == "tensorrt" or any(p in GPU_PROVIDERS for p in engines.encoder.providers)
     settings.batch_size = settings.batch_size or (128 if on_gpu else 32)
-    settings.read_workers = max(1, min(16, cores - 1)) if on_gpu else max(1, min(4, cores))
+    settings.read_workers = max(1, min(8, cores - 1)) if on_gpu else max(1, min(4, cores))
     return settings
 
 
