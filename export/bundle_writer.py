@@ -44,8 +44,8 @@ def example_inputs(model: MMAP, batch: int = 2, bank: int = 3) -> dict[str, tupl
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-            dynamic: dict[str, dict[int, str]]) -> None:
-    """torch.onnx (dynamo) export to a single self-contained .onnx file."""
+            dynamic: dict[str, dict[int, str]], external_data: bool | None = None) -> None:
+    """torch.onnx (dynamo) export to `path` (weights beside it in `<name>.data` when over 2 GB)."""
     from torch.export import Dim
 
     dims: dict[str, Any] = {}
@@ -60,20 +60,26 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
             dynamic_shapes=tuple(named[n] for n in inputs), opset_version=OPSET,
             optimize=True, verbose=False,
         )
-    prog.save(str(path), external_data=False)
+    # A single file up to protobuf's 2 GB limit; above it (or when asked) the
+    # weights go to `<name>.data` beside it, which the manifest then lists.
+    prog.save(str(path), external_data=external_data)
 
 
-def export_onnx(model: MMAP, out_dir: Path) -> dict[str, Path]:
-    """Export the deployable model's two graphs into `out_dir`."""
+def export_onnx(model: MMAP, out_dir: Path, external_data: bool | None = None) -> dict[str, Path]:
+    """Export the deployable model's two graphs into `out_dir`.
+
+    `external_data`: None saves weights inside each .onnx file unless a graph is
+    over 2 GB; True always writes them to `<name>.data` beside it.
+    """
     model = deployable(model)
     ex = example_inputs(model)
     enc_path, fus_path = out_dir / "encoder.onnx", out_dir / "fusion.onnx"
     with torch.no_grad():
         _export(EncoderGraph(model, model.config.view_spec).eval(), ex["encoder"], enc_path,
-                ENCODER_INPUTS, ENCODER_OUTPUTS, {"views": {0: "batch"}})
+                ENCODER_INPUTS, ENCODER_OUTPUTS, {"views": {0: "batch"}}, external_data)
         _export(FusionGraph(model).eval(), ex["fusion"], fus_path, FUSION_INPUTS, FUSION_OUTPUTS,
                 {"f": {0: "batch"}, "bank": {0: "batch", 1: "bank"}, "mask": {0: "batch", 1: "bank"},
-                 "y1": {0: "batch"}})
+                 "y1": {0: "batch"}}, external_data)
     return {"encoder": enc_path, "fusion": fus_path}
 
 
@@ -88,16 +94,23 @@ def manifest_for(model: MMAP, provenance: dict[str, Any], demo: bool = False) ->
 
 def add_file(manifest: Manifest, bundle_dir: Path, role: str, path: Path, precision: str = "fp32",
              fmt: str = "onnx", target: dict | None = None, parity: dict | None = None) -> ModelFile:
-    """Record a model file (replacing any entry of the same role/precision/format)."""
+    """Record a model file (replacing any entry of the same role/precision/format).
+
+    An ONNX file saved with external data (`<name>.data` beside it) is recorded
+    with that file and its hash too.
+    """
+    data = path.with_name(path.name + ".data")
     mf = ModelFile(role=role, path=path.relative_to(bundle_dir).as_posix(), sha256=sha256_file(path),
-                   precision=precision, format=fmt, target=dict(target or {}), parity=dict(parity or {}))
+                   precision=precision, format=fmt, target=dict(target or {}), parity=dict(parity or {}),
+                   external_data=data.relative_to(bundle_dir).as_posix() if data.is_file() else "",
+                   external_sha256=sha256_file(data) if data.is_file() else "")
     manifest.files = [f for f in manifest.files
                       if (f.role, f.precision, f.format) != (role, precision, fmt)] + [mf]
     return mf
 
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, demo: bool = False,
-                  overwrite: bool = False) -> Manifest:
+                  overwrite: bool = False, external_data: bool | None = None) -> Manifest:
     """Turn a checkpoint into a bundle directory (written to a temp dir, then moved in place)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -128,7 +141,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, demo: bool = F
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".mmap-export-", dir=out_dir.parent))
     try:
-        paths = export_onnx(model, tmp)
+        paths = export_onnx(model, tmp, external_data)
         manifest = manifest_for(model, provenance, demo=demo)
         for role, p in paths.items():
             add_file(manifest, tmp, role, p)

@@ -37,6 +37,9 @@ class ModelFile:
     `target` describes what a TensorRT engine was built for (gpu name,
     compute capability, TensorRT version); empty for ONNX files.
     `parity` holds measured agreement with the fp32 model (e.g. cosine).
+    `external_data` names the weights file of an ONNX model saved with external
+    data (models over protobuf's 2 GB limit, e.g. UNI with one encoder per
+    view); empty otherwise.
     """
 
     role: str
@@ -46,6 +49,8 @@ class ModelFile:
     format: str = "onnx"
     target: dict[str, str] = field(default_factory=dict)
     parity: dict[str, float] = field(default_factory=dict)
+    external_data: str = ""
+    external_sha256: str = ""
 
 
 @dataclass
@@ -212,6 +217,8 @@ def parse_manifest(data: Any, source: Path) -> Manifest:
             target={str(k): str(v) for k, v in r.get("target", dict, entry, where).items()},
             parity={str(k): float(v) for k, v in r.get("parity", dict, entry, where).items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            external_data=r.get("external_data", str, entry, where) if "external_data" in entry else "",
+            external_sha256=r.get("external_sha256", str, entry, where) if "external_sha256" in entry else "",
         )
         if mf.role not in ROLES:
             r.fail(f"'{where}role' must be one of {', '.join(ROLES)}, got {mf.role!r}")
@@ -219,8 +226,10 @@ def parse_manifest(data: Any, source: Path) -> Manifest:
             r.fail(f"'{where}precision' must be one of {', '.join(PRECISIONS)}, got {mf.precision!r}")
         if mf.format not in FILE_FORMATS:
             r.fail(f"'{where}format' must be one of {', '.join(FILE_FORMATS)}, got {mf.format!r}")
-        if len(mf.sha256) != 64 or any(ch not in "0123456789abcdef" for ch in mf.sha256):
-            r.fail(f"'{where}sha256' is not a sha256 hex digest")
+        for key in ("sha256", "external_sha256") if mf.external_data else ("sha256",):
+            digest = getattr(mf, key)
+            if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
+                r.fail(f"'{where}{key}' is not a sha256 hex digest")
         files.append(mf)
     for role in ROLES:
         if not any(f.role == role and f.format == "onnx" and f.precision == "fp32" for f in files):
@@ -296,16 +305,18 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         raise BundleError(f"{manifest_path}: not valid JSON ({e}); re-export the bundle with mmap-export") from None
     manifest = parse_manifest(data, manifest_path)
     for mf in manifest.files:
-        fp = _resolve_inside(root, mf.path, manifest_path)
-        if not fp.is_file():
-            raise BundleError(f"{manifest_path}: lists {mf.path} but {fp} does not exist; copy the whole bundle directory")
-        if verify_hashes:
-            got = sha256_file(fp)
-            if got != mf.sha256:
-                raise BundleError(
-                    f"{fp}: sha256 {got[:12]}… does not match the manifest's {mf.sha256[:12]}…; "
-                    "the file is damaged or was changed; copy or re-export the bundle"
-                )
+        listed = [(mf.path, mf.sha256)] + ([(mf.external_data, mf.external_sha256)] if mf.external_data else [])
+        for rel, digest in listed:
+            fp = _resolve_inside(root, rel, manifest_path)
+            if not fp.is_file():
+                raise BundleError(f"{manifest_path}: lists {rel} but {fp} does not exist; copy the whole bundle directory")
+            if verify_hashes:
+                got = sha256_file(fp)
+                if got != digest:
+                    raise BundleError(
+                        f"{fp}: sha256 {got[:12]}… does not match the manifest's {digest[:12]}…; "
+                        "the file is damaged or was changed; copy or re-export the bundle"
+                    )
     return Bundle(root=root, manifest=manifest)
 
 

@@ -181,3 +181,36 @@ def test_checkpoint_without_trained_encoder_is_refused(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode != 0 and "no trained encoder" in r.stderr and "--init" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "b").exists()
+
+
+def test_external_data_bundle(tmp_path):
+    """Weights saved beside the graph (as models over 2 GB must be) are listed, hashed and checked."""
+    import json
+
+    from mmap_deploy.errors import BundleError
+
+    model = make_tiny_model(seed=6)
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, model)
+    out = tmp_path / "b"
+    export_bundle(ckpt, out, external_data=True)
+    enc = load_bundle(out).select("encoder")
+    assert enc.external_data == "encoder.onnx.data" and (out / "encoder.onnx.data").stat().st_size > 1e6
+    assert (out / "encoder.onnx").stat().st_size < 1e6  # the graph alone
+    views = random_views(3, seed=6)
+    f_ref, y_ref = torch_encoder(model, views)
+    f, y1 = session(out / "encoder.onnx").run(None, {"views": views})
+    assert rel_err(f, f_ref) <= RTOL and rel_err(y1, y_ref) <= RTOL
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"][0]["external_data"] = "../elsewhere.data"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="leaves the bundle"):
+        load_bundle(out)
+    manifest["files"][0]["external_data"] = "encoder.onnx.data"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with open(out / "encoder.onnx.data", "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x07\x07")
+    with pytest.raises(BundleError, match=r"encoder\.onnx\.data: sha256 .* does not match"):
+        load_bundle(out)
