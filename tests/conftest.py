@@ -70,3 +70,35 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
 
 def random_views(n: int, size: int = 112, n_views: int = 3, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, n_views, size, size, 3), dtype=np.uint8)
+
+
+# -- test slides ------------------------------------------------------------------
+def downsample(img: np.ndarray, factor: int) -> np.ndarray:
+    h, w = img.shape[0] // factor, img.shape[1] // factor
+    sums = img[: h * factor, : w * factor].reshape(h, factor, w, factor, 3).sum(axis=(1, 3), dtype=np.uint32)
+    return ((sums + factor * factor // 2) // (factor * factor)).astype(np.uint8)
+
+
+def write_pyramid(path: Path, img: np.ndarray, levels=(1, 2, 4), resolution=None, unit="CENTIMETER",
+                  description=None, tile=256, compression="zlib") -> Path:
+    """A tiled pyramidal TIFF, one level per IFD (what OpenSlide's generic-tiff and aperio drivers read).
+
+    `resolution` is pixels per `unit` at level 0 (None: no resolution tags); zlib
+    keeps pixels exact, "jpeg" (quality 95) is what real scans hold.
+    """
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tw:
+        for i, factor in enumerate(levels):
+            kwargs = {}
+            if resolution is not None:
+                kwargs.update(resolution=(resolution / factor, resolution / factor), resolutionunit=unit)
+            else:
+                kwargs.update(resolutionunit="NONE")
+            if description is not None:
+                kwargs.update(description=description[i], metadata=None)
+            if compression == "jpeg":
+                kwargs.update(compressionargs={"level": 95})
+            tw.write(downsample(img, factor) if factor > 1 else img, tile=(tile, tile), compression=compression,
+                     photometric="rgb", subfiletype=1 if i else 0, **kwargs)
+    return path

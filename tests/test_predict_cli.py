@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import TINY_GENES
+from conftest import TINY_GENES, write_pyramid
 from mmap_deploy.cli import main
 from mmap_deploy.preprocess import ViewSpec, patch_region
 
@@ -42,14 +42,8 @@ def tissue_like_image(side: int, seed: int = 0) -> np.ndarray:
 
 
 def write_pyramidal_tiff(path: Path, image: np.ndarray, mpp: float, levels: int = 3) -> Path:
-    """A tiled, deflate-compressed pyramid (levels as successive IFDs) with resolution tags."""
-    with tifffile.TiffWriter(path) as tw:
-        for i in range(levels):
-            level = np.ascontiguousarray(image[:: 2**i, :: 2**i])
-            res = 1e4 / (mpp * 2**i)  # pixels per cm
-            tw.write(level, tile=(TILE, TILE), compression="zlib", photometric="rgb",
-                     resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1)
-    return path
+    """A tiled, deflate-compressed pyramid with resolution tags at `mpp` µm per pixel."""
+    return write_pyramid(path, image, levels=tuple(2**i for i in range(levels)), resolution=1e4 / mpp)
 
 
 def corrupt_tiles(src: Path, dst: Path, tiles: list[int] | None, level: int = 0) -> Path:

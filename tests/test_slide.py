@@ -14,6 +14,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from conftest import write_pyramid
 from mmap_deploy.errors import UserError
 from mmap_deploy.preprocess import ViewSpec, patch_region, resize
 from mmap_deploy.slide import (
@@ -45,35 +46,6 @@ def gradient_slide() -> np.ndarray:
 
 def expected_colour(x: float, y: float) -> np.ndarray:
     return np.array([x * 255 / (W - 1), y * 255 / (H - 1), 128.0])
-
-
-def downsample(img: np.ndarray, factor: int) -> np.ndarray:
-    h, w = img.shape[0] // factor, img.shape[1] // factor
-    sums = img[: h * factor, : w * factor].reshape(h, factor, w, factor, 3).sum(axis=(1, 3), dtype=np.uint32)
-    return ((sums + factor * factor // 2) // (factor * factor)).astype(np.uint8)
-
-
-def write_pyramid(path: Path, img: np.ndarray, levels=(1, 2, 4), resolution=None, unit="CENTIMETER",
-                  description=None, tile=256, compression="zlib") -> Path:
-    """A tiled pyramidal TIFF, one level per IFD (what OpenSlide's generic-tiff and aperio drivers read).
-
-    `resolution` is pixels per `unit` at level 0 (None: no resolution tags); zlib
-    keeps pixels exact, "jpeg" (quality 95) is what real scans hold.
-    """
-    with tifffile.TiffWriter(path) as tw:
-        for i, factor in enumerate(levels):
-            kwargs = {}
-            if resolution is not None:
-                kwargs.update(resolution=(resolution / factor, resolution / factor), resolutionunit=unit)
-            else:
-                kwargs.update(resolutionunit="NONE")
-            if description is not None:
-                kwargs.update(description=description[i], metadata=None)
-            if compression == "jpeg":
-                kwargs.update(compressionargs={"level": 95})
-            tw.write(downsample(img, factor) if factor > 1 else img, tile=(tile, tile), compression=compression,
-                     photometric="rgb", subfiletype=1 if i else 0, **kwargs)
-    return path
 
 
 @pytest.fixture(scope="module")
