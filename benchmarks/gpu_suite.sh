@@ -9,12 +9,7 @@ set -u
 OUT=${OUT:-benchmarks/results/gpu-local}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PP=$(mktemp -d)
-ln -s "$PWD/mmap_deploy" "$PP/mmap_deploy"
-ln -s "$PWD/train" "$PP/mmap_train"
-ln -s "$PWD/export" "$PP/mmap_export"
-export PYTHONPATH="$PP${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/checkout_packages.sh"
 {
   echo "## nvidia-smi"; nvidia-smi 2>&1 | head -20
   echo "## python"; $PY --version 2>&1

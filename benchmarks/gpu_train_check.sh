@@ -12,12 +12,7 @@ PY=${PYTHON:-python3}
 BACKBONE=${BACKBONE:-uni}
 STEPS=${STEPS:-30}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PP=$(mktemp -d)
-ln -s "$PWD/mmap_deploy" "$PP/mmap_deploy"
-ln -s "$PWD/train" "$PP/mmap_train"
-ln -s "$PWD/export" "$PP/mmap_export"
-export PYTHONPATH="$PP${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/checkout_packages.sh"
 W=$(mktemp -d)
 nvidia-smi --query-gpu=name,compute_cap,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" >> "$OUT/gpu.txt" 2>&1
