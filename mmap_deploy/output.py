@@ -51,6 +51,18 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
         raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
     if path.parent.exists() and not path.parent.is_dir():
         raise UserError(f"{path.parent}: is not a directory; choose another -o")
+    # Find out now, not after the whole slide has run, whether the file can be
+    # written: probe the nearest existing folder with a temporary file.
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is not a directory")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{path}: cannot write there ({e.strerror or e}); choose another -o") from None
     return path
 
 
@@ -159,7 +171,10 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     A killed run can leave its temporary file behind (`.{name}.*.tmp`); the
     next write of the same output removes it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create its folder ({e.strerror or e}); choose another -o") from None
     for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -278,7 +278,7 @@ def select_backend(backend: str, bundle: "Bundle", precision: str = "fp32", *,
 
     if backend in ("auto", "tensorrt"):
         enc_trt = m.model_file("encoder", precision, "tensorrt")
-        ok, trt_info = tensorrt_importable()
+        ok, trt_info = tensorrt_importable() if enc_trt is not None else (False, "no engine in the bundle")
         if enc_trt is not None and ok:
             enc = EngineChoice("encoder", "tensorrt", bundle.path_of(enc_trt), precision, ["TensorRT " + trt_info])
             fus_trt = m.model_file("fusion", precision, "tensorrt") or m.model_file("fusion", "fp32", "tensorrt")

@@ -67,7 +67,10 @@ class CudaDriver:
             text = ctypes.c_char_p()
             self.lib.cuGetErrorString(status, ctypes.byref(text))
             msg = text.value.decode() if text.value else f"error {status}"
-            raise RuntimeError(f"CUDA {call} failed: {msg}")
+            # A GPU that cannot be used is the machine's state, not a bug: one line,
+            # and `--backend auto` falls back to ONNX Runtime on it.
+            raise UserError(f"CUDA {call} failed: {msg}; check the GPU and its driver, or run with "
+                            "--backend onnxruntime")
 
     def make_current(self) -> None:
         self._check(self.lib.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")

@@ -197,3 +197,14 @@ def test_killed_batch_rerun_finishes_the_rest(tmp_path, bundle, slide):
     x = [ad.read_h5ad(out_dir / f"s{i}.h5ad").X for i in range(3)]
     np.testing.assert_array_equal(x[0], x[1])
     np.testing.assert_array_equal(x[0], x[2])
+
+
+def test_output_that_cannot_be_written_fails_before_any_work(tmp_path, bundle, slide):
+    coords, _, _ = write_coords(tmp_path / "c.csv", "xy")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    for out in (blocker / "sub" / "o.h5ad", Path("/proc/mmap-nowhere/o.h5ad")):
+        r = predict(slide, coords, "-o", out, "--model", bundle, expect=2)
+        assert_one_line_error(r, str(out))
+        assert "choose another -o" in r.stderr
+        assert "engines:" not in r.stderr  # refused before loading the engines or reading the slide
