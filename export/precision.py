@@ -152,8 +152,9 @@ def fusion_feeds(bundle: Bundle, f: np.ndarray, y1: np.ndarray) -> dict[str, np.
 
     rule = bundle.manifest.prototypes
     l = rule.bank_size(rule.n_prototypes(len(f)))
-    # two padded, masked slots: parity covers the masking too
-    bank, mask, _ = build_banks(f, rule, seed=0, pad_to=l + 2)
+    # up to two padded, masked slots (parity covers the masking too), never past
+    # the longest bank a TensorRT profile is built for
+    bank, mask, _ = build_banks(f, rule, seed=0, pad_to=min(l + 2, max(l, rule.max_bank)))
     return {"f": f, "bank": bank, "mask": mask, "y1": y1}
 
 

@@ -277,7 +277,9 @@ def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: di
         else:
             m, score = None, float(epoch)
         history.append(row)
-        if score > best_score:
+        if not np.isfinite(score):  # e.g. every gene constant on validation: never "best", never kept
+            score = -np.inf
+        if best_state is None or score > best_score:
             best_score, best_metrics, best_epoch = score, m, epoch + 1
             best_state = {k: v.detach().clone() for k, v in fusion.state_dict().items()}
             row["kept"] = True
