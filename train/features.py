@@ -125,25 +125,24 @@ def compute_features(checkpoint: str | Path, sections: list, out_dir: str | Path
     done = set(cached_sections(out_dir)) if Path(out_dir).is_dir() else set()
     written = []
     # views are many small numpy matmuls: BLAS threads only fight torch's for the cores
-    limit = threadpool_limits(limits=1, user_api="blas")
-    for sec in tqdm(sections, desc="feature cache", unit="section"):
-        if sec.name in done and not overwrite:
-            log.info("%s: already in %s, skipped", sec.name, out_dir)
-            continue
-        spots = read_coords(sec.coords)
-        patches = read_section_patches(sec, np.asarray(spots.xy, np.float64), spec)
-        fs, ys = [], []
-        with torch.no_grad():
-            for i in range(0, len(patches), batch_size):
-                views = np.stack([make_views(p, spec) for p in patches[i:i + batch_size]])
-                f, y1, _ = model.encoder(torch.from_numpy(normalise(views, spec)))
-                fs.append(f.numpy())
-                ys.append(y1.numpy())
-        d = model.embed_dim
-        write_section(out_dir, SectionFeatures(
-            sec.name, list(spots.ids),
-            np.concatenate(fs) if fs else np.zeros((0, d), np.float32),
-            np.concatenate(ys) if ys else np.zeros((0, model.config.n_genes), np.float32)))
-        written.append(sec.name)
-    limit.restore_original_limits()
+    with threadpool_limits(limits=1, user_api="blas"):
+        for sec in tqdm(sections, desc="feature cache", unit="section"):
+            if sec.name in done and not overwrite:
+                log.info("%s: already in %s, skipped", sec.name, out_dir)
+                continue
+            spots = read_coords(sec.coords)
+            patches = read_section_patches(sec, np.asarray(spots.xy, np.float64), spec)
+            fs, ys = [], []
+            with torch.no_grad():
+                for i in range(0, len(patches), batch_size):
+                    views = np.stack([make_views(p, spec) for p in patches[i:i + batch_size]])
+                    f, y1, _ = model.encoder(torch.from_numpy(normalise(views, spec)))
+                    fs.append(f.numpy())
+                    ys.append(y1.numpy())
+            d = model.embed_dim
+            write_section(out_dir, SectionFeatures(
+                sec.name, list(spots.ids),
+                np.concatenate(fs) if fs else np.zeros((0, d), np.float32),
+                np.concatenate(ys) if ys else np.zeros((0, model.config.n_genes), np.float32)))
+            written.append(sec.name)
     return written

@@ -233,6 +233,14 @@ def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: di
     torch.manual_seed(recipe.seed)
     if init is not None:
         model = init
+        encoder_fields = ("backbone", "input_size", "crop_fractions", "shared_encoder", "query_view", "genes",
+                          "patch_um", "mpp")
+        changed = [k for k in encoder_fields if getattr(cfg, k) != getattr(init.config, k)]
+        if changed:
+            raise UserError(f"phase 2 settings change the phase-1 model's {', '.join(changed)}; "
+                            "keep them as the --init checkpoint has them")
+        # the checkpoint must describe the head trained here (head averaging, K/L rule)
+        model.config = cfg
         model.fusion = FusionHead(cfg, dim)  # fresh head with the recipe's seed
         fusion = model.fusion
     else:
