@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mmap_deploy import __version__
@@ -156,10 +155,3 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, demo: bool = F
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
-
-def torch_reference(model: MMAP, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """f, y1 of the deployable torch model for uint8 views: the parity reference."""
-    graph = EncoderGraph(model, model.config.view_spec).eval()
-    with torch.no_grad():
-        f, y1 = graph(torch.from_numpy(views))
-    return f.numpy(), y1.numpy()

@@ -212,13 +212,3 @@ def add_tensorrt(bundle_dir: str | Path, *, precision: str = "fp16", batch: Batc
     bundle.manifest.write(root)
     return results
 
-
-def tensorrt_status() -> dict[str, str]:
-    """Whether engines can be built here, for messages and benchmarks (never raises)."""
-    try:
-        from mmap_deploy.tensorrt_runner import current_target
-
-        return dict(current_target(), available="yes")
-    except Exception as e:
-        return {"available": "no", "reason": str(e).splitlines()[0] if str(e) else type(e).__name__}
-

@@ -198,17 +198,18 @@ def _thumbnail(slide: Any) -> tuple[Any, float, str, float]:
     """
     import numpy as np
 
+    from .output import THUMBNAIL_MAX_SIDE
     from .slide import PatchReadError
 
     t = time.perf_counter()
-    for side in (2000, 500):
+    for side in (THUMBNAIL_MAX_SIDE, 500):
         try:
             image, scale = slide.thumbnail(side)
             return image, scale, f"longest side {max(image.shape[:2])} px", time.perf_counter() - t
         except PatchReadError as e:
             reason = str(e)
     _echo(f"warning: {reason}; the output's hires image is left blank")
-    scale = min(1.0, 2000 / max(slide.width, slide.height))
+    scale = min(1.0, THUMBNAIL_MAX_SIDE / max(slide.width, slide.height))
     shape = (max(1, round(slide.height * scale)), max(1, round(slide.width * scale)), 3)
     note = f"blank: the slide could not be read for it ({reason})"
     return np.full(shape, 255, np.uint8), scale, note, time.perf_counter() - t

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .bundle import PRECISIONS
 from .errors import BundleError, UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundle import Bundle
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
 
 # Short names a user may type for ONNX Runtime execution providers.
 PROVIDER_ALIASES = {
