@@ -105,9 +105,10 @@ class Report:
         self.machine["load_average_end"] = list(os.getloadavg())
         data = {"machine": self.machine, "results": self.results, "targets": targets(self.results)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(self.path)
+        from mmap_deploy.atomic import atomic_path
+
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
         self.path.with_suffix(".md").write_text(markdown(data))
 
 

@@ -16,11 +16,11 @@ and with its parity against the fp32 ONNX model measured on this GPU.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmap_deploy.atomic import atomic_path
 from mmap_deploy.bundle import load_bundle
 from mmap_deploy.errors import UserError
 
@@ -153,14 +153,11 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, tuple[tu
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
-    tmp = engine_path.with_name(f".{engine_path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(memoryview(serialized))
-    os.replace(tmp, engine_path)
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(memoryview(serialized))
     if timing_cache is not None:
-        tmp_cache = timing_cache.with_name(f".{timing_cache.name}.tmp")
-        tmp_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
-        os.replace(tmp_cache, timing_cache)
+        with atomic_path(timing_cache) as tmp:
+            tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
     return time.perf_counter() - t0
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_path
 from .errors import BundleError
 from .preprocess import ViewSpec
 from .prototypes import PrototypeRule
@@ -90,9 +91,8 @@ class Manifest:
 
     def write(self, bundle_dir: str | Path) -> Path:
         path = Path(bundle_dir) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     def model_file(self, role: str, precision: str = "fp32", fmt: str = "onnx") -> ModelFile | None:

@@ -14,16 +14,15 @@ renamed into place, so a killed run never leaves a half-written output.
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
-from glob import escape as glob_escape
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -166,27 +165,13 @@ def build_anndata(
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename it into place.
-
-    A killed run can leave its temporary file behind (`.{name}.*.tmp`); the
-    next write of the same output removes it.
-    """
+    """Create `path`'s folder (a UserError when that fails), then write it atomically (see mmap_deploy.atomic)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{path}: cannot create its folder ({e.strerror or e}); choose another -o") from None
-    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_h5ad(adata: "anndata.AnnData", path: str | Path, overwrite: bool = False) -> Path:

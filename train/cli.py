@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
 
 from .datasets import Section, her2st_sections, manifest_sections, read_genes, split_sections
@@ -248,10 +249,8 @@ def evaluate(checkpoint, features_dir, counts, spots, genes, json_out, sections)
     m = evaluate_checkpoint(checkpoint, feats, targets)
     m["checkpoint"] = str(checkpoint)
     m["sections"] = sorted(m["per_section"])
-    out = Path(json_out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(_finite_or_null(m), indent=1) + "\n")
-    tmp.replace(out)
+    with atomic_path(Path(json_out)) as tmp:
+        tmp.write_text(json.dumps(_finite_or_null(m), indent=1) + "\n")
     click.echo(f"pcc_pooled {m['pcc_pooled']:.4f}  pcc_per_slide {m['pcc_per_slide']:.4f}  mse {m['mse']:.4f}  "
                f"mae {m['mae']:.4f}  n_spots {m['n_spots']}  ({m['n_constant_genes_pooled']} constant genes pooled)",
                err=True)

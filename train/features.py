@@ -9,12 +9,12 @@ Layout (the one of the published features in `mmap_features/`), per section:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,8 @@ class SectionFeatures:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array)
-    os.replace(tmp, path)
 
 
 def write_section(cache_dir: str | Path, feats: SectionFeatures) -> None:
@@ -48,9 +46,8 @@ def write_section(cache_dir: str | Path, feats: SectionFeatures) -> None:
         raise ValueError("spot ids, f and y1 must have one row per spot")
     _save_npy(d / f"{feats.section}_f.npy", np.ascontiguousarray(feats.f, dtype=np.float32))
     _save_npy(d / f"{feats.section}_y1.npy", np.ascontiguousarray(feats.y1, dtype=np.float32))
-    tmp = d / f"{feats.section}_spots.txt.tmp"
-    tmp.write_text("".join(f"{s}\n" for s in feats.spot_ids))
-    os.replace(tmp, d / f"{feats.section}_spots.txt")
+    with atomic_path(d / f"{feats.section}_spots.txt") as tmp:
+        tmp.write_text("".join(f"{s}\n" for s in feats.spot_ids))
 
 
 def cached_sections(cache_dir: str | Path) -> list[str]:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmap_deploy.atomic import atomic_path
+
 from .config import MMAPConfig
 
 log = logging.getLogger(__name__)
@@ -249,10 +251,8 @@ def alignment_loss(cfg: MMAPConfig, a: torch.Tensor, b: torch.Tensor) -> torch.T
 # -- checkpoints -----------------------------------------------------------
 def save_checkpoint(path: str | Path, model: MMAP, **extra) -> None:
     """Write {config, state_dict, **extra} atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict(), **extra}, tmp)
-    tmp.replace(path)
+    with atomic_path(Path(path)) as tmp:
+        torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict(), **extra}, tmp)
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[MMAP, dict]:

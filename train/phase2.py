@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
 from mmap_deploy.prototypes import PrototypeRule, build_banks, kmeans, top_l_banks
 
@@ -319,9 +320,8 @@ def save_fusion_checkpoint(path: str | Path, cfg: MMAPConfig, fusion: FusionHead
     path = Path(path)
     state = {f"fusion.{k}": v for k, v in fusion.state_dict().items()}
     extra["encoder_trained"] = False
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"config": cfg.to_dict(), "state_dict": state, **extra}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"config": cfg.to_dict(), "state_dict": state, **extra}, tmp)
 
 
 def load_fusion(path: str | Path) -> tuple[MMAPConfig, FusionHead, dict[str, Any]]:

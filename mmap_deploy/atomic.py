@@ -1,0 +1,79 @@
+"""Writing a file so that a reader sees the old file or the new one, never half of one.
+
+Every file the project writes for others to read (outputs, bundle files and
+manifests, checkpoints, feature caches, benchmark results) goes through
+`atomic_path`: the writer fills a temporary file in the destination's own
+folder (a rename is atomic only within one file system), the data is flushed
+to disk, and the temporary file is renamed over the destination.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from glob import escape as glob_escape
+from pathlib import Path
+from typing import Iterator
+
+# Files are meant to be shared (outputs, bundles); mkstemp makes them private.
+FILE_MODE = 0o644
+
+
+def temp_pattern(path: Path) -> str:
+    """The glob of `path`'s temporary files: `.{name}.*.tmp` in its folder."""
+    return f".{glob_escape(path.name)}.*.tmp"
+
+
+@contextmanager
+def atomic_path(path: str | Path, *, mode: int = FILE_MODE) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends without error it replaces `path`.
+
+        with atomic_path(out) as tmp:
+            adata.write_h5ad(tmp)
+
+    The temporary file exists (empty) when the block starts. On success it is
+    fsync'ed, given `mode`, and renamed over `path` (`os.replace`), and the
+    folder is fsync'ed so the rename survives a crash. On an exception the
+    temporary file is removed and `path` is left as it was. A run killed
+    while writing leaves its temporary file (`.{name}.XXXXXXXX.tmp`) behind:
+    the next write of the same `path` removes it. The folder must exist.
+    """
+    path = Path(path)
+    for stale in path.parent.glob(temp_pattern(path)):
+        stale.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR)  # Windows needs write access to flush a file
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable (POSIX); folders cannot be opened for this on Windows."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (e.g. certain network mounts) refuse it: the rename is done anyway
+        pass
+    finally:
+        os.close(fd)
