@@ -148,13 +148,13 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> d
 
 def fusion_feeds(bundle: Bundle, f: np.ndarray, y1: np.ndarray) -> dict[str, np.ndarray]:
     """Fusion inputs from encoder outputs: each spot's prototype bank from k-means on `f`."""
-    from mmap_deploy.prototypes import build_banks
+    from mmap_deploy.prototypes import slide_prototypes
 
     rule = bundle.manifest.prototypes
-    l = rule.bank_size(rule.n_prototypes(len(f)))
+    protos = slide_prototypes(f, rule)
     # up to two padded, masked slots (parity covers the masking too), never past
     # the longest bank a TensorRT profile is built for
-    bank, mask, _ = build_banks(f, rule, seed=0, pad_to=min(l + 2, max(l, rule.max_bank)))
+    bank, mask = protos.banks(f, pad_to=min(protos.l + 2, max(protos.l, rule.max_bank)))
     return {"f": f, "bank": bank, "mask": mask, "y1": y1}
 
 

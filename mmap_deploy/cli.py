@@ -94,7 +94,8 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
     """
     from .coords import check_inside, read_coords, scale_warning
     from .output import build_anndata, check_output_path, now_utc, write_gene_plots, write_h5ad
-    from .pipeline import KMEANS_SEED, predict_slide
+    from .pipeline import predict_slide
+    from .prototypes import KMEANS_SEED
     from .slide import open_slide
 
     t0 = time.perf_counter()

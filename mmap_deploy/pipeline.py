@@ -22,14 +22,12 @@ import numpy as np
 from .errors import UserError
 from .preprocess import make_views
 from .slide import PatchReadError
-from .prototypes import kmeans, top_l_banks
+from .prototypes import slide_prototypes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundle import Bundle
     from .runners import Engines
 
-# Seed of the per-slide k-means: fixed, so a slide always gets the same prototypes.
-KMEANS_SEED = 0
 # Slides with at least this many spots run k-means on multi-threaded BLAS.
 KMEANS_THREADED_FROM = 20_000
 
@@ -205,20 +203,16 @@ def predict_slide(
     kept_ids = [ids[i] for i in keep]
 
     t = time.perf_counter()
-    rule = m.prototypes
-    k = rule.n_prototypes(len(keep))
     with _kmeans_blas(len(keep)):
-        km = kmeans(f, k, seed=KMEANS_SEED)
-    l = rule.bank_size(k)
+        protos = slide_prototypes(f, m.prototypes)
     timings["kmeans"] = time.perf_counter() - t
 
     pred = np.empty_like(y1)
-    mask = np.ones((batch_size, l), dtype=bool)
+    mask = np.ones((batch_size, protos.l), dtype=bool)
     for s in range(0, len(keep), batch_size):
         e = min(s + batch_size, len(keep))
         t = time.perf_counter()
-        idx = top_l_banks(f[s:e], km.centroids, l)
-        bank = km.centroids[idx]
+        bank = protos.centroids[protos.bank_indices(f[s:e])]
         t2 = time.perf_counter()
         timings["banks"] += t2 - t
         out = engines.fusion.run({"f": f[s:e], "bank": bank, "mask": mask[: e - s], "y1": y1[s:e]})
@@ -233,9 +227,9 @@ def predict_slide(
         xy=xy[keep],
         prediction=pred,
         embedding=f,
-        clusters=km.labels,
-        n_prototypes=k,
-        bank_size=l,
+        clusters=protos.labels,
+        n_prototypes=protos.k,
+        bank_size=protos.l,
         genes=list(m.genes),
         dropped=dropped,
         timings={key: round(v, 4) for key, v in timings.items()},

@@ -1,6 +1,10 @@
 """Phase-2 prototypes: the K and L rules, numpy k-means, and cosine top-L banks.
 
-One implementation, shared by training (`mmap_train`) and the runtime.
+One implementation, shared by training (`mmap_train`), export parity and the
+runtime: `slide_prototypes` turns one slide's embeddings and the manifest's
+rule into its prototypes (K, k-means centroids and labels, L) and each spot's
+top-L bank, always with the same seed, so a slide gets the same prototypes
+wherever it is computed.
 """
 
 from __future__ import annotations
@@ -8,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+# Seed of the per-slide k-means: fixed, so a slide always gets the same prototypes.
+KMEANS_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,7 @@ def kmeans(
             d = _sq_distances(x, x_sq, centres)
             labels = np.argmin(d, axis=1)
             counts = np.bincount(labels, minlength=k)
-            sums = np.zeros_like(centres, dtype=np.float64)
-            _segment_sum(sums, labels, x)
+            sums = _cluster_sums(x, labels, k).astype(np.float64)
             new = centres.copy()
             nz = counts > 0
             new[nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
@@ -134,11 +140,23 @@ def kmeans(
     return best
 
 
-def _segment_sum(out: np.ndarray, labels: np.ndarray, x: np.ndarray) -> None:
-    """out[k] += sum of x rows labelled k, as one sparse-free GEMM (one-hot^T @ x)."""
-    onehot = np.zeros((out.shape[0], x.shape[0]), dtype=np.float32)
-    onehot[labels, np.arange(x.shape[0])] = 1.0
-    out += onehot @ x
+def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(K, D) float32: row k is the sum of the rows of `x` labelled k, added in spot order.
+
+    Memory is O(N + K·D), not a K×N one-hot matrix. Each cluster's rows are
+    added one after the other in float32, the order a BLAS GEMM of the one-hot
+    matrix uses within one panel of its inner dimension, so the results equal
+    that GEMM's wherever it does not split the spots into panels (a few hundred
+    spots with OpenBLAS); beyond, they differ from it at most in the last bits,
+    and, unlike it, do not depend on the BLAS library or the CPU.
+    """
+    order = np.argsort(labels, kind="stable")  # stable: spot order within each cluster
+    bounds = np.searchsorted(labels[order], np.arange(k + 1))
+    sums = np.zeros((k, x.shape[1]), dtype=np.float32)
+    for c in np.flatnonzero(np.diff(bounds)):
+        # a sum over axis 0 of a C-ordered block adds whole rows in turn: sequential per column
+        np.sum(x[order[bounds[c]:bounds[c + 1]]], axis=0, out=sums[c])
+    return sums
 
 
 def top_l_banks(f: np.ndarray, centroids: np.ndarray, l: int) -> np.ndarray:
@@ -150,23 +168,44 @@ def top_l_banks(f: np.ndarray, centroids: np.ndarray, l: int) -> np.ndarray:
     return np.argsort(-sim, axis=1, kind="stable")[:, :l]
 
 
-def build_banks(
-    f: np.ndarray, rule: PrototypeRule, *, seed: int = 0, pad_to: int | None = None
-) -> tuple[np.ndarray, np.ndarray, KMeansResult]:
-    """K-means on one slide's features and each spot's top-L prototype bank.
+@dataclass
+class SlidePrototypes:
+    """One slide's prototypes: K k-means centroids of its spots' embeddings, and L, the bank size.
 
-    Returns (bank (N, L', D) float32, mask (N, L') bool, kmeans result), where
-    L' is L, or `pad_to` with the padding masked out (False).
+    `bank_indices(f)` and `banks(f)` give spots their top-L banks; they take
+    rows of the same slide's embeddings, so a caller can gather banks a batch
+    at a time instead of holding the whole (N, L, D) bank.
     """
+
+    centroids: np.ndarray  # (K, D) float32
+    labels: np.ndarray  # (N,) int64: each spot's nearest centroid
+    k: int
+    l: int
+    inertia: float
+    n_iter: int
+
+    def bank_indices(self, f: np.ndarray) -> np.ndarray:
+        """(n, L) indices into `centroids`: each spot's L most cosine-similar prototypes, most similar first."""
+        return top_l_banks(f, self.centroids, self.l)
+
+    def banks(self, f: np.ndarray, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The fusion head's inputs for spots `f`: bank (n, L', D) float32 and mask (n, L') bool.
+
+        L' is L, or `pad_to` with the padding zero and masked out (False).
+        """
+        l = self.l
+        width = l if pad_to is None else pad_to
+        if width < l:
+            raise ValueError(f"pad_to={pad_to} is shorter than the bank size {l}")
+        bank = np.zeros((f.shape[0], width, f.shape[1]), dtype=np.float32)
+        bank[:, :l] = self.centroids[self.bank_indices(f)]
+        mask = np.zeros((f.shape[0], width), dtype=bool)
+        mask[:, :l] = True
+        return bank, mask
+
+
+def slide_prototypes(f: np.ndarray, rule: PrototypeRule, *, seed: int = KMEANS_SEED) -> SlidePrototypes:
+    """The prototype step of MMAP for one slide: K from the rule, k-means on `f`, L from K."""
     k = rule.n_prototypes(f.shape[0])
     km = kmeans(f, k, seed=seed)
-    l = rule.bank_size(k)
-    idx = top_l_banks(f, km.centroids, l)
-    width = l if pad_to is None else pad_to
-    if width < l:
-        raise ValueError(f"pad_to={pad_to} is shorter than the bank size {l}")
-    bank = np.zeros((f.shape[0], width, f.shape[1]), dtype=np.float32)
-    bank[:, :l] = km.centroids[idx]
-    mask = np.zeros((f.shape[0], width), dtype=bool)
-    mask[:, :l] = True
-    return bank, mask, km
+    return SlidePrototypes(km.centroids, km.labels, k, rule.bank_size(k), km.inertia, km.n_iter)

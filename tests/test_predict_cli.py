@@ -191,12 +191,12 @@ def test_console_script_in_a_subprocess(pyramid, tiny_bundle, tmp_path):
 
 
 def test_pipeline_matches_the_whole_slide_reference(pyramid, tiny_bundle, tmp_path):
-    """Streaming (batches of 7, banks gathered per batch) = encoder on all spots + build_banks + fusion."""
+    """Streaming (batches of 7, banks gathered per batch) = encoder on all spots + prototypes + fusion."""
     from mmap_deploy.bundle import load_bundle
     from mmap_deploy.coords import read_coords
-    from mmap_deploy.pipeline import KMEANS_SEED, predict_slide
+    from mmap_deploy.pipeline import predict_slide
     from mmap_deploy.preprocess import make_views
-    from mmap_deploy.prototypes import build_banks
+    from mmap_deploy.prototypes import KMEANS_SEED, kmeans, top_l_banks
     from mmap_deploy.runners import open_engines
     from mmap_deploy.slide import open_slide
     from threadpoolctl import threadpool_limits
@@ -211,7 +211,10 @@ def test_pipeline_matches_the_whole_slide_reference(pyramid, tiny_bundle, tmp_pa
         with threadpool_limits(1, user_api="blas"):  # as the pipeline does: tiny GEMMs, no BLAS threads
             views = np.stack([make_views(slide.read_patch(x, y, spec), spec) for x, y in spots.xy])
         enc = engines.encoder.run({"views": views})
-        bank, mask, km = build_banks(enc["f"], bundle.manifest.prototypes, seed=KMEANS_SEED)
+        rule = bundle.manifest.prototypes  # the method by hand: K rule, k-means, L rule, top-L
+        km = kmeans(enc["f"], rule.n_prototypes(len(enc["f"])), seed=KMEANS_SEED)
+        bank = km.centroids[top_l_banks(enc["f"], km.centroids, rule.bank_size(len(km.centroids)))]
+        mask = np.ones(bank.shape[:2], bool)
         ref = engines.fusion.run({"f": enc["f"], "bank": bank, "mask": mask, "y1": enc["y1"]})["prediction"]
     assert sum(done) == len(ids) and pred.spot_ids == ids
     np.testing.assert_allclose(pred.embedding, enc["f"], rtol=1e-5, atol=1e-6)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmap_deploy.prototypes import PrototypeRule, build_banks, kmeans, top_l_banks
+from mmap_deploy.prototypes import KMEANS_SEED, PrototypeRule, _cluster_sums, kmeans, slide_prototypes, top_l_banks
 
 
 @pytest.mark.parametrize("n, k", [(1, 1), (10, 10), (31, 31), (100, 32), (300, 60), (1000, 80), (5000, 80)])
@@ -74,17 +74,41 @@ def test_top_l_is_cosine_order():
         np.testing.assert_array_equal(idx[i], np.argsort(-cos[i])[:4])
 
 
-def test_build_banks_pads_and_masks():
+def test_slide_prototypes_follow_the_rules_and_pad_and_mask():
     x = _blobs(300, 16, 6)
     rule = PrototypeRule()
-    bank, mask, km = build_banks(x, rule, pad_to=rule.max_bank)
+    p = slide_prototypes(x, rule)
     k = rule.n_prototypes(300)  # 60
     l = rule.bank_size(k)  # 30
+    assert (p.k, p.l) == (k, l) and p.centroids.shape == (k, 16) and p.labels.shape == (300,)
+    km = kmeans(x, k, seed=KMEANS_SEED)  # the step is k-means with the fixed seed
+    np.testing.assert_array_equal(p.centroids, km.centroids)
+    np.testing.assert_array_equal(p.labels, km.labels)
+    bank, mask = p.banks(x, pad_to=rule.max_bank)
     assert bank.shape == (300, 40, 16) and mask.shape == (300, 40)
     assert mask[:, :l].all() and not mask[:, l:].any()
     assert not bank[:, l:].any()
-    unpadded, umask, _ = build_banks(x, rule)
+    unpadded, umask = p.banks(x)
     np.testing.assert_array_equal(unpadded, bank[:, :l])
+    np.testing.assert_array_equal(unpadded, p.centroids[top_l_banks(x, p.centroids, l)])
     assert umask.all()
+    # banks gathered a batch at a time are the whole slide's banks
+    np.testing.assert_array_equal(np.concatenate([p.bank_indices(x[s:s + 7]) for s in range(0, 300, 7)]),
+                                  p.bank_indices(x))
     with pytest.raises(ValueError):
-        build_banks(x, rule, pad_to=l - 1)
+        p.banks(x, pad_to=l - 1)
+
+
+def test_cluster_sums_add_each_clusters_rows_in_spot_order():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 24)).astype(np.float32)
+    labels = rng.integers(0, 9, 500)
+    labels[labels == 4] = 5  # cluster 4 is empty
+    sums = _cluster_sums(x, labels, 9)
+    assert sums.dtype == np.float32 and sums.shape == (9, 24)
+    sequential = np.zeros((9, 24), np.float32)
+    np.add.at(sequential, labels, x)  # unbuffered: row by row, in spot order
+    np.testing.assert_array_equal(sums, sequential)
+    assert not sums[4].any()
+    exact = np.stack([x[labels == c].sum(axis=0, dtype=np.float64) for c in range(9)])
+    np.testing.assert_allclose(sums, exact, rtol=1e-5, atol=1e-5)

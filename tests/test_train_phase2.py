@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmap_deploy.prototypes import build_banks
+from mmap_deploy.prototypes import slide_prototypes
 from mmap_train.datasets import Targets
 from mmap_train.features import SectionFeatures
 from mmap_train.model import load_checkpoint
@@ -44,7 +44,7 @@ def test_banks_are_the_runtime_banks_and_padding_is_masked(cache):
     rule = cfg.prototype_rule
     secs = prepare(feats, targets, ["S1", "S3"], rule)
     for p in secs:
-        bank, mask, km = build_banks(feats[p.name].f, rule, seed=0)
+        bank, mask = slide_prototypes(feats[p.name].f, rule).banks(feats[p.name].f)
         np.testing.assert_array_equal(p.centroids[p.bank_idx], bank)
         assert p.k == min(max(len(p.f) // 5, 32), 80, len(p.f))
     torch.manual_seed(0)

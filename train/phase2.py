@@ -30,7 +30,7 @@ from torch import nn
 
 from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
-from mmap_deploy.prototypes import PrototypeRule, build_banks, kmeans, top_l_banks
+from mmap_deploy.prototypes import PrototypeRule, slide_prototypes
 
 from .config import MMAPConfig
 from .datasets import Targets
@@ -40,7 +40,6 @@ from .model import MASK_VALUE, MMAP, FusionHead, alignment_loss, embed_dim_of, l
 
 log = logging.getLogger(__name__)
 
-KMEANS_SEED = 0  # the runtime's seed: banks at training time are the banks at run time
 BACKBONE_BY_DIM = {embed_dim_of(b): b for b in ("tiny", "small", "uni")}
 
 
@@ -81,10 +80,9 @@ def prepare_section(feats: SectionFeatures, targets: Targets, rule: PrototypeRul
     if len(feats.spot_ids) == 0:
         log.warning("section %s: no spots in the feature cache; left out", feats.section)
         return None
-    k = rule.n_prototypes(len(feats.f))
-    km = kmeans(feats.f, k, seed=KMEANS_SEED)
-    l = rule.bank_size(k)
-    idx = top_l_banks(feats.f, km.centroids, l)
+    # the runtime's prototype step (and seed): banks at training time are the banks at run time
+    protos = slide_prototypes(feats.f, rule)
+    idx = protos.bank_indices(feats.f)
     index = {s: i for i, s in enumerate(targets.spot_ids)}
     keep = np.array([s in index for s in feats.spot_ids])
     if not keep.any():
@@ -95,7 +93,8 @@ def prepare_section(feats: SectionFeatures, targets: Targets, rule: PrototypeRul
                  feats.section, int((~keep).sum()))
     rows = np.array([index[s] for s, k_ in zip(feats.spot_ids, keep) if k_], dtype=np.int64)
     return PreparedSection(feats.section, [s for s, k_ in zip(feats.spot_ids, keep) if k_],
-                           feats.f[keep], feats.y1[keep], targets.values[rows], km.centroids, idx[keep], k, l)
+                           feats.f[keep], feats.y1[keep], targets.values[rows], protos.centroids, idx[keep],
+                           protos.k, protos.l)
 
 
 class BankedSpots:
@@ -342,7 +341,7 @@ def load_fusion(path: str | Path) -> tuple[MMAPConfig, FusionHead, dict[str, Any
 @torch.no_grad()
 def predict_section(cfg: MMAPConfig, fusion: FusionHead, feats: SectionFeatures) -> np.ndarray:
     """Predictions for one cached section, banks built exactly as at run time (no padding)."""
-    bank, mask, _ = build_banks(feats.f, cfg.prototype_rule, seed=KMEANS_SEED)
+    bank, mask = slide_prototypes(feats.f, cfg.prototype_rule).banks(feats.f)
     fusion.eval()
     y, _ = fusion(torch.from_numpy(feats.f), torch.from_numpy(bank), torch.from_numpy(mask),
                   torch.from_numpy(feats.y1))
