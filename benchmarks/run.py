@@ -168,7 +168,7 @@ def machine_info(suite: Suite) -> dict[str, Any]:
             info["cuda"] = torch.version.cuda
     except ImportError:
         info["torch"] = "not installed"
-    from mmap_deploy.runners import tensorrt_importable
+    from mmap_deploy.engines import tensorrt_importable
 
     ok, trt = tensorrt_importable()
     info["tensorrt"] = trt if ok else f"no: {trt}"
@@ -318,7 +318,7 @@ def encoder_rows(report: Report, suite: Suite, backbone: str, batches: tuple[int
     import torch
 
     from mmap_deploy.bundle import load_bundle
-    from mmap_deploy.runners import OnnxRuntimeRunner, default_threads
+    from mmap_deploy.engines import OnnxRuntimeRunner, default_threads
 
     threads = default_threads()
     torch.set_num_threads(threads)
@@ -558,7 +558,7 @@ def gpu_probe(report: Report) -> None:
     and a CUDA driver round trip through the TensorRT runner's own CUDA driver calls."""
     import onnxruntime as ort
 
-    from mmap_deploy.runners import tensorrt_importable
+    from mmap_deploy.engines import tensorrt_importable
 
     row: dict[str, Any] = {"name": "probe", "onnxruntime": ort.__version__,
                            "onnxruntime_providers": ort.get_available_providers()}
@@ -571,7 +571,7 @@ def gpu_probe(report: Report) -> None:
     except (OSError, subprocess.TimeoutExpired) as e:
         row["nvidia_smi"] = f"failed: {e}"
     try:
-        from mmap_deploy.tensorrt_runner import CudaDriver
+        from mmap_deploy.engines.tensorrt import CudaDriver
 
         cuda = CudaDriver()
         src = np.arange(1 << 20, dtype=np.float32)
@@ -651,7 +651,7 @@ def gpu_rows(report: Report, suite: Suite, work: Path, deadline: float) -> None:
     else:
         with step(report, "onnxruntime GPU"):
             ort_gpu_rows(report, suite, work, gpu_eps)
-    from mmap_deploy.runners import tensorrt_importable
+    from mmap_deploy.engines import tensorrt_importable
 
     ok, why = tensorrt_importable()
     if not ok:
@@ -663,7 +663,7 @@ def gpu_rows(report: Report, suite: Suite, work: Path, deadline: float) -> None:
 
 def ort_gpu_rows(report: Report, suite: Suite, work: Path, eps: list[str]) -> None:
     from mmap_deploy.bundle import load_bundle
-    from mmap_deploy.runners import OnnxRuntimeRunner
+    from mmap_deploy.engines import OnnxRuntimeRunner
 
     model = build_model("uni")
     label = model_label("uni", model.config)
@@ -681,7 +681,7 @@ def ort_gpu_rows(report: Report, suite: Suite, work: Path, eps: list[str]) -> No
 
 def tensorrt_rows(report: Report, suite: Suite, work: Path) -> None:
     from mmap_deploy.bundle import load_bundle
-    from mmap_deploy.tensorrt_runner import TensorRTRunner
+    from mmap_deploy.engines import TensorRTRunner
 
     model = build_model("uni")
     label = model_label("uni", model.config)
@@ -695,7 +695,7 @@ def tensorrt_rows(report: Report, suite: Suite, work: Path) -> None:
     report.add({"name": "tensorrt_build", "model": label, "rc": proc.returncode,
                 "seconds": round(time.perf_counter() - t, 1), "log": proc.stderr[-1500:]})
     bundle = load_bundle(bundle_dir / "bundle", verify_hashes=False)
-    with TensorRTRunner(bundle.path_of(bundle.select("encoder", "fp16", "tensorrt"))) as r:
+    with TensorRTRunner.from_bundle(bundle, bundle.select("encoder", "fp16", "tensorrt")) as r:
         for batch in suite.gpu_batches:
             views = views_for(model.config, batch)
             ts = interleaved({"r": lambda: r.run({"views": views})}, suite.rounds, warmup=2)["r"]

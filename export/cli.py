@@ -84,7 +84,7 @@ def _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precis
         from .tensorrt_build import BatchProfile
 
         batch = BatchProfile.parse(trt_batch)  # a bad profile fails before any work
-        from mmap_deploy.tensorrt_runner import current_target
+        from mmap_deploy.engines.tensorrt import current_target
 
         current_target()  # no TensorRT or no GPU: say so before exporting anything
     if parity_data is not None and not parity_data.is_dir():

@@ -118,7 +118,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, tuple[tu
     Returns the build time in seconds. Raises UserError with the parser's
     messages when TensorRT cannot parse the model.
     """
-    from mmap_deploy.tensorrt_runner import import_tensorrt
+    from mmap_deploy.engines.tensorrt import import_tensorrt
 
     trt = import_tensorrt()
     t0 = time.perf_counter()
@@ -171,7 +171,7 @@ def add_tensorrt(bundle_dir: str | Path, *, precision: str = "fp16", batch: Batc
     parity (cosine vs the fp32 ONNX model on CPU) in the manifest. Returns
     {role: {"seconds": build time, "parity": {...}, "target": {...}}}.
     """
-    from mmap_deploy.tensorrt_runner import TensorRTRunner, current_target, import_tensorrt
+    from mmap_deploy.engines.tensorrt import TensorRTRunner, current_target, import_tensorrt
 
     from .precision import _run, compare_outputs, fusion_feeds, parity_inputs
 

@@ -182,7 +182,7 @@ def engine_defaults(engines: Any, settings: RunSettings) -> RunSettings:
     at most 8 (on a 16-core H200 machine, 8 readers made 3 166 patches/s and
     16 read fewer; see benchmarks/RESULTS.md).
     """
-    from .runners import GPU_PROVIDERS, default_threads
+    from .engines import GPU_PROVIDERS, default_threads
 
     cores = settings.threads or default_threads()
     on_gpu = engines.encoder.name == "tensorrt" or any(p in GPU_PROVIDERS for p in engines.encoder.providers)
@@ -471,7 +471,7 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
         from .output import check_plot_genes
 
         check_plot_genes(settings.plot, bundle.manifest.genes, bundle.root)
-    from .runners import open_engines
+    from .engines import open_engines
 
     with open_engines(backend, bundle, precision, threads=threads) as engines:
         engine_defaults(engines, settings)

@@ -26,7 +26,7 @@ from .prototypes import slide_prototypes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundle import Bundle
-    from .runners import Engines
+    from .engines import Engines
 
 # Slides with at least this many spots run k-means on multi-threaded BLAS.
 KMEANS_THREADED_FROM = 20_000
@@ -105,7 +105,7 @@ def predict_slide(
 
     `slide` is a `SlideReader` (`read_patch(x, y, spec)`), `spots` a `Spots`
     (`ids`, `xy`), `engines` the loaded encoder and fusion runners
-    (`runners.open_engines`). `progress(n)` is called after each encoder
+    (`engines.open_engines`). `progress(n)` is called after each encoder
     batch with the number of spots done in it.
 
     A spot whose patch cannot be decoded (`PatchReadError`: the reader has

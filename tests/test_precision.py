@@ -15,7 +15,7 @@ import pytest
 from conftest import random_views
 from mmap_deploy.bundle import default_bundle_path, load_bundle, sha256_file
 from mmap_deploy.preprocess import ViewSpec
-from mmap_deploy.runners import OnnxRuntimeRunner, tensorrt_importable
+from mmap_deploy.engines import OnnxRuntimeRunner, tensorrt_importable
 from mmap_export.precision import (
     FP16_KEEP_FP32,
     ParityError,

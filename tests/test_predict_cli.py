@@ -197,7 +197,7 @@ def test_pipeline_matches_the_whole_slide_reference(pyramid, tiny_bundle, tmp_pa
     from mmap_deploy.pipeline import predict_slide
     from mmap_deploy.preprocess import make_views
     from mmap_deploy.prototypes import KMEANS_SEED, kmeans, top_l_banks
-    from mmap_deploy.runners import open_engines
+    from mmap_deploy.engines import open_engines
     from mmap_deploy.slide import open_slide
     from threadpoolctl import threadpool_limits
 
@@ -468,7 +468,7 @@ def test_a_whole_run_never_imports_torch(pyramid, tiny_bundle, tmp_path):
 def test_cpu_engines_get_cpu_batch_and_reader_defaults(tiny_bundle):
     from mmap_deploy.bundle import load_bundle
     from mmap_deploy.cli import RunSettings, engine_defaults
-    from mmap_deploy.runners import default_threads, open_engines
+    from mmap_deploy.engines import default_threads, open_engines
 
     with open_engines("onnxruntime", load_bundle(tiny_bundle), providers=["cpu"]) as engines:
         s = engine_defaults(engines, RunSettings())

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import random_views
-from mmap_deploy.bundle import load_bundle
+from mmap_deploy.bundle import load_bundle, sha256_file
 from mmap_deploy.errors import BundleError, EngineMismatchError, UserError
-from mmap_deploy.runners import tensorrt_importable
-from mmap_deploy.tensorrt_runner import TARGET_FIELDS, check_engine_target, recorded_target
+from mmap_deploy.engines import tensorrt_importable
+from mmap_deploy.engines.tensorrt import TARGET_FIELDS, check_engine_target
 from mmap_export.tensorrt_build import BatchProfile, input_profiles
 
 HAS_TENSORRT, TRT_INFO = tensorrt_importable()
@@ -27,7 +27,7 @@ HERE = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt":
 
 def _has_gpu() -> bool:
     try:
-        from mmap_deploy.tensorrt_runner import CudaDriver
+        from mmap_deploy.engines.tensorrt import CudaDriver
 
         CudaDriver()
         return True
@@ -62,18 +62,26 @@ def test_engine_without_a_recorded_target_is_refused():
     assert isinstance(EngineMismatchError("x"), BundleError)  # the CLI shows it as a one-line user error
 
 
-def test_recorded_target_reads_the_manifest_entry(tiny_bundle, tmp_path):
+def test_an_engine_in_a_subfolder_is_planned_with_its_recorded_target(tiny_bundle, tmp_path, monkeypatch):
+    """The runner gets the engine's target from the checked manifest entry, wherever the engine lies."""
+    import mmap_deploy.engines.select as select
+
     root = tmp_path / "b"
     shutil.copytree(tiny_bundle, root)
-    (root / "encoder.fp16.engine").write_bytes(b"not an engine")
+    (root / "engines").mkdir()
+    (root / "engines" / "encoder.fp16.engine").write_bytes(b"not an engine")
     data = json.loads((root / "manifest.json").read_text())
-    data["files"].append({"role": "encoder", "path": "encoder.fp16.engine", "sha256": "0" * 64,
+    data["files"].append({"role": "encoder", "path": "engines/encoder.fp16.engine",
+                          "sha256": sha256_file(root / "engines" / "encoder.fp16.engine"),
                           "precision": "fp16", "format": "tensorrt", "target": HERE, "parity": {}})
     (root / "manifest.json").write_text(json.dumps(data))
-    target, precision = recorded_target(root / "encoder.fp16.engine")
-    assert target == HERE and precision == "fp16"
-    with pytest.raises(BundleError, match="not listed as a TensorRT engine"):
-        recorded_target(root / "encoder.onnx")
+    # Planning only: loading the engine needs TensorRT and a GPU (the test below runs it where they exist).
+    monkeypatch.setattr(select, "tensorrt_importable", lambda: (True, HERE["tensorrt"]))
+    plan = select.select_backend("tensorrt", load_bundle(root), "fp16")
+    assert plan.encoder.backend == "tensorrt" and plan.encoder.precision == "fp16"
+    assert plan.encoder.path == root / "engines" / "encoder.fp16.engine"
+    assert plan.encoder.model_file.target == HERE
+    assert plan.fusion.backend == "onnxruntime" and plan.fusion.path.name == "fusion.onnx"
 
 
 def test_batch_profile_parsing():
@@ -96,10 +104,10 @@ def test_profiles_cover_batch_and_bank_length(tiny_bundle):
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt imports here")
 def test_runner_without_tensorrt_is_a_user_error(tmp_path):
-    from mmap_deploy.tensorrt_runner import TensorRTRunner
+    from mmap_deploy.engines.tensorrt import TensorRTRunner
 
     with pytest.raises(UserError, match=r"TensorRT is not available here.*mmap-deploy\[tensorrt\]"):
-        TensorRTRunner(tmp_path / "encoder.fp16.engine")
+        TensorRTRunner(tmp_path / "encoder.fp16.engine", target=HERE, precision="fp16")
 
 
 def test_target_fields_are_what_the_manifest_records():
@@ -121,7 +129,7 @@ def engine_bundle(tiny_bundle, tmp_path_factory) -> Path:
 
 @needs_tensorrt
 def test_engines_are_recorded_with_target_and_parity(engine_bundle):
-    from mmap_deploy.tensorrt_runner import current_target
+    from mmap_deploy.engines.tensorrt import current_target
 
     b = load_bundle(engine_bundle)
     here = current_target()
@@ -134,13 +142,13 @@ def test_engines_are_recorded_with_target_and_parity(engine_bundle):
 
 @needs_tensorrt
 def test_runner_matches_onnxruntime_and_splits_large_batches(engine_bundle):
-    from mmap_deploy.runners import OnnxRuntimeRunner
-    from mmap_deploy.tensorrt_runner import TensorRTRunner
+    from mmap_deploy.engines import OnnxRuntimeRunner
+    from mmap_deploy.engines.tensorrt import TensorRTRunner
     from mmap_export.precision import cosine_rows
 
     b = load_bundle(engine_bundle)
     views = random_views(11, seed=4)  # > the profile's max batch of 8
-    with TensorRTRunner(b.path_of(b.select("encoder", "fp16", "tensorrt"))) as trt_runner, \
+    with TensorRTRunner.from_bundle(b, b.select("encoder", "fp16", "tensorrt")) as trt_runner, \
             OnnxRuntimeRunner(b.path_of(b.select("encoder"))) as ort_runner:
         got, ref = trt_runner.run({"views": views}), ort_runner.run({"views": views})
         assert trt_runner.name == "tensorrt" and trt_runner.precision == "fp16"
@@ -150,8 +158,8 @@ def test_runner_matches_onnxruntime_and_splits_large_batches(engine_bundle):
 
 @needs_tensorrt
 def test_runner_refuses_an_engine_for_another_gpu(engine_bundle, tmp_path):
-    from mmap_deploy.runners import open_engines
-    from mmap_deploy.tensorrt_runner import TensorRTRunner
+    from mmap_deploy.engines import open_engines
+    from mmap_deploy.engines.tensorrt import TensorRTRunner
 
     root = tmp_path / "b"
     shutil.copytree(engine_bundle, root)
@@ -160,11 +168,32 @@ def test_runner_refuses_an_engine_for_another_gpu(engine_bundle, tmp_path):
         if f["format"] == "tensorrt":
             f["target"]["gpu"] = "Some Other GPU"
     (root / "manifest.json").write_text(json.dumps(data))
+    b = load_bundle(root)
     with pytest.raises(EngineMismatchError, match="Some Other GPU"):
-        TensorRTRunner(root / "encoder.fp16.engine")
+        TensorRTRunner.from_bundle(b, b.select("encoder", "fp16", "tensorrt"))
     with open_engines("auto", load_bundle(root), "fp16") as engines:  # falls back, and says why
         assert engines.encoder.name == "onnxruntime"
         assert "does not fit here" in engines.plan.reason
+
+
+@needs_tensorrt
+def test_engines_listed_in_a_subfolder_run(engine_bundle, tmp_path):
+    from mmap_deploy.engines import open_engines
+
+    root = tmp_path / "b"
+    shutil.copytree(engine_bundle, root)
+    (root / "engines").mkdir()
+    data = json.loads((root / "manifest.json").read_text())
+    for f in data["files"]:
+        if f["format"] == "tensorrt":
+            (root / f["path"]).rename(root / "engines" / f["path"])
+            f["path"] = f"engines/{f['path']}"
+    (root / "manifest.json").write_text(json.dumps(data))
+    views = random_views(3, seed=2)
+    with open_engines("tensorrt", load_bundle(root), "fp16") as engines:
+        assert engines.encoder.name == "tensorrt" and engines.encoder.path.parent.name == "engines"
+        out = engines.encoder.run({"views": views})
+    assert out["f"].shape[0] == 3 and np.isfinite(out["f"]).all()
 
 
 def test_uint8_input_is_cast_first_without_changing_results(tiny_bundle, tmp_path):

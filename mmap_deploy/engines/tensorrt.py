@@ -8,24 +8,28 @@ needs neither pycuda, cuda-python nor torch. `tensorrt` is imported only when
 a runner is created.
 
 An engine is tied to the GPU model and TensorRT version it was built with;
-the bundle manifest records both (`target`), and the runner refuses an
-engine whose target differs from this machine's with an
-`EngineMismatchError` that says what differs and how to fix it.
+the bundle manifest records both (`target`). The runner is given that target
+with the engine (`TensorRTRunner.from_bundle` takes both from the loaded,
+checked bundle; it never reads the manifest again) and refuses an engine
+whose target differs from this machine's with an `EngineMismatchError` that
+says what differs and how to fix it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import BundleError, EngineMismatchError, UserError
-from .runners import Runner
+from ..errors import BundleError, EngineMismatchError, UserError
+from .base import Runner, TensorSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..bundle import Bundle, ModelFile
 
 # The target fields an engine must match exactly.
 TARGET_FIELDS = ("gpu", "compute_capability", "tensorrt")
@@ -123,6 +127,15 @@ class CudaDriver:
             self.context = ctypes.c_void_p()
 
 
+def tensorrt_importable() -> tuple[bool, str]:
+    """(True, version) when the tensorrt Python package imports, else (False, why)."""
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as e:  # ImportError, or a CUDA library that fails to load
+        return False, f"tensorrt does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return True, str(getattr(tensorrt, "__version__", "unknown"))
+
+
 def import_tensorrt() -> Any:
     """`import tensorrt`, or a UserError that says how to get it."""
     try:
@@ -160,45 +173,25 @@ def check_engine_target(path: str | Path, recorded: dict[str, str], current: dic
         )
 
 
-def recorded_target(engine_path: Path) -> tuple[dict[str, str], str]:
-    """The target and precision the bundle manifest next to `engine_path` records for it."""
-    manifest = engine_path.parent / "manifest.json"
-    try:
-        data = json.loads(manifest.read_text())
-        entries = [f for f in data["files"] if f.get("path") == engine_path.name and f.get("format") == "tensorrt"]
-    except (OSError, ValueError, KeyError, TypeError):
-        entries = []
-    if not entries:
-        raise BundleError(
-            f"{engine_path}: not listed as a TensorRT engine in {manifest}; "
-            "load engines through their bundle (mmap-export --tensorrt writes both)"
-        )
-    entry = entries[0]
-    return {str(k): str(v) for k, v in dict(entry.get("target") or {}).items()}, str(entry.get("precision", "fp16"))
-
-
 class TensorRTRunner(Runner):
     """A deserialised TensorRT engine with its execution context, buffers and stream.
 
-    `run(feeds)` takes numpy arrays by input name (any batch size: batches
-    larger than the engine's profile maximum are split) and returns numpy
-    arrays by output name. Device buffers are allocated once, for the
-    profile's maximum shapes.
+    `target` is what the engine was built for (the manifest's record: GPU,
+    compute capability, TensorRT version), checked against this machine
+    before the engine is loaded. Device buffers are allocated once, for the
+    optimisation profile's maximum shapes; `max_batch` is the profile's
+    maximum batch, and `infer` splits larger batches into chunks of it.
     """
 
     name = "tensorrt"
 
-    def __init__(self, path: str | Path, *, target: dict[str, str] | None = None,
-                 precision: str | None = None, device: int = 0):
+    def __init__(self, path: str | Path, *, target: dict[str, str], precision: str, device: int = 0):
         self.path = Path(path)
         self._buffers: dict[str, int] = {}
         self._stream = 0
         self._cuda: CudaDriver | None = None
         trt = import_tensorrt()
-        if target is None:
-            target, recorded_precision = recorded_target(self.path)
-            precision = precision or recorded_precision
-        self.precision = precision or "fp16"
+        self.precision = precision
         self._cuda = CudaDriver(device)
         here = current_target(device, self._cuda)
         check_engine_target(self.path, target, here)
@@ -210,15 +203,16 @@ class TensorRTRunner(Runner):
             raise BundleError(f"{self.path}: TensorRT could not load this engine; rebuild it with mmap-export --tensorrt")
         self._context = self._engine.create_execution_context()
         self.providers = [f"TensorRT {trt.__version__}", here["gpu"]]
-        self.input_names, self.output_names = [], []
+        self.inputs, self.output_names = [], []
         self._dtype: dict[str, np.dtype] = {}
         self._max_shape: dict[str, tuple[int, ...]] = {}
         for i in range(self._engine.num_io_tensors):
             name = self._engine.get_tensor_name(i)
             self._dtype[name] = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
             if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                self.input_names.append(name)
                 self._max_shape[name] = tuple(self._engine.get_tensor_profile_shape(name, 0)[2])
+                shape = tuple(d if d >= 0 else None for d in self._engine.get_tensor_shape(name))
+                self.inputs.append(TensorSpec(name, self._dtype[name], shape, self._max_shape[name]))
             else:
                 self.output_names.append(name)
         self.max_batch = min(s[0] for s in self._max_shape.values())
@@ -233,37 +227,28 @@ class TensorRTRunner(Runner):
             self._buffers[name] = self._cuda.malloc(nbytes)
             self._context.set_tensor_address(name, self._buffers[name])
 
-    def _check_feed(self, name: str, value: np.ndarray) -> np.ndarray:
-        want = self._max_shape[name]
-        if value.ndim != len(want) or any(v > m for v, m in zip(value.shape[1:], want[1:])):
-            raise ValueError(f"{self.path.name}: input {name} has shape {value.shape}; the engine takes up to {want}")
-        return np.ascontiguousarray(value, dtype=self._dtype[name])
+    @classmethod
+    def from_bundle(cls, bundle: "Bundle", mf: "ModelFile", device: int = 0) -> "TensorRTRunner":
+        """The engine `mf` of a loaded bundle, with the target and precision its manifest entry records."""
+        return cls(bundle.path_of(mf), target=mf.target, precision=mf.precision, device=device)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise ValueError(f"{self.path.name}: missing inputs {missing}; it takes {self.input_names}")
-        arrays = {n: self._check_feed(n, np.asarray(feeds[n])) for n in self.input_names}
-        n = arrays[self.input_names[0]].shape[0]
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in self.output_names}
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One chunk of at most `max_batch` spots, already checked by `Runner.infer`."""
         self._cuda.make_current()
-        for start in range(0, n, self.max_batch):
-            chunk = {k: v[start : start + self.max_batch] for k, v in arrays.items()}
-            for name, value in chunk.items():
-                self._context.set_input_shape(name, value.shape)
-                self._cuda.to_device(self._buffers[name], value, self._stream)
-            outs = {k: np.empty(tuple(self._context.get_tensor_shape(k)), dtype=self._dtype[k])
-                    for k in self.output_names}
-            if not self._context.execute_async_v3(self._stream):
-                raise RuntimeError(f"{self.path.name}: TensorRT execution failed")
-            for name, out in outs.items():
-                self._cuda.to_host(out, self._buffers[name], self._stream)
-            self._cuda.synchronize(self._stream)
-            for k, v in outs.items():
-                parts[k].append(v)
-        return {k: (v[0] if len(v) == 1 else np.concatenate(v)) for k, v in parts.items()}
+        for name, value in feeds.items():
+            value = np.ascontiguousarray(value)
+            self._context.set_input_shape(name, value.shape)
+            self._cuda.to_device(self._buffers[name], value, self._stream)
+        outs = {k: np.empty(tuple(self._context.get_tensor_shape(k)), dtype=self._dtype[k])
+                for k in self.output_names}
+        if not self._context.execute_async_v3(self._stream):
+            raise RuntimeError(f"{self.path.name}: TensorRT execution failed")
+        for name, out in outs.items():
+            self._cuda.to_host(out, self._buffers[name], self._stream)
+        self._cuda.synchronize(self._stream)
+        return outs
 
-    def close(self) -> None:
+    def close_impl(self) -> None:
         cuda = self._cuda
         if cuda is None:
             return

@@ -1,4 +1,4 @@
-"""The runner interface and backend selection, on real ONNX Runtime sessions of the tiny bundle."""
+"""The runner interface (input checks, chunking) and backend selection, on real ONNX Runtime sessions of the tiny bundle."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_GENES, random_views
 from mmap_deploy.bundle import load_bundle, sha256_file
 from mmap_deploy.errors import BundleError, UserError
-from mmap_deploy.runners import (
+from mmap_deploy.engines import (
     OnnxRuntimeRunner,
     available_providers,
     open_engines,
@@ -75,6 +75,39 @@ def test_runner_reports_missing_inputs(tiny_bundle):
     with OnnxRuntimeRunner(tiny_bundle / "fusion.onnx") as r:
         with pytest.raises(ValueError, match="missing inputs"):
             r.run({"f": np.zeros((1, 4), np.float32)})
+
+
+@pytest.mark.parametrize("feeds, message", [
+    ({"views": random_views(2).astype(np.float32)}, r"input 'views' is float32; the model takes uint8"),
+    ({"views": random_views(2)[:, :2]}, r"input 'views' has shape \(2, 2, .*the model takes \(N, 3, "),
+    ({"views": random_views(2)[0]}, r"input 'views' has shape .*the model takes \(N, "),
+    ({"views": random_views(2), "mask": np.ones((2, 1), bool)}, r"unknown inputs \['mask'\]"),
+])
+def test_runner_checks_feeds_against_the_model(tiny_bundle, feeds, message):
+    with OnnxRuntimeRunner(tiny_bundle / "encoder.onnx", threads=1) as r:
+        assert [s.name for s in r.inputs] == ["views"] and r.inputs[0].dtype == np.uint8
+        with pytest.raises(ValueError, match=message):
+            r.infer(feeds)
+
+
+def test_runner_needs_one_row_per_spot_in_every_input(tiny_bundle):
+    with OnnxRuntimeRunner(tiny_bundle / "fusion.onnx", threads=1) as r:
+        feeds = {"f": np.zeros((3, 96), np.float32), "bank": np.zeros((3, 2, 96), np.float32),
+                 "mask": np.ones((3, 2), bool), "y1": np.zeros((2, len(TINY_GENES)), np.float32)}
+        with pytest.raises(ValueError, match=r"input 'y1' has 2 rows but 'f' has 3"):
+            r.infer(feeds)
+
+
+def test_runner_chunks_a_batch_and_keeps_the_spot_order(tiny_bundle):
+    views = random_views(11, seed=5)
+    with OnnxRuntimeRunner(tiny_bundle / "encoder.onnx", threads=1) as r:
+        whole = r.infer({"views": views})
+        chunked = r.infer({"views": views}, batch_size=4)  # 4 + 4 + 3 spots
+        parts = [r.infer({"views": views[s:s + 4]}) for s in (0, 4, 8)]
+    for name in ("f", "y1"):
+        assert chunked[name].shape == whole[name].shape
+        np.testing.assert_array_equal(chunked[name], np.concatenate([p[name] for p in parts]))
+        np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-5, atol=1e-6)
 
 
 def test_runner_after_close_is_an_error(tiny_bundle):
