@@ -5,6 +5,11 @@ one schema: `Manifest.to_json` writes it (export) and `load_bundle` reads and
 checks it (runtime). The runtime trusts nothing in a bundle: format version,
 file hashes, paths staying inside the bundle, and value types are all checked,
 and every problem is reported with the file and the fix.
+
+`load_bundle` checks the manifest and that every listed file is there; a
+model file's sha256 is checked when a run first asks for the file
+(`Bundle.path_of`), once, so a run hashes only the files it opens (an fp32
+CPU run never reads the bundle's fp16, int8 or TensorRT files).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,13 +257,46 @@ def parse_manifest(data: Any, source: Path) -> Manifest:
 
 @dataclass
 class Bundle:
-    """A checked bundle: its directory and manifest."""
+    """A bundle whose manifest has been checked; its model files are checked as they are used.
+
+    `path_of(mf)` is how code reaches a model file: the first time, the file
+    (and its external data) is hashed against the manifest, a BundleError
+    naming the file when it differs; later calls reuse that result.
+    `hashed` lists, in order, the files hashed so far (each appears once).
+    """
 
     root: Path
     manifest: Manifest
+    manifest_sha256: str = ""
+    verify_hashes: bool = True
+    hashed: list[str] = field(default_factory=list)
+    _verified: set[str] = field(default_factory=set, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def path_of(self, mf: ModelFile) -> Path:
+        """The path of model file `mf`, its sha256 checked against the manifest on first use."""
+        if self.verify_hashes:
+            with self._lock:  # two threads asking for one file hash it once
+                for rel, digest in _listed(mf):
+                    if rel not in self._verified:
+                        self._verify(rel, digest)
         return self.root / mf.path
+
+    def _verify(self, rel: str, digest: str) -> None:
+        fp = self.root / rel
+        got = sha256_file(fp)
+        self.hashed.append(rel)
+        if got != digest:
+            raise BundleError(
+                f"{fp}: sha256 {got[:12]}… does not match the manifest's {digest[:12]}…; "
+                "the file is damaged or was changed; copy or re-export the bundle"
+            )
+        self._verified.add(rel)
+
+    def add_verified(self, mf: ModelFile) -> None:
+        """Record that `mf`'s files were hashed as they were written (export), so use does not hash them again."""
+        with self._lock:
+            self._verified.update(rel for rel, _ in _listed(mf))
 
     def select(self, role: str, precision: str = "fp32", fmt: str = "onnx") -> ModelFile:
         mf = self.manifest.model_file(role, precision, fmt)
@@ -271,9 +310,20 @@ class Bundle:
             )
         return mf
 
+    def write_manifest(self) -> Path:
+        """Write the (changed) manifest into the bundle; `sha256()` then identifies the new one."""
+        path = self.manifest.write(self.root)
+        self.manifest_sha256 = sha256_file(path)
+        return path
+
     def sha256(self) -> str:
-        """Hash of the manifest file: identifies the bundle in provenance."""
-        return sha256_file(self.root / MANIFEST_NAME)
+        """Hash of the manifest file as loaded (or last written): identifies the bundle in provenance."""
+        return self.manifest_sha256
+
+
+def _listed(mf: ModelFile) -> list[tuple[str, str]]:
+    """(path, sha256) of a model file and, when it has one, of its external data."""
+    return [(mf.path, mf.sha256)] + ([(mf.external_data, mf.external_sha256)] if mf.external_data else [])
 
 
 def _resolve_inside(root: Path, rel: str, manifest_path: Path) -> Path:
@@ -290,7 +340,12 @@ def _resolve_inside(root: Path, rel: str, manifest_path: Path) -> Path:
 
 
 def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
-    """Read and check a bundle directory; raise BundleError with the fix on any problem."""
+    """Read and check a bundle directory; raise BundleError with the fix on any problem.
+
+    The manifest is checked in full, and every file it lists must lie inside
+    the bundle and exist. Hashes are checked when files are used (see
+    `Bundle.path_of`); `verify_hashes=False` skips them (benchmarks).
+    """
     root = Path(path)
     if root.is_file() and root.name == MANIFEST_NAME:
         root = root.parent
@@ -299,25 +354,19 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         raise BundleError(f"{root}: model bundle directory not found; pass --model DIR made by mmap-export")
     if not manifest_path.is_file():
         raise BundleError(f"{root}: no {MANIFEST_NAME} in this directory; it is not a bundle made by mmap-export")
+    raw = manifest_path.read_bytes()
     try:
-        data = json.loads(manifest_path.read_text())
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{manifest_path}: not valid JSON ({e}); re-export the bundle with mmap-export") from None
     manifest = parse_manifest(data, manifest_path)
     for mf in manifest.files:
-        listed = [(mf.path, mf.sha256)] + ([(mf.external_data, mf.external_sha256)] if mf.external_data else [])
-        for rel, digest in listed:
+        for rel, _ in _listed(mf):
             fp = _resolve_inside(root, rel, manifest_path)
             if not fp.is_file():
                 raise BundleError(f"{manifest_path}: lists {rel} but {fp} does not exist; copy the whole bundle directory")
-            if verify_hashes:
-                got = sha256_file(fp)
-                if got != digest:
-                    raise BundleError(
-                        f"{fp}: sha256 {got[:12]}… does not match the manifest's {digest[:12]}…; "
-                        "the file is damaged or was changed; copy or re-export the bundle"
-                    )
-    return Bundle(root=root, manifest=manifest)
+    return Bundle(root=root, manifest=manifest, manifest_sha256=hashlib.sha256(raw).hexdigest(),
+                  verify_hashes=verify_hashes)
 
 
 def default_bundle_path() -> Path:

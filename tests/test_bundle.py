@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from mmap_deploy.bundle import FORMAT_VERSION, MANIFEST_NAME, load_bundle, parse_manifest
+from mmap_deploy.bundle import FORMAT_VERSION, MANIFEST_NAME, load_bundle, parse_manifest, sha256_file
 from mmap_deploy.errors import BundleError
 
 
@@ -35,11 +35,27 @@ def test_loads_and_round_trips(bundle):
     assert again.to_dict() == m.to_dict()
 
 
-def test_hash_mismatch_names_the_file(bundle):
+def test_hash_mismatch_names_the_file_when_it_is_used(bundle):
     with open(bundle / "fusion.onnx", "ab") as fh:
         fh.write(b"\0")
-    with pytest.raises(BundleError, match=r"fusion\.onnx: sha256 .* does not match"):
-        load_bundle(bundle)
+    b = load_bundle(bundle)  # the manifest is fine; no model file is read yet
+    assert b.path_of(b.select("encoder")) == bundle / "encoder.onnx"
+    for _ in range(2):  # a failed check is not remembered as passed
+        with pytest.raises(BundleError, match=r"fusion\.onnx: sha256 .* does not match.*re-export"):
+            b.path_of(b.select("fusion"))
+
+
+def test_each_file_is_hashed_once_and_only_when_used(bundle):
+    b = load_bundle(bundle)
+    assert b.hashed == []
+    assert b.sha256() == sha256_file(bundle / MANIFEST_NAME)  # from the bytes read, not a second read
+    enc = b.select("encoder")
+    for _ in range(3):
+        b.path_of(enc)
+    assert b.hashed == ["encoder.onnx"]
+    b.path_of(b.select("fusion"))
+    assert b.hashed == ["encoder.onnx", "fusion.onnx"]
+    assert load_bundle(bundle, verify_hashes=False).path_of(enc) == bundle / "encoder.onnx"
 
 
 def test_unknown_version(bundle):

@@ -216,6 +216,21 @@ def test_tensorrt_backend_without_an_engine_says_how_to_build_one(tiny_bundle):
         select_backend("tensorrt", load_bundle(tiny_bundle))
 
 
+def test_a_run_hashes_only_the_files_it_opens(tiny_bundle, tmp_path):
+    """A bundle with fp16 files besides fp32: an fp32 run hashes encoder.onnx and fusion.onnx, once each."""
+    root = _copy(tiny_bundle, tmp_path)
+    for role in ("encoder", "fusion"):
+        shutil.copy(root / f"{role}.onnx", root / f"{role}.fp16.onnx")
+        _add_file(root, {"role": role, "path": f"{role}.fp16.onnx", "precision": "fp16", "format": "onnx"})
+    b = load_bundle(root)
+    assert b.hashed == []
+    with open_engines("onnxruntime", b, "fp32", threads=1):
+        pass
+    with open_engines("onnxruntime", b, "fp32", threads=1):  # a second batch slide with the same bundle
+        pass
+    assert b.hashed == ["encoder.onnx", "fusion.onnx"]
+
+
 def test_open_engines_runs_encoder_then_fusion(tiny_bundle):
     b = load_bundle(tiny_bundle)
     with open_engines("auto", b, threads=1) as engines:
