@@ -217,11 +217,11 @@ def add_precisions(bundle: Path, precisions: tuple[str, ...], parity_spots: int 
 
     m = load_bundle(bundle, verify_hashes=False).manifest
     if "fp16" in precisions and m.model_file("encoder", "fp16") is None:
-        from mmap_export.precision import add_fp16
+        from mmap_export.reduced import add_fp16
 
         add_fp16(bundle, n_spots=parity_spots)
     if "int8" in precisions and m.model_file("encoder", "int8") is None:
-        from mmap_export.precision import add_int8
+        from mmap_export.reduced import add_int8
 
         add_int8(bundle, n_spots=parity_spots)
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mmap_deploy import __version__
-from mmap_deploy.bundle import Manifest, ModelFile, sha256_file
+from mmap_deploy.bundle import Bundle, Manifest, ModelFile, sha256_file
 from mmap_train.model import MMAP, load_checkpoint
 
 from .graphs import EncoderGraph, FusionGraph, deployable
@@ -105,6 +105,13 @@ def add_file(manifest: Manifest, bundle_dir: Path, role: str, path: Path, precis
                    external_sha256=sha256_file(data) if data.is_file() else "")
     manifest.files = [f for f in manifest.files
                       if (f.role, f.precision, f.format) != (role, precision, fmt)] + [mf]
+    return mf
+
+
+def add_to_bundle(bundle: Bundle, role: str, path: Path, **kwargs) -> ModelFile:
+    """`add_file` for a loaded bundle: the hash just computed from the new file stands as its check."""
+    mf = add_file(bundle.manifest, bundle.root, role, path, **kwargs)
+    bundle.add_verified(mf)
     return mf
 
 

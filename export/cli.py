@@ -97,35 +97,44 @@ def _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precis
         _echo(f"exported {out_dir} in {time.perf_counter() - t0:.1f} s")
     from mmap_deploy.bundle import load_bundle
 
+    # One bundle object through every step: each model file is hashed once, when first used.
     bundle = load_bundle(out_dir)  # checks the bundle before adding to it
     need_fp16 = fp16 or (tensorrt and trt_precision == "fp16"
                          and bundle.manifest.model_file("encoder", "fp16") is None)
+    reference = None
+    if need_fp16 or int8 or tensorrt:
+        from .parity import ParityReference
+
+        # the parity inputs and the fp32 outputs on them, made once for every file added
+        reference = ParityReference.build(bundle, parity_data)
     if need_fp16:
-        from .precision import FP16_MIN_COSINE, add_fp16
+        from .parity import FP16_MIN_COSINE
+        from .reduced import add_fp16
 
         t = time.perf_counter()
-        res = add_fp16(out_dir, parity_data, min_cosine=FP16_MIN_COSINE if min_cosine is None else min_cosine)
+        res = add_fp16(bundle, min_cosine=FP16_MIN_COSINE if min_cosine is None else min_cosine,
+                       reference=reference)
         _echo(f"fp16: encoder cosine {res['encoder']['cosine_min']:.6f}, fusion cosine "
               f"{res['fusion']['cosine_min']:.6f} vs fp32 ({time.perf_counter() - t:.1f} s)")
     if int8:
-        from .precision import INT8_MIN_COSINE, add_int8
+        from .parity import INT8_MIN_COSINE
+        from .reduced import add_int8
 
         t = time.perf_counter()
-        res8 = add_int8(out_dir, parity_data, min_cosine=INT8_MIN_COSINE if min_cosine is None else min_cosine)
+        res8 = add_int8(bundle, min_cosine=INT8_MIN_COSINE if min_cosine is None else min_cosine,
+                        reference=reference)
         _echo(f"int8: encoder cosine {res8['cosine_min']:.6f} vs fp32 ({time.perf_counter() - t:.1f} s)")
     if tensorrt:
         from .tensorrt_build import add_tensorrt
 
-        res_trt = add_tensorrt(out_dir, precision=trt_precision, batch=batch, workspace_gib=trt_workspace_gib,
-                               timing_cache=trt_timing_cache, data_dir=parity_data)
+        res_trt = add_tensorrt(bundle, precision=trt_precision, batch=batch, workspace_gib=trt_workspace_gib,
+                               timing_cache=trt_timing_cache, reference=reference)
         for role, r in res_trt.items():
             _echo(f"tensorrt {trt_precision} {role}: built in {r['seconds']:.1f} s for {r['target']['gpu']} "
                   f"(sm {r['target']['compute_capability']}, TensorRT {r['target']['tensorrt']}), "
                   f"cosine {r['parity']['cosine_min']:.6f} vs fp32")
-    manifest = load_bundle(out_dir).manifest
-    sizes = ", ".join(f"{f.path} {(out_dir / f.path).stat().st_size / 1e6:.1f} MB" for f in manifest.files)
+    sizes = ", ".join(f"{f.path} {(out_dir / f.path).stat().st_size / 1e6:.1f} MB" for f in bundle.manifest.files)
     _echo(f"wrote {out_dir} ({sizes}) in {time.perf_counter() - t0:.1f} s")
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmap_deploy.atomic import atomic_path
-from mmap_deploy.bundle import load_bundle
+from mmap_deploy.bundle import Bundle
 from mmap_deploy.errors import UserError
 
-from .bundle_writer import add_file
+from .bundle_writer import add_to_bundle
+from .parity import ParityReference
 
 log = logging.getLogger(__name__)
 
@@ -161,34 +162,32 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, tuple[tu
     return time.perf_counter() - t0
 
 
-def add_tensorrt(bundle_dir: str | Path, *, precision: str = "fp16", batch: BatchProfile = BatchProfile(),
+def add_tensorrt(bundle: Bundle | str | Path, *, precision: str = "fp16", batch: BatchProfile = BatchProfile(),
                  workspace_gib: float = 4.0, timing_cache: Path | None = None, data_dir: Path | None = None,
-                 device: int = 0) -> dict[str, dict]:
+                 device: int = 0, reference: ParityReference | None = None) -> dict[str, dict]:
     """Build `encoder.<precision>.engine` and `fusion.<precision>.engine` for this GPU into the bundle.
 
     `precision` picks the ONNX files the engines are built from (fp16: the
     strongly typed mixed-precision files from --fp16; fp32). Records target and
-    parity (cosine vs the fp32 ONNX model on CPU) in the manifest. Returns
+    parity (cosine vs the fp32 ONNX model on CPU, measured through the
+    runtime's TensorRT runner) in the manifest; `reference` is the export's
+    parity reference, else one is built from `data_dir`. Returns
     {role: {"seconds": build time, "parity": {...}, "target": {...}}}.
     """
     from mmap_deploy.engines.tensorrt import TensorRTRunner, current_target, import_tensorrt
 
-    from .precision import _run, compare_outputs, fusion_feeds, parity_inputs
+    from .parity import PARITY_SPOTS
+    from .reduced import as_bundle
 
     import_tensorrt()  # a clear message before any work when TensorRT is missing
     if precision not in ("fp16", "fp32"):
         raise UserError(f"TensorRT engines are built from fp16 or fp32 ONNX files, not {precision!r}")
-    bundle = load_bundle(bundle_dir)
+    bundle = as_bundle(bundle)
     root = bundle.root
     target = current_target(device)
     cache = timing_cache if timing_cache is not None else root / TIMING_CACHE_NAME
     profiles = input_profiles(bundle.manifest, batch)
-    inputs = parity_inputs(bundle.manifest.view, data_dir, n=min(batch.max, 24))
-    enc32 = bundle.path_of(bundle.select("encoder"))
-    fus32 = bundle.path_of(bundle.select("fusion"))
-    ref = _run(enc32, {"views": inputs.views})
-    feeds = {"encoder": {"views": inputs.views}, "fusion": fusion_feeds(bundle, ref["f"], ref["y1"])}
-    refs = {"encoder": ref, "fusion": _run(fus32, feeds["fusion"])}
+    ref = reference or ParityReference.build(bundle, data_dir, n=min(batch.max, PARITY_SPOTS))
     results: dict[str, dict] = {}
     for role in ("encoder", "fusion"):
         src = bundle.path_of(bundle.select(role, precision, "onnx"))
@@ -196,16 +195,12 @@ def add_tensorrt(bundle_dir: str | Path, *, precision: str = "fp16", batch: Batc
         seconds = build_engine(src, engine, profiles[role], workspace_bytes=int(workspace_gib * (1 << 30)),
                                timing_cache=cache)
         with TensorRTRunner(engine, target=target, precision=precision, device=device) as runner:
-            got = runner.run(feeds[role])
-        parity = compare_outputs(refs[role], got)
-        parity.update(n_spots=float(len(inputs.views)), real_patches=float(inputs.real),
-                      build_seconds=round(seconds, 2))
+            parity = ref.measure(role, runner)
+        parity["build_seconds"] = round(seconds, 2)
         engine_target = dict(target, batch_profile=f"{batch.min},{batch.opt},{batch.max}",
                              workspace_gib=f"{workspace_gib:g}")
-        add_file(bundle.manifest, root, role, engine, precision=precision, fmt="tensorrt",
-                 target=engine_target, parity=parity)
+        add_to_bundle(bundle, role, engine, precision=precision, fmt="tensorrt", target=engine_target, parity=parity)
         results[role] = {"seconds": seconds, "parity": parity, "target": engine_target}
-    bundle.manifest.provenance[f"parity_inputs_tensorrt_{precision}"] = inputs.source
-    bundle.manifest.write(root)
+    bundle.manifest.provenance[f"parity_inputs_tensorrt_{precision}"] = ref.inputs.source
+    bundle.write_manifest()
     return results
-

@@ -16,15 +16,9 @@ from conftest import random_views
 from mmap_deploy.bundle import default_bundle_path, load_bundle, sha256_file
 from mmap_deploy.preprocess import ViewSpec
 from mmap_deploy.engines import OnnxRuntimeRunner, tensorrt_importable
-from mmap_export.precision import (
-    FP16_KEEP_FP32,
-    ParityError,
-    add_fp16,
-    add_int8,
-    convert_fp16,
-    cosine_rows,
-    her2st_parity_views,
-)
+from mmap_export.parity import ParityError, ParityReference, cosine_rows, her2st_parity_views
+from mmap_export.precision import FP16_KEEP_FP32, convert_fp16
+from mmap_export.reduced import add_fp16, add_int8
 
 EXPORT = [sys.executable, "-m", "mmap_export.cli"]
 
@@ -143,6 +137,38 @@ def test_failed_parity_writes_nothing(bundle_copy):
         add_fp16(bundle_copy, min_cosine=1.0)
     assert (bundle_copy / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in bundle_copy.iterdir()) == names  # no files, no temp files left
+
+
+def test_one_bundle_and_one_reference_through_fp16_and_int8(bundle_copy):
+    """As mmap-export --fp16 --int8 does: each fp32 file is hashed once and run once for the reference."""
+    b = load_bundle(bundle_copy)
+    ref = ParityReference.build(b, None)
+    res16 = add_fp16(b, reference=ref)
+    res8 = add_int8(b, reference=ref)
+    assert b.hashed == ["encoder.onnx", "fusion.onnx"]  # the new files were hashed as they were written
+    assert ref.fp32_runs == ["encoder", "fusion"]
+    assert res16["encoder"]["cosine_min"] >= 0.999 and res8["cosine_min"] >= 0.99
+    again = load_bundle(bundle_copy)  # what was recorded checks out from the files
+    for role, precision in (("encoder", "fp16"), ("fusion", "fp16"), ("encoder", "int8")):
+        again.path_of(again.select(role, precision))
+    assert again.sha256() == b.sha256()  # the bundle's hash follows the manifest it last wrote
+    assert again.manifest.to_dict() == b.manifest.to_dict()
+
+
+def test_parity_is_measured_through_the_runtime_runner(bundle_copy):
+    """The reference is the fp32 runner's output; a runner of the same fp32 file agrees exactly."""
+    from mmap_deploy.engines import OnnxRuntimeRunner as Runner
+
+    b = load_bundle(bundle_copy)
+    ref = ParityReference.build(b, None, n=10)
+    with Runner(b.path_of(b.select("encoder"))) as r:
+        same = ref.measure("encoder", r)
+    with Runner(b.path_of(b.select("fusion"))) as r:
+        fused = ref.measure("fusion", r)
+    assert same["cosine_min"] == pytest.approx(1.0, abs=1e-6) and same["max_abs_diff_f"] == 0.0
+    assert fused["cosine_min"] == pytest.approx(1.0, abs=1e-6) and fused["n_spots"] == 10.0
+    feeds = ref.feeds("fusion")
+    assert not feeds["mask"].all() and feeds["mask"][:, 0].all()  # padded, masked slots are covered
 
 
 def test_cli_adds_precisions_to_an_existing_bundle(bundle_copy):

@@ -117,7 +117,7 @@ def test_target_fields_are_what_the_manifest_records():
 # -- on a GPU with TensorRT ------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine_bundle(tiny_bundle, tmp_path_factory) -> Path:
-    from mmap_export.precision import add_fp16
+    from mmap_export.reduced import add_fp16
     from mmap_export.tensorrt_build import add_tensorrt
 
     root = tmp_path_factory.mktemp("trt") / "bundle"
@@ -144,7 +144,7 @@ def test_engines_are_recorded_with_target_and_parity(engine_bundle):
 def test_runner_matches_onnxruntime_and_splits_large_batches(engine_bundle):
     from mmap_deploy.engines import OnnxRuntimeRunner
     from mmap_deploy.engines.tensorrt import TensorRTRunner
-    from mmap_export.precision import cosine_rows
+    from mmap_export.parity import cosine_rows
 
     b = load_bundle(engine_bundle)
     views = random_views(11, seed=4)  # > the profile's max batch of 8
