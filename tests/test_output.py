@@ -133,6 +133,28 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["out.h5ad"]
 
 
+def test_the_thumbnail_is_stored_compressed_and_reads_back_identical(tmp_path):
+    import h5py
+
+    rng = np.random.default_rng(2)
+    thumb = np.full((600, 500, 3), 245, np.uint8)  # white glass around a noisy "tissue" block
+    thumb[100:400, 150:350] = rng.integers(120, 220, (300, 200, 3), dtype=np.uint8)
+    a = build_anndata(_prediction(), thumb, 0.1, library_id="S1", slide_mpp=0.5, patch_um=160.0, provenance={})
+    out = write_h5ad(a, tmp_path / "out.h5ad")
+    assert a.uns["spatial"]["S1"]["images"]["hires"] is not None  # the caller's AnnData is left whole
+    with h5py.File(out) as f:
+        d = f["uns/spatial/S1/images/hires"]
+        assert d.compression == "gzip" and d.chunks == (128, 500, 3)
+        assert d.attrs["encoding-type"] == "array"
+        assert f["X"].compression is None  # only the images: predictions stay fast to write and read
+    back = ad.read_h5ad(out)
+    hires = back.uns["spatial"]["S1"]["images"]["hires"]
+    assert hires.dtype == np.uint8 and np.array_equal(hires, thumb)
+    assert back.uns["spatial"]["S1"]["scalefactors"] == a.uns["spatial"]["S1"]["scalefactors"]
+    np.testing.assert_array_equal(back.X, a.X)
+    assert out.stat().st_size < thumb.nbytes / 2
+
+
 def test_a_killed_runs_temporary_file_is_cleaned_up(tmp_path):
     stale = tmp_path / ".out.h5ad.k3x9_q.tmp"  # what a run killed while writing leaves
     stale.write_bytes(b"half")
