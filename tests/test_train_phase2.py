@@ -146,7 +146,6 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, real_data):
 def test_shared_bank_forward_equals_the_fusion_head(cache):
     """The training fast path is FusionHead.forward, in train mode (dropout) and eval mode, both averagings."""
     from mmap_train.model import FusionHead
-    from mmap_train.phase2 import fusion_forward_shared
 
     feats, targets = cache
     for average in ("reference", "paper"):
@@ -161,6 +160,6 @@ def test_shared_bank_forward_equals_the_fusion_head(cache):
             torch.manual_seed(7)
             y_ref, h_ref = head(f, bank, mask, y1)
             torch.manual_seed(7)
-            y, h = fusion_forward_shared(head, f, data.centroids, data.bank_idx[rows], mask, y1)
+            y, h = head.forward_shared(f, data.centroids, data.bank_idx[rows], mask, y1)
             torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-6)

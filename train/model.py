@@ -126,11 +126,23 @@ class CrossAttention(nn.Module):
         self.out_drop = nn.Dropout(dropout)
         self.scale = head_dim ** -0.5
 
-    def forward(self, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, _ = context.shape
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """The projected query (B, heads, 1, head_dim) of query vectors x (B, D)."""
+        return self.q(self.norm(x)).reshape(x.shape[0], self.heads, 1, self.head_dim)
+
+    def key_value(self, context: torch.Tensor) -> torch.Tensor:
+        """Keys and values (..., 2 * heads * head_dim) of context rows, each row on its own.
+
+        Normalisation and projection act row by row, so rows shared by many
+        contexts (phase 2's centroids) can be projected once and gathered.
+        """
+        return self.kv(self.norm(context))
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected queries `q` attending over projected context rows `kv` (B, N, 2 * heads * head_dim)."""
+        b, n, _ = kv.shape
         h, d = self.heads, self.head_dim
-        q = self.q(self.norm(query)).reshape(b, h, 1, d)
-        kv = self.kv(self.norm(context)).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
+        kv = kv.reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
         k, v = kv[0], kv[1]
         scores = (q * self.scale) @ k.transpose(-1, -2)  # (B, H, 1, N)
         if mask is not None:
@@ -138,6 +150,11 @@ class CrossAttention(nn.Module):
         attn = self.attn_drop(scores.softmax(dim=-1))
         out = (attn @ v).reshape(b, h * d)
         return self.out_drop(self.proj(out))
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # query before keys/values: the order of the exported graph's nodes and of gradient accumulation
+        q = self.query(query)
+        return self.attend(q, self.key_value(context), mask)
 
 
 class MagnificationEncoder(nn.Module):
@@ -199,11 +216,27 @@ class FusionHead(nn.Module):
         context = torch.cat([f[:, None], bank], dim=1)
         full_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
         h = self.attn(f, context, full_mask)
+        return self._predict(y1, h), h
+
+    def forward_shared(self, f: torch.Tensor, centroids: torch.Tensor, bank_idx: torch.Tensor, mask: torch.Tensor,
+                       y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward(f, centroids[bank_idx], mask, y1)`, projecting keys/values once per centroid.
+
+        The training fast path (tests hold it equal to `forward`, dropout
+        included): the banks of a batch are gathered from a few hundred
+        centroids, so projecting those instead of every (spot, bank slot)
+        copy of them is about 5x less work per step.
+        """
+        q = self.attn.query(f)
+        kv = torch.cat([self.attn.key_value(f)[:, None], self.attn.key_value(centroids)[bank_idx]], dim=1)
+        full_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        h = self.attn.attend(q, kv, full_mask)
+        return self._predict(y1, h), h
+
+    def _predict(self, y1: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if self.head_average == "reference":
-            y = (y1 + self.head_h(h)) / 2
-        else:
-            y = (2 * y1 + self.head_h(h)) / 3
-        return y, h
+            return (y1 + self.head_h(h)) / 2
+        return (2 * y1 + self.head_h(h)) / 3
 
 
 class MMAP(nn.Module):

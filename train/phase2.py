@@ -35,7 +35,7 @@ from .config import MMAPConfig
 from .datasets import Targets
 from .features import SectionFeatures
 from .metrics import evaluate
-from .model import MASK_VALUE, MMAP, FusionHead, alignment_loss, embed_dim_of, load_checkpoint, save_checkpoint
+from .model import MMAP, FusionHead, alignment_loss, embed_dim_of, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -127,35 +127,6 @@ class BankedSpots:
 
     def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (self.f[rows], self.centroids[self.bank_idx[rows]], self.mask[rows], self.y1[rows], self.target[rows])
-
-
-def fusion_forward_shared(fusion: FusionHead, f: torch.Tensor, centroids: torch.Tensor, bank_idx: torch.Tensor,
-                          mask: torch.Tensor, y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fusion(f, centroids[bank_idx], mask, y1)`, with the key/value projection done once per centroid.
-
-    The same function as FusionHead.forward (tests hold them equal, dropout
-    included): normalisation and the key/value projection act on each context
-    row alone, so they can run on the few hundred centroids instead of on
-    every (spot, bank slot) copy of them, about 5x less work per training step.
-    """
-    attn = fusion.attn
-    b, n = bank_idx.shape[0], bank_idx.shape[1] + 1
-    h, d = attn.heads, attn.head_dim
-    q = attn.q(attn.norm(f)).reshape(b, h, 1, d)
-    kv_f = attn.kv(attn.norm(f))[:, None]
-    kv_c = attn.kv(attn.norm(centroids))[bank_idx]
-    kv = torch.cat([kv_f, kv_c], dim=1).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
-    k, v = kv[0], kv[1]
-    scores = (q * attn.scale) @ k.transpose(-1, -2)
-    full_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-    scores = scores.masked_fill(~full_mask[:, None, None, :], MASK_VALUE)
-    weights = attn.attn_drop(scores.softmax(dim=-1))
-    hidden = attn.out_drop(attn.proj((weights @ v).reshape(b, h * d)))
-    if fusion.head_average == "reference":
-        y = (y1 + fusion.head_h(hidden)) / 2
-    else:
-        y = (2 * y1 + fusion.head_h(hidden)) / 3
-    return y, hidden
 
 
 def prepare(feats: dict[str, SectionFeatures], targets: dict[str, Targets], names: list[str],
@@ -262,8 +233,7 @@ def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: di
         for i in range(0, len(perm), recipe.batch_size):
             rows = perm[i:i + recipe.batch_size]
             f, y1, t = train_data.f[rows], train_data.y1[rows], train_data.target[rows]
-            y, h = fusion_forward_shared(fusion, f, train_data.centroids, train_data.bank_idx[rows],
-                                         train_data.mask[rows], y1)
+            y, h = fusion.forward_shared(f, train_data.centroids, train_data.bank_idx[rows], train_data.mask[rows], y1)
             mse = torch.mean((y - t) ** 2)
             loss = mse + cfg.mag_weight * alignment_loss(cfg, f, h) if cfg.mag_weight > 0 else mse
             opt.zero_grad(set_to_none=True)
