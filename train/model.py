@@ -12,12 +12,18 @@ giving `h`; the final prediction averages `y1` and a head on `h`.
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 import warnings
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mmap_deploy.errors import UserError
 
 from .config import MMAPConfig
 
@@ -280,17 +286,67 @@ def alignment_loss(cfg: MMAPConfig, a: torch.Tensor, b: torch.Tensor) -> torch.T
 
 
 # -- checkpoints -----------------------------------------------------------
+def plain(value: Any, where: str = "checkpoint") -> Any:
+    """`value` as checkpoint data: dicts, lists, tuples, str, numbers, bools, None and tensors only.
+
+    numpy scalars and arrays become Python numbers and tensors, paths become
+    strings; anything else (an object, a function) is a bug and raises, so
+    that every checkpoint loads with `torch.load(weights_only=True)`.
+    """
+    if value is None or isinstance(value, (str, bool, int, float, torch.Tensor)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f"{where}: {type(value).__name__} is not checkpoint data (dicts, lists, str, numbers, tensors)")
+
+
 def save_checkpoint(path: str | Path, model: MMAP, **extra) -> None:
-    """Write {config, state_dict, **extra} atomically."""
+    """Write {config, state_dict, **extra} atomically; `extra` holds plain data only (see `plain`)."""
     path = Path(path)
+    extra = plain(extra)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict(), **extra}, tmp)
     tmp.replace(path)
 
 
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint file as data, never as code: UserError for a file that is not one.
+
+    `torch.load(weights_only=True)` unpickles only tensors and plain
+    containers, so a checkpoint received from someone else cannot run code
+    here; one that carries any other pickled object is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; pass a .pt file written by mmap-train")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(f"{path}: refused: the checkpoint carries pickled objects{what}, not only data; "
+                        "mmap-train checkpoints hold only tensors, dicts, lists, strings and numbers, "
+                        "so this file was not written by it or was altered; do not load it") from None
+    except Exception as e:  # a truncated or foreign file: torch raises many kinds
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}); "
+                        "pass a .pt file written by mmap-train") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
+        raise UserError(f"{path}: not an mmap-train checkpoint (no config/state_dict)")
+    return ckpt
+
+
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[MMAP, dict]:
     """Rebuild the model from a checkpoint's config and load its weights (no backbone file needed)."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = read_checkpoint(path, map_location)
     cfg = MMAPConfig.from_dict(ckpt["config"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-init warning: weights come from the checkpoint

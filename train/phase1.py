@@ -36,7 +36,7 @@ from mmap_deploy.preprocess import ViewSpec, make_views, normalise
 from .config import MMAPConfig
 from .datasets import training_views
 from .metrics import evaluate
-from .model import MMAP, alignment_loss, save_checkpoint
+from .model import MMAP, alignment_loss, read_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume,
     if resume:
         if not last_path.is_file():
             raise UserError(f"{last_path}: nothing to resume; run without --resume first")
-        state = torch.load(last_path, map_location=device, weights_only=False)
+        state = read_checkpoint(last_path, map_location=device)
         model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

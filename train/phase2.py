@@ -35,7 +35,9 @@ from .config import MMAPConfig
 from .datasets import Targets
 from .features import SectionFeatures
 from .metrics import evaluate
-from .model import MMAP, FusionHead, alignment_loss, embed_dim_of, load_checkpoint, save_checkpoint
+from .model import (
+    MMAP, FusionHead, alignment_loss, embed_dim_of, load_checkpoint, plain, read_checkpoint, save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +290,7 @@ def save_fusion_checkpoint(path: str | Path, cfg: MMAPConfig, fusion: FusionHead
     """A checkpoint holding only the fusion weights (`encoder_trained: False`), loadable by load_checkpoint."""
     path = Path(path)
     state = {f"fusion.{k}": v for k, v in fusion.state_dict().items()}
-    extra["encoder_trained"] = False
+    extra = plain({**extra, "encoder_trained": False})
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"config": cfg.to_dict(), "state_dict": state, **extra}, tmp)
     tmp.replace(path)
@@ -296,12 +298,7 @@ def save_fusion_checkpoint(path: str | Path, cfg: MMAPConfig, fusion: FusionHead
 
 def load_fusion(path: str | Path) -> tuple[MMAPConfig, FusionHead, dict[str, Any]]:
     """Only the fusion head of a checkpoint (no backbone is built): what evaluation on a cache needs."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
-        raise UserError(f"{path}: not an mmap-train checkpoint (no config/state_dict)")
+    ckpt = read_checkpoint(path)
     cfg = MMAPConfig.from_dict(ckpt["config"])
     fusion = FusionHead(cfg, embed_dim_of(cfg.backbone))
     state = {k[len("fusion."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("fusion.")}
