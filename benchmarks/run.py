@@ -190,7 +190,8 @@ def build_model(backbone: str, seed: int = 0):
 
 
 def model_label(backbone: str, cfg) -> str:
-    return {"uni": f"uni-vit-large-patch16-{cfg.input_size}", "tiny": f"tiny-vit-patch16-{cfg.input_size}"}.get(
+    s = cfg.view_spec.input_size
+    return {"uni": f"uni-vit-large-patch16-{s}", "tiny": f"tiny-vit-patch16-{s}"}.get(
         backbone, backbone)
 
 
@@ -242,8 +243,8 @@ def prepare_model(backbone: str, work: Path, precisions: tuple[str, ...], checkp
 
 def views_for(cfg, n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    s = cfg.input_size
-    return rng.integers(0, 256, (n, len(cfg.crop_fractions), s, s, 3), dtype=np.uint8)
+    s = cfg.view_spec.input_size
+    return rng.integers(0, 256, (n, cfg.view_spec.n_views, s, s, 3), dtype=np.uint8)
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:

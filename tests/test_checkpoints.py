@@ -107,3 +107,22 @@ def test_resume_refuses_pickled_code(pickled_callable, tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(UserError, match=r"last\.pt: refused: the checkpoint carries pickled objects"):
             train_phase1(cfg, spots, None, tmp_path / "run", Phase1Recipe(epochs=1), resume=True, progress=False)
+
+
+def test_flat_configs_of_older_checkpoints_still_load(tiny_checkpoint, tmp_path):
+    """Before the view spec and the prototype rule were nested, configs held their fields flat."""
+    from mmap_deploy.prototypes import PrototypeRule
+    from mmap_train.model import load_checkpoint
+
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    flat = {k: v for k, v in ckpt["config"].items() if k not in ("view_spec", "prototype_rule")}
+    flat.update(input_size=112, patch_um=100.0, mpp=0.5, crop_fractions=[1.0, 0.5, 0.25],
+                k_min=8, k_max=40, k_divisor=4, l_ratio=0.5, l_fixed=6)
+    torch.save(dict(ckpt, config=flat), tmp_path / "old.pt")
+    model, _ = load_checkpoint(tmp_path / "old.pt")
+    spec = model.config.view_spec
+    assert (spec.patch_um, spec.mpp, spec.input_size, spec.crop_fractions) == (100.0, 0.5, 112, (1.0, 0.5, 0.25))
+    assert spec.mean == (0.485, 0.456, 0.406)  # the backbone's normalisation: what those models were trained with
+    assert model.config.prototype_rule == PrototypeRule(8, 40, 4, 0.5, 6)
+    reference, _ = load_checkpoint(tiny_checkpoint)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())

@@ -12,6 +12,7 @@ import numpy as np
 
 from mmap_deploy.errors import UserError
 
+from .backbones import BACKBONES
 from .datasets import Section, her2st_sections, manifest_sections, read_genes, split_sections
 
 log = logging.getLogger("mmap_train")
@@ -125,7 +126,8 @@ def _add(options):
 @click.option("--val-sections", help="Comma-separated validation sections (default: 20% of the sections, seeded).")
 @click.option("--genes", type=click.Path(dir_okay=False), help="Target genes, one a line (her2st default: genes_785.txt).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (checkpoints, log).")
-@click.option("--backbone", type=click.Choice(["tiny", "small", "uni"]), default="uni", show_default=True)
+@click.option("--backbone", type=click.Choice(list(BACKBONES)), default="uni", show_default=True,
+              help="; ".join(f"{b.name}: {b.about}" for b in BACKBONES.values()) + ".")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), help="Local UNI weights file (never downloaded).")
 @click.option("--lora-blocks", type=int, default=9, show_default=True, help="LoRA on the last N blocks; 0 trains the whole backbone.")
 @click.option("--input-size", type=int, default=112, show_default=True)
@@ -147,15 +149,17 @@ def phase1(data_dir, manifest, sections, val_sections, genes, out, backbone, bac
            input_size, epochs, batch_size, accumulate, lr, min_lr, weight_decay, mag_start_epoch, seed,
            max_steps, threads, device, no_amp, loader_threads, resume):
     """Train the multi-magnification encoder (phase 1) on slides and their counts."""
+    from .backbones import get_backbone
     from .config import MMAPConfig
     from .phase1 import Phase1Recipe, load_spot_set, train_phase1
 
     secs = _sections(data_dir, manifest, _csv_list(sections), with_images=True)
     gene_list = _genes(genes, data_dir)
     train_names, val_names = split_sections([s.name for s in secs], _csv_list(val_sections))
-    cfg = MMAPConfig(genes=gene_list, backbone=backbone, backbone_weights=backbone_weights or "",
-                     lora_last_blocks=lora_blocks, input_size=input_size)
     try:
+        spec = get_backbone(backbone).view_spec(input_size=input_size)
+        cfg = MMAPConfig(genes=gene_list, backbone=backbone, backbone_weights=backbone_weights or "",
+                         lora_last_blocks=lora_blocks, view_spec=spec)
         cfg.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -206,6 +210,8 @@ def features(data_dir, manifest, sections, checkpoint, out, batch_size, overwrit
 def phase2(features_dir, counts, spots, genes, out, sections, val_sections, init_ckpt, head_average, l_fixed,
            epochs, lr, weight_decay, batch_size, seed, max_steps, threads):
     """Train the prototype-aware fusion head (phase 2) on a feature cache."""
+    from mmap_deploy.prototypes import PrototypeRule
+
     from .phase2 import Phase2Recipe, config_for_cache, load_init, train_phase2
 
     gene_list, feats, targets = _load_cache_and_targets(features_dir, counts, spots, genes, _csv_list(sections))
@@ -214,16 +220,10 @@ def phase2(features_dir, counts, spots, genes, out, sections, val_sections, init
     for k, v in (("epochs", epochs), ("lr", lr), ("weight_decay", weight_decay), ("batch_size", batch_size)):
         if v is not None:
             setattr(recipe, k, v)
-    init = None
-    if init_ckpt:
-        init = load_init(init_ckpt)
-        cfg = init.config
-        if list(cfg.genes) != gene_list:
-            raise UserError(f"{init_ckpt}: its genes differ from {genes}; use the gene list it was trained with")
-        cfg.head_average, cfg.l_fixed = head_average, l_fixed
-    else:
-        dim = next(iter(feats.values())).f.shape[1]
-        cfg = config_for_cache(gene_list, dim, head_average=head_average, l_fixed=l_fixed)
+    init = load_init(init_ckpt) if init_ckpt else None
+    # the cache's width and --genes, not the checkpoint's: train_phase2 checks that they agree with --init
+    cfg = config_for_cache(gene_list, next(iter(feats.values())).f.shape[1], base=init.config if init else None,
+                           head_average=head_average, prototype_rule=PrototypeRule(l_fixed=l_fixed))
     res = train_phase2(cfg, feats, targets, train_names, val_names, out, recipe, init=init, max_steps=max_steps,
                        extra={"command": " ".join(sys.argv), "features": str(features_dir)})
     best = res["best"] or {}

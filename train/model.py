@@ -25,24 +25,13 @@ from torch import nn
 
 from mmap_deploy.errors import UserError
 
+from .backbones import get_backbone
 from .config import MMAPConfig
 
 log = logging.getLogger(__name__)
 
 # Large enough to zero a softmax weight, small enough to survive fp16 (max 65504).
 MASK_VALUE = -30000.0
-
-_BACKBONE_GEOMETRY = {
-    # name: (timm architecture, embed_dim, depth, heads)
-    "tiny": ("vit_tiny_patch16_224", 96, 4, 3),
-    "small": ("vit_small_patch16_224", 384, 12, 6),
-    "uni": ("vit_large_patch16_224", 1024, 24, 16),
-}
-
-
-def embed_dim_of(backbone: str) -> int:
-    return _BACKBONE_GEOMETRY[backbone][1]
-
 
 def build_backbone(cfg: MMAPConfig, weights: str | Path | None = None) -> nn.Module:
     """A timm ViT at the model's fixed input size, with LayerScale (init 1e-5) as in UNI.
@@ -53,10 +42,10 @@ def build_backbone(cfg: MMAPConfig, weights: str | Path | None = None) -> nn.Mod
     """
     import timm
 
-    arch, dim, depth, heads = _BACKBONE_GEOMETRY[cfg.backbone]
+    b = get_backbone(cfg.backbone)
     model = timm.create_model(
-        arch, pretrained=False, num_classes=0, img_size=cfg.input_size,
-        embed_dim=dim, depth=depth, num_heads=heads, init_values=1e-5,
+        b.timm_name, pretrained=False, num_classes=0, img_size=cfg.view_spec.input_size,
+        patch_size=b.patch_size, embed_dim=b.embed_dim, depth=b.depth, num_heads=b.heads, init_values=1e-5,
     )
     if weights:
         load_backbone_weights(model, weights)
@@ -168,7 +157,7 @@ class MagnificationEncoder(nn.Module):
 
     def __init__(self, cfg: MMAPConfig, backbone_weights: str | Path | None = None):
         super().__init__()
-        self.n_views = len(cfg.crop_fractions)
+        self.n_views = cfg.view_spec.n_views
         self.query_view = cfg.query_view
         self.detail_view = self.n_views - 1  # the highest magnification: e^(2) in the paper
         n_backbones = 1 if cfg.shared_encoder else self.n_views
@@ -179,7 +168,7 @@ class MagnificationEncoder(nn.Module):
                 bb = add_lora(bb, cfg)
             backbones.append(bb)
         self.backbones = nn.ModuleList(backbones)
-        dim = embed_dim_of(cfg.backbone)
+        dim = cfg.embed_dim
         self.cross_attn = CrossAttention(dim, cfg.attn_heads, cfg.attn_head_dim, cfg.dropout)
         self.head_f = nn.Linear(dim, cfg.n_genes)  # MLP_a(f)
         self.head_detail = nn.Linear(dim, cfg.n_genes)  # MLP_b(e^(2))
@@ -253,11 +242,11 @@ class MMAP(nn.Module):
         cfg.validate()
         self.config = cfg
         self.encoder = MagnificationEncoder(cfg, backbone_weights)
-        self.fusion = FusionHead(cfg, embed_dim_of(cfg.backbone))
+        self.fusion = FusionHead(cfg, cfg.embed_dim)
 
     @property
     def embed_dim(self) -> int:
-        return embed_dim_of(self.config.backbone)
+        return self.config.embed_dim
 
 
 # -- losses ----------------------------------------------------------------

@@ -14,35 +14,33 @@ model with that encoder (`encoder_trained: True`).
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from mmap_deploy.errors import UserError
 from mmap_deploy.prototypes import PrototypeRule, build_banks, kmeans, top_l_banks
 
+from .backbones import BACKBONES, backbone_of_width
 from .config import MMAPConfig
 from .datasets import Targets
 from .features import SectionFeatures
+from .history import write_training_log
 from .metrics import evaluate
 from .model import (
-    MMAP, FusionHead, alignment_loss, embed_dim_of, load_checkpoint, plain, read_checkpoint, save_checkpoint,
+    MMAP, FusionHead, alignment_loss, load_checkpoint, plain, read_checkpoint, save_checkpoint,
 )
 
 log = logging.getLogger(__name__)
 
 KMEANS_SEED = 0  # the runtime's seed: banks at training time are the banks at run time
-BACKBONE_BY_DIM = {embed_dim_of(b): b for b in ("tiny", "small", "uni")}
 
 
 @dataclass
@@ -141,15 +139,43 @@ def prepare(feats: dict[str, SectionFeatures], targets: dict[str, Targets], name
     return out
 
 
-def config_for_cache(genes: list[str], dim: int, **overrides: Any) -> MMAPConfig:
-    """A model config for a cache of `dim`-wide features (its backbone is the one of that width)."""
-    backbone = BACKBONE_BY_DIM.get(dim)
+def config_for_cache(genes: list[str], dim: int, base: MMAPConfig | None = None, **overrides: Any) -> MMAPConfig:
+    """A model config for a cache of `dim`-wide features and the target `genes`.
+
+    Its backbone is the one of that width. `base`: the config of the phase-1
+    model phase 2 starts from (`--init`), whose other settings are kept;
+    `train_phase2` then checks that the cache and genes agree with it.
+    """
+    backbone = backbone_of_width(dim)
     if backbone is None:
         raise UserError(f"cached features are {dim}-wide; known backbones give "
-                        f"{', '.join(f'{d} ({b})' for d, b in BACKBONE_BY_DIM.items())}")
-    cfg = MMAPConfig(genes=list(genes), backbone=backbone, **overrides)
+                        f"{', '.join(f'{b.embed_dim} ({b.name})' for b in BACKBONES.values())}")
+    if base is None:
+        cfg = MMAPConfig(genes=list(genes), backbone=backbone.name, **overrides)
+    else:
+        cfg = replace(base, genes=list(genes), backbone=backbone.name, **overrides)
     cfg.validate()
     return cfg
+
+
+# What phase 2 cannot change in the phase-1 model it starts from (`init`).
+ENCODER_FIELDS = ("backbone", "genes", "view_spec", "shared_encoder", "query_view")
+
+
+def _encoder_differences(cfg: MMAPConfig, init: MMAPConfig) -> list[str]:
+    out = []
+    for k in ENCODER_FIELDS:
+        new, old = getattr(cfg, k), getattr(init, k)
+        if new == old:
+            continue
+        if k == "genes":
+            first = next((i for i, (a, b) in enumerate(zip(new, old)) if a != b), min(len(new), len(old)))
+            out.append(f"genes ({len(new)} here, {len(old)} in the checkpoint; first difference at gene {first + 1})")
+        elif k == "backbone":
+            out.append(f"backbone ({new} here, from the features' width; {old} in the checkpoint)")
+        else:
+            out.append(f"{k} ({new} here, {old} in the checkpoint)")
+    return out
 
 
 @torch.no_grad()
@@ -161,15 +187,6 @@ def predict(fusion: FusionHead, data: BankedSpots, batch_size: int = 256) -> np.
         f, bank, mask, y1, _ = data.batch(rows)
         out.append(fusion(f, bank, mask, y1)[0].numpy())
     return np.concatenate(out) if out else np.zeros((0, data.y1.shape[1]), np.float32)
-
-
-def _write_log(out_dir: Path, history: list[dict[str, Any]]) -> None:
-    (out_dir / "log.json").write_text(json.dumps(history, indent=1) + "\n")
-    keys = [k for k in history[0] if not isinstance(history[0][k], dict)] if history else []
-    with (out_dir / "log.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(history)
 
 
 def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: dict[str, Targets],
@@ -195,9 +212,9 @@ def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: di
     if not train:
         raise UserError("no training section has spots with both features and counts")
     dim = train[0].f.shape[1]
-    if dim != embed_dim_of(cfg.backbone):
+    if dim != cfg.embed_dim:
         raise UserError(f"cached features are {dim}-wide but the model's {cfg.backbone} backbone gives "
-                        f"{embed_dim_of(cfg.backbone)}; use a cache made by this phase-1 model")
+                        f"{cfg.embed_dim}; use a cache made by this phase-1 model")
     if train[0].y1.shape[1] != cfg.n_genes or train[0].target.shape[1] != cfg.n_genes:
         raise UserError(f"cached y1 has {train[0].y1.shape[1]} genes but the gene list has {cfg.n_genes}")
     train_data = BankedSpots(train, rule.max_bank)
@@ -206,12 +223,10 @@ def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: di
     torch.manual_seed(recipe.seed)
     if init is not None:
         model = init
-        encoder_fields = ("backbone", "input_size", "crop_fractions", "shared_encoder", "query_view", "genes",
-                          "patch_um", "mpp")
-        changed = [k for k in encoder_fields if getattr(cfg, k) != getattr(init.config, k)]
+        changed = _encoder_differences(cfg, init.config)
         if changed:
-            raise UserError(f"phase 2 settings change the phase-1 model's {', '.join(changed)}; "
-                            "keep them as the --init checkpoint has them")
+            raise UserError(f"the phase-1 model (--init) does not match: {'; '.join(changed)}; use the feature "
+                            "cache made with that checkpoint and the gene list it was trained with")
         # the checkpoint must describe the head trained here (head averaging, K/L rule)
         model.config = cfg
         model.fusion = FusionHead(cfg, dim)  # fresh head with the recipe's seed
@@ -282,7 +297,7 @@ def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: di
         save_checkpoint(ckpt_path, model, **meta)
     else:
         save_fusion_checkpoint(ckpt_path, cfg, fusion, **meta)
-    _write_log(out_dir, history)
+    write_training_log(out_dir, history)
     return {"checkpoint": str(ckpt_path), "history": history, "best": best_metrics, "meta": meta}
 
 
@@ -300,7 +315,7 @@ def load_fusion(path: str | Path) -> tuple[MMAPConfig, FusionHead, dict[str, Any
     """Only the fusion head of a checkpoint (no backbone is built): what evaluation on a cache needs."""
     ckpt = read_checkpoint(path)
     cfg = MMAPConfig.from_dict(ckpt["config"])
-    fusion = FusionHead(cfg, embed_dim_of(cfg.backbone))
+    fusion = FusionHead(cfg, cfg.embed_dim)
     state = {k[len("fusion."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("fusion.")}
     fusion.load_state_dict(state)
     return cfg, fusion.eval(), ckpt
@@ -324,9 +339,9 @@ def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures
     for name, sf in feats.items():
         if len(sf.spot_ids) == 0:
             continue
-        if sf.f.shape[1] != embed_dim_of(cfg.backbone) or sf.y1.shape[1] != cfg.n_genes:
+        if sf.f.shape[1] != cfg.embed_dim or sf.y1.shape[1] != cfg.n_genes:
             raise UserError(f"section {name}: cached f/y1 are {sf.f.shape[1]}/{sf.y1.shape[1]} wide, the checkpoint "
-                            f"expects {embed_dim_of(cfg.backbone)}/{cfg.n_genes}")
+                            f"expects {cfg.embed_dim}/{cfg.n_genes}")
         rows = targets[name].rows_for(sf.spot_ids, f"section {name}")
         preds.append(predict_section(cfg, fusion, sf))
         tgts.append(targets[name].values[rows])
