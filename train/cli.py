@@ -12,6 +12,7 @@ import numpy as np
 
 from mmap_deploy.errors import UserError
 
+from . import missing_train_extra
 from .backbones import BACKBONES
 from .datasets import Section, her2st_sections, manifest_sections, read_genes, split_sections
 
@@ -98,7 +99,7 @@ def _finite_or_null(value):
     return value
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log more detail to stderr.")
 def cli(verbose: bool) -> None:
     """Train MMAP: phase 1 on slides, the feature cache, phase 2 on cached features, evaluation."""
@@ -130,18 +131,20 @@ def _add(options):
               help="; ".join(f"{b.name}: {b.about}" for b in BACKBONES.values()) + ".")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), help="Local UNI weights file (never downloaded).")
 @click.option("--lora-blocks", type=int, default=9, show_default=True, help="LoRA on the last N blocks; 0 trains the whole backbone.")
-@click.option("--input-size", type=int, default=112, show_default=True)
-@click.option("--epochs", type=int, default=50, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--input-size", type=int, default=112, show_default=True,
+              help="Side in pixels of each view fed to the ViT (a multiple of its patch size, 16).")
+@click.option("--epochs", type=int, default=50, show_default=True, help="Training epochs (the cosine schedule's length).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Spots per micro-batch.")
 @click.option("--accumulate", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
-@click.option("--lr", type=float, default=1e-5, show_default=True)
-@click.option("--min-lr", type=float, default=1e-6, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--mag-start-epoch", type=int, default=5, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--lr", type=float, default=1e-5, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--min-lr", type=float, default=1e-6, show_default=True, help="Learning rate at the end of the cosine schedule.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay.")
+@click.option("--mag-start-epoch", type=int, default=5, show_default=True,
+              help="Epoch from which the magnification-alignment loss joins the MSE.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the initialisation, order and crops.")
 @click.option("--max-steps", type=int, default=0, help="Stop after this many optimiser steps (smoke runs).")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="torch device, e.g. cuda:1; auto: cuda when available.")
 @click.option("--no-amp", is_flag=True, help="No bfloat16 autocast on GPU.")
 @click.option("--loader-threads", type=int, default=1, show_default=True, help="Threads making the next batches' views.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
@@ -178,7 +181,7 @@ def phase1(data_dir, manifest, sections, val_sections, genes, out, backbone, bac
 @_add(data_options)
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Phase-1 (or later) checkpoint.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder ({section}_f.npy, _y1.npy, _spots.txt).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Spots per encoder call.")
 @click.option("--overwrite", is_flag=True, help="Recompute sections already in the cache.")
 def features(data_dir, manifest, sections, checkpoint, out, batch_size, overwrite):
     """Compute f and y1 of every spot of every slide with a phase-1 checkpoint."""
@@ -198,14 +201,15 @@ def features(data_dir, manifest, sections, checkpoint, out, batch_size, overwrit
 @click.option("--sections", help="Comma-separated sections of the cache to use (default: all).")
 @click.option("--val-sections", help="Comma-separated validation sections (default: 20% of the sections, seeded).")
 @click.option("--init", "init_ckpt", type=click.Path(dir_okay=False), help="Phase-1 checkpoint the cache was made with: kept as the encoder.")
-@click.option("--head-average", type=click.Choice(["reference", "paper"]), default="reference", show_default=True)
+@click.option("--head-average", type=click.Choice(["reference", "paper"]), default="reference", show_default=True,
+              help="Final prediction: reference (y1 + MLP3(h))/2, or paper Eq. 9 (MLP1(e2) + MLP2(f) + MLP3(h))/3.")
 @click.option("--l-fixed", type=int, default=0, show_default=True, help="Fixed bank length L (0: adaptive, floor(0.5 K)).")
-@click.option("--epochs", type=int, default=None, help="Default: the recipe's.")
-@click.option("--lr", type=float, default=None)
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--max-steps", type=int, default=0)
+@click.option("--epochs", type=int, default=None, help="Training epochs (default: the recipe's, 10).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate, AdamW (default: the recipe's, 1e-4).")
+@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the recipe's, 1e-4).")
+@click.option("--batch-size", type=int, default=None, help="Spots per step (default: the recipe's, 64).")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the head's initialisation and order.")
+@click.option("--max-steps", type=int, default=0, help="Stop after this many optimiser steps (smoke runs).")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice).")
 def phase2(features_dir, counts, spots, genes, out, sections, val_sections, init_ckpt, head_average, l_fixed,
            epochs, lr, weight_decay, batch_size, seed, max_steps, threads):
@@ -233,11 +237,11 @@ def phase2(features_dir, counts, spots, genes, out, sections, val_sections, init
 
 
 @cli.command()
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
-@click.option("--features", "features_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--counts", required=True, type=click.Path(file_okay=False))
-@click.option("--spots", required=True, type=click.Path(file_okay=False))
-@click.option("--genes", required=True, type=click.Path(dir_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Phase-2 checkpoint to evaluate.")
+@click.option("--features", "features_dir", required=True, type=click.Path(file_okay=False), help="Feature cache folder.")
+@click.option("--counts", required=True, type=click.Path(file_okay=False), help="Folder of {section}.tsv.gz / .h5ad counts.")
+@click.option("--spots", required=True, type=click.Path(file_okay=False), help="Folder of {section}_selection.tsv spot tables.")
+@click.option("--genes", required=True, type=click.Path(dir_okay=False), help="Target genes, one a line (the checkpoint's).")
 @click.option("--json", "json_out", required=True, type=click.Path(dir_okay=False), help="Where to write the metrics.")
 @click.option("--sections", help="Comma-separated sections of the cache to evaluate (default: all).")
 def evaluate(checkpoint, features_dir, counts, spots, genes, json_out, sections):
@@ -263,6 +267,12 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="mmap-train", standalone_mode=False)
     except UserError as e:
         click.echo(f"mmap-train: error: {e}", err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as e:
+        message = missing_train_extra(e)
+        if message is None:
+            raise
+        click.echo(f"mmap-train: error: {message}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("mmap-train: aborted", err=True)
