@@ -20,7 +20,7 @@ _FLAT_RULE_FIELDS = ("k_min", "k_max", "k_divisor", "l_ratio", "l_fixed")
 class MMAPConfig:
     """Everything that defines an MMAP model's architecture and preprocessing.
 
-    Defaults follow method.md: the reference code's query view (view 2, the
+    Defaults follow docs/method.md: the reference code's query view (view 2, the
     x20 CLS) and head averaging, a shared encoder, LoRA rank 16 / alpha 32 on
     the last 9 blocks, 112 px views. `view_spec` (patch geometry, views,
     normalisation) defaults to the backbone's (`backbones.BACKBONES`);
