@@ -34,9 +34,7 @@ from .datasets import Targets
 from .features import SectionFeatures
 from .history import write_training_log
 from .metrics import evaluate
-from .model import (
-    MMAP, FusionHead, alignment_loss, load_checkpoint, plain, read_checkpoint, save_checkpoint,
-)
+from .model import MMAP, FusionHead, alignment_loss, load_checkpoint, plain, read_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
