@@ -6,7 +6,7 @@ A real her2st H&E image is written once as a tiled pyramidal TIFF, so the slide
 is read tile by tile through OpenSlide as a whole-slide scan would be (the
 `rss` rows of `run.py` use the plain JPEG, which is decoded whole), and a grid
 of bins is laid over it. Each run is a fresh `mmap-predict` process; its peak
-RSS is the kernel's count for that process (see `run.run_predict`).
+RSS is the kernel's count for that process (see `harness.run_predict`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import grid_coords, pyramidal_tiff, run_predict  # noqa: E402
+from harness import grid_coords, pyramidal_tiff, run_predict  # noqa: E402
+
+from mmap_deploy.preprocess import DEFAULT_MPP  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-HER2ST_MPP = 0.73
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     slide = args.work / f"{args.section}.tif"
     if not slide.exists():
-        pyramidal_tiff(args.data_dir / "her2st" / "images" / f"{args.section}.jpg", HER2ST_MPP, slide, levels=4)
+        pyramidal_tiff(args.data_dir / "her2st" / "images" / f"{args.section}.jpg", DEFAULT_MPP, slide, levels=4)
     with open_slide(slide) as s:
         width, height, margin = s.width, s.height, 150
     rows = []
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "slide": f"her2st {args.section} as a pyramidal TIFF ({width}x{height} px at {HER2ST_MPP} µm/px)",
+        "slide": f"her2st {args.section} as a pyramidal TIFF ({width}x{height} px at {DEFAULT_MPP} µm/px)",
         "model": str(bundle),
         "results": rows,
     }

@@ -56,9 +56,9 @@ def rotations(runs: list[str], json_out: str) -> None:
         log_path = work / "phase1" / "log.json" if (work / "phase1").is_dir() else work / "log.json"
         log = json.loads(log_path.read_text())
         kept = [r for r in log if r.get("kept")][-1]
-        import torch
+        from mmap_train.model import read_checkpoint
 
-        ckpt = torch.load(log_path.parent / "checkpoint.pt", map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(log_path.parent / "checkpoint.pt")
         data = ckpt["training_data"]
         rows.append({"run": str(work), "val_sections": data["val_sections"], "n_train_spots": data["n_train_spots"],
                      "n_val_spots": data["n_val_spots"], "kept_epoch": kept["epoch"], "minutes": log[-1]["seconds"] / 60,

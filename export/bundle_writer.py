@@ -32,7 +32,7 @@ def example_inputs(model: MMAP, batch: int = 2, bank: int = 3) -> dict[str, tupl
     """Deterministic example inputs of the right shapes and dtypes for both graphs."""
     cfg = model.config
     g = torch.Generator().manual_seed(0)
-    s, v, d = cfg.input_size, len(cfg.crop_fractions), model.embed_dim
+    s, v, d = cfg.view_spec.input_size, cfg.view_spec.n_views, model.embed_dim
     views = torch.randint(0, 256, (batch, v, s, s, 3), dtype=torch.uint8, generator=g)
     f = torch.randn(batch, d, generator=g)
     mask = torch.ones(batch, bank, dtype=torch.bool)

@@ -56,12 +56,19 @@ def main(checkpoint: Path | None, out_dir: Path, overwrite: bool, demo: bool, fp
     the GPU and TensorRT version they are built on; run --tensorrt there.
     """
     from mmap_deploy.errors import UserError
+    from mmap_train import missing_train_extra
 
     try:
         _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precision, trt_batch,
               trt_workspace_gib, trt_timing_cache, parity_data, min_cosine)
     except UserError as e:
         _echo(f"error: {e}")
+        sys.exit(EXIT_USER_ERROR)
+    except ModuleNotFoundError as e:
+        message = missing_train_extra(e)
+        if message is None:
+            raise
+        _echo(f"error: {message}")
         sys.exit(EXIT_USER_ERROR)
 
 
@@ -79,6 +86,9 @@ def _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precis
         raise click.UsageError("give CHECKPOINT to export, or --fp16/--int8/--tensorrt to add files to the bundle at -o")
     elif overwrite or demo:
         raise click.UsageError("--overwrite and --demo apply when exporting a CHECKPOINT")
+    elif not (out_dir / "manifest.json").is_file():
+        raise click.UsageError(f"{out_dir}: no model bundle here (no manifest.json); pass -o a bundle written by "
+                               "mmap-export, or give a CHECKPOINT to export")
     batch = None
     if tensorrt:
         from .tensorrt_build import BatchProfile
@@ -86,7 +96,12 @@ def _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precis
         batch = BatchProfile.parse(trt_batch)  # a bad profile fails before any work
         from mmap_deploy.engines.tensorrt import current_target
 
-        current_target()  # no TensorRT or no GPU: say so before exporting anything
+        try:
+            current_target()  # no TensorRT or no GPU: say so before exporting anything
+        except UserError as e:
+            cause = str(e).split(";")[0]  # the runtime's advice (its --backend) does not apply here
+            raise UserError(f"--tensorrt: {cause}; engines are built for the GPU they will run on: run --tensorrt "
+                            "on that machine (pip install '.[tensorrt]' there), or leave it out") from None
     if parity_data is not None and not parity_data.is_dir():
         raise UserError(f"{parity_data}: --parity-data folder not found; pass the folder that holds her2st/")
 

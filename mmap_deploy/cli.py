@@ -49,6 +49,7 @@ class RunSettings:
     strict: bool = False
     plot: list[str] = field(default_factory=list)
     progress: bool = True
+    engines_note: str = ""  # the `engines:` line, said once a slide's inputs have passed their checks
 
 
 @dataclass
@@ -103,6 +104,9 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
     spots = read_coords(coords_path, all_spots=settings.all_spots)
     with open_slide(slide_path, mpp=mpp) as slide:
         check_inside(spots, slide.width, slide.height, coords_path, slide_path)
+        if settings.engines_note:
+            _echo(settings.engines_note)
+            settings.engines_note = ""
         warning = scale_warning(spots, slide.width, slide.height)
         if warning:
             _echo(f"warning: {coords_path}: {warning}")
@@ -475,8 +479,8 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
 
     with open_engines(backend, bundle, precision, threads=threads) as engines:
         engine_defaults(engines, settings)
-        _echo(f"engines: {engines.plan.reason}; providers: {', '.join(engines.encoder.providers)}; "
-              f"batch size {settings.batch_size}, {settings.read_workers} patch reader thread(s)")
+        settings.engines_note = (f"engines: {engines.plan.reason}; providers: {', '.join(engines.encoder.providers)}; "
+                                 f"batch size {settings.batch_size}, {settings.read_workers} patch reader thread(s)")
         if manifest is not None:
             return run_batch(manifest, rows, output, bundle, engines, settings, shard_ix)
         result = predict_to_file(slide, coords, output, bundle, engines, settings, mpp=mpp, library_id=library_id)

@@ -20,7 +20,9 @@ import numpy as np
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_FRACTIONS = (1.0, 0.5, 0.25)
-# her2st reference protocol: 224 px patches at about 0.73 µm/px.
+# The one default resolution: the her2st images' (200 µm spot pitch measured at
+# 271-274 px; they carry none of their own), at which the reference protocol's
+# 224 px patches were cut. The model's mpp unless a config says otherwise.
 DEFAULT_MPP = 0.73
 DEFAULT_PATCH_UM = round(224 * DEFAULT_MPP, 2)
 

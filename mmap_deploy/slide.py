@@ -11,8 +11,10 @@ nearest the needed resolution (never a coarser one). Plain JPEG/PNG/TIFF images
 (the her2st images are ~9 300 x 9 900 px JPEGs) are decoded once into memory.
 
 The mpp comes from `--mpp` when given, else from the slide's metadata through a
-fallback chain (see `MPP_SOURCES`); without either, opening fails and says to
-pass `--mpp`.
+fallback chain (`openslide.mpp-x` and `mpp-y`, `aperio.MPP`, `tiff.XResolution`,
+then for plain images the TIFF tags, EXIF `XResolution` and the image's dpi);
+without either, opening fails and says to pass `--mpp`. The name of the source
+is recorded as `mpp_source`.
 """
 
 from __future__ import annotations
@@ -36,16 +38,6 @@ MPP_RANGE = (0.05, 20.0)
 MAX_PLAIN_IMAGE_PIXELS = 25_000 * 25_000
 # Plain-image formats the fallback reader accepts (PIL format names).
 PLAIN_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
-# Where the mpp can come from, in the order tried. "--mpp" always wins.
-MPP_SOURCES = (
-    "--mpp",
-    "openslide.mpp-x",
-    "openslide.mpp-x/mpp-y",
-    "aperio.MPP",
-    "tiff.XResolution",
-    "exif.XResolution",
-    "image.dpi",
-)
 MPP_HINT = "pass --mpp, e.g. --mpp 0.5 for a 20x scan or --mpp 0.25 for a 40x scan"
 # Relative tolerance when choosing a pyramid level: a level whose downsample is
 # within 0.1% of the needed one counts as "not coarser".

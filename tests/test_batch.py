@@ -10,7 +10,6 @@ from mmap_deploy.cli import main, parse_shard, read_manifest
 from mmap_deploy.errors import UserError
 
 ad = pytest.importorskip("anndata")
-SIDE = 900
 MPP = 0.6
 
 

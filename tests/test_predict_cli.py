@@ -332,6 +332,18 @@ def test_missing_slide(tiny_bundle, tmp_path):
     r = predict(tmp_path / "nope.svs", coords, "-o", out, "--model", tiny_bundle, expect=2)
     assert_one_line_error(r, "nope.svs: slide file not found")
     assert not out.exists() and list(tmp_path.iterdir()) == [coords]
+    assert "engines:" not in r.stderr  # said only once the inputs have passed their checks
+
+
+def test_engines_line_follows_the_input_checks(pyramid, tiny_bundle, tmp_path):
+    outside = tmp_path / "outside.csv"
+    outside.write_text("x,y\n300,300\n90000,300\n")
+    r = predict(pyramid, outside, "-o", tmp_path / "o.h5ad", "--model", tiny_bundle, expect=2)
+    assert_one_line_error(r, "outside.csv")
+    assert "engines:" not in r.stderr
+    coords, _, _ = write_coords(tmp_path / "c.csv", "xy")
+    r = predict(pyramid, coords, "-o", tmp_path / "o.h5ad", "--model", tiny_bundle)
+    assert sum(line.startswith("engines: ") for line in r.stderr.splitlines()) == 1
 
 
 def test_unknown_plot_gene_fails_before_any_work(pyramid, tiny_bundle, tmp_path):

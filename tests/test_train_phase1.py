@@ -74,7 +74,7 @@ def test_checkpoint_loads_and_predicts_the_same(spots, tmp_path):
     model, ckpt = load_checkpoint(res["checkpoint"])
     assert ckpt["phase"] == 1 and ckpt["encoder_trained"] is True
     assert ckpt["config"]["genes"] == GENES
-    f1, y1 = predict_spots(model, spots, cfg.view_spec)
+    _, y1 = predict_spots(model, spots, cfg.view_spec)
     f2, y2 = predict_spots(model, spots, cfg.view_spec)
     np.testing.assert_array_equal(y1, y2)  # centre crops: deterministic
     assert y1.shape == (8, 12) and np.isfinite(y1).all()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmap_deploy.prototypes import slide_prototypes
+from mmap_deploy.prototypes import PrototypeRule, slide_prototypes
 from mmap_train.datasets import Targets
 from mmap_train.features import SectionFeatures
 from mmap_train.model import load_checkpoint
@@ -86,11 +86,11 @@ def test_loss_goes_down_and_checkpoint_loads(cache, tmp_path):
 
 def test_paper_averaging_and_fixed_l(cache, tmp_path):
     feats, targets = cache
-    cfg = config_for_cache(GENES, DIM, head_average="paper", l_fixed=3)
+    cfg = config_for_cache(GENES, DIM, head_average="paper", prototype_rule=PrototypeRule(l_fixed=3))
     res = train_phase2(cfg, feats, targets, ["S1", "S2"], [], tmp_path, Phase2Recipe(epochs=1, threads=1),
                        progress=False)
     c, _, _ = load_fusion(res["checkpoint"])
-    assert (c.head_average, c.l_fixed) == ("paper", 3)
+    assert (c.head_average, c.prototype_rule.l_fixed) == ("paper", 3)
     assert res["meta"]["training_data"]["val_sections"] == []
 
 
@@ -146,7 +146,6 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, real_data):
 def test_shared_bank_forward_equals_the_fusion_head(cache):
     """The training fast path is FusionHead.forward, in train mode (dropout) and eval mode, both averagings."""
     from mmap_train.model import FusionHead
-    from mmap_train.phase2 import fusion_forward_shared
 
     feats, targets = cache
     for average in ("reference", "paper"):
@@ -161,6 +160,50 @@ def test_shared_bank_forward_equals_the_fusion_head(cache):
             torch.manual_seed(7)
             y_ref, h_ref = head(f, bank, mask, y1)
             torch.manual_seed(7)
-            y, h = fusion_forward_shared(head, f, data.centroids, data.bank_idx[rows], mask, y1)
+            y, h = head.forward_shared(f, data.centroids, data.bank_idx[rows], mask, y1)
             torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_init_must_match_the_cache_and_genes(real_data, tmp_path, capsys):
+    """phase2 --init: the cache's width (its backbone) and --genes are checked against the checkpoint."""
+    from mmap_train.cli import main
+    from mmap_train.config import MMAPConfig
+    from mmap_train.datasets import read_genes
+    from mmap_train.features import write_section
+    from mmap_train.model import MMAP, save_checkpoint
+
+    her2st = real_data / "her2st"
+    genes = read_genes(her2st / "genes_785.txt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny = MMAP(MMAPConfig(genes=genes, backbone="tiny", lora_last_blocks=0))
+    save_checkpoint(tmp_path / "p1.pt", tiny, phase=1)
+    ids = (real_data / "mmap_features" / "train" / "A3_spots.txt").read_text().split()
+    rng = np.random.default_rng(0)
+    for name, n_genes in (("cache96", len(genes)), ("cache96_12", 12)):  # tiny-wide f; y1 of 785 or 12 genes
+        write_section(tmp_path / name, SectionFeatures(
+            "A3", ids, rng.normal(size=(len(ids), DIM)).astype(np.float32),
+            rng.normal(size=(len(ids), n_genes)).astype(np.float32)))
+    (tmp_path / "genes12.txt").write_text("\n".join(genes[:12]) + "\n")
+    common = ["phase2", "--init", str(tmp_path / "p1.pt"), "--counts", str(her2st / "counts"),
+              "--spots", str(her2st / "spots"), "--out", str(tmp_path / "p2"), "--epochs", "1", "--threads", "1"]
+    cases = [
+        # the published cache is UNI's (1024-wide), the checkpoint a tiny model
+        (["--features", str(real_data / "mmap_features" / "train"), "--sections", "A3",
+          "--genes", str(her2st / "genes_785.txt")], "backbone (uni here, from the features' width; tiny in"),
+        (["--features", str(tmp_path / "cache96_12"), "--genes", str(tmp_path / "genes12.txt")],
+         "genes (12 here, 785 in the checkpoint"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(common + extra)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "the phase-1 model (--init) does not match" in err and message in err, err
+        assert not (tmp_path / "p2" / "checkpoint.pt").exists()
+    # the matching cache and genes train
+    main(common + ["--features", str(tmp_path / "cache96"), "--genes", str(her2st / "genes_785.txt"),
+                   "--max-steps", "1", "--val-sections", ""])
+    model, ckpt = load_checkpoint(tmp_path / "p2" / "checkpoint.pt")
+    assert ckpt["encoder_trained"] is True and model.config.backbone == "tiny"

@@ -13,6 +13,8 @@ import numpy as np
 from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
 
+from . import missing_train_extra
+from .backbones import BACKBONES
 from .datasets import Section, her2st_sections, manifest_sections, read_genes, split_sections
 
 log = logging.getLogger("mmap_train")
@@ -98,7 +100,7 @@ def _finite_or_null(value):
     return value
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log more detail to stderr.")
 def cli(verbose: bool) -> None:
     """Train MMAP: phase 1 on slides, the feature cache, phase 2 on cached features, evaluation."""
@@ -126,21 +128,24 @@ def _add(options):
 @click.option("--val-sections", help="Comma-separated validation sections (default: 20% of the sections, seeded).")
 @click.option("--genes", type=click.Path(dir_okay=False), help="Target genes, one a line (her2st default: genes_785.txt).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (checkpoints, log).")
-@click.option("--backbone", type=click.Choice(["tiny", "small", "uni"]), default="uni", show_default=True)
+@click.option("--backbone", type=click.Choice(list(BACKBONES)), default="uni", show_default=True,
+              help="; ".join(f"{b.name}: {b.about}" for b in BACKBONES.values()) + ".")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), help="Local UNI weights file (never downloaded).")
 @click.option("--lora-blocks", type=int, default=9, show_default=True, help="LoRA on the last N blocks; 0 trains the whole backbone.")
-@click.option("--input-size", type=int, default=112, show_default=True)
-@click.option("--epochs", type=int, default=50, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--input-size", type=int, default=112, show_default=True,
+              help="Side in pixels of each view fed to the ViT (a multiple of its patch size, 16).")
+@click.option("--epochs", type=int, default=50, show_default=True, help="Training epochs (the cosine schedule's length).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Spots per micro-batch.")
 @click.option("--accumulate", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
-@click.option("--lr", type=float, default=1e-5, show_default=True)
-@click.option("--min-lr", type=float, default=1e-6, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--mag-start-epoch", type=int, default=5, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--lr", type=float, default=1e-5, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--min-lr", type=float, default=1e-6, show_default=True, help="Learning rate at the end of the cosine schedule.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay.")
+@click.option("--mag-start-epoch", type=int, default=5, show_default=True,
+              help="Epoch from which the magnification-alignment loss joins the MSE.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the initialisation, order and crops.")
 @click.option("--max-steps", type=int, default=0, help="Stop after this many optimiser steps (smoke runs).")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="torch device, e.g. cuda:1; auto: cuda when available.")
 @click.option("--no-amp", is_flag=True, help="No bfloat16 autocast on GPU.")
 @click.option("--loader-threads", type=int, default=1, show_default=True, help="Threads making the next batches' views.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
@@ -148,15 +153,17 @@ def phase1(data_dir, manifest, sections, val_sections, genes, out, backbone, bac
            input_size, epochs, batch_size, accumulate, lr, min_lr, weight_decay, mag_start_epoch, seed,
            max_steps, threads, device, no_amp, loader_threads, resume):
     """Train the multi-magnification encoder (phase 1) on slides and their counts."""
+    from .backbones import get_backbone
     from .config import MMAPConfig
     from .phase1 import Phase1Recipe, load_spot_set, train_phase1
 
     secs = _sections(data_dir, manifest, _csv_list(sections), with_images=True)
     gene_list = _genes(genes, data_dir)
     train_names, val_names = split_sections([s.name for s in secs], _csv_list(val_sections))
-    cfg = MMAPConfig(genes=gene_list, backbone=backbone, backbone_weights=backbone_weights or "",
-                     lora_last_blocks=lora_blocks, input_size=input_size)
     try:
+        spec = get_backbone(backbone).view_spec(input_size=input_size)
+        cfg = MMAPConfig(genes=gene_list, backbone=backbone, backbone_weights=backbone_weights or "",
+                         lora_last_blocks=lora_blocks, view_spec=spec)
         cfg.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -175,7 +182,7 @@ def phase1(data_dir, manifest, sections, val_sections, genes, out, backbone, bac
 @_add(data_options)
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Phase-1 (or later) checkpoint.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder ({section}_f.npy, _y1.npy, _spots.txt).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Spots per encoder call.")
 @click.option("--overwrite", is_flag=True, help="Recompute sections already in the cache.")
 def features(data_dir, manifest, sections, checkpoint, out, batch_size, overwrite):
     """Compute f and y1 of every spot of every slide with a phase-1 checkpoint."""
@@ -195,18 +202,21 @@ def features(data_dir, manifest, sections, checkpoint, out, batch_size, overwrit
 @click.option("--sections", help="Comma-separated sections of the cache to use (default: all).")
 @click.option("--val-sections", help="Comma-separated validation sections (default: 20% of the sections, seeded).")
 @click.option("--init", "init_ckpt", type=click.Path(dir_okay=False), help="Phase-1 checkpoint the cache was made with: kept as the encoder.")
-@click.option("--head-average", type=click.Choice(["reference", "paper"]), default="reference", show_default=True)
+@click.option("--head-average", type=click.Choice(["reference", "paper"]), default="reference", show_default=True,
+              help="Final prediction: reference (y1 + MLP3(h))/2, or paper Eq. 9 (MLP1(e2) + MLP2(f) + MLP3(h))/3.")
 @click.option("--l-fixed", type=int, default=0, show_default=True, help="Fixed bank length L (0: adaptive, floor(0.5 K)).")
-@click.option("--epochs", type=int, default=None, help="Default: the recipe's.")
-@click.option("--lr", type=float, default=None)
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--max-steps", type=int, default=0)
+@click.option("--epochs", type=int, default=None, help="Training epochs (default: the recipe's, 10).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate, AdamW (default: the recipe's, 1e-4).")
+@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the recipe's, 1e-4).")
+@click.option("--batch-size", type=int, default=None, help="Spots per step (default: the recipe's, 64).")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the head's initialisation and order.")
+@click.option("--max-steps", type=int, default=0, help="Stop after this many optimiser steps (smoke runs).")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice).")
 def phase2(features_dir, counts, spots, genes, out, sections, val_sections, init_ckpt, head_average, l_fixed,
            epochs, lr, weight_decay, batch_size, seed, max_steps, threads):
     """Train the prototype-aware fusion head (phase 2) on a feature cache."""
+    from mmap_deploy.prototypes import PrototypeRule
+
     from .phase2 import Phase2Recipe, config_for_cache, load_init, train_phase2
 
     gene_list, feats, targets = _load_cache_and_targets(features_dir, counts, spots, genes, _csv_list(sections))
@@ -215,16 +225,10 @@ def phase2(features_dir, counts, spots, genes, out, sections, val_sections, init
     for k, v in (("epochs", epochs), ("lr", lr), ("weight_decay", weight_decay), ("batch_size", batch_size)):
         if v is not None:
             setattr(recipe, k, v)
-    init = None
-    if init_ckpt:
-        init = load_init(init_ckpt)
-        cfg = init.config
-        if list(cfg.genes) != gene_list:
-            raise UserError(f"{init_ckpt}: its genes differ from {genes}; use the gene list it was trained with")
-        cfg.head_average, cfg.l_fixed = head_average, l_fixed
-    else:
-        dim = next(iter(feats.values())).f.shape[1]
-        cfg = config_for_cache(gene_list, dim, head_average=head_average, l_fixed=l_fixed)
+    init = load_init(init_ckpt) if init_ckpt else None
+    # the cache's width and --genes, not the checkpoint's: train_phase2 checks that they agree with --init
+    cfg = config_for_cache(gene_list, next(iter(feats.values())).f.shape[1], base=init.config if init else None,
+                           head_average=head_average, prototype_rule=PrototypeRule(l_fixed=l_fixed))
     res = train_phase2(cfg, feats, targets, train_names, val_names, out, recipe, init=init, max_steps=max_steps,
                        extra={"command": " ".join(sys.argv), "features": str(features_dir)})
     best = res["best"] or {}
@@ -234,11 +238,11 @@ def phase2(features_dir, counts, spots, genes, out, sections, val_sections, init
 
 
 @cli.command()
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
-@click.option("--features", "features_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--counts", required=True, type=click.Path(file_okay=False))
-@click.option("--spots", required=True, type=click.Path(file_okay=False))
-@click.option("--genes", required=True, type=click.Path(dir_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Phase-2 checkpoint to evaluate.")
+@click.option("--features", "features_dir", required=True, type=click.Path(file_okay=False), help="Feature cache folder.")
+@click.option("--counts", required=True, type=click.Path(file_okay=False), help="Folder of {section}.tsv.gz / .h5ad counts.")
+@click.option("--spots", required=True, type=click.Path(file_okay=False), help="Folder of {section}_selection.tsv spot tables.")
+@click.option("--genes", required=True, type=click.Path(dir_okay=False), help="Target genes, one a line (the checkpoint's).")
 @click.option("--json", "json_out", required=True, type=click.Path(dir_okay=False), help="Where to write the metrics.")
 @click.option("--sections", help="Comma-separated sections of the cache to evaluate (default: all).")
 def evaluate(checkpoint, features_dir, counts, spots, genes, json_out, sections):
@@ -262,6 +266,12 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="mmap-train", standalone_mode=False)
     except UserError as e:
         click.echo(f"mmap-train: error: {e}", err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as e:
+        message = missing_train_extra(e)
+        if message is None:
+            raise
+        click.echo(f"mmap-train: error: {message}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("mmap-train: aborted", err=True)

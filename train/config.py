@@ -5,28 +5,33 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from mmap_deploy.preprocess import DEFAULT_CROP_FRACTIONS, DEFAULT_MPP, DEFAULT_PATCH_UM, ViewSpec
+from mmap_deploy.preprocess import ViewSpec
 from mmap_deploy.prototypes import PrototypeRule
 
-BACKBONES = ("tiny", "small", "uni")  # tiny: tests and CPU demos; small: ViT-S/16; uni: ViT-L/16
+from .backbones import BACKBONES, get_backbone
+
+# Checkpoints written before the view spec and the prototype rule were nested
+# held their fields flat; from_dict moves them in.
+_FLAT_VIEW_FIELDS = ("patch_um", "mpp", "input_size", "crop_fractions")
+_FLAT_RULE_FIELDS = ("k_min", "k_max", "k_divisor", "l_ratio", "l_fixed")
 
 
 @dataclass
 class MMAPConfig:
     """Everything that defines an MMAP model's architecture and preprocessing.
 
-    Defaults follow method.md: the reference code's query view (view 2, the
+    Defaults follow docs/method.md: the reference code's query view (view 2, the
     x20 CLS) and head averaging, a shared encoder, LoRA rank 16 / alpha 32 on
-    the last 9 blocks, 112 px views.
+    the last 9 blocks, 112 px views. `view_spec` (patch geometry, views,
+    normalisation) defaults to the backbone's (`backbones.BACKBONES`);
+    `prototype_rule` is phase 2's K and L rule.
     """
 
     genes: list[str] = field(default_factory=list)
     backbone: str = "tiny"
     backbone_weights: str = ""  # local file with UNI weights; empty = random init
-    input_size: int = 112
-    patch_um: float = DEFAULT_PATCH_UM
-    mpp: float = DEFAULT_MPP
-    crop_fractions: tuple[float, ...] = DEFAULT_CROP_FRACTIONS
+    view_spec: ViewSpec | None = None  # None: the backbone's default
+    prototype_rule: PrototypeRule = field(default_factory=PrototypeRule)
     shared_encoder: bool = True
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -41,56 +46,61 @@ class MMAPConfig:
     mag_weight: float = 0.1
     mag_margin: float = 0.2
     head_average: str = "reference"  # "reference": (y1 + MLP3(h))/2, "paper": Eq. 9
-    k_min: int = 32
-    k_max: int = 80
-    k_divisor: int = 5
-    l_ratio: float = 0.5
-    l_fixed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.view_spec is None:
+            b = BACKBONES.get(self.backbone)
+            self.view_spec = b.view_spec() if b is not None else ViewSpec()  # validate() names a bad backbone
 
     @property
     def n_genes(self) -> int:
         return len(self.genes)
 
     @property
-    def view_spec(self) -> ViewSpec:
-        return ViewSpec(
-            patch_um=self.patch_um, mpp=self.mpp, input_size=self.input_size,
-            crop_fractions=tuple(self.crop_fractions),
-        )
-
-    @property
-    def prototype_rule(self) -> PrototypeRule:
-        return PrototypeRule(self.k_min, self.k_max, self.k_divisor, self.l_ratio, self.l_fixed)
+    def embed_dim(self) -> int:
+        """Width of the backbone's embeddings: of `f`, of the prototypes."""
+        return get_backbone(self.backbone).embed_dim
 
     def validate(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        backbone = get_backbone(self.backbone)
         if not self.genes:
             raise ValueError("genes must not be empty")
-        n = len(self.crop_fractions)
+        n = self.view_spec.n_views
         if not 0 <= self.query_view < n or not 0 <= self.ref_view < n:
             raise ValueError(f"query_view and ref_view must index one of the {n} views")
         if self.mag_loss not in ("cosine", "contrastive"):
             raise ValueError(f"mag_loss must be 'cosine' or 'contrastive', got {self.mag_loss!r}")
         if self.head_average not in ("reference", "paper"):
             raise ValueError(f"head_average must be 'reference' or 'paper', got {self.head_average!r}")
-        if self.input_size % 16:
-            raise ValueError(f"input_size must be a multiple of the patch size 16, got {self.input_size}")
+        size, patch = self.view_spec.input_size, backbone.patch_size
+        if size % patch:
+            raise ValueError(f"input_size must be a multiple of the patch size {patch}, got {size}")
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (dicts, lists, str, numbers): what a checkpoint stores."""
         d = asdict(self)
-        d["crop_fractions"] = list(self.crop_fractions)
+        for key in ("crop_fractions", "mean", "std"):
+            d["view_spec"][key] = list(d["view_spec"][key])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MMAPConfig":
+        """The config of a checkpoint, nested or (older checkpoints) flat."""
+        d = dict(d)
+        flat_view = {k: d.pop(k) for k in _FLAT_VIEW_FIELDS if k in d}
+        flat_rule = {k: d.pop(k) for k in _FLAT_RULE_FIELDS if k in d}
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        d = dict(d)
-        if "crop_fractions" in d:
-            d["crop_fractions"] = tuple(d["crop_fractions"])
+        view = dict(d.get("view_spec") or {}, **flat_view)
+        rule = dict(d.get("prototype_rule") or {}, **flat_rule)
+        for key in ("crop_fractions", "mean", "std"):
+            if key in view:
+                view[key] = tuple(view[key])
+        backbone = get_backbone(d.get("backbone", cls.backbone))
+        d["view_spec"] = backbone.view_spec(**view)
+        d["prototype_rule"] = PrototypeRule(**rule)
         cfg = cls(**d)
         cfg.validate()
         return cfg

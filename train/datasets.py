@@ -34,7 +34,6 @@ from mmap_deploy.preprocess import DEFAULT_MPP, ViewSpec, make_views
 log = logging.getLogger(__name__)
 
 TARGET_SUM = 1e4
-HER2ST_GENES = "her2st/genes_785.txt"
 
 
 @dataclass
@@ -279,14 +278,13 @@ class SpotTable:
     spot_ids: list[str]
     xy: np.ndarray  # (N, 2) float64, full-resolution pixels
     targets: np.ndarray  # (N, G) float32
-    coords_only: int = 0  # spots in the coords table without counts (dropped)
 
 
 def join_spots(section: Section, targets: Targets) -> SpotTable:
     """Join a section's spot positions (runtime coords reader) with its counts rows.
 
     Every counts row must have a position (UserError naming the first that
-    does not); positions without counts are dropped and counted.
+    does not); positions without counts are dropped.
     """
     from mmap_deploy.coords import read_coords
 
@@ -303,7 +301,7 @@ def join_spots(section: Section, targets: Targets) -> SpotTable:
         rows.append(i)
     rows_arr = np.asarray(rows, dtype=np.int64)
     return SpotTable(section.name, list(targets.spot_ids), np.asarray(spots.xy, np.float64)[rows_arr],
-                     targets.values, coords_only=len(spots.ids) - len(rows))
+                     targets.values)
 
 
 def read_section_patches(section: Section, xy: np.ndarray, spec: ViewSpec) -> np.ndarray:

@@ -75,8 +75,9 @@ def make_demo(data_dir: str | Path, out: str | Path, work: str | Path, *, epochs
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
 @click.option("--work", type=click.Path(file_okay=False), help="Keep checkpoints, cache and logs here (default: a temp dir).")
 @click.option("--epochs", type=int, default=8, show_default=True, help="Phase-1 epochs.")
-@click.option("--phase2-epochs", type=int, default=30, show_default=True)
-@click.option("--val-section", default=DEMO_VAL_SECTION, show_default=True)
+@click.option("--phase2-epochs", type=int, default=30, show_default=True, help="Phase-2 epochs.")
+@click.option("--val-section", default=DEMO_VAL_SECTION, show_default=True,
+              help="The section kept out of training, for validation.")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads (1 is fastest on a busy machine).")
 @click.option("--max-steps", type=int, default=0, help="Smoke runs: stop each phase after this many steps.")
 def main(data_dir, out, work, epochs, phase2_epochs, val_section, threads, max_steps):

@@ -12,33 +12,27 @@ giving `h`; the final prediction averages `y1` and a head on `h`.
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 import warnings
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmap_deploy.atomic import atomic_path
+from mmap_deploy.errors import UserError
 
+from .backbones import get_backbone
 from .config import MMAPConfig
 
 log = logging.getLogger(__name__)
 
 # Large enough to zero a softmax weight, small enough to survive fp16 (max 65504).
 MASK_VALUE = -30000.0
-
-_BACKBONE_GEOMETRY = {
-    # name: (timm architecture, embed_dim, depth, heads)
-    "tiny": ("vit_tiny_patch16_224", 96, 4, 3),
-    "small": ("vit_small_patch16_224", 384, 12, 6),
-    "uni": ("vit_large_patch16_224", 1024, 24, 16),
-}
-
-
-def embed_dim_of(backbone: str) -> int:
-    return _BACKBONE_GEOMETRY[backbone][1]
-
 
 def build_backbone(cfg: MMAPConfig, weights: str | Path | None = None) -> nn.Module:
     """A timm ViT at the model's fixed input size, with LayerScale (init 1e-5) as in UNI.
@@ -49,10 +43,10 @@ def build_backbone(cfg: MMAPConfig, weights: str | Path | None = None) -> nn.Mod
     """
     import timm
 
-    arch, dim, depth, heads = _BACKBONE_GEOMETRY[cfg.backbone]
+    b = get_backbone(cfg.backbone)
     model = timm.create_model(
-        arch, pretrained=False, num_classes=0, img_size=cfg.input_size,
-        embed_dim=dim, depth=depth, num_heads=heads, init_values=1e-5,
+        b.timm_name, pretrained=False, num_classes=0, img_size=cfg.view_spec.input_size,
+        patch_size=b.patch_size, embed_dim=b.embed_dim, depth=b.depth, num_heads=b.heads, init_values=1e-5,
     )
     if weights:
         load_backbone_weights(model, weights)
@@ -128,11 +122,23 @@ class CrossAttention(nn.Module):
         self.out_drop = nn.Dropout(dropout)
         self.scale = head_dim ** -0.5
 
-    def forward(self, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, _ = context.shape
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """The projected query (B, heads, 1, head_dim) of query vectors x (B, D)."""
+        return self.q(self.norm(x)).reshape(x.shape[0], self.heads, 1, self.head_dim)
+
+    def key_value(self, context: torch.Tensor) -> torch.Tensor:
+        """Keys and values (..., 2 * heads * head_dim) of context rows, each row on its own.
+
+        Normalisation and projection act row by row, so rows shared by many
+        contexts (phase 2's centroids) can be projected once and gathered.
+        """
+        return self.kv(self.norm(context))
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected queries `q` attending over projected context rows `kv` (B, N, 2 * heads * head_dim)."""
+        b, n, _ = kv.shape
         h, d = self.heads, self.head_dim
-        q = self.q(self.norm(query)).reshape(b, h, 1, d)
-        kv = self.kv(self.norm(context)).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
+        kv = kv.reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
         k, v = kv[0], kv[1]
         scores = (q * self.scale) @ k.transpose(-1, -2)  # (B, H, 1, N)
         if mask is not None:
@@ -141,13 +147,18 @@ class CrossAttention(nn.Module):
         out = (attn @ v).reshape(b, h * d)
         return self.out_drop(self.proj(out))
 
+    def forward(self, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # query before keys/values: the order of the exported graph's nodes and of gradient accumulation
+        q = self.query(query)
+        return self.attend(q, self.key_value(context), mask)
+
 
 class MagnificationEncoder(nn.Module):
     """Phase 1: views (B, V, 3, S, S), normalised float -> f (B, D), y1 (B, G), CLS (B, V, D)."""
 
     def __init__(self, cfg: MMAPConfig, backbone_weights: str | Path | None = None):
         super().__init__()
-        self.n_views = len(cfg.crop_fractions)
+        self.n_views = cfg.view_spec.n_views
         self.query_view = cfg.query_view
         self.detail_view = self.n_views - 1  # the highest magnification: e^(2) in the paper
         n_backbones = 1 if cfg.shared_encoder else self.n_views
@@ -158,7 +169,7 @@ class MagnificationEncoder(nn.Module):
                 bb = add_lora(bb, cfg)
             backbones.append(bb)
         self.backbones = nn.ModuleList(backbones)
-        dim = embed_dim_of(cfg.backbone)
+        dim = cfg.embed_dim
         self.cross_attn = CrossAttention(dim, cfg.attn_heads, cfg.attn_head_dim, cfg.dropout)
         self.head_f = nn.Linear(dim, cfg.n_genes)  # MLP_a(f)
         self.head_detail = nn.Linear(dim, cfg.n_genes)  # MLP_b(e^(2))
@@ -201,11 +212,27 @@ class FusionHead(nn.Module):
         context = torch.cat([f[:, None], bank], dim=1)
         full_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
         h = self.attn(f, context, full_mask)
+        return self._predict(y1, h), h
+
+    def forward_shared(self, f: torch.Tensor, centroids: torch.Tensor, bank_idx: torch.Tensor, mask: torch.Tensor,
+                       y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward(f, centroids[bank_idx], mask, y1)`, projecting keys/values once per centroid.
+
+        The training fast path (tests hold it equal to `forward`, dropout
+        included): the banks of a batch are gathered from a few hundred
+        centroids, so projecting those instead of every (spot, bank slot)
+        copy of them is about 5x less work per step.
+        """
+        q = self.attn.query(f)
+        kv = torch.cat([self.attn.key_value(f)[:, None], self.attn.key_value(centroids)[bank_idx]], dim=1)
+        full_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        h = self.attn.attend(q, kv, full_mask)
+        return self._predict(y1, h), h
+
+    def _predict(self, y1: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if self.head_average == "reference":
-            y = (y1 + self.head_h(h)) / 2
-        else:
-            y = (2 * y1 + self.head_h(h)) / 3
-        return y, h
+            return (y1 + self.head_h(h)) / 2
+        return (2 * y1 + self.head_h(h)) / 3
 
 
 class MMAP(nn.Module):
@@ -216,11 +243,11 @@ class MMAP(nn.Module):
         cfg.validate()
         self.config = cfg
         self.encoder = MagnificationEncoder(cfg, backbone_weights)
-        self.fusion = FusionHead(cfg, embed_dim_of(cfg.backbone))
+        self.fusion = FusionHead(cfg, cfg.embed_dim)
 
     @property
     def embed_dim(self) -> int:
-        return embed_dim_of(self.config.backbone)
+        return self.config.embed_dim
 
 
 # -- losses ----------------------------------------------------------------
@@ -249,15 +276,65 @@ def alignment_loss(cfg: MMAPConfig, a: torch.Tensor, b: torch.Tensor) -> torch.T
 
 
 # -- checkpoints -----------------------------------------------------------
+def plain(value: Any, where: str = "checkpoint") -> Any:
+    """`value` as checkpoint data: dicts, lists, tuples, str, numbers, bools, None and tensors only.
+
+    numpy scalars and arrays become Python numbers and tensors, paths become
+    strings; anything else (an object, a function) is a bug and raises, so
+    that every checkpoint loads with `torch.load(weights_only=True)`.
+    """
+    if value is None or isinstance(value, (str, bool, int, float, torch.Tensor)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f"{where}: {type(value).__name__} is not checkpoint data (dicts, lists, str, numbers, tensors)")
+
+
 def save_checkpoint(path: str | Path, model: MMAP, **extra) -> None:
-    """Write {config, state_dict, **extra} atomically."""
+    """Write {config, state_dict, **extra} atomically; `extra` holds plain data only (see `plain`)."""
+    extra = plain(extra)
     with atomic_path(Path(path)) as tmp:
         torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict(), **extra}, tmp)
 
 
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint file as data, never as code: UserError for a file that is not one.
+
+    `torch.load(weights_only=True)` unpickles only tensors and plain
+    containers, so a checkpoint received from someone else cannot run code
+    here; one that carries any other pickled object is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; pass a .pt file written by mmap-train")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(f"{path}: refused: the checkpoint carries pickled objects{what}, not only data; "
+                        "mmap-train checkpoints hold only tensors, dicts, lists, strings and numbers, "
+                        "so this file was not written by it or was altered; do not load it") from None
+    except Exception as e:  # a truncated or foreign file: torch raises many kinds
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}); "
+                        "pass a .pt file written by mmap-train") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
+        raise UserError(f"{path}: not an mmap-train checkpoint (no config/state_dict)")
+    return ckpt
+
+
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[MMAP, dict]:
     """Rebuild the model from a checkpoint's config and load its weights (no backbone file needed)."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = read_checkpoint(path, map_location)
     cfg = MMAPConfig.from_dict(ckpt["config"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-init warning: weights come from the checkpoint

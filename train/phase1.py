@@ -15,11 +15,9 @@ pooled PCC (the last epoch without validation sections). Both load with
 from __future__ import annotations
 
 import contextlib
-import csv
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-import json
 import logging
 import math
 import time
@@ -35,8 +33,9 @@ from mmap_deploy.preprocess import ViewSpec, make_views, normalise
 
 from .config import MMAPConfig
 from .datasets import training_views
+from .history import write_training_log
 from .metrics import evaluate
-from .model import MMAP, alignment_loss, save_checkpoint
+from .model import MMAP, alignment_loss, read_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -160,17 +159,6 @@ def predict_spots(model: MMAP, spots: SpotSet, spec: ViewSpec, batch_size: int =
     return np.concatenate(fs), np.concatenate(ys)
 
 
-def _write_log(out_dir: Path, history: list[dict[str, Any]]) -> None:
-    (out_dir / "log.json").write_text(json.dumps(history, indent=1) + "\n")
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    with (out_dir / "log.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-
-
 def train_phase1(cfg: MMAPConfig, train: SpotSet, val: SpotSet | None, out_dir: str | Path,
                  recipe: Phase1Recipe | None = None, *, backbone_weights: str | None = None,
                  resume: bool = False, progress: bool = True, extra: dict[str, Any] | None = None,
@@ -217,7 +205,7 @@ def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume,
     if resume:
         if not last_path.is_file():
             raise UserError(f"{last_path}: nothing to resume; run without --resume first")
-        state = torch.load(last_path, map_location=device, weights_only=False)
+        state = read_checkpoint(last_path, map_location=device)
         model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -286,7 +274,7 @@ def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume,
         save_checkpoint(last_path, model, epoch=epoch + 1, step=step, history=history, best_score=best,
                         optimizer=opt.state_dict(), scheduler=sched.state_dict(), torch_rng=torch.get_rng_state(),
                         encoder_trained=True, **meta)
-        _write_log(out_dir, history)
+        write_training_log(out_dir, history)
     bar.close()
     if not best_path.is_file():  # stopped before the first epoch ended (max_steps)
         save_checkpoint(best_path, model, epoch=0, encoder_trained=True, **meta)

@@ -14,33 +14,31 @@ model with that encoder (`encoder_trained: True`).
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
 from mmap_deploy.prototypes import PrototypeRule, slide_prototypes
 
+from .backbones import BACKBONES, backbone_of_width
 from .config import MMAPConfig
 from .datasets import Targets
 from .features import SectionFeatures
+from .history import write_training_log
 from .metrics import evaluate
-from .model import MASK_VALUE, MMAP, FusionHead, alignment_loss, embed_dim_of, load_checkpoint, save_checkpoint
+from .model import MMAP, FusionHead, alignment_loss, load_checkpoint, plain, read_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-BACKBONE_BY_DIM = {embed_dim_of(b): b for b in ("tiny", "small", "uni")}
 
 
 @dataclass
@@ -129,35 +127,6 @@ class BankedSpots:
         return (self.f[rows], self.centroids[self.bank_idx[rows]], self.mask[rows], self.y1[rows], self.target[rows])
 
 
-def fusion_forward_shared(fusion: FusionHead, f: torch.Tensor, centroids: torch.Tensor, bank_idx: torch.Tensor,
-                          mask: torch.Tensor, y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fusion(f, centroids[bank_idx], mask, y1)`, with the key/value projection done once per centroid.
-
-    The same function as FusionHead.forward (tests hold them equal, dropout
-    included): normalisation and the key/value projection act on each context
-    row alone, so they can run on the few hundred centroids instead of on
-    every (spot, bank slot) copy of them, about 5x less work per training step.
-    """
-    attn = fusion.attn
-    b, n = bank_idx.shape[0], bank_idx.shape[1] + 1
-    h, d = attn.heads, attn.head_dim
-    q = attn.q(attn.norm(f)).reshape(b, h, 1, d)
-    kv_f = attn.kv(attn.norm(f))[:, None]
-    kv_c = attn.kv(attn.norm(centroids))[bank_idx]
-    kv = torch.cat([kv_f, kv_c], dim=1).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
-    k, v = kv[0], kv[1]
-    scores = (q * attn.scale) @ k.transpose(-1, -2)
-    full_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-    scores = scores.masked_fill(~full_mask[:, None, None, :], MASK_VALUE)
-    weights = attn.attn_drop(scores.softmax(dim=-1))
-    hidden = attn.out_drop(attn.proj((weights @ v).reshape(b, h * d)))
-    if fusion.head_average == "reference":
-        y = (y1 + fusion.head_h(hidden)) / 2
-    else:
-        y = (2 * y1 + fusion.head_h(hidden)) / 3
-    return y, hidden
-
-
 def prepare(feats: dict[str, SectionFeatures], targets: dict[str, Targets], names: list[str],
             rule: PrototypeRule) -> list[PreparedSection]:
     out = []
@@ -168,15 +137,43 @@ def prepare(feats: dict[str, SectionFeatures], targets: dict[str, Targets], name
     return out
 
 
-def config_for_cache(genes: list[str], dim: int, **overrides: Any) -> MMAPConfig:
-    """A model config for a cache of `dim`-wide features (its backbone is the one of that width)."""
-    backbone = BACKBONE_BY_DIM.get(dim)
+def config_for_cache(genes: list[str], dim: int, base: MMAPConfig | None = None, **overrides: Any) -> MMAPConfig:
+    """A model config for a cache of `dim`-wide features and the target `genes`.
+
+    Its backbone is the one of that width. `base`: the config of the phase-1
+    model phase 2 starts from (`--init`), whose other settings are kept;
+    `train_phase2` then checks that the cache and genes agree with it.
+    """
+    backbone = backbone_of_width(dim)
     if backbone is None:
         raise UserError(f"cached features are {dim}-wide; known backbones give "
-                        f"{', '.join(f'{d} ({b})' for d, b in BACKBONE_BY_DIM.items())}")
-    cfg = MMAPConfig(genes=list(genes), backbone=backbone, **overrides)
+                        f"{', '.join(f'{b.embed_dim} ({b.name})' for b in BACKBONES.values())}")
+    if base is None:
+        cfg = MMAPConfig(genes=list(genes), backbone=backbone.name, **overrides)
+    else:
+        cfg = replace(base, genes=list(genes), backbone=backbone.name, **overrides)
     cfg.validate()
     return cfg
+
+
+# What phase 2 cannot change in the phase-1 model it starts from (`init`).
+ENCODER_FIELDS = ("backbone", "genes", "view_spec", "shared_encoder", "query_view")
+
+
+def _encoder_differences(cfg: MMAPConfig, init: MMAPConfig) -> list[str]:
+    out = []
+    for k in ENCODER_FIELDS:
+        new, old = getattr(cfg, k), getattr(init, k)
+        if new == old:
+            continue
+        if k == "genes":
+            first = next((i for i, (a, b) in enumerate(zip(new, old)) if a != b), min(len(new), len(old)))
+            out.append(f"genes ({len(new)} here, {len(old)} in the checkpoint; first difference at gene {first + 1})")
+        elif k == "backbone":
+            out.append(f"backbone ({new} here, from the features' width; {old} in the checkpoint)")
+        else:
+            out.append(f"{k} ({new} here, {old} in the checkpoint)")
+    return out
 
 
 @torch.no_grad()
@@ -188,15 +185,6 @@ def predict(fusion: FusionHead, data: BankedSpots, batch_size: int = 256) -> np.
         f, bank, mask, y1, _ = data.batch(rows)
         out.append(fusion(f, bank, mask, y1)[0].numpy())
     return np.concatenate(out) if out else np.zeros((0, data.y1.shape[1]), np.float32)
-
-
-def _write_log(out_dir: Path, history: list[dict[str, Any]]) -> None:
-    (out_dir / "log.json").write_text(json.dumps(history, indent=1) + "\n")
-    keys = [k for k in history[0] if not isinstance(history[0][k], dict)] if history else []
-    with (out_dir / "log.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(history)
 
 
 def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: dict[str, Targets],
@@ -222,9 +210,9 @@ def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: di
     if not train:
         raise UserError("no training section has spots with both features and counts")
     dim = train[0].f.shape[1]
-    if dim != embed_dim_of(cfg.backbone):
+    if dim != cfg.embed_dim:
         raise UserError(f"cached features are {dim}-wide but the model's {cfg.backbone} backbone gives "
-                        f"{embed_dim_of(cfg.backbone)}; use a cache made by this phase-1 model")
+                        f"{cfg.embed_dim}; use a cache made by this phase-1 model")
     if train[0].y1.shape[1] != cfg.n_genes or train[0].target.shape[1] != cfg.n_genes:
         raise UserError(f"cached y1 has {train[0].y1.shape[1]} genes but the gene list has {cfg.n_genes}")
     train_data = BankedSpots(train, rule.max_bank)
@@ -233,12 +221,10 @@ def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: di
     torch.manual_seed(recipe.seed)
     if init is not None:
         model = init
-        encoder_fields = ("backbone", "input_size", "crop_fractions", "shared_encoder", "query_view", "genes",
-                          "patch_um", "mpp")
-        changed = [k for k in encoder_fields if getattr(cfg, k) != getattr(init.config, k)]
+        changed = _encoder_differences(cfg, init.config)
         if changed:
-            raise UserError(f"phase 2 settings change the phase-1 model's {', '.join(changed)}; "
-                            "keep them as the --init checkpoint has them")
+            raise UserError(f"the phase-1 model (--init) does not match: {'; '.join(changed)}; use the feature "
+                            "cache made with that checkpoint and the gene list it was trained with")
         # the checkpoint must describe the head trained here (head averaging, K/L rule)
         model.config = cfg
         model.fusion = FusionHead(cfg, dim)  # fresh head with the recipe's seed
@@ -262,8 +248,7 @@ def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: di
         for i in range(0, len(perm), recipe.batch_size):
             rows = perm[i:i + recipe.batch_size]
             f, y1, t = train_data.f[rows], train_data.y1[rows], train_data.target[rows]
-            y, h = fusion_forward_shared(fusion, f, train_data.centroids, train_data.bank_idx[rows],
-                                         train_data.mask[rows], y1)
+            y, h = fusion.forward_shared(f, train_data.centroids, train_data.bank_idx[rows], train_data.mask[rows], y1)
             mse = torch.mean((y - t) ** 2)
             loss = mse + cfg.mag_weight * alignment_loss(cfg, f, h) if cfg.mag_weight > 0 else mse
             opt.zero_grad(set_to_none=True)
@@ -310,7 +295,7 @@ def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: di
         save_checkpoint(ckpt_path, model, **meta)
     else:
         save_fusion_checkpoint(ckpt_path, cfg, fusion, **meta)
-    _write_log(out_dir, history)
+    write_training_log(out_dir, history)
     return {"checkpoint": str(ckpt_path), "history": history, "best": best_metrics, "meta": meta}
 
 
@@ -318,21 +303,16 @@ def save_fusion_checkpoint(path: str | Path, cfg: MMAPConfig, fusion: FusionHead
     """A checkpoint holding only the fusion weights (`encoder_trained: False`), loadable by load_checkpoint."""
     path = Path(path)
     state = {f"fusion.{k}": v for k, v in fusion.state_dict().items()}
-    extra["encoder_trained"] = False
+    extra = plain({**extra, "encoder_trained": False})
     with atomic_path(path) as tmp:
         torch.save({"config": cfg.to_dict(), "state_dict": state, **extra}, tmp)
 
 
 def load_fusion(path: str | Path) -> tuple[MMAPConfig, FusionHead, dict[str, Any]]:
     """Only the fusion head of a checkpoint (no backbone is built): what evaluation on a cache needs."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
-        raise UserError(f"{path}: not an mmap-train checkpoint (no config/state_dict)")
+    ckpt = read_checkpoint(path)
     cfg = MMAPConfig.from_dict(ckpt["config"])
-    fusion = FusionHead(cfg, embed_dim_of(cfg.backbone))
+    fusion = FusionHead(cfg, cfg.embed_dim)
     state = {k[len("fusion."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("fusion.")}
     fusion.load_state_dict(state)
     return cfg, fusion.eval(), ckpt
@@ -356,9 +336,9 @@ def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures
     for name, sf in feats.items():
         if len(sf.spot_ids) == 0:
             continue
-        if sf.f.shape[1] != embed_dim_of(cfg.backbone) or sf.y1.shape[1] != cfg.n_genes:
+        if sf.f.shape[1] != cfg.embed_dim or sf.y1.shape[1] != cfg.n_genes:
             raise UserError(f"section {name}: cached f/y1 are {sf.f.shape[1]}/{sf.y1.shape[1]} wide, the checkpoint "
-                            f"expects {embed_dim_of(cfg.backbone)}/{cfg.n_genes}")
+                            f"expects {cfg.embed_dim}/{cfg.n_genes}")
         rows = targets[name].rows_for(sf.spot_ids, f"section {name}")
         preds.append(predict_section(cfg, fusion, sf))
         tgts.append(targets[name].values[rows])

@@ -29,9 +29,6 @@ import numpy as np
 SECTION = "B4"
 # (left, top, width, height) in the full image: ~120 spots, < 3 MB as JPEG.
 CROP = (1200, 4450, 3300, 3300)
-# her2st spot pitch is 200 µm, measured at 271-274 px across sections: 0.73 µm/px,
-# the resolution of the project's reference patch geometry (224 px ~ 163.5 µm).
-MPP = 0.73
 SPOT_PITCH_UM = 200.0
 JPEG_QUALITY = 90
 CITATION = (
@@ -60,7 +57,7 @@ def make_sample(data_dir: Path, out: Path = SAMPLE_DIR) -> dict:
     from PIL import Image, TiffImagePlugin
 
     from mmap_deploy.coords import read_coords
-    from mmap_deploy.preprocess import DEFAULT_PATCH_UM
+    from mmap_deploy.preprocess import DEFAULT_MPP, DEFAULT_PATCH_UM
 
     image_path = data_dir / "her2st" / "images" / f"{SECTION}.jpg"
     spots_path = data_dir / "her2st" / "spots" / f"{SECTION}_selection.tsv"
@@ -68,7 +65,7 @@ def make_sample(data_dir: Path, out: Path = SAMPLE_DIR) -> dict:
         if not p.is_file():
             raise SystemExit(f"{p}: not found; pass --data-dir, the folder holding her2st/")
     left, top, width, height = CROP
-    margin = int(np.ceil(DEFAULT_PATCH_UM / MPP / 2))
+    margin = int(np.ceil(DEFAULT_PATCH_UM / DEFAULT_MPP / 2))
 
     lines = spots_path.read_text().splitlines()
     header = lines[0].split("\t")
@@ -96,7 +93,7 @@ def make_sample(data_dir: Path, out: Path = SAMPLE_DIR) -> dict:
         Image.MAX_IMAGE_PIXELS = saved_limit
     exif = Image.Exif()
     # Pixels per centimetre as an exact rational: 1e4 / 0.73 = 1 000 000 / 73.
-    ppcm = Fraction(10_000) / Fraction(str(MPP))
+    ppcm = Fraction(10_000) / Fraction(str(DEFAULT_MPP))
     exif[282] = exif[283] = TiffImagePlugin.IFDRational(ppcm.numerator, ppcm.denominator)
     exif[296] = 3  # ResolutionUnit: centimetre
     exif[270] = f"her2st section {SECTION}, crop {CROP}; {CITATION}; CC-BY 4.0"
@@ -106,7 +103,7 @@ def make_sample(data_dir: Path, out: Path = SAMPLE_DIR) -> dict:
     info = {
         "image": image_name,
         "coords": coords_name,
-        "mpp": MPP,
+        "mpp": DEFAULT_MPP,
         "mpp_note": (
             f"from the {SPOT_PITCH_UM:g} µm spot pitch: median nearest-neighbour distance "
             f"{_median_pitch_px(spots.xy):.1f} px in this crop"
