@@ -77,12 +77,6 @@ def test_help_works_without_torch():
     assert r.returncode == 0 and "Usage: mmap-train phase2" in r.stdout, r.stderr
 
 
-def test_mmap_export_errors_name_its_own_options(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "mmap_export.cli", "-o", str(tmp_path / "none"), "--fp16"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "pass -o a bundle written by mmap-export" in r.stderr and "--model" not in r.stderr
-
-
 def test_mmap_export_tensorrt_without_tensorrt_names_its_option(tiny_checkpoint, tmp_path):
     from mmap_deploy.errors import UserError
     from mmap_deploy.tensorrt_runner import current_target
