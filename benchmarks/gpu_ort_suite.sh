@@ -6,7 +6,7 @@
 # PyPI's onnxruntime-gpu (CUDA 13 build, ~255 MB) goes there in parts:
 #
 #   # 1. here, once (with the package index):
-#   echo /.gpuwheel/ >> .git/info/exclude; echo /.gpudata/ >> .git/info/exclude
+#   (.gpuwheel/ and .gpudata/ are in .gitignore: the device tool carries ignored paths)
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d /tmp/w onnxruntime-gpu==1.31.1
 #   python benchmarks/gpu_wheels.py pack /tmp/w/onnxruntime_gpu-*.whl -o .gpuwheel --part-mib 44

@@ -220,10 +220,11 @@ def grid_coords(path: Path, width: int, height: int, n: int, margin: float) -> P
     return path
 
 
-def run_predict(slide: Path, coords: Path, bundle: Path, out: Path, mpp: float | None) -> dict[str, Any]:
-    """`mmap-predict` in a fresh process: wall time, peak RSS of that process, and its own timings."""
+def run_predict(slide: Path, coords: Path, bundle: Path, out: Path, mpp: float | None,
+                extra: list[str] | None = None) -> dict[str, Any]:
+    """`mmap-predict` in a fresh process (with `extra` options): wall time, peak RSS, and its own timings."""
     cmd = [sys.executable, "-m", "mmap_deploy.cli", str(slide), str(coords), "-o", str(out), "--model",
-           str(bundle), "-q", "--overwrite"]
+           str(bundle), "-q", "--overwrite", *(extra or [])]
     if mpp is not None:
         cmd += ["--mpp", str(mpp)]
     # A launcher measures its one child's peak RSS (ru_maxrss of RUSAGE_CHILDREN, KiB on Linux).

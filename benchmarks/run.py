@@ -2,6 +2,7 @@
 
     python benchmarks/run.py --suite cpu --json benchmarks/results/cpu.json
     python benchmarks/run.py --suite gpu --json $OUT/gpu.json
+    python benchmarks/run.py --suite gpu-ort --json $OUT/gpu_ort.json   # via benchmarks/gpu_ort_suite.sh
     python benchmarks/run.py --suite smoke --json /tmp/smoke.json   # tiny sizes, for the tests
 
 Writes `{"machine": {...}, "results": [...], "targets": [...]}` (after every
@@ -102,6 +103,13 @@ def slide_steps(ctx: Context) -> None:
             rss_rows(report, suite, slide, work)
 
 
+def gpu_ort_suite(ctx: Context) -> None:
+    """mmap-predict on ONNX Runtime CUDA end to end, its engines alone, torch, and the readers' share."""
+    from suite_gpu_ort import gpu_ort_suite as run
+
+    run(ctx)
+
+
 # The suites: name -> (sizes, the function that runs its steps).
 SUITES: dict[str, tuple[Suite, Callable[[Context], None]]] = {
     "cpu": (Suite("cpu"), cpu_suite),
@@ -112,6 +120,8 @@ SUITES: dict[str, tuple[Suite, Callable[[Context], None]]] = {
                   uni_precisions=("fp32", "fp16"), tiny_precisions=("fp32",), kmeans_n=5000,
                   tile_patches=2000, tile_threads=(1, 2, 4, 8, 16), overhead_spots=(), rss_spots=(), gpu_batches=(16, 64, 256),
                   time_budget_s=420.0), gpu_suite),
+    "gpu-ort": (Suite("gpu-ort", rounds=10, time_budget_s=480.0), gpu_ort_suite),
+    "gpu-ort-check": (Suite("gpu-ort-check", rounds=2, time_budget_s=300.0), gpu_ort_suite),
 }
 
 

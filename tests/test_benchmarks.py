@@ -96,3 +96,22 @@ def test_markdown_summary_has_the_tables(smoke):
                     "## Peak RSS", "## Targets"):
         assert heading in md
     assert "| tiny-vit-patch16-112 | cpu | onnxruntime |" in md
+
+
+@pytest.mark.slow
+def test_gpu_ort_suite_steps_run_on_the_cpu(tmp_path, real_data):
+    """`--suite gpu-ort-check`: the GPU suite's own steps (export, engine-only rows, mmap-predict end to end
+    on a pyramidal TIFF, the reader-thread sweep) on the CPU provider, so no GPU time is lost to its bugs."""
+    out = tmp_path / "gpu_ort.json"
+    r = subprocess.run([sys.executable, str(RUN), "--suite", "gpu-ort-check", "--json", str(out),
+                        "--data-dir", str(real_data)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert not [x for x in rows if x["name"] == "error"], rows
+    names = [x["name"] for x in rows]
+    assert names.count("predict") == 2 and all(x["command"] == "mmap-predict" for x in rows if x["name"] == "predict")
+    assert {(x["precision"], x["io_binding"]) for x in rows if x["name"] == "encoder" and x["backend"] == "onnxruntime"} \
+        == {("fp32", False), ("fp32", True), ("fp16", False), ("fp16", True)}
+    waits = [x for x in rows if x["name"] == "reader_wait"]
+    assert [x["reader_threads"] for x in waits] == [1, 2] and all(0 <= x["wait_share"] <= 1 for x in waits)
+    assert sum(x["name"] == "target" for x in rows) == 2
