@@ -1,5 +1,6 @@
-"""The command lines help: -h everywhere, a help line for every option, and one-line errors that name
-the command's own options, including in a runtime-only install (no torch)."""
+"""The command lines help: -h everywhere, a help line for every option, and a one-line error from
+mmap-train and mmap-export in a runtime-only install (no torch). mmap-export's errors naming its own
+options: tests/test_precision.py."""
 
 from __future__ import annotations
 
@@ -75,19 +76,3 @@ def test_training_commands_without_torch_fail_in_one_line(module, argv, tmp_path
 def test_help_works_without_torch():
     r = _without_torch("mmap_train.cli", ["phase2", "-h"])
     assert r.returncode == 0 and "Usage: mmap-train phase2" in r.stdout, r.stderr
-
-
-def test_mmap_export_tensorrt_without_tensorrt_names_its_option(tiny_checkpoint, tmp_path):
-    from mmap_deploy.errors import UserError
-    from mmap_deploy.tensorrt_runner import current_target
-
-    try:
-        current_target()
-        pytest.skip("TensorRT and a GPU are here: --tensorrt works")
-    except UserError:
-        pass
-    r = subprocess.run([sys.executable, "-m", "mmap_export.cli", str(tiny_checkpoint), "-o", str(tmp_path / "b"),
-                        "--tensorrt"], capture_output=True, text=True, timeout=120)
-    err = r.stderr.strip()
-    assert r.returncode == 2 and err.count("\n") == 0, err
-    assert err.startswith("error: --tensorrt: ") and "--backend" not in err and not (tmp_path / "b").exists()

@@ -199,5 +199,6 @@ def test_cli_tensorrt_without_tensorrt_says_so(bundle_copy):
     before = (bundle_copy / "manifest.json").read_bytes()
     r = subprocess.run([*EXPORT, "-o", str(bundle_copy), "--tensorrt"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.startswith("error: TensorRT is not available here") and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("error: --tensorrt: TensorRT is not available here") and len(r.stderr.strip().splitlines()) == 1
+    assert "--backend" not in r.stderr  # mmap-predict's option: not one mmap-export has
     assert (bundle_copy / "manifest.json").read_bytes() == before
