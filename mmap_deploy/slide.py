@@ -159,6 +159,18 @@ class SlideReader:
     def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
         raise NotImplementedError
 
+    def patch_level(self, side: int, out_px: int) -> tuple[int, float, int]:
+        """(level, downsample, side in level px) that `read_patch` reads for a level-0 `side` -> `out_px`."""
+        return 0, 1.0, side
+
+    def tile_size(self, level: int) -> tuple[int, int]:
+        """(width, height) of the storage tiles of `level`; (1, 1) when pixels are not tiled."""
+        return 1, 1
+
+    def read_level_region(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
+        """(height, width, 3) uint8 RGB of `level` from level pixel (left, top), white outside (may be a view)."""
+        raise NotImplementedError
+
     def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
         """An RGB uint8 image of the whole slide, longest side <= max_side, and its scale.
 
@@ -293,12 +305,27 @@ class OpenSlideReader(SlideReader):
         finally:
             private.close()
 
-    def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
+    def patch_level(self, side: int, out_px: int) -> tuple[int, float, int]:
         level = self.level_for_downsample(side / out_px)
         d = self.level_downsamples[level]
         # Rounded, not ceiled: the read covers the region to within half a level pixel.
-        size = max(1, int(round(side / d)))
+        return level, d, max(1, int(round(side / d)))
+
+    def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
+        level, _, size = self.patch_level(side, out_px)
         return _composite_on_white(self._read_rgba((left, top), level, (size, size)))
+
+    def tile_size(self, level: int) -> tuple[int, int]:
+        with self._lock:
+            props = self._handle.properties if self._handle is not None else {}
+        w = _parse_float(props.get(f"openslide.level[{level}].tile-width"))
+        h = _parse_float(props.get(f"openslide.level[{level}].tile-height"))
+        return (int(w), int(h)) if w and h else (1, 1)
+
+    def read_level_region(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
+        d = self.level_downsamples[level]
+        rgba = self._read_rgba((int(round(left * d)), int(round(top * d))), level, (width, height))
+        return _composite_on_white(rgba)
 
     def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
         # Streams the chosen pyramid level in blocks, box-averaging each by an
@@ -371,14 +398,17 @@ class ImageReader(SlideReader):
         self.format = f"image:{fmt}"
 
     def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
+        return self.read_level_region(0, left, top, side, side)
+
+    def read_level_region(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
         pixels = self._pixels
         if pixels is None:
             raise RuntimeError(f"{self.path}: slide is closed")
         x0, y0 = max(left, 0), max(top, 0)
-        x1, y1 = min(left + side, self.width), min(top + side, self.height)
-        if x0 == left and y0 == top and x1 == left + side and y1 == top + side:
+        x1, y1 = min(left + width, self.width), min(top + height, self.height)
+        if x0 == left and y0 == top and x1 == left + width and y1 == top + height:
             return pixels[y0:y1, x0:x1]
-        out = np.full((side, side, 3), 255, dtype=np.uint8)
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
         if x1 > x0 and y1 > y0:
             out[y0 - top : y1 - top, x0 - left : x1 - left] = pixels[y0:y1, x0:x1]
         return out
