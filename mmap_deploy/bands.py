@@ -174,11 +174,13 @@ class ReadPlan:
 
 
 def plan_reads(slide: Any, xy: np.ndarray, spec: ViewSpec, *, reader: str = "auto",
-               min_coverage: float = MIN_COVERAGE, band_pixels: int = BAND_PIXELS) -> ReadPlan:
+               min_coverage: float | None = None, band_pixels: int | None = None) -> ReadPlan:
     """Sort spots into horizontal bands of the level `read_patch` reads, and choose per band
     whether to decode it whole (`reader`: "auto" by `min_coverage`, or forced)."""
     if reader not in READERS:
         raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
+    min_coverage = MIN_COVERAGE if min_coverage is None else min_coverage
+    band_pixels = BAND_PIXELS if band_pixels is None else band_pixels
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     side = patch_region(0.0, 0.0, slide.mpp, spec)[2]
     level, d, n = slide.patch_level(side, spec.patch_px)
