@@ -84,6 +84,8 @@ SUITES = {
                  tile_patches=2000, tile_threads=(1, 2, 4, 8, 16), overhead_spots=(), rss_spots=(), gpu=True,
                  gpu_batches=(16, 64, 256),
                  time_budget_s=420.0),
+    # per-spot reader against the band reader (benchmarks/suite_read.py)
+    "read": Suite("read", uni=False),
 }
 
 
@@ -829,6 +831,12 @@ def main(argv: list[str] | None = None) -> int:
     report.machine["data"] = str(data_dir) if data_dir else "none (demo sample)"
     deadline = time.perf_counter() + suite.time_budget_s
     try:
+        if suite.name == "read":
+            from suite_read import run_read_suite
+
+            with step(report, "read"):
+                run_read_suite(args, report, work, data_dir)
+            return 0
         if suite.gpu:
             with step(report, "probe"):
                 gpu_probe(report)

@@ -1,0 +1,145 @@
+"""`--suite read`: spots/s of patches + views, the per-spot reader against the band reader.
+
+Layouts over a real her2st image (C6, 0.698 µm/px as HEST-1k estimates):
+`visium`, a 100 µm hexagonal grid of 5 000 spots over the whole section, and
+`hd16`, a square 16 µm grid of 50 000 bins (Visium HD's binning) in its centre;
+each read through OpenSlide (the image as a tiled pyramidal TIFF) and as the
+plain JPEG. The two readers of one slide, layout and thread count run in
+alternating rounds, so load from other processes hits both alike; the row
+keeps the best round of each.
+
+- `per_spot`: `read_patch` + `make_views` per spot on a thread pool (what the
+  pipeline did before the band reader). It reads a contiguous run of the
+  layout's spots (in grid order, so OpenSlide's tile cache helps as in a
+  full run): each spot costs the same wherever it lies.
+- `tile_once`: `bands.read_spot_views(reader="tile_once")` on a run of whole
+  grid rows (the layout's density, so the same sharing of tiles as the whole
+  grid), or on every spot with `--read-full`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SLIDE_SECTION = "C6"
+SLIDE_MPP = 0.698
+VISIUM_PITCH_UM = 100.0
+VISIUM_SPOTS = 5000
+HD_PITCH_UM = 16.0
+HD_BINS = 50_000
+
+
+def visium_grid(width: int, height: int, mpp: float, n: int = VISIUM_SPOTS) -> np.ndarray:
+    """n spot centres on a hexagonal 100 µm lattice from the top-left of the slide, row by row."""
+    pitch = VISIUM_PITCH_UM / mpp
+    rows = []
+    r = 0
+    while len(rows) < n:
+        y = pitch / 2 + r * pitch * math.sqrt(3) / 2
+        if y >= height:
+            raise ValueError(f"a {width}x{height} px slide holds fewer than {n} spots at {VISIUM_PITCH_UM} µm")
+        xs = np.arange(pitch / 2 + (r % 2) * pitch / 2, width, pitch)
+        rows += [(x, y) for x in xs]
+        r += 1
+    return np.asarray(rows[:n])
+
+
+def hd_grid(width: int, height: int, mpp: float, n: int = HD_BINS) -> np.ndarray:
+    """n bin centres on a square 16 µm grid centred on the slide, row by row."""
+    pitch = HD_PITCH_UM / mpp
+    side = int(math.ceil(math.sqrt(n)))
+    x0 = width / 2 - side * pitch / 2
+    y0 = height / 2 - side * pitch / 2
+    g = np.arange(side) * pitch
+    xy = np.stack(np.meshgrid(x0 + g, y0 + g), -1).reshape(-1, 2)
+    return xy[:n]
+
+
+def write_coords(path: Path, xy: np.ndarray) -> Path:
+    path.write_text("x,y\n" + "".join(f"{x:.2f},{y:.2f}\n" for x, y in xy))
+    return path
+
+
+def _per_spot(slide, xy: np.ndarray, spec, threads: int) -> float:
+    from mmap_deploy.preprocess import make_views
+
+    def one(i: int) -> None:
+        make_views(slide.read_patch(float(xy[i, 0]), float(xy[i, 1]), spec), spec)
+
+    with ThreadPoolExecutor(threads) as pool:
+        t = time.perf_counter()
+        list(pool.map(one, range(len(xy))))
+        return time.perf_counter() - t
+
+
+def _tile_once(slide, xy: np.ndarray, spec, threads: int) -> float:
+    from mmap_deploy.bands import read_spot_views
+
+    t = time.perf_counter()
+    n = sum(len(c.rows) for c in read_spot_views(slide, xy, spec, workers=threads, reader="tile_once"))
+    assert n == len(xy)
+    return time.perf_counter() - t
+
+
+def _runs(xy: np.ndarray, layout: str, per_spot_n: int, tile_once_n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Contiguous runs of the grid (row order) for each reader; tile_once rounded to whole rows."""
+    mid = len(xy) // 2
+    a = xy[mid : mid + per_spot_n]
+    if tile_once_n is None or tile_once_n >= len(xy):
+        return a, xy
+    row_len = int(np.sum(np.isclose(xy[:, 1], xy[0, 1])))
+    rows = max(1, -(-tile_once_n // row_len))
+    start = (mid // row_len) * row_len
+    return a, xy[start : start + rows * row_len]
+
+
+def run_read_suite(args: Any, report: Any, work: Path, data_dir: Path | None) -> None:
+    """Rows `tile_read` for both readers, both layouts, both slides, 1 and 2 threads (see module doc)."""
+    from threadpoolctl import threadpool_limits
+
+    from mmap_deploy.bundle import default_bundle_path, load_bundle
+    from mmap_deploy.slide import open_slide
+
+    from run import cpu_model, pyramidal_tiff
+
+    image = (data_dir / "her2st" / "images" / f"{SLIDE_SECTION}.jpg") if data_dir else None
+    if image is None or not image.is_file():
+        report.add({"name": "skipped", "step": "read", "why": f"no her2st {SLIDE_SECTION}.jpg (set MMAP_DATA_DIR)"})
+        return
+    spec = load_bundle(default_bundle_path()).manifest.view  # the demo bundle's geometry
+    tif = pyramidal_tiff(image, SLIDE_MPP, work / f"{SLIDE_SECTION}.tif")
+    full = getattr(args, "read_full", False)
+    rounds = getattr(args, "read_rounds", 2)
+    for slide_path in (tif, image):
+        with open_slide(slide_path, mpp=SLIDE_MPP) as slide:
+            layouts = {"visium": visium_grid(slide.width, slide.height, slide.mpp),
+                       "hd16": hd_grid(slide.width, slide.height, slide.mpp)}
+            for layout, xy in layouts.items():
+                a, b = _runs(xy, layout, 400, None if full else (VISIUM_SPOTS if layout == "visium" else 8000))
+                for threads in (1, 2):
+                    best = {"per_spot": math.inf, "tile_once": math.inf}
+                    loads = []
+                    with threadpool_limits(limits=1, user_api="blas"):  # as the pipeline's readers do
+                        _per_spot(slide, a[:8], spec, threads)  # warm caches
+                        for _ in range(rounds):
+                            loads.append(os.getloadavg()[0])
+                            best["per_spot"] = min(best["per_spot"], _per_spot(slide, a, spec, threads) / len(a))
+                            loads.append(os.getloadavg()[0])
+                            best["tile_once"] = min(best["tile_once"], _tile_once(slide, b, spec, threads) / len(b))
+                    for reader, n in (("per_spot", len(a)), ("tile_once", len(b))):
+                        report.add({"name": "tile_read", "layout": layout, "reader": reader,
+                                    "slide": f"{slide_path.name} ({'openslide' if slide_path == tif else 'plain JPEG'})",
+                                    "threads": threads, "patches_per_s": round(1.0 / best[reader], 1),
+                                    "spots_in_layout": len(xy), "spots_timed": n, "rounds": rounds,
+                                    "cpu": cpu_model(), "load_avg_1m": [round(x, 2) for x in loads],
+                                    "includes": "patch read + three views"})
+                    report.add({"name": "tile_read_ratio", "layout": layout, "slide": slide_path.name,
+                                "threads": threads,
+                                "tile_once_over_per_spot": round(best["per_spot"] / best["tile_once"], 2)})
