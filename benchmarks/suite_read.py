@@ -100,6 +100,28 @@ def _runs(xy: np.ndarray, layout: str, per_spot_n: int, tile_once_n: int | None)
     return a, xy[start : start + rows * row_len]
 
 
+def coverage_rows(report: Any, slide, spec) -> None:
+    """Where the band reader starts to win on a tiled slide: random spots at rising coverage
+    (patch area x spots / slide area), one thread, both readers on the same spots."""
+    from threadpoolctl import threadpool_limits
+
+    from mmap_deploy.bands import plan_reads
+
+    side = plan_reads(slide, np.zeros((1, 2)), spec).n
+    rng = np.random.default_rng(0)
+    for coverage in (0.03, 0.1, 0.25, 0.5, 1.0):
+        n = max(2, int(round(coverage * slide.width * slide.height / side**2)))
+        xy = rng.uniform((0, 0), (slide.width, slide.height), (n, 2))
+        xy = xy[np.argsort(xy[:, 1])]  # in reading order, so per-spot reads share OpenSlide's tile cache too
+        with threadpool_limits(limits=1, user_api="blas"):
+            t_spot = _per_spot(slide, xy, spec, 1) / n
+            t_band = _tile_once(slide, xy, spec, 1) / n
+        report.add({"name": "tile_read_coverage", "slide": slide.path.name, "coverage": coverage, "spots": n,
+                    "per_spot_per_s": round(1 / t_spot, 1), "tile_once_per_s": round(1 / t_band, 1),
+                    "tile_once_over_per_spot": round(t_spot / t_band, 2), "threads": 1,
+                    "load_avg_1m": round(os.getloadavg()[0], 2)})
+
+
 def run_read_suite(args: Any, report: Any, work: Path, data_dir: Path | None) -> None:
     """Rows `tile_read` for both readers, both layouts, both slides, 1 and 2 threads (see module doc)."""
     from threadpoolctl import threadpool_limits
@@ -119,6 +141,8 @@ def run_read_suite(args: Any, report: Any, work: Path, data_dir: Path | None) ->
     rounds = getattr(args, "read_rounds", 2)
     for slide_path in (tif, image):
         with open_slide(slide_path, mpp=SLIDE_MPP) as slide:
+            if slide_path == tif:
+                coverage_rows(report, slide, spec)
             layouts = {"visium": visium_grid(slide.width, slide.height, slide.mpp),
                        "hd16": hd_grid(slide.width, slide.height, slide.mpp)}
             for layout, xy in layouts.items():

@@ -53,9 +53,10 @@ BAND_PIXELS = 16 * 2**20
 # Spots resampled together: enough to amortise Python overhead, few enough to
 # keep the float32 regions of a batch in cache-friendly tens of MiB.
 CHUNK_SPOTS = 32
-# A band is decoded whole only where its spots' patches cover at least this
-# share of its area (patch area x spots / band area); sparser bands go spot by
-# spot. See benchmarks/RESULTS.md (tile_read, coverage sweep) for the measurement.
+# A band of a tiled slide is decoded whole only where its spots' patches cover
+# at least this share of its area (patch area x spots / band area); sparser
+# bands go spot by spot. Measured by `benchmarks/run.py --suite read`
+# (tile_read_coverage rows). A plain image is in memory: always whole bands.
 MIN_COVERAGE = 0.25
 # Output rows resampled per matrix product: A is banded, so a block of rows
 # touches only a narrow range of input rows.
@@ -194,6 +195,8 @@ def plan_reads(slide: Any, xy: np.ndarray, spec: ViewSpec, *, reader: str = "aut
     phase[carry] = 0
     extent = n + 1  # one more pixel for a shifted region
     tile_w, tile_h = slide.tile_size(level)
+    if (tile_w, tile_h) == (1, 1):
+        min_coverage = 0.0  # a plain image is decoded already: bands cost nothing to read
     plan = ReadPlan(level, d, n, origin, phase, (0, 0))
     if len(xy) == 0:
         return plan

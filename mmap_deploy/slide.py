@@ -130,6 +130,7 @@ class SlideReader:
     height: int
     format: str
     metadata_mpp: tuple[float, str] | None = None
+    _tiles: list[tuple[int, int]] = [(1, 1)]
 
     def mpp_warning(self, tolerance: float = 0.05) -> str | None:
         """A warning when `--mpp` contradicts the slide's own plausible resolution, else None."""
@@ -157,7 +158,7 @@ class SlideReader:
         return patch.copy() if patch is region else patch
 
     def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
-        raise NotImplementedError
+        return self.read_level_region(0, left, top, side, side)  # plain images; OpenSlide reads at any level
 
     def patch_level(self, side: int, out_px: int) -> tuple[int, float, int]:
         """(level, downsample, side in level px) that `read_patch` reads for a level-0 `side` -> `out_px`."""
@@ -165,7 +166,7 @@ class SlideReader:
 
     def tile_size(self, level: int) -> tuple[int, int]:
         """(width, height) of the storage tiles of `level`; (1, 1) when pixels are not tiled."""
-        return 1, 1
+        return self._tiles[level]
 
     def read_level_region(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
         """(height, width, 3) uint8 RGB of `level` from level pixel (left, top), white outside (may be a view)."""
@@ -232,6 +233,9 @@ class OpenSlideReader(SlideReader):
         self.width, self.height = handle.dimensions
         self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
         self.level_dimensions = tuple(handle.level_dimensions)
+        tiles = [[_parse_float(handle.properties.get(f"openslide.level[{lv}].tile-{k}")) for k in ("width", "height")]
+                 for lv in range(handle.level_count)]
+        self._tiles = [(int(w), int(h)) if w and h else (1, 1) for w, h in tiles]
         self.format = f"openslide:{handle.properties.get('openslide.vendor', 'unknown')}"
 
     def level_for_downsample(self, downsample: float) -> int:
@@ -315,17 +319,9 @@ class OpenSlideReader(SlideReader):
         level, _, size = self.patch_level(side, out_px)
         return _composite_on_white(self._read_rgba((left, top), level, (size, size)))
 
-    def tile_size(self, level: int) -> tuple[int, int]:
-        with self._lock:
-            props = self._handle.properties if self._handle is not None else {}
-        w = _parse_float(props.get(f"openslide.level[{level}].tile-width"))
-        h = _parse_float(props.get(f"openslide.level[{level}].tile-height"))
-        return (int(w), int(h)) if w and h else (1, 1)
-
     def read_level_region(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
         d = self.level_downsamples[level]
-        rgba = self._read_rgba((int(round(left * d)), int(round(top * d))), level, (width, height))
-        return _composite_on_white(rgba)
+        return _composite_on_white(self._read_rgba((round(left * d), round(top * d)), level, (width, height)))
 
     def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
         # Streams the chosen pyramid level in blocks, box-averaging each by an
@@ -396,9 +392,6 @@ class ImageReader(SlideReader):
         self.mpp_source = mpp_source
         self.height, self.width = pixels.shape[:2]
         self.format = f"image:{fmt}"
-
-    def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
-        return self.read_level_region(0, left, top, side, side)
 
     def read_level_region(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
         pixels = self._pixels
