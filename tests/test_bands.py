@@ -205,3 +205,21 @@ def test_sparse_spots_take_the_per_spot_path(her2st):
         np.testing.assert_array_equal(ref, new)  # the per-spot path is today's, exactly
     with pytest.raises(ValueError, match="reader must be one of"):
         plan_reads(slide, xy, SPEC, reader="fast")
+
+
+def test_predictions_keep_input_order_and_do_not_depend_on_threads(her2st, tiny_bundle):
+    from mmap_deploy.bundle import load_bundle
+    from mmap_deploy.coords import Spots
+    from mmap_deploy.pipeline import predict_slide
+    from mmap_deploy.runners import open_engines
+
+    _, tif, xy = her2st
+    perm = np.random.default_rng(3).permutation(len(xy))
+    spots = Spots(ids=[f"s{i}" for i in perm], xy=xy[perm], source_format="xy")
+    bundle = load_bundle(tiny_bundle)
+    with open_slide(tif, mpp=HER2ST_MPP) as slide, open_engines("onnxruntime", bundle, threads=1) as engines:
+        one = predict_slide(slide, spots, bundle, engines, batch_size=8, read_workers=1)
+        three = predict_slide(slide, spots, bundle, engines, batch_size=8, read_workers=3)
+    assert one.spot_ids == three.spot_ids == spots.ids
+    np.testing.assert_array_equal(one.prediction, three.prediction)
+    np.testing.assert_array_equal(one.embedding, three.embedding)
