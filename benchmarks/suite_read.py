@@ -114,7 +114,7 @@ def coverage_rows(report: Any, slide, spec) -> None:
 
     side = plan_reads(slide, np.zeros((1, 2)), spec).n
     rng = np.random.default_rng(0)
-    for coverage in (0.03, 0.1, 0.25, 0.5):
+    for coverage in (0.25, 0.5, 1.0, 2.0):
         n = max(2, int(round(coverage * slide.width * slide.height / side**2)))
         xy = rng.uniform((0, 0), (slide.width, slide.height), (n, 2))
         xy = xy[np.argsort(xy[:, 1])]  # in reading order, so per-spot reads share OpenSlide's tile cache too

@@ -57,7 +57,7 @@ CHUNK_SPOTS = 32
 # at least this share of its area (patch area x spots / band area); sparser
 # bands go spot by spot. Measured by `benchmarks/run.py --suite read`
 # (tile_read_coverage rows). A plain image is in memory: always whole bands.
-MIN_COVERAGE = 0.25
+MIN_COVERAGE = 0.75
 # Output rows resampled per matrix product: A is banded, so a block of rows
 # touches only a narrow range of input rows.
 BLOCK_ROWS = 16
@@ -77,6 +77,8 @@ class _Operator:
     width: int
     blocks: tuple[tuple[int, int, int, int, np.ndarray], ...]  # (row0, row1, col0, col1, A[row0:row1, col0:col1])
     size: int  # output pixels
+    # the same blocks for interleaved RGB columns, transposed: kron(A_block, I_3).T, column ranges x 3
+    rgb_blocks: tuple[tuple[int, int, int, int, np.ndarray], ...] = ()
 
 
 def _shift_matrix(n: int, phase: float) -> np.ndarray:
@@ -92,15 +94,18 @@ def _banded(a: np.ndarray, first: int) -> _Operator:
     nz = np.flatnonzero(np.any(a != 0, axis=0))
     c0, c1 = int(nz[0]), int(nz[-1]) + 1
     a = a[:, c0:c1].astype(np.float32)
-    blocks = []
+    blocks, rgb = [], []
     for r0 in range(0, a.shape[0], BLOCK_ROWS):
         r1 = min(r0 + BLOCK_ROWS, a.shape[0])
         cols = np.flatnonzero(np.any(a[r0:r1] != 0, axis=0))
         b0, b1 = int(cols[0]), int(cols[-1]) + 1
         block = np.ascontiguousarray(a[r0:r1, b0:b1])
+        kron = np.ascontiguousarray(np.kron(block, np.eye(3, dtype=np.float32)).T)
         block.setflags(write=False)
+        kron.setflags(write=False)
         blocks.append((r0, r1, b0, b1, block))
-    return _Operator(first + c0, c1 - c0, tuple(blocks), a.shape[0])
+        rgb.append((3 * r0, 3 * r1, 3 * (first + c0 + b0), 3 * (first + c0 + b1), kron))
+    return _Operator(first + c0, c1 - c0, tuple(blocks), a.shape[0], tuple(rgb))
 
 
 @lru_cache(maxsize=1024)
@@ -122,28 +127,25 @@ def _operators(spec: ViewSpec, n: int, phase: int, patches: bool) -> tuple[_Oper
     return tuple(out)
 
 
-def _resample(regions: np.ndarray, op_y: _Operator, op_x: _Operator) -> np.ndarray:
-    """(H, N, W, 3) float32 regions -> (N, op_y.size, op_x.size, 3) uint8: A_y @ R @ A_x.T per spot and channel.
+def _resample(regions: np.ndarray, op_y: _Operator, op_x: _Operator, out: np.ndarray) -> None:
+    """(H, N, W, 3) float32 regions -> out (N, op_y.size, op_x.size, 3) uint8: A_y @ R @ A_x.T per spot and channel.
 
-    Each pass multiplies the leading axis (one large matrix product per block
-    of output rows, over every spot and channel); one transposed copy in
-    between brings the columns to the front.
+    The rows pass multiplies the leading axis, the columns pass the trailing
+    (interleaved RGB) one: each block of either pass is one large matrix
+    product over every spot, and no float array is ever transposed.
     """
     _, n, w, _ = regions.shape
-    rows = regions[op_y.first : op_y.first + op_y.width, :, op_x.first : op_x.first + op_x.width]
-    rows = rows.reshape(op_y.width, -1) if rows.flags.c_contiguous else np.ascontiguousarray(rows).reshape(op_y.width, -1)
+    rows = regions[op_y.first : op_y.first + op_y.width].reshape(op_y.width, -1)
     y = np.empty((op_y.size, rows.shape[1]), np.float32)
     for r0, r1, c0, c1, a in op_y.blocks:
         np.matmul(a, rows[c0:c1], out=y[r0:r1])
-    cols = np.ascontiguousarray(y.reshape(op_y.size, n, op_x.width, 3).transpose(2, 1, 3, 0)).reshape(op_x.width, -1)
-    z = np.empty((op_x.size, cols.shape[1]), np.float32)
-    for r0, r1, c0, c1, a in op_x.blocks:
-        np.matmul(a, cols[c0:c1], out=z[r0:r1])
+    y = y.reshape(op_y.size * n, w * 3)
+    z = np.empty((y.shape[0], op_x.size * 3), np.float32)
+    for r0, r1, c0, c1, k in op_x.rgb_blocks:
+        np.matmul(y[:, c0:c1], k, out=z[:, r0:r1])
+    # Weights are non-negative and each row sums to one: no clipping needed.
     np.rint(z, out=z)
-    np.clip(z, 0, 255, out=z)
-    out = np.empty((n, op_y.size, op_x.size, 3), np.uint8)
-    out[...] = z.reshape(op_x.size, n, 3, op_y.size).transpose(1, 3, 0, 2)
-    return out
+    out[...] = z.astype(np.uint8).reshape(op_y.size, n, op_x.size, 3).transpose(1, 0, 2, 3)
 
 
 # -- the plan ------------------------------------------------------------------------
@@ -276,10 +278,13 @@ def _band_views(pixels: np.ndarray, plan: ReadPlan, spots: np.ndarray, r0: int, 
         for j, s in enumerate(spots[sel]):
             y, x = plan.origin[s, 0] - r0, plan.origin[s, 1] - c0
             regions[:, j] = pixels[y : y + h, x : x + w]
-        views = np.stack([_resample(regions, oy, ox) for oy, ox in zip(ops_y, ops_x)], axis=1)
         if out is None:
-            out = np.empty((len(spots),) + views.shape[1:], np.uint8)
-        out[sel] = views
+            out = np.empty((len(spots), len(ops_y), ops_y[0].size, ops_x[0].size, 3), np.uint8)
+        views = out if len(sel) == len(spots) else np.empty((len(sel),) + out.shape[1:], np.uint8)
+        for v, (oy, ox) in enumerate(zip(ops_y, ops_x)):
+            _resample(regions, oy, ox, views[:, v])
+        if views is not out:
+            out[sel] = views
     return out[:, 0] if patches else out
 
 
