@@ -4,6 +4,7 @@
     python benchmarks/run.py --suite gpu --json $OUT/gpu.json
     python benchmarks/run.py --suite gpu-ort --json $OUT/gpu_ort.json   # via benchmarks/gpu_ort_suite.sh
     python benchmarks/run.py --suite smoke --json /tmp/smoke.json   # tiny sizes, for the tests
+    python benchmarks/run.py --suite read --json benchmarks/results/read.json   # per-spot vs band reader
 
 Writes `{"machine": {...}, "results": [...], "targets": [...]}` (after every
 step, so a run cut short keeps what it measured) and a markdown summary next
@@ -103,6 +104,14 @@ def slide_steps(ctx: Context) -> None:
             rss_rows(report, suite, slide, work)
 
 
+def read_suite(ctx: Context) -> None:
+    """The per-spot reader against the band reader (both layouts, both slide formats, 1 and 2 threads)."""
+    from suite_read import run_read_suite
+
+    with step(ctx.report, "read"):
+        run_read_suite(None, ctx.report, ctx.work, ctx.data_dir)
+
+
 def gpu_ort_suite(ctx: Context) -> None:
     """mmap-predict on ONNX Runtime CUDA end to end, its engines alone, torch, and the readers' share."""
     from suite_gpu_ort import gpu_ort_suite as run
@@ -120,6 +129,7 @@ SUITES: dict[str, tuple[Suite, Callable[[Context], None]]] = {
                   uni_precisions=("fp32", "fp16"), tiny_precisions=("fp32",), kmeans_n=5000,
                   tile_patches=2000, tile_threads=(1, 2, 4, 8, 16), overhead_spots=(), rss_spots=(), gpu_batches=(16, 64, 256),
                   time_budget_s=420.0), gpu_suite),
+    "read": (Suite("read", uni=False), read_suite),
     "gpu-ort": (Suite("gpu-ort", rounds=10, time_budget_s=480.0), gpu_ort_suite),
     "gpu-ort-check": (Suite("gpu-ort-check", rounds=2, time_budget_s=300.0), gpu_ort_suite),
 }

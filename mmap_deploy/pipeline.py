@@ -1,27 +1,26 @@
 """One slide through the engines: patches -> views -> encoder -> prototypes -> fusion.
 
-Patches are read and turned into views by a thread pool that runs ahead of
-the encoder (a bounded window of spots in flight, so memory stays bounded
-however many spots a slide has). The encoder's outputs stream into
-preallocated arrays. The K rule needs every spot of the slide, so k-means
-runs once encoding is done; each fusion batch then gathers its spots'
-top-L prototype banks (never the whole (N, L, D) bank at once).
+Views come from the band reader (`bands.read_spot_views`): a thread pool
+that runs ahead of the encoder, decodes each needed slide tile once and keeps
+a bounded window of spots in flight, so memory stays bounded however many
+spots a slide has. Spots are encoded in its reading order; every result lands
+in the spot's own row, so the output keeps the input order. The encoder's
+outputs stream into preallocated arrays. The K rule needs every spot of the
+slide, so k-means runs once encoding is done; each fusion batch then gathers
+its spots' top-L prototype banks (never the whole (N, L, D) bank at once).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from .bands import read_spot_views
 from .errors import UserError
-from .preprocess import make_views
-from .slide import PatchReadError
 from .prototypes import slide_prototypes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,15 +58,6 @@ class SlidePrediction:
     engines: dict[str, str] = field(default_factory=dict)
 
 
-def _read_views(slide: Any, x: float, y: float, spec: Any, spent: list[float]) -> np.ndarray:
-    """One spot's views. The slide reader retries a failed region once itself."""
-    t = time.perf_counter()
-    try:
-        return make_views(slide.read_patch(x, y, spec), spec)
-    finally:
-        spent.append(time.perf_counter() - t)  # list.append is atomic: safe across reader threads
-
-
 def _single_threaded_blas():
     from threadpoolctl import threadpool_limits
 
@@ -100,13 +90,15 @@ def predict_slide(
     read_workers: int = 2,
     strict: bool = False,
     progress: Callable[[int], Any] | None = None,
+    reader: str = "auto",
 ) -> SlidePrediction:
     """Predict every spot of one slide.
 
     `slide` is a `SlideReader` (`read_patch(x, y, spec)`), `spots` a `Spots`
     (`ids`, `xy`), `engines` the loaded encoder and fusion runners
     (`engines.open_engines`). `progress(n)` is called after each encoder
-    batch with the number of spots done in it.
+    batch with the number of spots done in it. `reader` picks the band
+    reader's path ("auto", "per_spot", "tile_once"; see `bands.plan_reads`).
 
     A spot whose patch cannot be decoded (`PatchReadError`: the reader has
     already retried once) is dropped and listed in `.dropped`; with `strict`
@@ -129,6 +121,7 @@ def predict_slide(
     y1 = np.empty((n, len(m.genes)), dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     dropped: list[DroppedSpot] = []
+    dropped_rows: list[int] = []
     views_shape = (spec.n_views, spec.input_size, spec.input_size, 3)
     batch = np.empty((batch_size,) + views_shape, dtype=np.uint8)
     batch_rows: list[int] = []
@@ -146,49 +139,40 @@ def predict_slide(
             progress(k)
         batch_rows.clear()
 
-    # The window of reads in flight: enough to keep the encoder fed, small
-    # enough that memory does not grow with the number of spots.
-    window = max(2 * batch_size, 4 * read_workers)
     read_spent: list[float] = []
     # The views' resizes are small matrix products: BLAS threads only fight the
     # reader threads and the engine for cores (10-20x slower per spot on 2
     # cores). The limit is process-wide, so it is lifted again for k-means.
-    with _single_threaded_blas(), \
-            ThreadPoolExecutor(max_workers=max(1, read_workers), thread_name_prefix="mmap-read") as pool:
-        pending: deque[tuple[int, Future]] = deque()
-        next_spot = 0
+    with _single_threaded_blas():
+        chunks = read_spot_views(slide, xy, spec, workers=read_workers, reader=reader, spent=read_spent)
         try:
-            while pending or next_spot < n:
-                while next_spot < n and len(pending) < window:
-                    x, y = xy[next_spot]
-                    pending.append((next_spot, pool.submit(_read_views, slide, float(x), float(y), spec, read_spent)))
-                    next_spot += 1
-                i, fut = pending.popleft()
+            while True:
                 t = time.perf_counter()
-                try:
-                    views = fut.result()
-                except PatchReadError as e:
-                    reason = _reader_error(e)
+                chunk = next(chunks, None)
+                timings["read_wait"] += time.perf_counter() - t
+                if chunk is None:
+                    break
+                for i, e in chunk.failed:
                     if strict:
                         raise UserError(
                             f"spot {ids[i]} at ({xy[i, 0]:.0f}, {xy[i, 1]:.0f}): {e} "
                             "(run without --strict to skip unreadable spots)"
                         ) from None
-                    dropped.append(DroppedSpot(ids[i], float(xy[i, 0]), float(xy[i, 1]), reason))
+                    dropped.append(DroppedSpot(ids[i], float(xy[i, 0]), float(xy[i, 1]), _reader_error(e)))
+                    dropped_rows.append(i)
                     if progress is not None:
                         progress(1)
-                    continue
-                finally:
-                    timings["read_wait"] += time.perf_counter() - t
-                batch[len(batch_rows)] = views
-                batch_rows.append(i)
-                if len(batch_rows) == batch_size:
-                    run_encoder()
+                for i, views in zip(chunk.rows, chunk.views):
+                    batch[len(batch_rows)] = views
+                    batch_rows.append(int(i))
+                    if len(batch_rows) == batch_size:
+                        run_encoder()
             if batch_rows:
                 run_encoder()
         finally:
-            for _, fut in pending:
-                fut.cancel()
+            chunks.close()
+    # the record lists dropped spots in input order, whatever order they were read in
+    dropped = [dropped[j] for j in np.argsort(dropped_rows, kind="stable")]
 
     timings["read_threads"] = float(sum(read_spent))
     if not ok.any():

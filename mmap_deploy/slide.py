@@ -122,6 +122,7 @@ class SlideReader:
     height: int
     format: str
     metadata_mpp: tuple[float, str] | None = None
+    _tiles: list[tuple[int, int]] = [(1, 1)]
 
     def mpp_warning(self, tolerance: float = 0.05) -> str | None:
         """A warning when `--mpp` contradicts the slide's own plausible resolution, else None."""
@@ -149,6 +150,18 @@ class SlideReader:
         return patch.copy() if patch is region else patch
 
     def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
+        return self.read_level_region(0, left, top, side, side)  # plain images; OpenSlide reads at any level
+
+    def patch_level(self, side: int, out_px: int) -> tuple[int, float, int]:
+        """(level, downsample, side in level px) that `read_patch` reads for a level-0 `side` -> `out_px`."""
+        return 0, 1.0, side
+
+    def tile_size(self, level: int) -> tuple[int, int]:
+        """(width, height) of the storage tiles of `level`; (1, 1) when pixels are not tiled."""
+        return self._tiles[level]
+
+    def read_level_region(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
+        """(height, width, 3) uint8 RGB of `level` from level pixel (left, top), white outside (may be a view)."""
         raise NotImplementedError
 
     def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
@@ -212,6 +225,9 @@ class OpenSlideReader(SlideReader):
         self.width, self.height = handle.dimensions
         self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
         self.level_dimensions = tuple(handle.level_dimensions)
+        tiles = [[_parse_float(handle.properties.get(f"openslide.level[{lv}].tile-{k}")) for k in ("width", "height")]
+                 for lv in range(handle.level_count)]
+        self._tiles = [(int(w), int(h)) if w and h else (1, 1) for w, h in tiles]
         self.format = f"openslide:{handle.properties.get('openslide.vendor', 'unknown')}"
 
     def level_for_downsample(self, downsample: float) -> int:
@@ -285,12 +301,19 @@ class OpenSlideReader(SlideReader):
         finally:
             private.close()
 
-    def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
+    def patch_level(self, side: int, out_px: int) -> tuple[int, float, int]:
         level = self.level_for_downsample(side / out_px)
         d = self.level_downsamples[level]
         # Rounded, not ceiled: the read covers the region to within half a level pixel.
-        size = max(1, int(round(side / d)))
+        return level, d, max(1, int(round(side / d)))
+
+    def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
+        level, _, size = self.patch_level(side, out_px)
         return _composite_on_white(self._read_rgba((left, top), level, (size, size)))
+
+    def read_level_region(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
+        d = self.level_downsamples[level]
+        return _composite_on_white(self._read_rgba((round(left * d), round(top * d)), level, (width, height)))
 
     def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
         # Streams the chosen pyramid level in blocks, box-averaging each by an
@@ -362,15 +385,15 @@ class ImageReader(SlideReader):
         self.height, self.width = pixels.shape[:2]
         self.format = f"image:{fmt}"
 
-    def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
+    def read_level_region(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
         pixels = self._pixels
         if pixels is None:
             raise RuntimeError(f"{self.path}: slide is closed")
         x0, y0 = max(left, 0), max(top, 0)
-        x1, y1 = min(left + side, self.width), min(top + side, self.height)
-        if x0 == left and y0 == top and x1 == left + side and y1 == top + side:
+        x1, y1 = min(left + width, self.width), min(top + height, self.height)
+        if x0 == left and y0 == top and x1 == left + width and y1 == top + height:
             return pixels[y0:y1, x0:x1]
-        out = np.full((side, side, 3), 255, dtype=np.uint8)
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
         if x1 > x0 and y1 > y0:
             out[y0 - top : y1 - top, x0 - left : x1 - left] = pixels[y0:y1, x0:x1]
         return out

@@ -192,12 +192,12 @@ def test_console_script_in_a_subprocess(pyramid, tiny_bundle, tmp_path):
 
 def test_pipeline_matches_the_whole_slide_reference(pyramid, tiny_bundle, tmp_path):
     """Streaming (batches of 7, banks gathered per batch) = encoder on all spots + prototypes + fusion."""
+    from mmap_deploy.bands import read_spot_views
     from mmap_deploy.bundle import load_bundle
     from mmap_deploy.coords import read_coords
-    from mmap_deploy.pipeline import predict_slide
-    from mmap_deploy.preprocess import make_views
-    from mmap_deploy.prototypes import KMEANS_SEED, kmeans, top_l_banks
     from mmap_deploy.engines import open_engines
+    from mmap_deploy.pipeline import predict_slide
+    from mmap_deploy.prototypes import KMEANS_SEED, kmeans, top_l_banks
     from mmap_deploy.slide import open_slide
     from threadpoolctl import threadpool_limits
 
@@ -209,7 +209,9 @@ def test_pipeline_matches_the_whole_slide_reference(pyramid, tiny_bundle, tmp_pa
     with open_slide(pyramid) as slide, open_engines("onnxruntime", bundle, threads=1) as engines:
         pred = predict_slide(slide, spots, bundle, engines, batch_size=7, read_workers=3, progress=done.append)
         with threadpool_limits(1, user_api="blas"):  # as the pipeline does: tiny GEMMs, no BLAS threads
-            views = np.stack([make_views(slide.read_patch(x, y, spec), spec) for x, y in spots.xy])
+            views = np.empty((len(ids), spec.n_views, spec.input_size, spec.input_size, 3), np.uint8)
+            for chunk in read_spot_views(slide, spots.xy, spec, workers=1):  # the pipeline's reader, in input order
+                views[chunk.rows] = chunk.views
         enc = engines.encoder.run({"views": views})
         rule = bundle.manifest.prototypes  # the method by hand: K rule, k-means, L rule, top-L
         km = kmeans(enc["f"], rule.n_prototypes(len(enc["f"])), seed=KMEANS_SEED)

@@ -304,8 +304,14 @@ def join_spots(section: Section, targets: Targets) -> SpotTable:
                      targets.values)
 
 
-def read_section_patches(section: Section, xy: np.ndarray, spec: ViewSpec) -> np.ndarray:
-    """(N, patch_px, patch_px, 3) uint8 patches of the spots at `xy`, via the runtime's slide reader."""
+def read_section_patches(section: Section, xy: np.ndarray, spec: ViewSpec, workers: int = 1) -> np.ndarray:
+    """(N, patch_px, patch_px, 3) uint8 patches of the spots at `xy`, via the runtime's band reader.
+
+    Training crops the views at random positions, so only the patch itself
+    comes from the band reader (each slide tile decoded once); a spot whose
+    region cannot be decoded is an error here.
+    """
+    from mmap_deploy.bands import read_spot_views
     from mmap_deploy.slide import open_slide
 
     if section.slide is None:
@@ -314,12 +320,12 @@ def read_section_patches(section: Section, xy: np.ndarray, spec: ViewSpec) -> np
     try:
         p = spec.patch_px
         out = np.empty((len(xy), p, p, 3), dtype=np.uint8)
-        for i, (x, y) in enumerate(xy):
-            out[i] = reader.read_patch(float(x), float(y), spec)
+        for chunk in read_spot_views(reader, xy, spec, workers=workers, patches=True):
+            if chunk.failed:
+                raise chunk.failed[0][1]
+            out[chunk.rows] = chunk.views
     finally:
-        close = getattr(reader, "close", None)
-        if close is not None:
-            close()
+        reader.close()
     return out
 
 
