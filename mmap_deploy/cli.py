@@ -15,10 +15,9 @@ from __future__ import annotations
 import csv
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -86,22 +85,27 @@ def load_model(model: Path | None) -> Any:
 
 def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any, engines: Any,
                     settings: RunSettings, *, mpp: float | None = None, library_id: str | None = None,
-                    mpp_origin: str = "--mpp") -> SlideResult:
+                    mpp_origin: str = "--mpp", spot_progress: Callable[[int], Any] | None = None) -> SlideResult:
     """One slide end to end: open, read coords, predict, write the .h5ad (and plots).
 
     `mpp_origin` names where a given `mpp` came from, for the provenance
-    (`--mpp`, or the batch manifest's mpp column).
+    (`--mpp`, or the batch manifest's mpp column); `spot_progress(n)` is
+    told of every n spots done (a cluster-wide progress bar).
     """
     from .coords import check_inside, read_coords, scale_warning
     from .output import build_anndata, check_output_path, now_utc, write_gene_plots, write_h5ad
     from .pipeline import KMEANS_SEED, predict_slide
     from .slide import open_slide
+    from .storage import check_free_space, output_storage_guard, slide_output_bytes
 
     t0 = time.perf_counter()
     out = check_output_path(out, settings.overwrite)
     spots = read_coords(coords_path, all_spots=settings.all_spots)
     with open_slide(slide_path, mpp=mpp) as slide:
         check_inside(spots, slide.width, slide.height, coords_path, slide_path)
+        # a full output folder is found now, not after the whole slide has run
+        need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height, len(settings.plot))
+        check_free_space(out.parent, need, out.name)
         warning = scale_warning(spots, slide.width, slide.height)
         if warning:
             _echo(f"warning: {coords_path}: {warning}")
@@ -119,9 +123,14 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
             thumb_job = background.submit(_thumbnail, slide)
             with tqdm(total=len(spots), unit="spot", desc=slide_path.name, file=sys.stderr,
                       disable=not settings.progress, leave=False, dynamic_ncols=True) as bar:
+                def on_spots(n: int) -> None:
+                    bar.update(n)
+                    if spot_progress is not None:
+                        spot_progress(n)
+
                 pred = predict_slide(
                     slide, spots, bundle, engines, batch_size=settings.batch_size,
-                    read_workers=settings.read_workers, strict=settings.strict, progress=bar.update,
+                    read_workers=settings.read_workers, strict=settings.strict, progress=on_spots,
                 )
             t = time.perf_counter()
             thumb, scale, thumb_note, t_thumb = thumb_job.result()
@@ -164,8 +173,9 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
         adata = build_anndata(pred, thumb, scale, library_id=library_id, slide_mpp=slide.mpp,
                               patch_um=m.view.patch_um, provenance=provenance)
     t = time.perf_counter()
-    write_h5ad(adata, out, overwrite=settings.overwrite)
-    plots = write_gene_plots(adata, settings.plot, out, library_id) if settings.plot else []
+    with output_storage_guard(out.parent, need, out.name):
+        write_h5ad(adata, out, overwrite=settings.overwrite)
+        plots = write_gene_plots(adata, settings.plot, out, library_id) if settings.plot else []
     timings = dict(pred.timings, write=round(time.perf_counter() - t, 4))
     seconds = time.perf_counter() - t0
     timings["wall"] = round(seconds, 4)
@@ -325,35 +335,38 @@ def run_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: An
         i, n = shard
         rows = [r for k, r in enumerate(rows) if k % n == i]
     out_dir.mkdir(parents=True, exist_ok=True)
-    done, skipped, failed = [], [], []
+    from .claims import new_run_id
+    from .cohort import STOP, BatchTally, predict_row
+
+    run_id, tally = new_run_id(), BatchTally(len(rows))
     for k, row in enumerate(rows, start=1):
         out = out_dir / f"{row.name}.h5ad"
         prefix = f"[{k}/{len(rows)}] {row.name}"
         if out.exists() and not settings.overwrite:
-            skipped.append(row.name)
+            tally.skipped.append(row.name)
             _echo(f"{prefix}: skipped, {out} exists (pass --overwrite to redo it)")
             continue
-        try:
-            result = predict_to_file(row.slide, row.coords, out, bundle, engines, settings,
-                                     mpp=row.mpp, library_id=row.name,
-                                     mpp_origin=f"{manifest.name} mpp column")
-        except UserError as e:
-            failed.append((row, str(e)))
-            _echo(f"{prefix}: error: {e}")
-            continue
-        except Exception as e:  # a bug: show it, but finish the other slides
-            failed.append((row, f"internal error {type(e).__name__}: {e} (traceback above)"))
-            _echo(f"{prefix}: internal error; traceback follows")
-            traceback.print_exc(file=sys.stderr)
-            continue
-        done.append(row.name)
-        _echo(f"{prefix}: " + _summary_line(result))
+        outcome = predict_row(row, out, bundle, engines, settings, manifest_name=manifest.name, run_id=run_id)
+        tally.add(row, outcome)
+        echo_outcome(prefix, outcome)
+        if outcome.status == STOP:
+            tally.not_started = len(rows) - k
+            break
     shard_txt = f" (shard {shard[0]}/{shard[1]})" if shard else ""
-    _echo(f"batch{shard_txt}: {len(done)} done, {len(skipped)} skipped (already done), {len(failed)} failed "
-          f"of {len(rows)} slide(s) in {manifest}")
-    for row, msg in failed:
-        _echo(f"  failed: {row.name} ({manifest} line {row.line}): {msg}")
-    return EXIT_BATCH_FAILED if failed else 0
+    for line in tally.summary_lines(manifest, shard_txt):
+        _echo(line)
+    return EXIT_BATCH_FAILED if tally.failed else 0
+
+
+def echo_outcome(prefix: str, outcome: Any) -> None:
+    """One slide's line of a batch (a bug's traceback first)."""
+    if outcome.traceback:
+        _echo(f"{prefix}: internal error; traceback follows")
+        _echo(outcome.traceback.rstrip())
+    elif outcome.status in ("failed", "stop"):
+        _echo(f"{prefix}: error: {outcome.message}")
+    else:
+        _echo(f"{prefix}: {'skipped, ' if outcome.status == 'claimed' else ''}{outcome.message}")
 
 
 def _summary_line(result: SlideResult) -> str:
