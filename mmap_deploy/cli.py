@@ -358,15 +358,15 @@ def run_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: An
     return EXIT_BATCH_FAILED if tally.failed else 0
 
 
-def echo_outcome(prefix: str, outcome: Any) -> None:
+def echo_outcome(prefix: str, outcome: Any, echo: Callable[[str], None] = _echo) -> None:
     """One slide's line of a batch (a bug's traceback first)."""
     if outcome.traceback:
-        _echo(f"{prefix}: internal error; traceback follows")
-        _echo(outcome.traceback.rstrip())
+        echo(f"{prefix}: internal error; traceback follows")
+        echo(outcome.traceback.rstrip())
     elif outcome.status in ("failed", "stop"):
-        _echo(f"{prefix}: error: {outcome.message}")
+        echo(f"{prefix}: error: {outcome.message}")
     else:
-        _echo(f"{prefix}: {'skipped, ' if outcome.status == 'claimed' else ''}{outcome.message}")
+        echo(f"{prefix}: {'skipped, ' if outcome.status == 'claimed' else ''}{outcome.message}")
 
 
 def _summary_line(result: SlideResult) -> str:
@@ -424,12 +424,19 @@ def _parse_genes(value: str | None) -> list[str]:
               help="Batch mode: CSV with columns slide,coords and optional mpp,id (paths relative to the CSV).")
 @click.option("--shard", metavar="I/N",
               help="With --manifest: run only rows k with k % N == I (I = 0..N-1), e.g. $SLURM_ARRAY_TASK_ID/N.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="With --manifest: predict the slides on Ray workers (one per GPU, or per group of CPU cores). "
+                   "Without ADDRESS a private local Ray is started (127.0.0.1 only); 'auto' or HOST:PORT joins a "
+                   "running cluster. Needs pip install 'mmap-deploy[ray]'.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+              help="With --ray: how many workers (default: one per GPU; without GPUs one per 8 cores of a node, "
+                   "or per --threads cores).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.version_option(__version__, prog_name="mmap-predict")
 def main(slide: Path | None, coords: Path | None, output: Path, model: Path | None, mpp: float | None,
          backend: str, precision: str, batch_size: int | None, threads: int, all_spots: bool, overwrite: bool,
          plot_genes: str | None, strict: bool, library_id: str | None, demo: bool, manifest: Path | None,
-         shard: str | None, quiet: bool) -> None:
+         shard: str | None, ray_address: str | None, ray_workers: int | None, quiet: bool) -> None:
     """Predict spatial gene expression for the spots of an H&E slide (MMAP).
 
     SLIDE is a whole-slide image (SVS, pyramidal TIFF, NDPI, MRXS, ...) or a
@@ -443,7 +450,8 @@ def main(slide: Path | None, coords: Path | None, output: Path, model: Path | No
     """
     try:
         code = _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots,
-                     overwrite, plot_genes, strict, library_id, demo, manifest, shard, quiet)
+                     overwrite, plot_genes, strict, library_id, demo, manifest, shard, quiet,
+                     ray_address=ray_address, ray_workers=ray_workers)
     except UserError as e:
         _echo(f"error: {e}")
         sys.exit(EXIT_USER_ERROR)
@@ -451,7 +459,7 @@ def main(slide: Path | None, coords: Path | None, output: Path, model: Path | No
 
 
 def _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots, overwrite,
-          plot_genes, strict, library_id, demo, manifest, shard, quiet) -> int:
+          plot_genes, strict, library_id, demo, manifest, shard, quiet, *, ray_address=None, ray_workers=None) -> int:
     modes = sum([bool(manifest), bool(demo), slide is not None])
     if modes != 1:
         raise UserError(
@@ -461,6 +469,14 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
         raise UserError(f"missing COORDS after SLIDE {slide}: the spot coordinates file")
     if shard is not None and manifest is None:
         raise UserError("--shard only applies with --manifest")
+    if (ray_address is not None or ray_workers is not None) and manifest is None:
+        raise UserError("--ray and --ray-workers only apply with --manifest")
+    if ray_address is None and ray_workers is not None:
+        raise UserError("--ray-workers needs --ray")
+    if ray_address is not None:
+        from .cohort_ray import import_ray
+
+        import_ray()  # a missing extra is said now, before anything is loaded
     if manifest is not None and (mpp is not None or library_id):
         raise UserError("with --manifest, give mpp and id per slide in the manifest's mpp and id columns")
     settings = RunSettings(backend=backend, precision=precision, batch_size=batch_size or 0, threads=threads,
@@ -483,6 +499,10 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
         from .output import check_plot_genes
 
         check_plot_genes(settings.plot, bundle.manifest.genes, bundle.root)
+    if ray_address is not None:  # the workers load the engines; the driver only hands out slides
+        from .cohort_ray import run_batch_ray
+
+        return run_batch_ray(manifest, rows, output, bundle, settings, shard_ix, ray_address, ray_workers)
     from .runners import open_engines
 
     with open_engines(backend, bundle, precision, threads=threads) as engines:
