@@ -86,7 +86,7 @@ def human_bytes(n: float) -> str:
 def _no_room(folder: Path, need: int, free: int, what: str) -> OutputStorageError:
     return OutputStorageError(
         f"{folder}: no room for {what}: it needs about {human_bytes(need)}, {human_bytes(free)} free there; "
-        "free some space or choose another output folder, then rerun (finished slides are skipped)"
+        "free some space or choose another output folder"
     )
 
 
