@@ -131,8 +131,11 @@ def _create(path: Path, run_id: str) -> bool:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "run": run_id,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         os.write(fd, json.dumps(info).encode())
-    finally:
+    except OSError:  # a full disk: leave no empty claim behind
         os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     return True
 
 

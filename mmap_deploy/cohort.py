@@ -10,7 +10,6 @@ the same way), a bug is `failed` with its traceback.
 
 from __future__ import annotations
 
-import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ class SlideOutcome:
     traceback: str = ""  # an internal error's traceback
     n_spots: int = 0
     seconds: float = 0.0
-    host: str = ""
 
 
 def predict_row(row: Any, out: Path, bundle: Any, engines: Any, settings: Any, *, manifest_name: str,
@@ -41,32 +39,30 @@ def predict_row(row: Any, out: Path, bundle: Any, engines: Any, settings: Any, *
     from .errors import UserError
     from .storage import OutputStorageError, storage_error
 
-    host = socket.gethostname()
     t0 = time.perf_counter()
     try:
         claim = try_claim(out, run_id)
     except OSError as e:
-        err = storage_error(e, out.parent, 0, f"the claim file {claim_path(out).name}")
+        err = storage_error(e, out.parent, 4096, f"the claim file {claim_path(out).name}")
         if err is None:
             raise
-        return SlideOutcome(row.name, STOP, str(err), host=host)
+        return SlideOutcome(row.name, STOP, str(err))
     if isinstance(claim, ClaimHolder):
         return SlideOutcome(row.name, CLAIMED, f"claimed by another run ({claim.describe()}; "
-                                               f"{claim_path(out)})", host=host)
+                                               f"{claim_path(out)})")
     with claim:
         try:
             result = predict_to_file(row.slide, row.coords, out, bundle, engines, settings, mpp=row.mpp,
                                      library_id=row.name, mpp_origin=f"{manifest_name} mpp column",
                                      spot_progress=spot_progress)
         except OutputStorageError as e:
-            return SlideOutcome(row.name, STOP, str(e), seconds=time.perf_counter() - t0, host=host)
+            return SlideOutcome(row.name, STOP, str(e), seconds=time.perf_counter() - t0)
         except UserError as e:
-            return SlideOutcome(row.name, FAILED, str(e), seconds=time.perf_counter() - t0, host=host)
+            return SlideOutcome(row.name, FAILED, str(e), seconds=time.perf_counter() - t0)
         except Exception as e:  # a bug: keep its traceback for the driver to show, finish the other slides
             return SlideOutcome(row.name, FAILED, f"internal error {type(e).__name__}: {e} (traceback above)",
-                                traceback=traceback.format_exc(), seconds=time.perf_counter() - t0, host=host)
-    return SlideOutcome(row.name, DONE, _summary_line(result), n_spots=result.n_spots, seconds=result.seconds,
-                        host=host)
+                                traceback=traceback.format_exc(), seconds=time.perf_counter() - t0)
+    return SlideOutcome(row.name, DONE, _summary_line(result), n_spots=result.n_spots, seconds=result.seconds)
 
 
 @dataclass

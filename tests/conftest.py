@@ -107,7 +107,7 @@ def write_pyramid(path: Path, img: np.ndarray, levels=(1, 2, 4), resolution=None
 # -- a small filesystem that fills up ---------------------------------------------------
 @pytest.fixture()
 def small_filesystem(tmp_path):
-    """`make(size)`: a folder on a tmpfs of `size` (e.g. "4m"), unmounted at teardown.
+    """`make(size, read_only=False)`: a folder on a tmpfs of `size` (e.g. "4m"), unmounted at teardown.
 
     A full disk made real: needs root or CAP_SYS_ADMIN to mount; skipped, saying so, elsewhere.
     """
@@ -115,10 +115,11 @@ def small_filesystem(tmp_path):
 
     mounted: list[Path] = []
 
-    def make(size: str) -> Path:
+    def make(size: str, read_only: bool = False) -> Path:
         d = tmp_path / f"fs{len(mounted)}"
         d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(d)],
+        opts = f"size={size},mode=0777" + (",ro" if read_only else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)],
                            capture_output=True, text=True)
         if r.returncode != 0:
             pytest.skip(f"cannot mount a size-limited tmpfs here ({(r.stderr or r.stdout).strip()}); "

@@ -189,3 +189,10 @@ def test_without_the_extra_ray_is_one_line_naming_it(cohort, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --ray needs Ray, which is not installed here: pip install 'mmap-deploy[ray]'"
     assert not (tmp_path / "o").exists()
+
+
+def test_a_worker_that_cannot_load_its_engines_is_one_line(local_ray, cohort, tmp_path):
+    r = run("--manifest", cohort, "-o", tmp_path / "out", "--ray", "--backend", "tensorrt", expect=2)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: worker on {socket.gethostname()}: ") and "tensorrt" in last, r.stderr
+    assert "Traceback" not in r.stderr and list((tmp_path / "out").iterdir()) == []

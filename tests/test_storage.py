@@ -81,3 +81,13 @@ def test_expected_size_is_an_upper_bound_close_to_real_files(tmp_path):
     est = expected_output_bytes(a.n_obs, a.n_vars, a.obsm["mmap_embedding"].shape[1], thumb)
     assert real <= est <= 1.3 * real, (real, est)
     assert "wrote" in r.stderr
+
+
+def test_a_batch_into_a_read_only_folder_stops_at_once(small_filesystem, tmp_path):
+    manifest = write_cohort(tmp_path)
+    out_dir = small_filesystem("1m", read_only=True)
+    r = run("--manifest", manifest, "-o", out_dir, expect=1)
+    assert (f"[1/3] s0: error: {out_dir}: cannot write the claim file .s0.h5ad.claim there (Read-only file system); "
+            "it needs about 4.1 KB, ") in r.stderr
+    assert "batch stopped at the first output-folder failure: 2 slide(s) not started" in r.stderr
+    assert "[2/3]" not in r.stderr and "Traceback" not in r.stderr
