@@ -147,7 +147,8 @@ def _take_over(path: Path, stale: ClaimHolder) -> None:
     except FileNotFoundError:
         return
     now = read_holder(aside)
-    if now is not None and (now.host, now.pid, now.run, now.started) != (stale.host, stale.pid, stale.run, stale.started):
+    key = (stale.host, stale.pid, stale.run, stale.started)
+    if now is not None and (now.host, now.pid, now.run, now.started) != key:
         try:  # a fresh claim was renamed: put it back (link fails if a third run claimed meanwhile)
             os.link(aside, path)
         except OSError:

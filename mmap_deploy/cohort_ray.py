@@ -291,7 +291,8 @@ def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, s
                     free.append(w)
                 except RayActorError as e:
                     who = info.get(w, {})
-                    reason = f"its worker (host {who.get('host', '?')}, pid {who.get('pid', '?')}) died: {_first_line(e)}"
+                    reason = (f"its worker (host {who.get('host', '?')}, pid {who.get('pid', '?')}) died: "
+                              f"{_first_line(e)}")
                     ray.kill(actors[w])
                     spawn(w)
                     if attempt == 0:
