@@ -334,9 +334,11 @@ def run_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: An
     if shard is not None:
         i, n = shard
         rows = [r for k, r in enumerate(rows) if k % n == i]
-    out_dir.mkdir(parents=True, exist_ok=True)
     from .claims import new_run_id
     from .cohort import STOP, BatchTally, predict_row
+    from .storage import make_output_dir
+
+    make_output_dir(out_dir)
 
     run_id, tally = new_run_id(), BatchTally(len(rows))
     for k, row in enumerate(rows, start=1):

@@ -191,13 +191,13 @@ def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, s
     from .claims import new_run_id, release_run_claims
     from .cli import EXIT_BATCH_FAILED, _echo, check_output_dir, echo_outcome
     from .cohort import FAILED, STOP, BatchTally, SlideOutcome
+    from .storage import make_output_dir
 
     check_output_dir(out_dir)
     if shard is not None:
         i, n = shard
         rows = [r for k, r in enumerate(rows) if k % n == i]
     out_dir = out_dir.absolute()  # workers run elsewhere: no path may depend on the driver's cwd
-    out_dir.mkdir(parents=True, exist_ok=True)
     tally, to_do = BatchTally(len(rows)), deque()
     for k, row in enumerate(rows, start=1):
         out = out_dir / f"{row.name}.h5ad"
@@ -222,6 +222,7 @@ def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, s
     info: dict[int, dict[str, Any]] = {}
     in_flight: dict[Any, tuple[int, int, Any, int]] = {}
     try:
+        make_output_dir(out_dir)  # once Ray is there: a wrong ADDRESS leaves nothing behind
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         plan = plan_workers(nodes, n_workers, settings.threads)
         plan.n_workers = min(plan.n_workers, len(to_do))

@@ -90,6 +90,15 @@ def _no_room(folder: Path, need: int, free: int, what: str) -> OutputStorageErro
     )
 
 
+def make_output_dir(folder: Path) -> None:
+    """Create a batch's output folder, or say in one line why it cannot be."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputStorageError(f"{folder}: cannot create the output folder ({e.strerror or e}); "
+                                 "choose another -o") from None
+
+
 def check_free_space(folder: Path, need: int, what: str) -> None:
     """Raise OutputStorageError when `folder` has less than `need` bytes free."""
     free = free_bytes(folder)
