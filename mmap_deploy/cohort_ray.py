@@ -24,7 +24,8 @@ uint8 for 112 px views; shipping them through the object store costs a copy
 and a serialisation per spot and, across nodes, network traffic, for work
 (JPEG/tile decoding) the worker's own cores do next to the engine. A GPU
 worker asks Ray for the node's cores per GPU (up to 8) and uses them as
-reader threads, which kept an H200 fed in the local runs.
+reader threads, as a local GPU run does (`cli.engine_defaults`). Separate
+read tasks were not measured against this.
 
 A worker that dies (killed, out of memory, node lost) is replaced by a new
 actor and its slide is retried once. Slides are claimed (see `claims`), so
