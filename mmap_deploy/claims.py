@@ -16,6 +16,11 @@ A stale claim is renamed aside before it is replaced, and put back when what
 was renamed turns out to be a fresh claim, so two runs that both judge one
 claim stale still end up with a single holder.
 
+Why not flock(2), which frees itself when its holder dies: it is missing or
+local-only on some shared filesystems (Lustre mounted without `-o flock`,
+NFS without a lock daemon) and cannot say who holds a slide; a claim file
+works wherever `O_EXCL` does and names its holder.
+
 Caveats: the mtime rule compares the file server's clock (it stamps the
 heartbeat) with this host's, so keep clocks within minutes (NTP);
 `O_EXCL` is not atomic on NFSv2 and on some FUSE filesystems.
