@@ -13,7 +13,9 @@ own stderr lines, timestamped as they arrive:
   workers included);
 - `predict_s`: from the line saying the engines are loaded (for Ray: the
   first worker ready) to the summary line: the steady state a long cohort
-  approaches.
+  approaches;
+and, per run, the stages' seconds summed over the slides (`per_slide_s`; `total` is predict_slide's,
+from each output's `uns['mmap']['timings']`).
 slides/min and the ratios to the local batch use the best round of each.
 The CPU model and the load average (other processes share the machine) are
 recorded with the numbers.
@@ -98,6 +100,18 @@ def run_config(args: list[str], manifest: Path, out: Path) -> dict:
             "summary": next(ln for ln in log if ln.startswith("batch:"))}
 
 
+def slide_timings(out: Path) -> dict[str, float]:
+    """Seconds per stage summed over the slides, from each output's uns['mmap']['timings']."""
+    import anndata as ad
+
+    total: dict[str, float] = {}
+    for f in sorted(out.glob("*.h5ad")):
+        timings = ad.read_h5ad(f, backed="r").uns["mmap"]["timings"]
+        for key in ("open", "total", "read_wait", "encoder", "kmeans", "fusion", "thumbnail", "thumbnail_wait"):
+            total[key] = round(total.get(key, 0.0) + float(timings.get(key, 0.0)), 2)
+    return total
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -112,7 +126,9 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="bundle (default: the demo bundle)")
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
-    configs = {"local": [], "ray_1_worker": ["--ray", "--ray-workers", "1"],
+    # local_threads_2: the local batch with ONNX Runtime's threads given as a Ray worker gets them
+    # (--threads 0 leaves ONNX Runtime its default pool, which pins its threads to cores)
+    configs = {"local": [], "local_threads_2": ["--threads", "2"], "ray_1_worker": ["--ray", "--ray-workers", "1"],
                "ray_2_workers": ["--ray", "--ray-workers", "2"]}
     model = ["--model", str(a.model)] if a.model else []
     runs: dict[str, list[dict]] = {k: [] for k in configs}
@@ -126,6 +142,7 @@ def main() -> None:
                 out = tmp / f"out_{name}_{r}"
                 res = run_config(extra + model, manifest, out)
                 res["load_after"] = Path("/proc/loadavg").read_text().split()[:3]
+                res["per_slide_s"] = slide_timings(out)
                 runs[name].append(res)
                 print(f"round {r} {name}: {res}", file=sys.stderr)
         # the outputs agree across configurations (bit for bit X)
@@ -147,7 +164,8 @@ def main() -> None:
             "ratio_vs_local_predict": round(best["local"]["predict_s"] / b["predict_s"], 3),
         }
     result = {
-        "what": "8 her2st crops (3000 px, mpp 0.73): local batch vs --ray with 1 and 2 workers, one run",
+        "what": "8 her2st crops (3000 px, mpp 0.73): local batch (default and --threads 2) vs --ray with 1 and 2 "
+                "workers, interleaved rounds in one run",
         "machine": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "load_average_before_after": loads,
                     "note": "the machine's cores are shared with other processes; see load averages"},
