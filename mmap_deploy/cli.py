@@ -15,10 +15,9 @@ from __future__ import annotations
 import csv
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -87,23 +86,28 @@ def load_model(model: Path | None) -> Any:
 
 def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any, engines: Any,
                     settings: RunSettings, *, mpp: float | None = None, library_id: str | None = None,
-                    mpp_origin: str = "--mpp") -> SlideResult:
+                    mpp_origin: str = "--mpp", spot_progress: Callable[[int], Any] | None = None) -> SlideResult:
     """One slide end to end: open, read coords, predict, write the .h5ad (and plots).
 
     `mpp_origin` names where a given `mpp` came from, for the provenance
-    (`--mpp`, or the batch manifest's mpp column).
+    (`--mpp`, or the batch manifest's mpp column); `spot_progress(n)` is
+    told of every n spots done (a cluster-wide progress bar).
     """
     from .coords import check_inside, read_coords, scale_warning
     from .output import build_anndata, check_output_path, now_utc, write_gene_plots, write_h5ad
     from .pipeline import predict_slide
     from .prototypes import KMEANS_SEED
     from .slide import open_slide
+    from .storage import check_free_space, output_storage_guard, slide_output_bytes
 
     t0 = time.perf_counter()
     out = check_output_path(out, settings.overwrite)
     spots = read_coords(coords_path, all_spots=settings.all_spots)
     with open_slide(slide_path, mpp=mpp) as slide:
         check_inside(spots, slide.width, slide.height, coords_path, slide_path)
+        # a full output folder is found now, not after the whole slide has run
+        need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height, len(settings.plot))
+        check_free_space(out.parent, need, out.name)
         if settings.engines_note:
             _echo(settings.engines_note)
             settings.engines_note = ""
@@ -124,9 +128,14 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
             thumb_job = background.submit(_thumbnail, slide)
             with tqdm(total=len(spots), unit="spot", desc=slide_path.name, file=sys.stderr,
                       disable=not settings.progress, leave=False, dynamic_ncols=True) as bar:
+                def on_spots(n: int) -> None:
+                    bar.update(n)
+                    if spot_progress is not None:
+                        spot_progress(n)
+
                 pred = predict_slide(
                     slide, spots, bundle, engines, batch_size=settings.batch_size,
-                    read_workers=settings.read_workers, strict=settings.strict, progress=bar.update,
+                    read_workers=settings.read_workers, strict=settings.strict, progress=on_spots,
                 )
             t = time.perf_counter()
             thumb, scale, thumb_note, t_thumb = thumb_job.result()
@@ -169,8 +178,9 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
         adata = build_anndata(pred, thumb, scale, library_id=library_id, slide_mpp=slide.mpp,
                               patch_um=m.view.patch_um, provenance=provenance)
     t = time.perf_counter()
-    write_h5ad(adata, out, overwrite=settings.overwrite)
-    plots = write_gene_plots(adata, settings.plot, out, library_id) if settings.plot else []
+    with output_storage_guard(out.parent, need, out.name):
+        write_h5ad(adata, out, overwrite=settings.overwrite)
+        plots = write_gene_plots(adata, settings.plot, out, library_id) if settings.plot else []
     timings = dict(pred.timings, write=round(time.perf_counter() - t, 4))
     seconds = time.perf_counter() - t0
     timings["wall"] = round(seconds, 4)
@@ -329,36 +339,41 @@ def run_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: An
     if shard is not None:
         i, n = shard
         rows = [r for k, r in enumerate(rows) if k % n == i]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done, skipped, failed = [], [], []
+    from .claims import new_run_id
+    from .cohort import STOP, BatchTally, predict_row
+    from .storage import make_output_dir
+
+    make_output_dir(out_dir)
+
+    run_id, tally = new_run_id(), BatchTally(len(rows))
     for k, row in enumerate(rows, start=1):
         out = out_dir / f"{row.name}.h5ad"
         prefix = f"[{k}/{len(rows)}] {row.name}"
         if out.exists() and not settings.overwrite:
-            skipped.append(row.name)
+            tally.skipped.append(row.name)
             _echo(f"{prefix}: skipped, {out} exists (pass --overwrite to redo it)")
             continue
-        try:
-            result = predict_to_file(row.slide, row.coords, out, bundle, engines, settings,
-                                     mpp=row.mpp, library_id=row.name,
-                                     mpp_origin=f"{manifest.name} mpp column")
-        except UserError as e:
-            failed.append((row, str(e)))
-            _echo(f"{prefix}: error: {e}")
-            continue
-        except Exception as e:  # a bug: show it, but finish the other slides
-            failed.append((row, f"internal error {type(e).__name__}: {e} (traceback above)"))
-            _echo(f"{prefix}: internal error; traceback follows")
-            traceback.print_exc(file=sys.stderr)
-            continue
-        done.append(row.name)
-        _echo(f"{prefix}: " + _summary_line(result))
+        outcome = predict_row(row, out, bundle, engines, settings, manifest_name=manifest.name, run_id=run_id)
+        tally.add(row, outcome)
+        echo_outcome(prefix, outcome)
+        if outcome.status == STOP:
+            tally.not_started = len(rows) - k
+            break
     shard_txt = f" (shard {shard[0]}/{shard[1]})" if shard else ""
-    _echo(f"batch{shard_txt}: {len(done)} done, {len(skipped)} skipped (already done), {len(failed)} failed "
-          f"of {len(rows)} slide(s) in {manifest}")
-    for row, msg in failed:
-        _echo(f"  failed: {row.name} ({manifest} line {row.line}): {msg}")
-    return EXIT_BATCH_FAILED if failed else 0
+    for line in tally.summary_lines(manifest, shard_txt):
+        _echo(line)
+    return EXIT_BATCH_FAILED if tally.failed else 0
+
+
+def echo_outcome(prefix: str, outcome: Any, echo: Callable[[str], None] = _echo) -> None:
+    """One slide's line of a batch (a bug's traceback first)."""
+    if outcome.traceback:
+        echo(f"{prefix}: internal error; traceback follows")
+        echo(outcome.traceback.rstrip())
+    elif outcome.status in ("failed", "stop"):
+        echo(f"{prefix}: error: {outcome.message}")
+    else:
+        echo(f"{prefix}: {'skipped, ' if outcome.status == 'claimed' else ''}{outcome.message}")
 
 
 def _summary_line(result: SlideResult) -> str:
@@ -416,12 +431,19 @@ def _parse_genes(value: str | None) -> list[str]:
               help="Batch mode: CSV with columns slide,coords and optional mpp,id (paths relative to the CSV).")
 @click.option("--shard", metavar="I/N",
               help="With --manifest: run only rows k with k % N == I (I = 0..N-1), e.g. $SLURM_ARRAY_TASK_ID/N.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="With --manifest: predict the slides on Ray workers (one per GPU, or per group of CPU cores). "
+                   "Without ADDRESS a private local Ray is started (127.0.0.1 only); 'auto' or HOST:PORT joins a "
+                   "running cluster. Needs pip install 'mmap-deploy[ray]'.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+              help="With --ray: how many workers (default: one per GPU; without GPUs one per 8 cores of a node, "
+                   "or per --threads cores).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.version_option(__version__, prog_name="mmap-predict")
 def main(slide: Path | None, coords: Path | None, output: Path, model: Path | None, mpp: float | None,
          backend: str, precision: str, batch_size: int | None, threads: int, all_spots: bool, overwrite: bool,
          plot_genes: str | None, strict: bool, library_id: str | None, demo: bool, manifest: Path | None,
-         shard: str | None, quiet: bool) -> None:
+         shard: str | None, ray_address: str | None, ray_workers: int | None, quiet: bool) -> None:
     """Predict spatial gene expression for the spots of an H&E slide (MMAP).
 
     SLIDE is a whole-slide image (SVS, pyramidal TIFF, NDPI, MRXS, ...) or a
@@ -435,7 +457,8 @@ def main(slide: Path | None, coords: Path | None, output: Path, model: Path | No
     """
     try:
         code = _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots,
-                     overwrite, plot_genes, strict, library_id, demo, manifest, shard, quiet)
+                     overwrite, plot_genes, strict, library_id, demo, manifest, shard, quiet,
+                     ray_address=ray_address, ray_workers=ray_workers)
     except UserError as e:
         _echo(f"error: {e}")
         sys.exit(EXIT_USER_ERROR)
@@ -443,7 +466,7 @@ def main(slide: Path | None, coords: Path | None, output: Path, model: Path | No
 
 
 def _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots, overwrite,
-          plot_genes, strict, library_id, demo, manifest, shard, quiet) -> int:
+          plot_genes, strict, library_id, demo, manifest, shard, quiet, *, ray_address=None, ray_workers=None) -> int:
     modes = sum([bool(manifest), bool(demo), slide is not None])
     if modes != 1:
         raise UserError(
@@ -453,6 +476,14 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
         raise UserError(f"missing COORDS after SLIDE {slide}: the spot coordinates file")
     if shard is not None and manifest is None:
         raise UserError("--shard only applies with --manifest")
+    if (ray_address is not None or ray_workers is not None) and manifest is None:
+        raise UserError("--ray and --ray-workers only apply with --manifest")
+    if ray_address is None and ray_workers is not None:
+        raise UserError("--ray-workers needs --ray")
+    if ray_address is not None:
+        from .cohort_ray import import_ray
+
+        import_ray()  # a missing extra is said now, before anything is loaded
     if manifest is not None and (mpp is not None or library_id):
         raise UserError("with --manifest, give mpp and id per slide in the manifest's mpp and id columns")
     settings = RunSettings(backend=backend, precision=precision, batch_size=batch_size or 0, threads=threads,
@@ -475,6 +506,10 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
         from .output import check_plot_genes
 
         check_plot_genes(settings.plot, bundle.manifest.genes, bundle.root)
+    if ray_address is not None:  # the workers load the engines; the driver only hands out slides
+        from .cohort_ray import run_batch_ray
+
+        return run_batch_ray(manifest, rows, output, bundle, settings, shard_ix, ray_address, ray_workers)
     from .engines import open_engines
 
     with open_engines(backend, bundle, precision, threads=threads) as engines:

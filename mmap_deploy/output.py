@@ -62,8 +62,10 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
             raise NotADirectoryError(f"{folder} is not a directory")
         with tempfile.TemporaryFile(dir=folder):
             pass
-    except OSError as e:
-        raise UserError(f"{path}: cannot write there ({e.strerror or e}); choose another -o") from None
+    except OSError as e:  # a batch stops here: every further slide would fail the same way
+        from .storage import OutputStorageError
+
+        raise OutputStorageError(f"{path}: cannot write there ({e.strerror or e}); choose another -o") from None
     return path
 
 

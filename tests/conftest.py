@@ -102,3 +102,31 @@ def write_pyramid(path: Path, img: np.ndarray, levels=(1, 2, 4), resolution=None
             tw.write(downsample(img, factor) if factor > 1 else img, tile=(tile, tile), compression=compression,
                      photometric="rgb", subfiletype=1 if i else 0, **kwargs)
     return path
+
+
+# -- a small filesystem that fills up ---------------------------------------------------
+@pytest.fixture()
+def small_filesystem(tmp_path):
+    """`make(size, read_only=False)`: a folder on a tmpfs of `size` (e.g. "4m"), unmounted at teardown.
+
+    A full disk made real: needs root or CAP_SYS_ADMIN to mount; skipped, saying so, elsewhere.
+    """
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def make(size: str, read_only: bool = False) -> Path:
+        d = tmp_path / f"fs{len(mounted)}"
+        d.mkdir()
+        opts = f"size={size},mode=0777" + (",ro" if read_only else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a size-limited tmpfs here ({(r.stderr or r.stdout).strip()}); "
+                        "the full-disk tests need root or CAP_SYS_ADMIN")
+        mounted.append(d)
+        return d
+
+    yield make
+    for d in reversed(mounted):
+        subprocess.run(["umount", "-l", str(d)], check=False)
