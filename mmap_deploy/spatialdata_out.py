@@ -120,7 +120,13 @@ def to_spatialdata(adata: "anndata.AnnData") -> "spatialdata.SpatialData":
         transformations={COORDINATE_SYSTEM: Identity()},
     )
 
-    table = adata.copy()
+    import anndata as ad
+
+    # A new AnnData over the same arrays (X of 300k Visium HD bins is ~1 GB: not copied);
+    # obs and the top of uns are copied, as the table gets columns and keys of its own.
+    table = ad.AnnData(X=adata.X, obs=adata.obs.copy(), var=adata.var, uns=dict(adata.uns),
+                       obsm=dict(adata.obsm), varm=dict(adata.varm), layers=dict(adata.layers),
+                       obsp=dict(adata.obsp), varp=dict(adata.varp))
     table.obs[REGION_KEY] = pd.Categorical([name] * adata.n_obs, categories=[name])
     table.obs[INSTANCE_KEY] = spot_ids
     table = TableModel.parse(table, region=name, region_key=REGION_KEY, instance_key=INSTANCE_KEY)

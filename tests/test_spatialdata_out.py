@@ -131,6 +131,25 @@ def _adata(n: int = 50, genes: int = 7, side: int = 64):
                          provenance={"mpp": 0.5})
 
 
+def test_every_image_in_uns_spatial_becomes_an_element_with_its_own_scale(tmp_path):
+    """Space Ranger's hires and lowres images (as squidpy reads them) each land in full-res pixels."""
+    from spatialdata.transformations import get_transformation
+
+    from mmap_deploy.spatialdata_out import write_spatialdata
+
+    a = _adata()
+    lib = a.uns["spatial"]["S1"]
+    lowres = np.arange(20 * 30 * 3, dtype=np.uint8).reshape(20, 30, 3)
+    lib["images"]["lowres"] = lowres
+    lib["scalefactors"]["tissue_lowres_scalef"] = 0.03
+    s = sd.read_zarr(write_spatialdata(a, tmp_path / "o.zarr"))
+    assert sorted(s.images) == ["S1_hires_image", "S1_lowres_image"]
+    np.testing.assert_array_equal(np.moveaxis(s.images["S1_lowres_image"].values, 0, -1), lowres)
+    for key, scalef in (("hires", 64 / 1000), ("lowres", 0.03)):
+        scale = get_transformation(s.images[f"S1_{key}_image"], "global").to_scale_vector(("y", "x"))
+        np.testing.assert_allclose(scale, [1 / scalef, 1 / scalef])
+
+
 def test_failed_write_leaves_nothing_and_keeps_the_old_store(tmp_path):
     from mmap_deploy.spatialdata_out import write_spatialdata
 
