@@ -87,6 +87,7 @@ def element_name(library_id: str) -> str:
 
 def to_spatialdata(adata: "anndata.AnnData") -> "spatialdata.SpatialData":
     """The SpatialData of one slide's AnnData (see the module docstring); `adata` is not changed."""
+    import anndata as ad
     import pandas as pd
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
@@ -120,8 +121,9 @@ def to_spatialdata(adata: "anndata.AnnData") -> "spatialdata.SpatialData":
         transformations={COORDINATE_SYSTEM: Identity()},
     )
 
-    import anndata as ad
-
+    taken = [k for k in (REGION_KEY, INSTANCE_KEY) if k in adata.obs]
+    if taken:  # the table would differ from the .h5ad in these columns
+        raise ValueError(f"obs already has column(s) {taken}, which the SpatialData table needs for itself")
     # A new AnnData over the same arrays (X of 300k Visium HD bins is ~1 GB: not copied);
     # obs and the top of uns are copied, as the table gets columns and keys of its own.
     table = ad.AnnData(X=adata.X, obs=adata.obs.copy(), var=adata.var, uns=dict(adata.uns),
