@@ -1,8 +1,8 @@
 """`mmap-predict`: predict spatial gene expression for the spots of H&E slides.
 
-    mmap-predict SLIDE COORDS -o OUT.h5ad [--model BUNDLE_DIR] [--mpp X] ...
+    mmap-predict SLIDE COORDS -o OUT.h5ad|OUT.zarr [--model BUNDLE_DIR] [--mpp X] ...
     mmap-predict --demo -o demo.h5ad
-    mmap-predict --manifest slides.csv -o OUT_DIR [--shard i/n]
+    mmap-predict --manifest slides.csv -o OUT_DIR [--format h5ad|zarr] [--shard i/n]
 
 A mistake in the input is one line `error: ...` on stderr and exit code 2,
 with no output file; anything else is a bug and shows its traceback. This
@@ -49,6 +49,7 @@ class RunSettings:
     plot: list[str] = field(default_factory=list)
     progress: bool = True
     engines_note: str = ""  # the `engines:` line, said once a slide's inputs have passed their checks
+    output_format: str = "h5ad"  # with --manifest: each slide's file is {id}.h5ad or {id}.zarr
 
 
 @dataclass
@@ -87,14 +88,14 @@ def load_model(model: Path | None) -> Any:
 def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any, engines: Any,
                     settings: RunSettings, *, mpp: float | None = None, library_id: str | None = None,
                     mpp_origin: str = "--mpp", spot_progress: Callable[[int], Any] | None = None) -> SlideResult:
-    """One slide end to end: open, read coords, predict, write the .h5ad (and plots).
+    """One slide end to end: open, read coords, predict, write the .h5ad or .zarr (and plots).
 
     `mpp_origin` names where a given `mpp` came from, for the provenance
     (`--mpp`, or the batch manifest's mpp column); `spot_progress(n)` is
     told of every n spots done (a cluster-wide progress bar).
     """
     from .coords import check_inside, read_coords, scale_warning
-    from .output import build_anndata, check_output_path, now_utc, write_gene_plots, write_h5ad
+    from .output import build_anndata, check_output_path, now_utc, write_gene_plots, write_output
     from .pipeline import predict_slide
     from .prototypes import KMEANS_SEED
     from .slide import open_slide
@@ -106,7 +107,8 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
     with open_slide(slide_path, mpp=mpp) as slide:
         check_inside(spots, slide.width, slide.height, coords_path, slide_path)
         # a full output folder is found now, not after the whole slide has run
-        need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height, len(settings.plot))
+        need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height, len(settings.plot),
+                                  zarr=out.suffix == ".zarr")
         check_free_space(out.parent, need, out.name)
         if settings.engines_note:
             _echo(settings.engines_note)
@@ -179,7 +181,7 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
                               patch_um=m.view.patch_um, provenance=provenance)
     t = time.perf_counter()
     with output_storage_guard(out.parent, need, out.name):
-        write_h5ad(adata, out, overwrite=settings.overwrite)
+        write_output(adata, out, overwrite=settings.overwrite)
         plots = write_gene_plots(adata, settings.plot, out, library_id) if settings.plot else []
     timings = dict(pred.timings, write=round(time.perf_counter() - t, 4))
     seconds = time.perf_counter() - t0
@@ -328,8 +330,9 @@ def read_manifest(path: Path) -> list[ManifestRow]:
 
 
 def check_output_dir(out_dir: Path) -> None:
-    if out_dir.suffix == ".h5ad" or (out_dir.exists() and not out_dir.is_dir()):
-        raise UserError(f"{out_dir}: with --manifest, -o is an output folder (one .h5ad per slide)")
+    if out_dir.suffix in (".h5ad", ".zarr") or (out_dir.exists() and not out_dir.is_dir()):
+        raise UserError(f"{out_dir}: with --manifest, -o is an output folder (one .h5ad per slide, "
+                        "or one .zarr with --format zarr)")
 
 
 def run_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: Any, engines: Any,
@@ -347,7 +350,7 @@ def run_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: An
 
     run_id, tally = new_run_id(), BatchTally(len(rows))
     for k, row in enumerate(rows, start=1):
-        out = out_dir / f"{row.name}.h5ad"
+        out = out_dir / f"{row.name}.{settings.output_format}"
         prefix = f"[{k}/{len(rows)}] {row.name}"
         if out.exists() and not settings.overwrite:
             tally.skipped.append(row.name)
@@ -408,7 +411,8 @@ def _parse_genes(value: str | None) -> list[str]:
 @click.argument("slide", required=False, type=click.Path(path_type=Path, dir_okay=True))
 @click.argument("coords", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="Output .h5ad file (with --manifest: an output folder, one .h5ad per slide).")
+              help="Output file: .h5ad (AnnData) or .zarr (SpatialData, needs the [spatialdata] extra). "
+                   "With --manifest: an output folder, one file per slide (see --format).")
 @click.option("--model", type=click.Path(path_type=Path),
               help="Model bundle directory made by mmap-export. Default: the built-in demo model.")
 @click.option("--mpp", type=float, help="Slide resolution in µm per pixel; overrides the slide's metadata.")
@@ -438,19 +442,23 @@ def _parse_genes(value: str | None) -> list[str]:
 @click.option("--ray-workers", type=click.IntRange(min=1), default=None,
               help="With --ray: how many workers (default: one per GPU; without GPUs one per 8 cores of a node, "
                    "or per --threads cores).")
+@click.option("--format", "output_format", type=click.Choice(["h5ad", "zarr"]),
+              help="With --manifest: write each slide as {id}.h5ad (default) or {id}.zarr (SpatialData).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.version_option(__version__, prog_name="mmap-predict")
 def main(slide: Path | None, coords: Path | None, output: Path, model: Path | None, mpp: float | None,
          backend: str, precision: str, batch_size: int | None, threads: int, all_spots: bool, overwrite: bool,
          plot_genes: str | None, strict: bool, library_id: str | None, demo: bool, manifest: Path | None,
-         shard: str | None, ray_address: str | None, ray_workers: int | None, quiet: bool) -> None:
+         shard: str | None, ray_address: str | None, ray_workers: int | None, output_format: str | None,
+         quiet: bool) -> None:
     """Predict spatial gene expression for the spots of an H&E slide (MMAP).
 
     SLIDE is a whole-slide image (SVS, pyramidal TIFF, NDPI, MRXS, ...) or a
     plain JPEG/PNG/TIFF; COORDS the spot centres in full-resolution pixels:
     Visium tissue_positions(.csv / _list.csv), her2st *_selection.tsv, or a
     table with x,y and optionally barcode/id. Writes an AnnData .h5ad that
-    scanpy and squidpy plot directly.
+    scanpy and squidpy plot directly, or with -o OUT.zarr the same as a
+    SpatialData store.
 
     Exit codes: 0 done; 2 bad input (one-line error, no output written);
     1 with --manifest when some slides failed (the others are written).
@@ -458,7 +466,7 @@ def main(slide: Path | None, coords: Path | None, output: Path, model: Path | No
     try:
         code = _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots,
                      overwrite, plot_genes, strict, library_id, demo, manifest, shard, quiet,
-                     ray_address=ray_address, ray_workers=ray_workers)
+                     ray_address=ray_address, ray_workers=ray_workers, output_format=output_format)
     except UserError as e:
         _echo(f"error: {e}")
         sys.exit(EXIT_USER_ERROR)
@@ -466,7 +474,8 @@ def main(slide: Path | None, coords: Path | None, output: Path, model: Path | No
 
 
 def _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots, overwrite,
-          plot_genes, strict, library_id, demo, manifest, shard, quiet, *, ray_address=None, ray_workers=None) -> int:
+          plot_genes, strict, library_id, demo, manifest, shard, quiet, *, ray_address=None, ray_workers=None,
+          output_format=None) -> int:
     modes = sum([bool(manifest), bool(demo), slide is not None])
     if modes != 1:
         raise UserError(
@@ -484,11 +493,17 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
         from .cohort_ray import import_ray
 
         import_ray()  # a missing extra is said now, before anything is loaded
+    if output_format is not None and manifest is None:
+        raise UserError("--format only applies with --manifest; for one slide, -o's suffix (.h5ad or .zarr) decides")
     if manifest is not None and (mpp is not None or library_id):
         raise UserError("with --manifest, give mpp and id per slide in the manifest's mpp and id columns")
+    if library_id is not None and "/" in library_id:
+        # a key of uns['spatial']: HDF5 and zarr read a '/' as a sub-group
+        raise UserError(f"--library-id {library_id!r}: cannot contain '/'; use letters, digits, - and _")
     settings = RunSettings(backend=backend, precision=precision, batch_size=batch_size or 0, threads=threads,
                            all_spots=all_spots, overwrite=overwrite, strict=strict,
-                           plot=_parse_genes(plot_genes), progress=not quiet)
+                           plot=_parse_genes(plot_genes), progress=not quiet,
+                           output_format=output_format or "h5ad")
     shard_ix = parse_shard(shard)
     # check what is cheap to check before loading anything
     if manifest is None:
@@ -498,6 +513,10 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
     else:
         rows = read_manifest(manifest)
         check_output_dir(output)
+        if settings.output_format == "zarr":
+            from .spatialdata_out import require_spatialdata
+
+            require_spatialdata("--format zarr")
     if demo:
         # the sample's mpp is in its EXIF tags: open_slide finds it (and records the source)
         slide, coords, _ = _demo_paths()

@@ -201,7 +201,7 @@ def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, s
     out_dir = out_dir.absolute()  # workers run elsewhere: no path may depend on the driver's cwd
     tally, to_do = BatchTally(len(rows)), deque()
     for k, row in enumerate(rows, start=1):
-        out = out_dir / f"{row.name}.h5ad"
+        out = out_dir / f"{row.name}.{settings.output_format}"
         if out.exists() and not settings.overwrite:
             tally.skipped.append(row.name)
             _echo(f"[{k}/{len(rows)}] {row.name}: skipped, {out} exists (pass --overwrite to redo it)")
@@ -261,7 +261,8 @@ def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, s
             while free and to_do and not stopped:
                 w = free.popleft()
                 k, row, attempt = to_do.popleft()
-                ref = actors[w].predict.remote(row, str(out_dir / f"{row.name}.h5ad"), manifest.name)
+                out = out_dir / f"{row.name}.{settings.output_format}"
+                ref = actors[w].predict.remote(row, str(out), manifest.name)
                 in_flight[ref] = (w, k, row, attempt)
             if not in_flight and not starting:
                 raise UserError("no Ray worker could be started; see the messages above")
@@ -320,7 +321,8 @@ def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, s
         for a in actors.values():
             ray.kill(a)
         # claims of slides whose workers were stopped mid-way (Ctrl-C, an error) must not wait to go stale
-        release_run_claims([out_dir / f"{row.name}.h5ad" for _, _, row, _ in in_flight.values()], run_id)
+        fmt = settings.output_format
+        release_run_claims([out_dir / f"{row.name}.{fmt}" for _, _, row, _ in in_flight.values()], run_id)
         if started:
             ray.shutdown()
     for line in tally.summary_lines(manifest, shard_txt):

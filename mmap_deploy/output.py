@@ -8,6 +8,7 @@ Layout (see docs/architecture.md, "The output"):
   2000 px) and `scalefactors` (`tissue_hires_scalef`, `spot_diameter_fullres`);
 - `uns['mmap']`: provenance. No None anywhere (anndata cannot write it).
 
+`-o out.zarr` writes the same AnnData as SpatialData (`spatialdata_out`).
 Files are written to a temporary file in the destination directory and
 renamed into place, so a killed run never leaves a half-written output.
 """
@@ -39,14 +40,21 @@ IMAGE_CHUNK_ROWS = 128
 SPOT_DIAMETER_PITCH_RATIO = 0.5
 _PITCH_SAMPLE = 256
 PLOT_MAX_SIDE = 1000
+# -o's suffix decides what is written
+OUTPUT_FORMATS = {".h5ad": "AnnData", ".zarr": "SpatialData"}
 
 
 def check_output_path(path: str | Path, overwrite: bool) -> Path:
     """Refuse an existing output unless `overwrite`; make sure the folder can take the file."""
     path = Path(path)
-    if path.suffix != ".h5ad":
-        raise UserError(f"{path}: the output must be an .h5ad file (e.g. -o {path.with_suffix('.h5ad').name})")
-    if path.is_dir():
+    if path.suffix not in OUTPUT_FORMATS:
+        raise UserError(f"{path}: the output must end in .h5ad (AnnData) or .zarr (SpatialData), "
+                        f"e.g. -o {path.with_suffix('.h5ad').name}")
+    if path.suffix == ".zarr":
+        from .spatialdata_out import check_store_path
+
+        check_store_path(path, overwrite)
+    elif path.is_dir():
         raise UserError(f"{path}: is a directory; give a file name ending in .h5ad")
     if path.exists() and not overwrite:
         raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
@@ -226,6 +234,15 @@ def write_images_compressed(path: Path, images: dict[str, dict[str, np.ndarray]]
                 img = np.asarray(img)
                 chunks = (min(IMAGE_CHUNK_ROWS, img.shape[0]), *img.shape[1:]) if img.ndim >= 2 and img.size else None
                 write_elem(group, key, img, dataset_kwargs=dict(IMAGE_COMPRESSION, chunks=chunks))
+
+
+def write_output(adata: "anndata.AnnData", path: str | Path, overwrite: bool = False) -> Path:
+    """Write `adata` as `.h5ad` or, for a `.zarr` path, as SpatialData (`spatialdata_out`)."""
+    if Path(path).suffix == ".zarr":
+        from .spatialdata_out import write_spatialdata
+
+        return write_spatialdata(adata, path, overwrite)
+    return write_h5ad(adata, path, overwrite)
 
 
 def plot_paths(out: Path, genes: list[str]) -> list[Path]:

@@ -47,24 +47,28 @@ class OutputStorageError(UserError):
 
 
 def expected_output_bytes(n_spots: int, n_genes: int, embed_dim: int, thumbnail_shape: tuple[int, int],
-                          n_plots: int = 0) -> int:
-    """About how many bytes one slide's output takes (uncompressed .h5ad, as anndata writes it), with a margin.
+                          n_plots: int = 0, zarr: bool = False) -> int:
+    """At most how many bytes one slide's output takes, with a margin.
 
     X (spots × genes float32) + the embedding (spots × D float32) + the hires
-    thumbnail (uint8 RGB) + a little per spot and per file, and the --plot PNGs.
+    thumbnail (uint8 RGB, counted uncompressed: gzip saves from nothing on a
+    tissue-filled crop to 60% on a whole section) + a little per spot and per
+    file, and the --plot PNGs. A SpatialData `.zarr` holds the thumbnail twice
+    (the image element, and the table's `uns['spatial']`).
     """
     h, w = thumbnail_shape
-    raw = 4 * n_spots * (n_genes + embed_dim) + 3 * h * w + _PER_SPOT_EXTRA * n_spots + _FIXED_EXTRA
+    thumb = 3 * h * w * (2 if zarr else 1)
+    raw = 4 * n_spots * (n_genes + embed_dim) + thumb + _PER_SPOT_EXTRA * n_spots + _FIXED_EXTRA
     return int(raw * SPACE_MARGIN) + n_plots * PLOT_BYTES
 
 
-def slide_output_bytes(n_spots: int, manifest, width: int, height: int, n_plots: int = 0) -> int:
+def slide_output_bytes(n_spots: int, manifest, width: int, height: int, n_plots: int = 0, zarr: bool = False) -> int:
     """`expected_output_bytes` for a slide of `width` x `height` level-0 pixels and a bundle's manifest."""
     from .output import THUMBNAIL_MAX_SIDE
 
     scale = min(1.0, THUMBNAIL_MAX_SIDE / max(width, height))
     thumb = (max(1, round(height * scale)), max(1, round(width * scale)))
-    return expected_output_bytes(n_spots, len(manifest.genes), manifest.embed_dim, thumb, n_plots)
+    return expected_output_bytes(n_spots, len(manifest.genes), manifest.embed_dim, thumb, n_plots, zarr)
 
 
 def free_bytes(folder: Path) -> int:

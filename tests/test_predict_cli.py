@@ -365,7 +365,7 @@ def test_missing_bundle_and_bad_arguments(pyramid, tmp_path):
     r = predict(pyramid, "-o", tmp_path / "o.h5ad", expect=2)
     assert_one_line_error(r, "missing COORDS")
     r = predict(pyramid, coords, "-o", tmp_path / "o.csv", expect=2)
-    assert_one_line_error(r, "must be an .h5ad file")
+    assert_one_line_error(r, "must end in .h5ad (AnnData) or .zarr (SpatialData)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv"]
 
 
@@ -495,5 +495,5 @@ def test_help_lists_the_options():
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0
     for opt in ("--model", "--mpp", "--backend", "--precision", "--batch-size", "--threads", "--all-spots",
-                "--overwrite", "--plot", "--strict", "--library-id", "--demo", "--manifest", "--shard"):
+                "--overwrite", "--plot", "--strict", "--library-id", "--demo", "--manifest", "--shard", "--format"):
         assert opt in r.output
