@@ -130,3 +130,23 @@ def small_filesystem(tmp_path):
     yield make
     for d in reversed(mounted):
         subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def leave_free(folder: Path, nbytes: int) -> Path:
+    """Fill `folder`'s filesystem with a ballast file until about `nbytes` stay free (page-rounded)."""
+    import shutil
+
+    ballast = folder / ".ballast"
+    fill = shutil.disk_usage(folder).free - nbytes
+    if fill > 0:
+        with open(ballast, "wb") as fh:
+            fh.write(bytes(fill))
+    return ballast
+
+
+def demo_output_bytes(n_spots: int, width: int, height: int) -> int:
+    """The free space mmap-predict asks for one slide's .h5ad with the built-in demo bundle."""
+    from mmap_deploy.bundle import default_bundle_path, load_bundle
+    from mmap_deploy.storage import slide_output_bytes
+
+    return slide_output_bytes(n_spots, load_bundle(default_bundle_path()).manifest, width, height)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import demo_output_bytes, leave_free
 
 from mmap_deploy.claims import claim_path
 from mmap_deploy.cli import main
@@ -155,13 +156,16 @@ def test_a_worker_killed_mid_slide_is_replaced_and_its_slide_retried(local_ray, 
 
 def test_ray_batch_stops_at_a_full_disk(local_ray, cohort, tmp_path, small_filesystem):
     write_slide(cohort.parent / "bad.png", seed=9)  # three good slides
-    out = small_filesystem("5m")  # room for one output (2.5 MB); the next one's estimate (4.1 MB) does not fit
+    out = small_filesystem("8m")
+    # room for one output's estimate (4.1 MB, the thumbnail counted uncompressed) and a little more: the first
+    # slide's real output (about 0.2 MB, its thumbnail gzip-compressed) leaves less than the next one's estimate
+    ballast = leave_free(out, demo_output_bytes(16, 900, 900) + (64 << 10))
     r = run("--manifest", cohort, "-o", out, "--ray", "--ray-workers", "1", expect=1)
     assert "[1/3] a: wrote a.h5ad" in r.stderr
     assert f"[2/3] bad: error: {out}: no room for bad.h5ad: it needs about 4.1 MB" in r.stderr
     assert "batch stopped at the first output-folder failure: 1 slide(s) not started" in r.stderr
     assert "[3/3]" not in r.stderr and "Traceback" not in r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["a.h5ad"]
+    assert sorted(p.name for p in out.iterdir() if p != ballast) == ["a.h5ad"]
 
 
 def test_the_local_ray_listens_on_localhost_only(local_ray):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import demo_output_bytes, leave_free
 
 from mmap_deploy.cli import main
 from mmap_deploy.storage import OutputStorageError, expected_output_bytes, output_storage_guard
@@ -48,14 +49,17 @@ def test_single_slide_into_a_full_folder_is_one_line_before_any_work(small_files
 
 def test_local_batch_stops_at_the_first_full_disk_and_says_what_remains(small_filesystem, tmp_path):
     manifest = write_cohort(tmp_path)
-    out_dir = small_filesystem("5m")  # room for one 2.5 MB output; the next one's estimate (4.1 MB) does not fit
+    out_dir = small_filesystem("8m")
+    # room for one output's estimate (4.1 MB, the thumbnail counted uncompressed) and a little more: the first
+    # slide's real output (about 0.2 MB, its thumbnail gzip-compressed) leaves less than the next one's estimate
+    ballast = leave_free(out_dir, demo_output_bytes(16, 900, 900) + (64 << 10))
     r = run("--manifest", manifest, "-o", out_dir, expect=1)
     assert "[1/3] s0: wrote s0.h5ad" in r.stderr
     assert f"[2/3] s1: error: {out_dir}: no room for s1.h5ad: it needs about 4.1 MB" in r.stderr
     assert "[3/3]" not in r.stderr  # not even started
     assert "batch: 1 done, 0 skipped (already done), 1 failed of 3 slide(s)" in r.stderr
     assert "batch stopped at the first output-folder failure: 1 slide(s) not started" in r.stderr
-    assert sorted(p.name for p in out_dir.iterdir()) == ["s0.h5ad"]  # no temp or claim files
+    assert sorted(p.name for p in out_dir.iterdir() if p != ballast) == ["s0.h5ad"]  # no temp or claim files
     assert "Traceback" not in r.stderr
 
 
@@ -79,7 +83,7 @@ def test_expected_size_is_an_upper_bound_close_to_real_files(tmp_path):
     real = (tmp_path / "demo.h5ad").stat().st_size
     thumb = a.uns["spatial"]["B4_crop"]["images"]["hires"].shape[:2]
     est = expected_output_bytes(a.n_obs, a.n_vars, a.obsm["mmap_embedding"].shape[1], thumb)
-    assert real <= est <= 1.3 * real, (real, est)
+    assert real <= est <= 1.6 * real, (real, est)  # the thumbnail counts uncompressed: an upper bound
     assert "wrote" in r.stderr
 
 
