@@ -59,7 +59,11 @@ def _compare(a_path: Path, b_path: Path) -> dict:
     den = np.sqrt((xa**2).sum(0) * (xb**2).sum(0))
     r = np.where(den > 0, (xa * xb).sum(0) / np.where(den > 0, den, 1), 1.0)
     worst = int(np.argmin(r))
-    return {"spots": int(a.n_obs), "same_spot_order": same_order, "r_min": round(float(r[worst]), 6),
+    keys = ("read_threads", "read_wait", "encoder", "total")
+    t_a, t_b = dict(a.uns["mmap"]["timings"]), dict(b.uns["mmap"]["timings"])
+    return {"timings_before_s": {k: round(float(t_a[k]), 1) for k in keys if k in t_a},
+            "timings_after_s": {k: round(float(t_b[k]), 1) for k in keys if k in t_b},
+            "spots": int(a.n_obs), "same_spot_order": same_order, "r_min": round(float(r[worst]), 6),
             "r_median": round(float(np.median(r)), 6), "worst_gene": str(a.var_names[worst]),
             "max_abs_diff": round(float(np.abs(np.asarray(a.X) - np.asarray(b.X)).max()), 5)}
 
