@@ -39,13 +39,19 @@ def _env(checkout: Path, links: Path) -> dict[str, str]:
     return env
 
 
-def _predict(env: dict, slide: Path, coords: Path, out: Path, bundle: Path, mpp: float | None) -> float:
+def _start(env: dict, slide: Path, coords: Path, out: Path, bundle: Path, mpp: float | None) -> tuple:
     cmd = [sys.executable, "-m", "mmap_deploy.cli", str(slide), str(coords), "-o", str(out), "--model", str(bundle),
            "-q", "--overwrite"] + (["--mpp", str(mpp)] if mpp else [])
-    t = time.perf_counter()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr[-800:]}")
+    # cwd: `python -m` puts the working directory first on sys.path; it must not hold a checkout
+    proc = subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, cmd, time.perf_counter()
+
+
+def _wait(started: tuple) -> float:
+    proc, cmd, t = started
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}: {err[-800:]}")
     return time.perf_counter() - t
 
 
@@ -74,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--after", type=Path, required=True)
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--cases", default="demo,her2st,hd16")
+    ap.add_argument("--bins", type=int, default=50_000, help="bins of the hd16 case")
+    ap.add_argument("--side-by-side", action="store_true", help="run before and after at the same time")
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MMAP_DATA_DIR", HERE.parents[1] / "shared" / "data")))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
@@ -97,17 +105,24 @@ def main(argv: list[str] | None = None) -> int:
         Image.MAX_IMAGE_PIXELS = None
         with Image.open(her2st / "images" / "C6.jpg") as im:
             w, h = im.size
-        coords = write_coords(work / "hd16.csv", hd_grid(w, h, HER2ST_MPP))
-        cases.append(("C6 hd16 50k bins", her2st / "images" / "C6.jpg", coords, HER2ST_MPP))
+        coords = write_coords(work / "hd16.csv", hd_grid(w, h, HER2ST_MPP, args.bins))
+        cases.append((f"C6 hd16 {args.bins} bins", her2st / "images" / "C6.jpg", coords, HER2ST_MPP))
     rows = []
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
     for name, slide, coords, mpp in cases:
         load0 = os.getloadavg()[0]
-        t_before = _predict(env_b, slide, coords, work / "before.h5ad", bundle, mpp)
-        load1 = os.getloadavg()[0]
-        t_after = _predict(env_a, slide, coords, work / "after.h5ad", bundle, mpp)
-        row = {"case": name, "slide": slide.name, "mpp": mpp or "from EXIF", "before_s": round(t_before, 2),
+        if args.side_by_side:  # both at once: load from other processes hits them alike
+            b, a = (_start(env_b, slide, coords, work / "before.h5ad", bundle, mpp),
+                    _start(env_a, slide, coords, work / "after.h5ad", bundle, mpp))
+            t_before, t_after = _wait(b), _wait(a)
+            load1 = load0
+        else:
+            t_before = _wait(_start(env_b, slide, coords, work / "before.h5ad", bundle, mpp))
+            load1 = os.getloadavg()[0]
+            t_after = _wait(_start(env_a, slide, coords, work / "after.h5ad", bundle, mpp))
+        row = {"case": name, "slide": slide.name, "mpp": mpp or "from EXIF", "side_by_side": args.side_by_side,
+               "before_s": round(t_before, 2),
                "after_s": round(t_after, 2), "speedup": round(t_before / t_after, 2), "cpu": cpu,
                "load_avg_1m": [round(load0, 2), round(load1, 2), round(os.getloadavg()[0], 2)]}
         row.update(_compare(work / "before.h5ad", work / "after.h5ad"))
