@@ -113,26 +113,29 @@ def _banded(a: np.ndarray, first: int) -> _Operator:
 
 
 @lru_cache(maxsize=1024)
-def _operators(spec: ViewSpec, n: int, phase: int, patches: bool) -> tuple[_Operator, ...]:
-    """The maps of one axis: for each view (or the patch alone), from a region of `n` level pixels
-    that starts `phase / PHASES` of a pixel past an integer position."""
+def _patch_operator(spec: ViewSpec, n: int, phase: int) -> _Operator:
+    """One axis of read_patch's resample: a region of `n` level pixels that starts `phase / PHASES`
+    of a pixel past an integer position -> the patch's `patch_px` pixels."""
     p = spec.patch_px
-    # The patch resample of read_patch; none when the region already has the patch's size.
     w1 = resize_weights(n, p).astype(np.float64) if n != p else np.eye(p)
     if phase:
         w1 = w1 @ _shift_matrix(n, phase / PHASES)
-    if patches:
-        return (_banded(w1, 0),)
+    return _banded(w1, 0)
+
+
+@lru_cache(maxsize=64)
+def _view_operators(spec: ViewSpec) -> tuple[_Operator | None, ...]:
+    """One axis of make_views: patch -> each view (None where the view is a plain crop)."""
     out = []
     for v, (o, _) in enumerate(spec.centre_offsets()):
         k = spec.crop_px(v)
-        wv = resize_weights(k, spec.input_size).astype(np.float64) if k != spec.input_size else np.eye(k)
-        out.append(_banded(wv @ w1[o : o + k], 0))
+        out.append(_banded(resize_weights(k, spec.input_size).astype(np.float64), o) if k != spec.input_size else None)
     return tuple(out)
 
 
-def _resample(regions: np.ndarray, op_y: _Operator, op_x: _Operator, out: np.ndarray) -> None:
-    """(H, N, W, 3) float32 regions -> out (N, op_y.size, op_x.size, 3) uint8: A_y @ R @ A_x.T per spot and channel.
+def _resample_rounded(regions: np.ndarray, op_y: _Operator, op_x: _Operator) -> np.ndarray:
+    """(H, N, W, 3) float32 regions -> (op_y.size, N, op_x.size, 3) float32, A_y @ R @ A_x.T per spot and
+    channel, rounded to integers (the uint8 values, still as floats, in the layout this function takes).
 
     The rows pass multiplies the leading axis, the columns pass the trailing
     (interleaved RGB) one: each block of either pass is one large matrix
@@ -149,7 +152,12 @@ def _resample(regions: np.ndarray, op_y: _Operator, op_x: _Operator, out: np.nda
         np.matmul(y[:, c0:c1], k, out=z[:, r0:r1])
     # Weights are non-negative and each row sums to one: no clipping needed.
     np.rint(z, out=z)
-    out[...] = z.astype(np.uint8).reshape(op_y.size, n, op_x.size, 3).transpose(1, 0, 2, 3)
+    return z.reshape(op_y.size, n, op_x.size, 3)
+
+
+def _to_spots(planes: np.ndarray, out: np.ndarray) -> None:
+    """(Sy, N, Sx, 3) rounded floats -> out (N, Sy, Sx, 3) uint8."""
+    out[...] = planes.astype(np.uint8).transpose(1, 0, 2, 3)
 
 
 # -- the plan ------------------------------------------------------------------------
@@ -270,26 +278,42 @@ class _BandSource:
 
 def _band_views(pixels: np.ndarray, plan: ReadPlan, spots: np.ndarray, r0: int, spec: ViewSpec,
                 patches: bool) -> np.ndarray:
-    """Views (or patches) of `spots` from a band's pixels (level rows from r0, columns from plan.cols)."""
-    n, c0 = plan.n, plan.cols[0]
-    out = None
+    """Views (or patches) of `spots` from a band's pixels (level rows from r0, columns from plan.cols).
+
+    Two steps, as read_patch + make_views: the patch, rounded to uint8, then
+    its views. Composing both into one map would skip that rounding, and the
+    prototypes of a slide (k-means) are sensitive to the smallest change of
+    the embeddings: the views must equal the per-spot path's, not merely be close.
+    """
+    n, c0, p = plan.n, plan.cols[0], spec.patch_px
+    planes = None  # the patches, (P, N, P, 3): exactly read_patch's uint8 values, as floats
     keys = plan.phase[spots]
     for key in sorted({(int(a), int(b)) for a, b in keys}):
         sel = np.flatnonzero((keys[:, 0] == key[0]) & (keys[:, 1] == key[1]))
-        ops_y, ops_x = _operators(spec, n, key[0], patches), _operators(spec, n, key[1], patches)
         h, w = n + (key[0] > 0), n + (key[1] > 0)
         regions = np.empty((h, len(sel), w, 3), np.float32)
         for j, s in enumerate(spots[sel]):
             y, x = plan.origin[s, 0] - r0, plan.origin[s, 1] - c0
             regions[:, j] = pixels[y : y + h, x : x + w]
-        if out is None:
-            out = np.empty((len(spots), len(ops_y), ops_y[0].size, ops_x[0].size, 3), np.uint8)
-        views = out if len(sel) == len(spots) else np.empty((len(sel),) + out.shape[1:], np.uint8)
-        for v, (oy, ox) in enumerate(zip(ops_y, ops_x)):
-            _resample(regions, oy, ox, views[:, v])
-        if views is not out:
-            out[sel] = views
-    return out[:, 0] if patches else out
+        part = _resample_rounded(regions, _patch_operator(spec, n, key[0]), _patch_operator(spec, n, key[1]))
+        if len(sel) == len(spots):
+            planes = part
+        else:
+            if planes is None:
+                planes = np.empty((p, len(spots), p, 3), np.float32)
+            planes[:, sel] = part
+    if patches:
+        out = np.empty((len(spots), p, p, 3), np.uint8)
+        _to_spots(planes, out)
+        return out
+    s_ = spec.input_size
+    views = np.empty((len(spots), spec.n_views, s_, s_, 3), np.uint8)
+    for v, (op, (o, _)) in enumerate(zip(_view_operators(spec), spec.centre_offsets())):
+        if op is None:  # a crop of the input size: make_views copies it
+            _to_spots(planes[o : o + s_, :, o : o + s_], views[:, v])
+        else:
+            _to_spots(_resample_rounded(planes, op, op), views[:, v])
+    return views
 
 
 def _spot_views(slide: Any, spots: np.ndarray, xy: np.ndarray, spec: ViewSpec, patches: bool) -> ViewChunk:
