@@ -15,14 +15,19 @@ prefetched), whatever the number of spots.
 Views are not resampled from a band-wide resampled image: a spot's sampling
 grid depends on where its patch starts (a quarter-pixel shift changes H&E views
 by 2-3 grey levels on average), so a shared grid cannot reproduce the per-spot
-views. Instead each view is one separable linear map of the spot's level
-pixels, `A @ R @ A.T`, where `A` composes the very resizes of `read_patch` and
-`make_views` (`preprocess.resize_weights`): patch resample, centre crop, view
-resize, and OpenSlide's bilinear shift for a region that starts between level
-pixels. `A` is the same for every spot (up to that shift), and it is banded, so
-it is applied block by block to a batch of spots as small matrix products.
-The only difference from the per-spot path is the rounding of the patch to
-uint8 in between (a few tenths of a grey level on average).
+views. Nor are the two resizes composed into one map: that skips the rounding
+of the patch to uint8 (views within 0.2 grey levels), and a slide's k-means
+prototypes flip on changes of the embeddings that small (her2st B4: every gene
+r >= 0.98 only). So each spot goes through exactly the maps of `read_patch`
+and `make_views` (`preprocess.resize_weights`; plus OpenSlide's bilinear shift
+for a region that starts between level pixels), rounded where they round:
+at level 0 the views equal the per-spot path's (not one value differs over
+her2st B4's 284 spots; sums in another order could flip a rounding at exactly
+.5), at a coarser level within a fraction of a grey level (OpenSlide rounds
+its shifted region; the shift here is not rounded). What is shared is the
+work: the maps are the same for every spot and banded, so they are applied
+block by block to a batch of spots as a few large matrix products, instead of
+dense per-spot products that multiply mostly zeros.
 
 Where spots are few and far apart, decoding whole bands costs more than it
 saves: a band is read whole only if its spots' patches cover at least
@@ -33,14 +38,12 @@ back to the per-spot path too, so only spots that touch the bad tile fail.
 
 from __future__ import annotations
 
-import math
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
