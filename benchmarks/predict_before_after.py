@@ -115,7 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.side_by_side:  # both at once: load from other processes hits them alike
             b, a = (_start(env_b, slide, coords, work / "before.h5ad", bundle, mpp),
                     _start(env_a, slide, coords, work / "after.h5ad", bundle, mpp))
-            t_before, t_after = _wait(b), _wait(a)
+            while b[0].poll() is None and a[0].poll() is None:  # time the first to finish when it does
+                time.sleep(0.2)
+            first_b = b[0].poll() is not None
+            t_first = _wait(b if first_b else a)
+            t_second = _wait(a if first_b else b)
+            t_before, t_after = (t_first, t_second) if first_b else (t_second, t_first)
             load1 = load0
         else:
             t_before = _wait(_start(env_b, slide, coords, work / "before.h5ad", bundle, mpp))
