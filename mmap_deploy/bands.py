@@ -61,9 +61,9 @@ CHUNK_SPOTS = 32
 # bands go spot by spot. Measured by `benchmarks/run.py --suite read`
 # (tile_read_coverage rows, her2st C6 through OpenSlide, one thread): the band
 # reader ran at 0.35x the per-spot one at coverage 0.25, 0.44x at 0.5, 1.0x at
-# 1 (OpenSlide paints ~16 Mpx/s of CPU, so decoding area no spot needs costs
-# more than the resampling saves). Visium's 100 µm grid is ~3, a 16 µm grid
-# ~100. A plain image is in memory already: always whole bands.
+# 1, 2.2x at 2 (OpenSlide paints ~16 Mpx/s of CPU, so decoding area no spot
+# needs costs more than the resampling saves). Visium's 100 µm grid is ~3, a
+# 16 µm grid ~100. A plain image is in memory already: always whole bands.
 MIN_COVERAGE = 1.0
 # Output rows resampled per matrix product: A is banded, so a block of rows
 # touches only a narrow range of input rows.
