@@ -39,13 +39,19 @@ def _env(checkout: Path, links: Path) -> dict[str, str]:
     return env
 
 
-def _predict(env: dict, slide: Path, coords: Path, out: Path, bundle: Path, mpp: float | None) -> float:
+def _start(env: dict, slide: Path, coords: Path, out: Path, bundle: Path, mpp: float | None) -> tuple:
     cmd = [sys.executable, "-m", "mmap_deploy.cli", str(slide), str(coords), "-o", str(out), "--model", str(bundle),
            "-q", "--overwrite"] + (["--mpp", str(mpp)] if mpp else [])
-    t = time.perf_counter()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr[-800:]}")
+    # cwd: `python -m` puts the working directory first on sys.path; it must not hold a checkout
+    proc = subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, cmd, time.perf_counter()
+
+
+def _wait(started: tuple) -> float:
+    proc, cmd, t = started
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}: {err[-800:]}")
     return time.perf_counter() - t
 
 
@@ -59,7 +65,11 @@ def _compare(a_path: Path, b_path: Path) -> dict:
     den = np.sqrt((xa**2).sum(0) * (xb**2).sum(0))
     r = np.where(den > 0, (xa * xb).sum(0) / np.where(den > 0, den, 1), 1.0)
     worst = int(np.argmin(r))
-    return {"spots": int(a.n_obs), "same_spot_order": same_order, "r_min": round(float(r[worst]), 6),
+    keys = ("read_threads", "read_wait", "encoder", "total")
+    t_a, t_b = dict(a.uns["mmap"]["timings"]), dict(b.uns["mmap"]["timings"])
+    return {"timings_before_s": {k: round(float(t_a[k]), 1) for k in keys if k in t_a},
+            "timings_after_s": {k: round(float(t_b[k]), 1) for k in keys if k in t_b},
+            "spots": int(a.n_obs), "same_spot_order": same_order, "r_min": round(float(r[worst]), 6),
             "r_median": round(float(np.median(r)), 6), "worst_gene": str(a.var_names[worst]),
             "max_abs_diff": round(float(np.abs(np.asarray(a.X) - np.asarray(b.X)).max()), 5)}
 
@@ -70,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--after", type=Path, required=True)
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--cases", default="demo,her2st,hd16")
+    ap.add_argument("--bins", type=int, default=50_000, help="bins of the hd16 case")
+    ap.add_argument("--side-by-side", action="store_true", help="run before and after at the same time")
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MMAP_DATA_DIR", HERE.parents[1] / "shared" / "data")))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
@@ -93,17 +105,29 @@ def main(argv: list[str] | None = None) -> int:
         Image.MAX_IMAGE_PIXELS = None
         with Image.open(her2st / "images" / "C6.jpg") as im:
             w, h = im.size
-        coords = write_coords(work / "hd16.csv", hd_grid(w, h, HER2ST_MPP))
-        cases.append(("C6 hd16 50k bins", her2st / "images" / "C6.jpg", coords, HER2ST_MPP))
+        coords = write_coords(work / "hd16.csv", hd_grid(w, h, HER2ST_MPP, args.bins))
+        cases.append((f"C6 hd16 {args.bins} bins", her2st / "images" / "C6.jpg", coords, HER2ST_MPP))
     rows = []
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
     for name, slide, coords, mpp in cases:
         load0 = os.getloadavg()[0]
-        t_before = _predict(env_b, slide, coords, work / "before.h5ad", bundle, mpp)
-        load1 = os.getloadavg()[0]
-        t_after = _predict(env_a, slide, coords, work / "after.h5ad", bundle, mpp)
-        row = {"case": name, "slide": slide.name, "mpp": mpp or "from EXIF", "before_s": round(t_before, 2),
+        if args.side_by_side:  # both at once: load from other processes hits them alike
+            b, a = (_start(env_b, slide, coords, work / "before.h5ad", bundle, mpp),
+                    _start(env_a, slide, coords, work / "after.h5ad", bundle, mpp))
+            while b[0].poll() is None and a[0].poll() is None:  # time the first to finish when it does
+                time.sleep(0.2)
+            first_b = b[0].poll() is not None
+            t_first = _wait(b if first_b else a)
+            t_second = _wait(a if first_b else b)
+            t_before, t_after = (t_first, t_second) if first_b else (t_second, t_first)
+            load1 = load0
+        else:
+            t_before = _wait(_start(env_b, slide, coords, work / "before.h5ad", bundle, mpp))
+            load1 = os.getloadavg()[0]
+            t_after = _wait(_start(env_a, slide, coords, work / "after.h5ad", bundle, mpp))
+        row = {"case": name, "slide": slide.name, "mpp": mpp or "from EXIF", "side_by_side": args.side_by_side,
+               "before_s": round(t_before, 2),
                "after_s": round(t_after, 2), "speedup": round(t_before / t_after, 2), "cpu": cpu,
                "load_avg_1m": [round(load0, 2), round(load1, 2), round(os.getloadavg()[0], 2)]}
         row.update(_compare(work / "before.h5ad", work / "after.h5ad"))

@@ -15,14 +15,19 @@ prefetched), whatever the number of spots.
 Views are not resampled from a band-wide resampled image: a spot's sampling
 grid depends on where its patch starts (a quarter-pixel shift changes H&E views
 by 2-3 grey levels on average), so a shared grid cannot reproduce the per-spot
-views. Instead each view is one separable linear map of the spot's level
-pixels, `A @ R @ A.T`, where `A` composes the very resizes of `read_patch` and
-`make_views` (`preprocess.resize_weights`): patch resample, centre crop, view
-resize, and OpenSlide's bilinear shift for a region that starts between level
-pixels. `A` is the same for every spot (up to that shift), and it is banded, so
-it is applied block by block to a batch of spots as small matrix products.
-The only difference from the per-spot path is the rounding of the patch to
-uint8 in between (a few tenths of a grey level on average).
+views. Nor are the two resizes composed into one map: that skips the rounding
+of the patch to uint8 (views within 0.2 grey levels), and a slide's k-means
+prototypes flip on changes of the embeddings that small (her2st B4: every gene
+r >= 0.98 only). So each spot goes through exactly the maps of `read_patch`
+and `make_views` (`preprocess.resize_weights`; plus OpenSlide's bilinear shift
+for a region that starts between level pixels), rounded where they round:
+at level 0 the views equal the per-spot path's (not one value differs over
+her2st B4's 284 spots; sums in another order could flip a rounding at exactly
+.5), at a coarser level within a fraction of a grey level (OpenSlide rounds
+its shifted region; the shift here is not rounded). What is shared is the
+work: the maps are the same for every spot and banded, so they are applied
+block by block to a batch of spots as a few large matrix products, instead of
+dense per-spot products that multiply mostly zeros.
 
 Where spots are few and far apart, decoding whole bands costs more than it
 saves: a band is read whole only if its spots' patches cover at least
@@ -33,14 +38,12 @@ back to the per-spot path too, so only spots that touch the bad tile fail.
 
 from __future__ import annotations
 
-import math
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -58,9 +61,9 @@ CHUNK_SPOTS = 32
 # bands go spot by spot. Measured by `benchmarks/run.py --suite read`
 # (tile_read_coverage rows, her2st C6 through OpenSlide, one thread): the band
 # reader ran at 0.35x the per-spot one at coverage 0.25, 0.44x at 0.5, 1.0x at
-# 1 (OpenSlide paints ~16 Mpx/s of CPU, so decoding area no spot needs costs
-# more than the resampling saves). Visium's 100 µm grid is ~3, a 16 µm grid
-# ~100. A plain image is in memory already: always whole bands.
+# 1, 2.2x at 2 (OpenSlide paints ~16 Mpx/s of CPU, so decoding area no spot
+# needs costs more than the resampling saves). Visium's 100 µm grid is ~3, a
+# 16 µm grid ~100. A plain image is in memory already: always whole bands.
 MIN_COVERAGE = 1.0
 # Output rows resampled per matrix product: A is banded, so a block of rows
 # touches only a narrow range of input rows.
@@ -113,26 +116,29 @@ def _banded(a: np.ndarray, first: int) -> _Operator:
 
 
 @lru_cache(maxsize=1024)
-def _operators(spec: ViewSpec, n: int, phase: int, patches: bool) -> tuple[_Operator, ...]:
-    """The maps of one axis: for each view (or the patch alone), from a region of `n` level pixels
-    that starts `phase / PHASES` of a pixel past an integer position."""
+def _patch_operator(spec: ViewSpec, n: int, phase: int) -> _Operator:
+    """One axis of read_patch's resample: a region of `n` level pixels that starts `phase / PHASES`
+    of a pixel past an integer position -> the patch's `patch_px` pixels."""
     p = spec.patch_px
-    # The patch resample of read_patch; none when the region already has the patch's size.
     w1 = resize_weights(n, p).astype(np.float64) if n != p else np.eye(p)
     if phase:
         w1 = w1 @ _shift_matrix(n, phase / PHASES)
-    if patches:
-        return (_banded(w1, 0),)
+    return _banded(w1, 0)
+
+
+@lru_cache(maxsize=64)
+def _view_operators(spec: ViewSpec) -> tuple[_Operator | None, ...]:
+    """One axis of make_views: patch -> each view (None where the view is a plain crop)."""
     out = []
     for v, (o, _) in enumerate(spec.centre_offsets()):
         k = spec.crop_px(v)
-        wv = resize_weights(k, spec.input_size).astype(np.float64) if k != spec.input_size else np.eye(k)
-        out.append(_banded(wv @ w1[o : o + k], 0))
+        out.append(_banded(resize_weights(k, spec.input_size).astype(np.float64), o) if k != spec.input_size else None)
     return tuple(out)
 
 
-def _resample(regions: np.ndarray, op_y: _Operator, op_x: _Operator, out: np.ndarray) -> None:
-    """(H, N, W, 3) float32 regions -> out (N, op_y.size, op_x.size, 3) uint8: A_y @ R @ A_x.T per spot and channel.
+def _resample_rounded(regions: np.ndarray, op_y: _Operator, op_x: _Operator) -> np.ndarray:
+    """(H, N, W, 3) float32 regions -> (op_y.size, N, op_x.size, 3) float32, A_y @ R @ A_x.T per spot and
+    channel, rounded to integers (the uint8 values, still as floats, in the layout this function takes).
 
     The rows pass multiplies the leading axis, the columns pass the trailing
     (interleaved RGB) one: each block of either pass is one large matrix
@@ -149,7 +155,12 @@ def _resample(regions: np.ndarray, op_y: _Operator, op_x: _Operator, out: np.nda
         np.matmul(y[:, c0:c1], k, out=z[:, r0:r1])
     # Weights are non-negative and each row sums to one: no clipping needed.
     np.rint(z, out=z)
-    out[...] = z.astype(np.uint8).reshape(op_y.size, n, op_x.size, 3).transpose(1, 0, 2, 3)
+    return z.reshape(op_y.size, n, op_x.size, 3)
+
+
+def _to_spots(planes: np.ndarray, out: np.ndarray) -> None:
+    """(Sy, N, Sx, 3) rounded floats -> out (N, Sy, Sx, 3) uint8."""
+    out[...] = planes.astype(np.uint8).transpose(1, 0, 2, 3)
 
 
 # -- the plan ------------------------------------------------------------------------
@@ -270,26 +281,42 @@ class _BandSource:
 
 def _band_views(pixels: np.ndarray, plan: ReadPlan, spots: np.ndarray, r0: int, spec: ViewSpec,
                 patches: bool) -> np.ndarray:
-    """Views (or patches) of `spots` from a band's pixels (level rows from r0, columns from plan.cols)."""
-    n, c0 = plan.n, plan.cols[0]
-    out = None
+    """Views (or patches) of `spots` from a band's pixels (level rows from r0, columns from plan.cols).
+
+    Two steps, as read_patch + make_views: the patch, rounded to uint8, then
+    its views. Composing both into one map would skip that rounding, and the
+    prototypes of a slide (k-means) are sensitive to the smallest change of
+    the embeddings: the views must equal the per-spot path's, not merely be close.
+    """
+    n, c0, p = plan.n, plan.cols[0], spec.patch_px
+    planes = None  # the patches, (P, N, P, 3): exactly read_patch's uint8 values, as floats
     keys = plan.phase[spots]
     for key in sorted({(int(a), int(b)) for a, b in keys}):
         sel = np.flatnonzero((keys[:, 0] == key[0]) & (keys[:, 1] == key[1]))
-        ops_y, ops_x = _operators(spec, n, key[0], patches), _operators(spec, n, key[1], patches)
         h, w = n + (key[0] > 0), n + (key[1] > 0)
         regions = np.empty((h, len(sel), w, 3), np.float32)
         for j, s in enumerate(spots[sel]):
             y, x = plan.origin[s, 0] - r0, plan.origin[s, 1] - c0
             regions[:, j] = pixels[y : y + h, x : x + w]
-        if out is None:
-            out = np.empty((len(spots), len(ops_y), ops_y[0].size, ops_x[0].size, 3), np.uint8)
-        views = out if len(sel) == len(spots) else np.empty((len(sel),) + out.shape[1:], np.uint8)
-        for v, (oy, ox) in enumerate(zip(ops_y, ops_x)):
-            _resample(regions, oy, ox, views[:, v])
-        if views is not out:
-            out[sel] = views
-    return out[:, 0] if patches else out
+        part = _resample_rounded(regions, _patch_operator(spec, n, key[0]), _patch_operator(spec, n, key[1]))
+        if len(sel) == len(spots):
+            planes = part
+        else:
+            if planes is None:
+                planes = np.empty((p, len(spots), p, 3), np.float32)
+            planes[:, sel] = part
+    if patches:
+        out = np.empty((len(spots), p, p, 3), np.uint8)
+        _to_spots(planes, out)
+        return out
+    s_ = spec.input_size
+    views = np.empty((len(spots), spec.n_views, s_, s_, 3), np.uint8)
+    for v, (op, (o, _)) in enumerate(zip(_view_operators(spec), spec.centre_offsets())):
+        if op is None:  # a crop of the input size: make_views copies it
+            _to_spots(planes[o : o + s_, :, o : o + s_], views[:, v])
+        else:
+            _to_spots(_resample_rounded(planes, op, op), views[:, v])
+    return views
 
 
 def _spot_views(slide: Any, spots: np.ndarray, xy: np.ndarray, spec: ViewSpec, patches: bool) -> ViewChunk:

@@ -1,5 +1,5 @@
-"""The band reader: views as the per-spot path makes them (within a fraction of a grey level) on real
-H&E through OpenSlide and the plain-image reader, every spot once in a fixed order, a corrupt tile
+"""The band reader: the views the per-spot path makes, on real H&E through OpenSlide and the
+plain-image reader, every spot once in a fixed order, a corrupt tile
 dropping only the spots that touch it, each tile decoded once, and memory bounded by a band."""
 
 from __future__ import annotations
@@ -69,10 +69,9 @@ def test_views_match_the_per_spot_reader_on_real_tissue(her2st, fmt):
         assert slide.format.startswith("openslide" if fmt == "openslide" else "image")
         ref = per_spot(slide, xy)
         new, _ = band_read(slide, xy, reader="tile_once")
-    per_view = mad(ref, new, axis=(0, 2, 3, 4))
-    assert per_view.max() <= 0.5, per_view  # the bound is 1 grey level; measured ~0.1-0.2
-    assert per_view[1] < 0.05  # view 1 is a crop of the patch: only float rounding differs
-    assert np.abs(ref.astype(int) - new.astype(int)).max() <= 8
+    # the same maps, rounded where read_patch and make_views round: the same views (a sum in
+    # another order could flip a rounding at exactly .5; none does on real tissue)
+    assert (ref != new).mean() < 1e-6, mad(ref, new, axis=(0, 2, 3, 4))
 
 
 def test_coarse_level_with_sub_pixel_starts_matches(tmp_path):
@@ -141,8 +140,8 @@ def test_corrupt_tile_drops_only_the_spots_that_touch_it(tmp_path):
             got.update(zip(chunk.rows.tolist(), chunk.views))
     assert sorted(failed) == expected
     assert sorted(got) == [i for i in range(len(xy)) if i not in expected]
-    # the rest of the failed band came through the per-spot path: the same views within the bound
-    assert mad(np.stack([got[i] for i in sorted(got)]), ref[sorted(got)]) <= 0.5
+    # the rest of the failed band came through the per-spot path: the same views
+    np.testing.assert_array_equal(np.stack([got[i] for i in sorted(got)]), ref[sorted(got)])
 
 
 class Spy:
@@ -188,7 +187,7 @@ def test_each_tile_decoded_once_and_memory_bounded_by_a_band(her2st, monkeypatch
     assert band_bytes < views.nbytes / 20
     with open_slide(tif, mpp=HER2ST_MPP) as slide:
         some = np.arange(0, len(xy), 97)
-        assert mad(per_spot(slide, xy[some]), views[some]) <= 0.5
+        np.testing.assert_array_equal(per_spot(slide, xy[some]), views[some])
 
 
 def test_sparse_spots_take_the_per_spot_path(her2st):
