@@ -117,8 +117,15 @@ def build_anndata(
     slide_mpp: float,
     patch_um: float,
     provenance: dict[str, Any],
+    spatial_images: dict[str, np.ndarray] | None = None,
+    spatial_scalefactors: dict[str, float] | None = None,
 ) -> "anndata.AnnData":
-    """Assemble the AnnData for one slide's predictions (see the module docstring)."""
+    """Assemble the AnnData for one slide's predictions (see the module docstring).
+
+    `spatial_images` / `spatial_scalefactors` (Space Ranger's hires/lowres
+    images and scale factors) are added to uns['spatial'], and replace the
+    thumbnail when they hold a hires image.
+    """
     import anndata as ad
     import pandas as pd
 
@@ -145,6 +152,15 @@ def build_anndata(
             "metadata": {"source": "mmap-predict"},
         }
     }
+    if spatial_images:
+        lib = adata.uns["spatial"][library_id]
+        if "hires" in spatial_images:
+            lib["images"] = {}
+            lib["scalefactors"] = {}
+        lib["images"].update({k: np.ascontiguousarray(v, dtype=np.uint8) for k, v in spatial_images.items()})
+        lib["scalefactors"].update({k: float(v) for k, v in (spatial_scalefactors or {}).items()})
+        lib["scalefactors"].setdefault("spot_diameter_fullres", float(diameter))
+        lib["metadata"]["source"] = "Space Ranger images; mmap-predict predictions"
     mmap = dict(provenance)
     mmap.update(
         n_spots=int(n),
@@ -152,6 +168,8 @@ def build_anndata(
         dropped_spots=_str_array([d.spot_id for d in pred.dropped]),
         dropped_errors=_str_array([d.error for d in pred.dropped]),
         n_prototypes=int(pred.n_prototypes),
+        prediction_floor=0.0,
+        n_clipped_below_floor=int(pred.n_clipped),
         bank_size=int(pred.bank_size),
         spot_diameter_rule=(
             f"{SPOT_DIAMETER_PITCH_RATIO} x median nearest-spot distance, at most the patch side "
