@@ -152,15 +152,16 @@ def build_anndata(
             "metadata": {"source": "mmap-predict"},
         }
     }
-    if spatial_images:
+    if spatial_images or spatial_scalefactors:
         lib = adata.uns["spatial"][library_id]
-        if "hires" in spatial_images:
+        if spatial_images and "hires" in spatial_images:
             lib["images"] = {}
             lib["scalefactors"] = {}
-        lib["images"].update({k: np.ascontiguousarray(v, dtype=np.uint8) for k, v in spatial_images.items()})
+        lib["images"].update({k: np.ascontiguousarray(v, dtype=np.uint8) for k, v in (spatial_images or {}).items()})
         lib["scalefactors"].update({k: float(v) for k, v in (spatial_scalefactors or {}).items()})
         lib["scalefactors"].setdefault("spot_diameter_fullres", float(diameter))
-        lib["metadata"]["source"] = "Space Ranger images; mmap-predict predictions"
+        lib["metadata"]["source"] = "mmap-predict; " + ("images and " if spatial_images else "") + \
+            "scale factors from Space Ranger"
     mmap = dict(provenance)
     mmap.update(
         n_spots=int(n),
