@@ -217,7 +217,7 @@ def test_spaceranger_outs_folder_gives_its_images_and_scalefactors(c2_slide, tin
     assert dict(lib["scalefactors"]) == pytest.approx(sf)
     m = a.uns["mmap"]
     assert m["coords_layout"] == "spaceranger-spatial" and m["coords_format"] == "visium"
-    assert m["mpp_source"] == "tiff.XResolution" and m["mpp"] == pytest.approx(SLIDE_MPP)
+    assert m["mpp_source"] == "openslide.mpp-x" and m["mpp"] == pytest.approx(SLIDE_MPP)
     qc = m["qc"]
     assert qc["lattice"] == "Visium hexagonal lattice" and qc["lattice_mpp"] == pytest.approx(SLIDE_MPP, rel=0.01)
     assert qc["tissue_mask"] == "Space Ranger's tissue_lowres_image.png" and qc["on_tissue"] > 0.95
