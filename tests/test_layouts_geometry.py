@@ -96,7 +96,9 @@ def visium_hd_bins(root: Path, rgb: np.ndarray, her2st_xy: np.ndarray, bin_um: f
     """binned_outputs/square_016um/ over a 20 x 20 block of bins on tissue (plus one 8 µm folder)."""
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    centre = her2st_xy[np.argmin(np.abs(her2st_xy - her2st_xy.mean(axis=0)).sum(axis=1))]
+    h, w = rgb.shape[:2]
+    inside = her2st_xy[(her2st_xy > 150).all(axis=1) & (her2st_xy[:, 0] < w - 150) & (her2st_xy[:, 1] < h - 150)]
+    centre = inside[np.argmin(np.abs(inside - inside.mean(axis=0)).sum(axis=1))]
     pitch = bin_um / SLIDE_MPP
     r, c = np.divmod(np.arange(400), 20)
     x, y = centre[0] + (c - 10) * pitch, centre[1] + (r - 10) * pitch
