@@ -185,7 +185,7 @@ def resolution_problem(fit: LatticeFit, mpp: float, mpp_source: str, coords_path
         causes.append(f"a wrong {mpp_source} (the lattice says {fit.mpp:.3f})")
     if ratio < 1.0:
         causes.append(
-            f"coordinates in the pixels of a downscaled image (spots are {ratio:.2f}x as close as this "
+            f"coordinates in the pixels of a downscaled image (spots are {ratio:.2f}x as far apart as this "
             "resolution predicts; use full-resolution coordinates, e.g. pxl_col/pxl_row_in_fullres)"
         )
     else:
