@@ -304,3 +304,34 @@ def test_batch_manifest_takes_folders_and_lattice_gives_the_mpp(real_data, c2_sl
     assert ad.read_h5ad(tmp_path / "res" / "c2.h5ad").uns["mmap"]["coords_layout"] == "spaceranger-spatial"
     m = ad.read_h5ad(tmp_path / "res" / "b4.h5ad").uns["mmap"]
     assert m["mpp_source"].startswith("spot lattice (ST array (her2st), 200 µm pitch") and 0.67 < m["mpp"] < 0.71
+
+
+# -- folder mistakes: one line each ----------------------------------------------------------
+def test_folder_mistakes_and_images_of_another_size(tmp_path):
+    from PIL import Image
+
+    from mmap_deploy.errors import UserError
+    from mmap_deploy.layouts import load_images, read_spot_input
+
+    with pytest.raises(UserError, match=r"empty: no spot table found; a Space Ranger folder holds spatial/"):
+        read_spot_input((tmp_path / "empty").mkdir() or tmp_path / "empty")
+    spatial = tmp_path / "outs" / "spatial"
+    spatial.mkdir(parents=True)
+    (spatial / "tissue_positions_list.csv").write_text(
+        "".join(f"B{r}{c}-1,1,{r},{2 * c + r % 2},{100 + 86.6 * r:.1f},{100 + 100 * c + 50 * (r % 2):.1f}\n"
+                for r in range(4) for c in range(4)))
+    with pytest.raises(UserError, match=r"spatial: has tissue_positions_list\.csv but no scalefactors_json\.json"):
+        read_spot_input(tmp_path / "outs")
+    (spatial / "scalefactors_json.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"scalefactors_json\.json: cannot read the scale factors"):
+        read_spot_input(tmp_path / "outs")
+    (spatial / "scalefactors_json.json").write_text(json.dumps({"tissue_hires_scalef": 0.5, "tissue_lowres_scalef": 0.1}))
+    Image.new("RGB", (300, 200), "white").save(spatial / "tissue_hires_image.png")  # of a 600 x 400 image
+    Image.new("RGB", (61, 40), "white").save(spatial / "tissue_lowres_image.png")
+    si = read_spot_input(tmp_path / "outs")
+    assert si.layout == "spaceranger-spatial" and si.spots.source_format == "visium-list" and len(si.spots) == 16
+    assert si.spots.array_xy[:, 1].tolist() == [r for r in range(4) for _ in range(4)]
+    images, warnings = load_images(si, 600, 400)
+    assert set(images) == {"hires", "lowres"} and images["hires"].shape == (200, 300, 3) and not warnings
+    images, warnings = load_images(si, 900, 600)  # another slide: Space Ranger's images do not fit it
+    assert images == {} and "tissue_hires_image.png: 300x200 px, but this slide times tissue_hires_scalef" in warnings[0]
