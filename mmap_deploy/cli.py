@@ -50,6 +50,7 @@ class RunSettings:
     progress: bool = True
     engines_note: str = ""  # the `engines:` line, said once a slide's inputs have passed their checks
     output_format: str = "h5ad"  # with --manifest: each slide's file is {id}.h5ad or {id}.zarr
+    skip_geometry_checks: bool = False
 
 
 @dataclass
@@ -94,7 +95,9 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
     (`--mpp`, or the batch manifest's mpp column); `spot_progress(n)` is
     told of every n spots done (a cluster-wide progress bar).
     """
-    from .coords import check_inside, read_coords, scale_warning
+    from .coords import check_inside, scale_warning
+    from .geometry import fit_lattice
+    from .layouts import read_spot_input
     from .output import build_anndata, check_output_path, now_utc, write_gene_plots, write_output
     from .pipeline import predict_slide
     from .prototypes import KMEANS_SEED
@@ -103,31 +106,40 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
 
     t0 = time.perf_counter()
     out = check_output_path(out, settings.overwrite)
-    spots = read_coords(coords_path, all_spots=settings.all_spots)
-    with open_slide(slide_path, mpp=mpp) as slide:
+    spot_input = read_spot_input(coords_path, all_spots=settings.all_spots)
+    spots = spot_input.spots
+    lattice = fit_lattice(spots.xy, spots.array_xy, spot_input.lattice)
+    fallback = (lattice.mpp, lattice.source()) if lattice is not None else None
+    if fallback is None and spot_input.hd_mpp:
+        fallback = (spot_input.hd_mpp, "scalefactors_json.json microns_per_pixel")
+    with open_slide(slide_path, mpp=mpp, fallback_mpp=fallback) as slide:
         check_inside(spots, slide.width, slide.height, coords_path, slide_path)
         # a full output folder is found now, not after the whole slide has run
         need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height, len(settings.plot),
                                   zarr=out.suffix == ".zarr")
         check_free_space(out.parent, need, out.name)
-        if settings.engines_note:
-            _echo(settings.engines_note)
-            settings.engines_note = ""
         warning = scale_warning(spots, slide.width, slide.height)
         if warning:
             _echo(f"warning: {coords_path}: {warning}")
         mpp_warning = slide.mpp_warning() if hasattr(slide, "mpp_warning") else None
         if mpp_warning:
             _echo(f"warning: {mpp_warning}")
+        mpp_source = mpp_origin if slide.mpp_source == "--mpp" else str(slide.mpp_source)
+        sr_images, qc = _check_geometry(spot_input, lattice, slide, bundle.manifest.view.patch_um, coords_path,
+                                        mpp_source, settings.skip_geometry_checks)
+        if settings.engines_note:
+            _echo(settings.engines_note)
+            settings.engines_note = ""
         t_open = time.perf_counter() - t0
         library_id = library_id or slide_path.stem
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm import tqdm
 
-        # The thumbnail (seconds for a 90 Mpx JPEG) is made while the engines run.
+        # The thumbnail (seconds for a 90 Mpx JPEG) is made while the engines run;
+        # Space Ranger's own hires image, when it fits the slide, takes its place.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmap-thumbnail") as background:
-            thumb_job = background.submit(_thumbnail, slide)
+            thumb_job = background.submit(_thumbnail, slide) if "hires" not in sr_images else None
             with tqdm(total=len(spots), unit="spot", desc=slide_path.name, file=sys.stderr,
                       disable=not settings.progress, leave=False, dynamic_ncols=True) as bar:
                 def on_spots(n: int) -> None:
@@ -140,7 +152,12 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
                     read_workers=settings.read_workers, strict=settings.strict, progress=on_spots,
                 )
             t = time.perf_counter()
-            thumb, scale, thumb_note, t_thumb = thumb_job.result()
+            if thumb_job is not None:
+                thumb, scale, thumb_note, t_thumb = thumb_job.result()
+            else:
+                hires = sr_images["hires"]
+                thumb, scale, t_thumb = hires, spot_input.scalefactors["tissue_hires_scalef"], 0.0
+                thumb_note = f"Space Ranger's tissue_hires_image.png ({hires.shape[1]}x{hires.shape[0]} px)"
             t_thumb_wait = time.perf_counter() - t
         m = bundle.manifest
         provenance = {
@@ -154,9 +171,11 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
             "slide_width": int(slide.width),
             "slide_height": int(slide.height),
             "mpp": float(slide.mpp),
-            "mpp_source": mpp_origin if slide.mpp_source == "--mpp" else str(slide.mpp_source),
+            "mpp_source": mpp_source,
             "coords": str(coords_path),
             "coords_format": str(spots.source_format),
+            "coords_layout": spot_input.layout,
+            "qc": qc,
             "all_spots": bool(settings.all_spots),
             "bundle": str(bundle.root),
             "bundle_sha256": bundle.sha256(),
@@ -177,8 +196,11 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
         pred.timings["open"] = round(t_open, 4)
         pred.timings["thumbnail"] = round(t_thumb, 4)
         pred.timings["thumbnail_wait"] = round(t_thumb_wait, 4)
+        from .layouts import spatial_scalefactors
+
         adata = build_anndata(pred, thumb, scale, library_id=library_id, slide_mpp=slide.mpp,
-                              patch_um=m.view.patch_um, provenance=provenance)
+                              patch_um=m.view.patch_um, provenance=provenance, spatial_images=sr_images,
+                              spatial_scalefactors=spatial_scalefactors(spot_input, sr_images))
     t = time.perf_counter()
     with output_storage_guard(out.parent, need, out.name):
         write_output(adata, out, overwrite=settings.overwrite)
@@ -187,6 +209,39 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
     seconds = time.perf_counter() - t0
     timings["wall"] = round(seconds, 4)
     return SlideResult(out, len(pred.spot_ids), len(pred.dropped), seconds, timings, plots)
+
+
+def _check_geometry(spot_input: Any, lattice: Any, slide: Any, patch_um: float, coords_path: Path,
+                    mpp_source: str, skip: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Space Ranger's images that fit the slide, and the geometry checks' qc record (see geometry.py).
+
+    The tissue mask comes from Space Ranger's lowres image when it fits the
+    slide, else from a small thumbnail; a slide too damaged for one skips it.
+    """
+    from .geometry import MASK_MAX_SIDE, check_geometry, tissue_mask
+    from .layouts import load_images
+    from .slide import PatchReadError
+
+    images, warnings = load_images(spot_input, slide.width, slide.height)
+    for w in warnings:
+        _echo(f"warning: {w}")
+    mask = None
+    if "lowres" in images:
+        mask = tissue_mask(images["lowres"], spot_input.scalefactors["tissue_lowres_scalef"],
+                           "Space Ranger's tissue_lowres_image.png")
+    else:
+        try:
+            small, scale = slide.thumbnail(MASK_MAX_SIDE)
+            mask = tissue_mask(small, scale, f"slide thumbnail, longest side {max(small.shape[:2])} px")
+        except PatchReadError as e:
+            _echo(f"warning: no tissue check: {str(e).splitlines()[0]}")
+    report = check_geometry(spot_input.spots, lattice, slide, mask, patch_um, coords_path, mpp_source, skip)
+    for w in report.warnings + (report.problems if skip else []):
+        _echo(f"warning: {w}")
+    qc = dict(report.qc)
+    if spot_input.hd_mpp:
+        qc["scalefactors_microns_per_pixel"] = float(spot_input.hd_mpp)
+    return images, qc
 
 
 def engine_defaults(engines: Any, settings: RunSettings) -> RunSettings:
@@ -409,7 +464,7 @@ def _parse_genes(value: str | None) -> list[str]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("slide", required=False, type=click.Path(path_type=Path, dir_okay=True))
-@click.argument("coords", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("coords", required=False, type=click.Path(path_type=Path, dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Output file: .h5ad (AnnData) or .zarr (SpatialData, needs the [spatialdata] extra). "
                    "With --manifest: an output folder, one file per slide (see --format).")
@@ -429,6 +484,9 @@ def _parse_genes(value: str | None) -> list[str]:
 @click.option("--plot", "plot_genes", metavar="GENE[,GENE...]",
               help="Also write a PNG map of each gene over the slide thumbnail (needs matplotlib).")
 @click.option("--strict", is_flag=True, help="Fail on an unreadable spot instead of dropping and listing it.")
+@click.option("--skip-geometry-checks", is_flag=True,
+              help="Run even when the coordinates look wrong for the slide (lattice vs resolution, swapped x/y, "
+                   "spots off tissue); the findings become warnings.")
 @click.option("--library-id", help="Key of uns['spatial'] (default: the slide file name without extension).")
 @click.option("--demo", is_flag=True, help="Run the built-in her2st sample with the demo model.")
 @click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
@@ -448,16 +506,18 @@ def _parse_genes(value: str | None) -> list[str]:
 @click.version_option(__version__, prog_name="mmap-predict")
 def main(slide: Path | None, coords: Path | None, output: Path, model: Path | None, mpp: float | None,
          backend: str, precision: str, batch_size: int | None, threads: int, all_spots: bool, overwrite: bool,
-         plot_genes: str | None, strict: bool, library_id: str | None, demo: bool, manifest: Path | None,
-         shard: str | None, ray_address: str | None, ray_workers: int | None, output_format: str | None,
-         quiet: bool) -> None:
+         plot_genes: str | None, strict: bool, skip_geometry_checks: bool, library_id: str | None, demo: bool,
+         manifest: Path | None, shard: str | None, ray_address: str | None, ray_workers: int | None,
+         output_format: str | None, quiet: bool) -> None:
     """Predict spatial gene expression for the spots of an H&E slide (MMAP).
 
     SLIDE is a whole-slide image (SVS, pyramidal TIFF, NDPI, MRXS, ...) or a
     plain JPEG/PNG/TIFF; COORDS the spot centres in full-resolution pixels:
-    Visium tissue_positions(.csv / _list.csv), her2st *_selection.tsv, or a
-    table with x,y and optionally barcode/id. Writes an AnnData .h5ad that
-    scanpy and squidpy plot directly, or with -o OUT.zarr the same as a
+    a Space Ranger outs/ or spatial/ folder, a Visium HD
+    binned_outputs/square_NNNum/ folder, Visium tissue_positions(.csv /
+    _list.csv / .parquet), her2st *_selection.tsv, or a table with x,y and
+    optionally barcode/id. Writes an AnnData .h5ad that scanpy and squidpy
+    plot directly, or with -o OUT.zarr the same as a
     SpatialData store.
 
     Exit codes: 0 done; 2 bad input (one-line error, no output written);
@@ -466,7 +526,8 @@ def main(slide: Path | None, coords: Path | None, output: Path, model: Path | No
     try:
         code = _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots,
                      overwrite, plot_genes, strict, library_id, demo, manifest, shard, quiet,
-                     ray_address=ray_address, ray_workers=ray_workers, output_format=output_format)
+                     ray_address=ray_address, ray_workers=ray_workers, output_format=output_format,
+                     skip_geometry_checks=skip_geometry_checks)
     except UserError as e:
         _echo(f"error: {e}")
         sys.exit(EXIT_USER_ERROR)
@@ -475,7 +536,7 @@ def main(slide: Path | None, coords: Path | None, output: Path, model: Path | No
 
 def _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots, overwrite,
           plot_genes, strict, library_id, demo, manifest, shard, quiet, *, ray_address=None, ray_workers=None,
-          output_format=None) -> int:
+          output_format=None, skip_geometry_checks=False) -> int:
     modes = sum([bool(manifest), bool(demo), slide is not None])
     if modes != 1:
         raise UserError(
@@ -503,7 +564,7 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
     settings = RunSettings(backend=backend, precision=precision, batch_size=batch_size or 0, threads=threads,
                            all_spots=all_spots, overwrite=overwrite, strict=strict,
                            plot=_parse_genes(plot_genes), progress=not quiet,
-                           output_format=output_format or "h5ad")
+                           output_format=output_format or "h5ad", skip_geometry_checks=skip_geometry_checks)
     shard_ix = parse_shard(shard)
     # check what is cheap to check before loading anything
     if manifest is None:

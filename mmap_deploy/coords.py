@@ -15,7 +15,14 @@ Recognised layouts (`LAYOUTS`):
   coordinates ``x``, ``y`` rounded to integers;
 - ``xy``: a header with ``x`` and ``y`` and optionally an id column
   (``barcode``, ``id``, ``spot_id`` or ``spot``); without one, ids are
-  ``spot_{i}``.
+  ``spot_{i}``;
+- ``visium-hd``: Space Ranger's Visium HD ``tissue_positions.parquet`` (the
+  same six columns as ``visium``; read with pyarrow, the ``[visium-hd]``
+  extra). Its ids are a numpy string array, not a list: a slide has up to
+  millions of bins, and no per-bin Python object is made.
+
+Visium, Visium HD and her2st tables carry the spots' array indices too
+(`Spots.array_xy`), from which `geometry` derives the resolution.
 
 Visium spots with ``in_tissue == 0`` and her2st spots with ``selected == 0``
 are dropped unless `all_spots`. The delimiter is sniffed: tab, comma,
@@ -44,6 +51,7 @@ LAYOUTS = {
     "visium-list": "Visium tissue_positions_list.csv (the same six columns, no header)",
     "her2st": "her2st *_selection.tsv (x y new_x new_y pixel_x pixel_y selected)",
     "xy": "plain table with a header x,y and optionally barcode/id/spot_id/spot",
+    "visium-hd": "Visium HD tissue_positions.parquet (the six Visium columns)",
 }
 VISIUM_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
 ID_COLUMNS = ("barcode", "id", "spot_id", "spot")
@@ -59,12 +67,16 @@ class Spots:
     """Spot ids and centres, in the order of the coordinates file.
 
     `xy` is (N, 2) float64: x = column, y = row, in level-0 full-resolution pixels.
-    `source_format` is one of `LAYOUTS`.
+    `source_format` is one of `LAYOUTS`. `ids` is a list, or a numpy string
+    array for Visium HD. `array_xy` is (N, 2) float64, each spot's array
+    indices (column index, row index: Visium `array_col`, `array_row`; her2st
+    `x`, `y`), or None for a table without them.
     """
 
-    ids: list[str]
+    ids: list[str] | np.ndarray
     xy: np.ndarray
     source_format: str
+    array_xy: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -91,11 +103,8 @@ def _read_text(path: Path) -> str:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
             raise UserError(f"{path}: the gzip file is damaged ({exc}); re-copy it or pass it uncompressed") from None
-    if path.suffix.lower() == ".parquet" or raw[:4] == b"PAR1":
-        raise UserError(
-            f"{path}: parquet coordinates are not read directly; convert them to CSV, e.g. with pandas and "
-            "pyarrow: `python -c \"import pandas as pd; pd.read_parquet('IN.parquet').to_csv('OUT.csv', index=False)\"`"
-        )
+    if raw[:4] == b"PAR1":
+        raise UserError(f"{path}: a parquet file named like a text table; rename it to .parquet")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -168,8 +177,8 @@ def _nonblank_lines(text: str):
 
 # Which columns each layout reads (in_tissue/selected and the id column are optional).
 _LAYOUT_COLUMNS = {
-    "visium": ("barcode", "pxl_col_in_fullres", "pxl_row_in_fullres", "in_tissue"),
-    "visium-list": ("barcode", "pxl_col_in_fullres", "pxl_row_in_fullres", "in_tissue"),
+    "visium": ("barcode", "pxl_col_in_fullres", "pxl_row_in_fullres", "in_tissue", "array_col", "array_row"),
+    "visium-list": ("barcode", "pxl_col_in_fullres", "pxl_row_in_fullres", "in_tissue", "array_col", "array_row"),
     "her2st": ("x", "y", "pixel_x", "pixel_y", "selected"),
     "xy": ("x", "y"),
 }
@@ -183,6 +192,8 @@ def read_coords(path: str | Path, all_spots: bool = False) -> Spots:
     missing/empty file, unknown columns, bad values, duplicate ids, or no spots left.
     """
     path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        return read_parquet_positions(path, all_spots)
     text = _read_text(path).replace("\r\n", "\n").replace("\r", "\n")
     lines = _nonblank_lines(text)
     head = list(itertools.islice(lines, 20))  # enough to sniff the delimiter and the layout
@@ -220,14 +231,18 @@ def read_coords(path: str | Path, all_spots: bool = False) -> Spots:
         raise UserError(f"{path}: has a header but no spots; add one row per spot")
     table = _Columns(path, columns, line_nos)
 
+    array_xy = None
     if layout in ("visium", "visium-list"):
         ids = table.ids("barcode")
         xy = np.stack([table.numbers("pxl_col_in_fullres"), table.numbers("pxl_row_in_fullres")], axis=1)
+        if "array_col" in columns and "array_row" in columns:
+            array_xy = np.stack([table.numbers("array_col"), table.numbers("array_row")], axis=1)
         keep, dropped_by = table.flags("in_tissue"), "in_tissue == 0"
     elif layout == "her2st":
         ax, ay = table.numbers("x"), table.numbers("y")
         ids = [f"{int(round(a))}x{int(round(b))}" for a, b in zip(ax.tolist(), ay.tolist())]
         xy = np.stack([table.numbers("pixel_x"), table.numbers("pixel_y")], axis=1)
+        array_xy = np.stack([ax, ay], axis=1)
         keep, dropped_by = table.flags("selected"), "selected == 0"
     else:
         id_column = next((c for c in ID_COLUMNS if c in columns), None)
@@ -238,13 +253,15 @@ def read_coords(path: str | Path, all_spots: bool = False) -> Spots:
     if not all_spots and keep is not None and not keep.all():
         ids = [i for i, k in zip(ids, keep.tolist()) if k]
         xy = xy[keep]
+        array_xy = array_xy[keep] if array_xy is not None else None
         if not ids:
             raise UserError(
                 f"{path}: all {len(keep)} spots have {dropped_by}, so none is left; "
                 "pass --all-spots to predict every spot"
             )
     _check_unique(path, ids)
-    return Spots(ids=ids, xy=np.ascontiguousarray(xy, dtype=np.float64), source_format=layout)
+    return Spots(ids=ids, xy=np.ascontiguousarray(xy, dtype=np.float64), source_format=layout,
+                 array_xy=None if array_xy is None else np.ascontiguousarray(array_xy, dtype=np.float64))
 
 
 def _detect_layout(path: Path, header: list[str], head, delim) -> str:
@@ -311,7 +328,14 @@ class _Columns:
         return ids
 
 
-def _check_unique(path: Path, ids: list[str]) -> None:
+def _check_unique(path: Path, ids: list[str] | np.ndarray) -> None:
+    if isinstance(ids, np.ndarray):  # Visium HD: sorted copies, no per-bin objects
+        ordered = np.sort(ids)
+        dup = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+        if len(dup) == 0:
+            return
+        shown = ", ".join(repr(str(d)) for d in dup[:_SHOW]) + (", ..." if len(dup) > _SHOW else "")
+        raise UserError(f"{path}: {len(dup)} duplicate spot id(s): {shown}; every spot needs a unique id")
     if len(set(ids)) == len(ids):
         return
     seen, dup = set(), []
@@ -321,6 +345,103 @@ def _check_unique(path: Path, ids: list[str]) -> None:
         seen.add(i)
     shown = ", ".join(repr(d) for d in dup[:_SHOW]) + (", ..." if len(dup) > _SHOW else "")
     raise UserError(f"{path}: {len(dup)} duplicate spot id(s): {shown}; every spot needs a unique id")
+
+
+PARQUET_EXTRA = "pip install 'mmap-deploy[visium-hd]'"
+# Rows converted at a time from Arrow strings to a numpy array (bounded scratch memory).
+_STRING_BLOCK = 1 << 18
+
+
+def read_parquet_positions(path: str | Path, all_spots: bool = False) -> Spots:
+    """Read a Visium HD ``tissue_positions.parquet`` into `Spots` (layout ``visium-hd``).
+
+    Columns as in Space Ranger's Visium tables (barcode, in_tissue, array_row,
+    array_col, pxl_row_in_fullres, pxl_col_in_fullres). Bins with
+    ``in_tissue == 0`` are dropped unless `all_spots`. Ids come back as a numpy
+    string array, built from Arrow's buffers without a Python object per bin.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: coordinates file not found; check the path")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading Visium HD parquet positions needs pyarrow: {PARQUET_EXTRA}") from None
+    try:
+        schema = pq.read_schema(path)
+        names = [n.lower() for n in schema.names]
+        missing = [c for c in VISIUM_COLUMNS if c not in names]
+        if missing:
+            raise UserError(
+                f"{path}: parquet columns [{','.join(schema.names[:8])}] lack {','.join(missing)}; "
+                f"a Visium HD tissue_positions.parquet has {','.join(VISIUM_COLUMNS)}"
+            )
+        table = pq.read_table(path, columns=[schema.names[names.index(c)] for c in VISIUM_COLUMNS])
+    except UserError:
+        raise
+    except Exception as exc:  # pyarrow's errors for damaged files are many kinds
+        raise UserError(f"{path}: cannot read the parquet file ({exc}); re-copy it from Space Ranger's output") from None
+    if table.num_rows == 0:
+        raise UserError(f"{path}: has no bins; add one row per bin")
+    cols = dict(zip(VISIUM_COLUMNS, table.columns))
+    numbers = {}
+    for c in VISIUM_COLUMNS[1:]:
+        if cols[c].null_count:
+            raise UserError(f"{path}: column '{c}' has {cols[c].null_count} empty value(s); every bin needs one")
+        try:
+            numbers[c] = cols[c].to_numpy().astype(np.float64)
+        except Exception:
+            raise UserError(f"{path}: column '{c}' is of type {cols[c].type}, not numbers") from None
+        if not np.isfinite(numbers[c]).all():
+            k = int(np.flatnonzero(~np.isfinite(numbers[c]))[0])
+            raise UserError(f"{path}: row {k + 1}, column '{c}': {numbers[c][k]!r} is not a finite number")
+    in_tissue = numbers["in_tissue"]
+    bad = np.flatnonzero((in_tissue != 0) & (in_tissue != 1))
+    if bad.size:
+        raise UserError(f"{path}: row {bad[0] + 1}, column 'in_tissue': {in_tissue[bad[0]]:g} must be 0 or 1")
+    keep = slice(None) if all_spots else np.flatnonzero(in_tissue == 1)
+    if not all_spots and len(keep) == 0:
+        raise UserError(f"{path}: all {len(in_tissue)} bins have in_tissue == 0, so none is left; "
+                        "pass --all-spots to predict every bin")
+    barcodes = cols["barcode"].take(keep) if not all_spots else cols["barcode"]
+    ids = _arrow_strings(path, barcodes)
+    xy = np.stack([numbers["pxl_col_in_fullres"][keep], numbers["pxl_row_in_fullres"][keep]], axis=1)
+    array_xy = np.stack([numbers["array_col"][keep], numbers["array_row"][keep]], axis=1)
+    _check_unique(path, ids)
+    return Spots(ids=ids, xy=np.ascontiguousarray(xy), source_format="visium-hd",
+                 array_xy=np.ascontiguousarray(array_xy))
+
+
+def _arrow_strings(path: Path, column) -> np.ndarray:
+    """An Arrow string column as a numpy unicode array, copied from its buffers block by block."""
+    import pyarrow as pa
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if not pa.types.is_large_string(arr.type):
+        arr = arr.cast(pa.large_string())  # one offset width (int64) below
+    if arr.null_count:
+        raise UserError(f"{path}: {arr.null_count} bin(s) have no barcode; every bin needs one")
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    data = arr.buffers()[2]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    if n and lengths.min() == 0:
+        raise UserError(f"{path}: row {int(np.argmin(lengths)) + 1}: empty barcode; every bin needs one")
+    width = int(lengths.max()) if n else 1
+    raw = np.zeros((n, width), dtype=np.uint8)
+    steps = np.arange(width)
+    for s in range(0, n, _STRING_BLOCK):
+        e = min(n, s + _STRING_BLOCK)
+        valid = steps < lengths[s:e, None]
+        raw[s:e][valid] = data[(offsets[s:e, None] + steps)[valid]]
+    as_bytes = raw.view(f"S{width}").ravel()
+    try:
+        return as_bytes.astype(f"U{width}")
+    except UnicodeDecodeError:  # barcodes are ASCII; anything else is decoded the slow way
+        return np.char.decode(as_bytes, "utf-8")
 
 
 def check_inside(spots: Spots, width: int, height: int, coords_path, slide_path) -> None:

@@ -128,8 +128,15 @@ def build_anndata(
     slide_mpp: float,
     patch_um: float,
     provenance: dict[str, Any],
+    spatial_images: dict[str, np.ndarray] | None = None,
+    spatial_scalefactors: dict[str, float] | None = None,
 ) -> "anndata.AnnData":
-    """Assemble the AnnData for one slide's predictions (see the module docstring)."""
+    """Assemble the AnnData for one slide's predictions (see the module docstring).
+
+    `spatial_images` / `spatial_scalefactors` (Space Ranger's hires/lowres
+    images and scale factors) are added to uns['spatial'], and replace the
+    thumbnail when they hold a hires image.
+    """
     import anndata as ad
     import pandas as pd
 
@@ -156,6 +163,16 @@ def build_anndata(
             "metadata": {"source": "mmap-predict"},
         }
     }
+    if spatial_images or spatial_scalefactors:
+        lib = adata.uns["spatial"][library_id]
+        if spatial_images and "hires" in spatial_images:
+            lib["images"] = {}
+            lib["scalefactors"] = {}
+        lib["images"].update({k: np.ascontiguousarray(v, dtype=np.uint8) for k, v in (spatial_images or {}).items()})
+        lib["scalefactors"].update({k: float(v) for k, v in (spatial_scalefactors or {}).items()})
+        lib["scalefactors"].setdefault("spot_diameter_fullres", float(diameter))
+        lib["metadata"]["source"] = "mmap-predict; " + ("images and " if spatial_images else "") + \
+            "scale factors from Space Ranger"
     mmap = dict(provenance)
     mmap.update(
         n_spots=int(n),
@@ -163,6 +180,8 @@ def build_anndata(
         dropped_spots=_str_array([d.spot_id for d in pred.dropped]),
         dropped_errors=_str_array([d.error for d in pred.dropped]),
         n_prototypes=int(pred.n_prototypes),
+        prediction_floor=0.0,
+        n_clipped_below_floor=int(pred.n_clipped),
         bank_size=int(pred.bank_size),
         spot_diameter_rule=(
             f"{SPOT_DIAMETER_PITCH_RATIO} x median nearest-spot distance, at most the patch side "

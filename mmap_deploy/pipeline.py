@@ -29,6 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Slides with at least this many spots run k-means on multi-threaded BLAS.
 KMEANS_THREADED_FROM = 20_000
+# The training target is log10(1 + normalised count): nothing is below 0, so
+# neither is a prediction (values below are clipped and counted).
+PREDICTION_FLOOR = 0.0
 
 
 @dataclass
@@ -45,7 +48,7 @@ class DroppedSpot:
 class SlidePrediction:
     """Everything `predict_slide` computed for one slide, in the input spot order (minus dropped spots)."""
 
-    spot_ids: list[str]
+    spot_ids: list[str] | np.ndarray  # a numpy string array when the input ids were one (Visium HD)
     xy: np.ndarray  # (N, 2) float64, level-0 (full-resolution) pixels
     prediction: np.ndarray  # (N, G) float32, the training log scale
     embedding: np.ndarray  # (N, D) float32, f
@@ -56,6 +59,7 @@ class SlidePrediction:
     dropped: list[DroppedSpot] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     engines: dict[str, str] = field(default_factory=dict)
+    n_clipped: int = 0  # predicted values raised to PREDICTION_FLOOR
 
 
 def _single_threaded_blas():
@@ -109,7 +113,7 @@ def predict_slide(
         raise UserError(f"--batch-size must be a positive number, got {batch_size}")
     m = bundle.manifest
     spec = m.view
-    ids = list(spots.ids)
+    ids = spots.ids  # a list, or a numpy string array (no per-spot objects for Visium HD)
     xy = np.asarray(spots.xy, dtype=np.float64)
     n = len(ids)
     if n == 0:
@@ -184,14 +188,20 @@ def predict_slide(
     keep = np.flatnonzero(ok)
     if len(keep) < n:
         f, y1 = f[keep], y1[keep]
-    kept_ids = [ids[i] for i in keep]
+    if len(keep) == n:
+        kept_ids = ids
+    else:
+        kept_ids = ids[keep] if isinstance(ids, np.ndarray) else [ids[i] for i in keep]
 
     t = time.perf_counter()
     with _kmeans_blas(len(keep)):
         protos = slide_prototypes(f, m.prototypes)
     timings["kmeans"] = time.perf_counter() - t
 
-    pred = np.empty_like(y1)
+    # Each fusion batch's predictions overwrite its own y1 rows once that batch
+    # has run: one (N, G) array instead of two (a Visium HD slide has 10^5-10^6 bins).
+    pred = y1
+    n_clipped = 0
     mask = np.ones((batch_size, protos.l), dtype=bool)
     for s in range(0, len(keep), batch_size):
         e = min(s + batch_size, len(keep))
@@ -201,7 +211,9 @@ def predict_slide(
         timings["banks"] += t2 - t
         out = engines.fusion.run({"f": f[s:e], "bank": bank, "mask": mask[: e - s], "y1": y1[s:e]})
         timings["fusion"] += time.perf_counter() - t2
-        pred[s:e] = out["prediction"]
+        below = out["prediction"] < PREDICTION_FLOOR
+        n_clipped += int(np.count_nonzero(below))
+        pred[s:e] = np.where(below, np.float32(PREDICTION_FLOOR), out["prediction"])
 
     timings["total"] = time.perf_counter() - t_start
     timings["engines"] = timings["encoder"] + timings["fusion"]
@@ -218,4 +230,5 @@ def predict_slide(
         dropped=dropped,
         timings={key: round(v, 4) for key, v in timings.items()},
         engines=engines.describe(),
+        n_clipped=n_clipped,
     )

@@ -461,7 +461,8 @@ def _check_plain_tiff(path: Path, image) -> None:
         )
 
 
-def _open_plain_image(path: Path, mpp: float | None) -> ImageReader | None:
+def _open_plain_image(path: Path, mpp: float | None,
+                      fallback_mpp: tuple[float, str] | None = None) -> ImageReader | None:
     """Open `path` with PIL; None if PIL does not recognise it as an image."""
     from PIL import Image, UnidentifiedImageError
 
@@ -500,6 +501,8 @@ def _open_plain_image(path: Path, mpp: float | None) -> ImageReader | None:
             found = _plain_image_mpp(image)
             if mpp is not None:
                 resolved = (_check_mpp(path, mpp, "--mpp"), "--mpp")
+            elif found is None and fallback_mpp is not None:
+                resolved = (_check_mpp(path, *fallback_mpp), fallback_mpp[1])
             else:
                 if found is None:
                     raise UserError(f"{path}: no resolution (µm per pixel) in the slide's metadata; {MPP_HINT}")
@@ -530,10 +533,12 @@ def _decode_rgb(image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB")))
 
 
-def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
+def open_slide(path: str | Path, mpp: float | None = None,
+               fallback_mpp: tuple[float, str] | None = None) -> SlideReader:
     """Open a slide or plain image and resolve its resolution (µm per pixel).
 
-    `mpp` (the CLI's `--mpp`) overrides the metadata. Raises `UserError` for a
+    `mpp` (the CLI's `--mpp`) overrides the metadata; `fallback_mpp` (value,
+    source), e.g. the spot lattice's, is used when neither gives one. Raises `UserError` for a
     missing file, a file that is not a slide/image, a truncated or corrupt file,
     no resolution anywhere, or an implausible one.
     """
@@ -569,6 +574,8 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
                 found = _mpp_from_openslide_properties(handle.properties)
                 if mpp is not None:
                     resolved = (mpp, "--mpp")
+                elif found is None and fallback_mpp is not None:
+                    resolved = (_check_mpp(path, *fallback_mpp), fallback_mpp[1])
                 else:
                     if found is None:
                         raise UserError(
@@ -582,7 +589,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
                 handle.close()
                 raise
 
-    reader = _open_plain_image(path, mpp)
+    reader = _open_plain_image(path, mpp, fallback_mpp)
     if reader is None:
         raise UserError(
             f"{path}: not a slide or image this tool can read; supported: whole-slide formats "

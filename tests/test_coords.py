@@ -233,8 +233,10 @@ def test_not_text(tmp_path):
         read_coords(write(tmp_path, "nul.csv", b"x,y\n1,\x002\n"))
     with pytest.raises(UserError, match=r"bad\.gz: the gzip file is damaged"):
         read_coords(write(tmp_path, "bad.gz", gzip.compress(b"x,y\n1,2\n")[:15]))
-    with pytest.raises(UserError, match=r"tissue_positions\.parquet: parquet coordinates are not read directly; convert them to CSV"):
+    with pytest.raises(UserError, match=r"tissue_positions\.parquet: cannot read the parquet file .*re-copy it"):
         read_coords(write(tmp_path, "tissue_positions.parquet", b"PAR1\x00\x00"))
+    with pytest.raises(UserError, match=r"positions\.csv: a parquet file named like a text table; rename it"):
+        read_coords(write(tmp_path, "positions.csv", b"PAR1\x00\x00"))
 
 
 # --- inside the slide -----------------------------------------------------------------------------

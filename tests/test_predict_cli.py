@@ -58,19 +58,29 @@ def corrupt_tiles(src: Path, dst: Path, tiles: list[int] | None, level: int = 0)
     return dst
 
 
-def grid_spots() -> list[tuple[str, int, int, float, float, int]]:
-    """(barcode, in_tissue, array_row, array_col, x, y): a 6x6 grid, the last column out of tissue."""
+def grid_spots(layout: str = "visium") -> list[tuple[str, int, int, float, float, int]]:
+    """(barcode, in_tissue, array_row, array_col, x, y) on the layout's true lattice, the last column out of tissue.
+
+    Visium: 6x6 spots of a hexagonal lattice, 100 µm apart (odd rows shifted
+    by half a pitch, array_col in steps of 2); her2st (ST): 4x4 spots of a
+    square grid, 200 µm apart.
+    """
     rows = []
+    if layout == "her2st":
+        for r in range(4):
+            for c in range(4):
+                rows.append((f"{c}x{r}", int(c < 3), r, c, 100.0 + 2 * PITCH * c + 0.25, 100.0 + 2 * PITCH * r + 0.75))
+        return rows
     for r in range(6):
         for c in range(6):
-            x, y = 200.0 + PITCH * c + 0.25, 200.0 + PITCH * r + 0.75
-            rows.append((f"AC{r}{c}-1", int(c < 5), r, c, x, y))
+            x, y = 200.0 + PITCH * (c + (r % 2) / 2) + 0.25, 200.0 + PITCH * np.sqrt(3) / 2 * r + 0.75
+            rows.append((f"AC{r}{c}-1", int(c < 5), r, 2 * c + r % 2, x, y))
     return rows
 
 
 def write_coords(path: Path, layout: str) -> tuple[Path, list[str], np.ndarray]:
     """The grid in one coords layout; returns (path, expected in-tissue ids, their (x, y))."""
-    spots = grid_spots()
+    spots = grid_spots(layout)
     lines = []
     if layout == "visium":
         lines.append("barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres")
@@ -222,7 +232,9 @@ def test_pipeline_matches_the_whole_slide_reference(pyramid, tiny_bundle, tmp_pa
     np.testing.assert_allclose(pred.embedding, enc["f"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(pred.clusters, km.labels)
     assert pred.n_prototypes == len(km.centroids) and pred.bank_size == mask.shape[1]
-    np.testing.assert_allclose(pred.prediction, ref, rtol=1e-5, atol=1e-5)
+    # the runtime clips at the scale's floor, 0, and counts what it clipped
+    np.testing.assert_allclose(pred.prediction, np.maximum(ref, 0), rtol=1e-5, atol=1e-5)
+    assert pred.n_clipped == int((ref < 0).sum()) and pred.prediction.min() >= 0
     assert set(pred.timings) >= {"read_wait", "read_threads", "encoder", "kmeans", "banks", "fusion", "total"}
 
 
@@ -246,7 +258,9 @@ def test_her2st_output_has_every_field(her2st_output, her2st_crop, tiny_bundle):
     assert n >= 10
     # X: float32 predictions on the training log scale, finite, not constant
     assert a.X.dtype == np.float32 and a.X.shape == (n, len(TINY_GENES))
-    assert np.isfinite(a.X).all() and a.X.std(axis=0).min() > 0
+    # (the random tiny model predicts some genes below 0 everywhere: clipped to the floor, 0)
+    assert np.isfinite(a.X).all() and a.X.min() >= 0 and a.X.std(axis=0).max() > 0
+    assert a.uns["mmap"]["prediction_floor"] == 0 and a.uns["mmap"]["n_clipped_below_floor"] == (a.X == 0).sum()
     assert list(a.var_names) == TINY_GENES
     assert list(a.obs_names) == spots.ids and all("x" in i for i in spots.ids)
     np.testing.assert_array_equal(a.obsm["spatial"], spots.xy)
@@ -320,9 +334,13 @@ def test_existing_output_is_refused_without_overwrite(her2st_crop, tiny_bundle, 
 
 
 def test_jpeg_without_mpp_says_to_pass_mpp(her2st_crop, tiny_bundle, tmp_path):
+    """Without a lattice to derive it from (a plain x,y table), a slide without resolution is an error."""
     image, coords = her2st_crop
+    lines = coords.read_text().splitlines()
+    xy = tmp_path / "xy.csv"
+    xy.write_text("x,y\n" + "".join(f"{v.split()[4]},{v.split()[5]}\n" for v in lines[1:]))
     out = tmp_path / "o.h5ad"
-    r = predict(image, coords, "-o", out, "--model", tiny_bundle, expect=2)
+    r = predict(image, xy, "-o", out, "--model", tiny_bundle, expect=2)
     assert_one_line_error(r, "no resolution", "pass --mpp")
     assert not out.exists()
 
