@@ -97,7 +97,7 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
     """
     from .coords import check_inside, scale_warning
     from .geometry import fit_lattice
-    from .layouts import read_spot_input
+    from .layouts import check_spot_geometry, read_spot_input
     from .output import build_anndata, check_output_path, now_utc, write_gene_plots, write_output
     from .pipeline import predict_slide
     from .prototypes import KMEANS_SEED
@@ -125,8 +125,8 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
         if mpp_warning:
             _echo(f"warning: {mpp_warning}")
         mpp_source = mpp_origin if slide.mpp_source == "--mpp" else str(slide.mpp_source)
-        sr_images, qc = _check_geometry(spot_input, lattice, slide, bundle.manifest.view.patch_um, coords_path,
-                                        mpp_source, settings.skip_geometry_checks)
+        sr_images, qc = check_spot_geometry(spot_input, lattice, slide, bundle.manifest.view.patch_um, coords_path,
+                                            mpp_source, settings.skip_geometry_checks, warn=_echo)
         if settings.engines_note:
             _echo(settings.engines_note)
             settings.engines_note = ""
@@ -209,39 +209,6 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
     seconds = time.perf_counter() - t0
     timings["wall"] = round(seconds, 4)
     return SlideResult(out, len(pred.spot_ids), len(pred.dropped), seconds, timings, plots)
-
-
-def _check_geometry(spot_input: Any, lattice: Any, slide: Any, patch_um: float, coords_path: Path,
-                    mpp_source: str, skip: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Space Ranger's images that fit the slide, and the geometry checks' qc record (see geometry.py).
-
-    The tissue mask comes from Space Ranger's lowres image when it fits the
-    slide, else from a small thumbnail; a slide too damaged for one skips it.
-    """
-    from .geometry import MASK_MAX_SIDE, check_geometry, tissue_mask
-    from .layouts import load_images
-    from .slide import PatchReadError
-
-    images, warnings = load_images(spot_input, slide.width, slide.height)
-    for w in warnings:
-        _echo(f"warning: {w}")
-    mask = None
-    if "lowres" in images:
-        mask = tissue_mask(images["lowres"], spot_input.scalefactors["tissue_lowres_scalef"],
-                           "Space Ranger's tissue_lowres_image.png")
-    else:
-        try:
-            small, scale = slide.thumbnail(MASK_MAX_SIDE)
-            mask = tissue_mask(small, scale, f"slide thumbnail, longest side {max(small.shape[:2])} px")
-        except PatchReadError as e:
-            _echo(f"warning: no tissue check: {str(e).splitlines()[0]}")
-    report = check_geometry(spot_input.spots, lattice, slide, mask, patch_um, coords_path, mpp_source, skip)
-    for w in report.warnings + (report.problems if skip else []):
-        _echo(f"warning: {w}")
-    qc = dict(report.qc)
-    if spot_input.hd_mpp:
-        qc["scalefactors_microns_per_pixel"] = float(spot_input.hd_mpp)
-    return images, qc
 
 
 def engine_defaults(engines: Any, settings: RunSettings) -> RunSettings:

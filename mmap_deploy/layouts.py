@@ -180,3 +180,37 @@ def spatial_scalefactors(spot_input: SpotInput, images: dict[str, np.ndarray]) -
         if name not in images:
             out.pop(key, None)
     return out
+
+
+def check_spot_geometry(spot_input: SpotInput, lattice: Any, slide: Any, patch_um: float, coords_path: Path,
+                        mpp_source: str, skip: bool, warn: Any = print) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Space Ranger's images that fit the slide, and the geometry checks' qc record (see geometry.py).
+
+    Refusals raise UserError; warnings (and, with `skip`, the refusals) go to `warn`.
+
+    The tissue mask comes from Space Ranger's lowres image when it fits the
+    slide, else from a small thumbnail; a slide too damaged for one skips it.
+    """
+    from .geometry import MASK_MAX_SIDE, check_geometry, tissue_mask
+    from .slide import PatchReadError
+
+    images, warnings = load_images(spot_input, slide.width, slide.height)
+    for w in warnings:
+        warn(f"warning: {w}")
+    mask = None
+    if "lowres" in images:
+        mask = tissue_mask(images["lowres"], spot_input.scalefactors["tissue_lowres_scalef"],
+                           "Space Ranger's tissue_lowres_image.png")
+    else:
+        try:
+            small, scale = slide.thumbnail(MASK_MAX_SIDE)
+            mask = tissue_mask(small, scale, f"slide thumbnail, longest side {max(small.shape[:2])} px")
+        except PatchReadError as e:
+            warn(f"warning: no tissue check: {str(e).splitlines()[0]}")
+    report = check_geometry(spot_input.spots, lattice, slide, mask, patch_um, coords_path, mpp_source, skip)
+    for w in report.warnings + (report.problems if skip else []):
+        warn(f"warning: {w}")
+    qc = dict(report.qc)
+    if spot_input.hd_mpp:
+        qc["scalefactors_microns_per_pixel"] = float(spot_input.hd_mpp)
+    return images, qc
