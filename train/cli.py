@@ -256,9 +256,67 @@ def evaluate(checkpoint, features_dir, counts, spots, genes, json_out, sections)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(_finite_or_null(m), indent=1) + "\n")
     tmp.replace(out)
+    click.echo(metrics_table(m), err=True)
     click.echo(f"pcc_pooled {m['pcc_pooled']:.4f}  pcc_per_slide {m['pcc_per_slide']:.4f}  mse {m['mse']:.4f}  "
                f"mae {m['mae']:.4f}  n_spots {m['n_spots']}  ({m['n_constant_genes_pooled']} constant genes pooled)",
                err=True)
+
+
+def metrics_table(m: dict) -> str:
+    """Per-section and per-patient rows of `evaluate`'s metrics, as a fixed-width text table."""
+    rows = [("section", name, v["n_spots"], v["pcc"], float("nan"), v["mse"], v["mae"])
+            for name, v in m["per_section"].items()]
+    rows += [("patient", name, v["n_spots"], v["pcc_pooled"], v["pcc_per_slide"], v["mse"], v["mae"])
+             for name, v in m.get("per_patient", {}).items()]
+    lines = [f"{'':8} {'name':8} {'spots':>6} {'pcc':>8} {'per-slide':>9} {'mse':>7} {'mae':>7}"]
+    for kind, name, n, pcc, slide, mse, mae in rows:
+        slide_s = "" if kind == "section" else f"{slide:.4f}"
+        lines.append(f"{kind:8} {name:8} {n:6d} {pcc:8.4f} {slide_s:>9} {mse:7.4f} {mae:7.4f}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--features", "features_dir", required=True, type=click.Path(file_okay=False), help="Feature cache folder.")
+@click.option("--counts", required=True, type=click.Path(file_okay=False), help="Folder of {section}.tsv.gz / .h5ad counts.")
+@click.option("--spots", required=True, type=click.Path(file_okay=False), help="Folder of {section}_selection.tsv spot tables.")
+@click.option("--genes", required=True, type=click.Path(dir_okay=False), help="Target genes, one a line (the order of y1's columns).")
+@click.option("--json", "json_out", required=True, type=click.Path(dir_okay=False),
+              help="Where to write per-fold and mean ± sd metrics (rewritten after each fold).")
+@click.option("--sections", help="Comma-separated sections of the cache to use (default: all).")
+@click.option("--candidates", help="Comma-separated phase-2 recipes to compare (default: all of mmap_train.cv.CANDIDATES).")
+@click.option("--epochs", type=int, default=None, help="Override every candidate's epochs (smoke runs).")
+@click.option("--max-steps", type=int, default=0, help="Stop each training after this many steps (smoke runs).")
+@click.option("--patients", help="Comma-separated patients (held-out folds) to run (default: every patient).")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Folds run at once, in forked processes.")
+@click.option("--threads", type=int, default=1, show_default=True, help="CPU threads for torch (per process).")
+def cv(features_dir, counts, spots, genes, json_out, sections, candidates, epochs, max_steps, patients, jobs, threads):
+    """Leave-one-patient-out comparison of phase-2 recipes with y1 and a ridge probe on f."""
+    import torch
+
+    from .cv import CANDIDATES, cross_validate, table
+
+    names = _csv_list(candidates) or list(CANDIDATES)
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise UserError(f"--candidates: unknown recipe(s) {', '.join(unknown)}; known: {', '.join(CANDIDATES)}")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    gene_list, feats, targets = _load_cache_and_targets(features_dir, counts, spots, genes, _csv_list(sections))
+    out = Path(json_out)
+
+    def write(res):
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(_finite_or_null({**res, "command": " ".join(sys.argv)}), indent=1) + "\n")
+        tmp.replace(out)
+
+    res = cross_validate(gene_list, feats, targets, {n: CANDIDATES[n] for n in names}, epochs=epochs,
+                         max_steps=max_steps, patients=_csv_list(patients), jobs=jobs, on_fold=write)
+    write(res)
+    click.echo(table(res), err=True)
+    c = res["choice"]
+    click.echo(f"chosen: {c['candidate']} ({'beats' if c['meets_rule'] else 'does NOT beat'} ridge per slide in "
+               f"{res['summary'][c['candidate']]['wins_per_slide_vs_ridge']} of {c['n_folds']} folds; "
+               f"needed {c['min_wins_per_slide_vs_ridge']})", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:
