@@ -134,7 +134,8 @@ def _add(options):
 @click.option("--input-size", type=int, default=112, show_default=True,
               help="Side in pixels of each view fed to the ViT (a multiple of its patch size, 16).")
 @click.option("--epochs", type=int, default=50, show_default=True, help="Training epochs (the cosine schedule's length).")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Spots per micro-batch.")
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Spots per micro-batch (per process under torchrun).")
 @click.option("--accumulate", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
 @click.option("--lr", type=float, default=1e-5, show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--min-lr", type=float, default=1e-6, show_default=True, help="Learning rate at the end of the cosine schedule.")
@@ -151,7 +152,10 @@ def _add(options):
 def phase1(data_dir, manifest, sections, val_sections, genes, out, backbone, backbone_weights, lora_blocks,
            input_size, epochs, batch_size, accumulate, lr, min_lr, weight_decay, mag_start_epoch, seed,
            max_steps, threads, device, no_amp, loader_threads, resume):
-    """Train the multi-magnification encoder (phase 1) on slides and their counts."""
+    """Train the multi-magnification encoder (phase 1) on slides and their counts.
+
+    Data-parallel on N GPUs: torchrun --nproc_per_node N -m mmap_train.cli phase1 ... (rank 0 writes OUT).
+    """
     from .backbones import get_backbone
     from .config import MMAPConfig
     from .phase1 import Phase1Recipe, load_spot_set, train_phase1

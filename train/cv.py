@@ -54,6 +54,9 @@ CANDIDATES: dict[str, Candidate] = {
     "early-stop": Candidate(early_stop=True),
     # fixed epochs; each also reports its last epoch without the weight averaging ("NAME:last")
     "e10-L32-avg5": Candidate({"epochs": 10, "keep": "last", "average_last": 5}, l_fixed=32),
+    # batches of 256 (4x fewer steps: each step projects every training centroid once)
+    "b256-e10-L32-avg5": Candidate({"epochs": 10, "batch_size": 256, "lr": 4e-4, "keep": "last",
+                                    "average_last": 5}, l_fixed=32),
     "b256-e20-L32-avg10": Candidate({"epochs": 20, "batch_size": 256, "lr": 4e-4, "keep": "last",
                                      "average_last": 10}, l_fixed=32),
     "e10-L32-drop0.1-wd0.05-avg5": Candidate({"epochs": 10, "keep": "last", "weight_decay": 0.05, "average_last": 5},
