@@ -129,9 +129,10 @@ def test_recipe_checks():
     from mmap_deploy.errors import UserError
 
     with pytest.raises(UserError, match="keep='last'"):
-        Phase2Recipe(average_last=2).validate()
-    with pytest.raises(UserError, match="between 0 and epochs"):
-        Phase2Recipe(epochs=3, average_last=4, keep="last").validate()
+        Phase2Recipe(keep="best", average_last=2).validate()
+    with pytest.raises(UserError, match="0 .no averaging. or more"):
+        Phase2Recipe(average_last=-1).validate()
+    Phase2Recipe(epochs=3, average_last=5).validate()  # averages all 3 epochs
 
 
 def test_by_group_is_evaluate_on_each_group():

@@ -67,7 +67,7 @@ def test_targets_joined_by_spot_id(cache):
 def test_loss_goes_down_and_checkpoint_loads(cache, tmp_path):
     feats, targets = cache
     cfg = config_for_cache(GENES, DIM)
-    recipe = Phase2Recipe(epochs=8, batch_size=32, lr=3e-3, threads=1)
+    recipe = Phase2Recipe(epochs=8, batch_size=32, lr=3e-3, threads=1, keep="best", average_last=0)
     res = train_phase2(cfg, feats, targets, ["S1", "S2"], ["S3"], tmp_path, recipe, progress=False)
     losses = [r["train_loss"] for r in res["history"]]
     assert losses[-1] < 0.5 * losses[0], losses
@@ -119,6 +119,14 @@ def test_cli_phase2_and_evaluate_on_published_features(real_data, tmp_path, caps
     main(["phase2", *common, "--out", str(tmp_path / "p2"), "--sections", "A2,A3,A4",
           "--val-sections", "A4", "--epochs", "1", "--max-steps", "2", "--threads", "1"])
     assert (tmp_path / "p2" / "checkpoint.pt").is_file()
+    # keeping the end of training: no section is held out unless asked; the kept head averages 2 epochs
+    main(["phase2", *common, "--out", str(tmp_path / "last"), "--sections", "A2,A3,A4", "--keep", "last",
+          "--average-last", "2", "--epochs", "2", "--max-steps", "3", "--threads", "1", "--dropout", "0.1"])
+    from mmap_train.model import read_checkpoint
+
+    ck = read_checkpoint(tmp_path / "last" / "checkpoint.pt")
+    assert ck["training_data"]["val_sections"] == [] and ck["training_data"]["train_sections"] == ["A2", "A3", "A4"]
+    assert (ck["recipe"]["keep"], ck["recipe"]["average_last"], ck["config"]["dropout"]) == ("last", 2, 0.1)
     main(["evaluate", *common, "--checkpoint", str(tmp_path / "p2" / "checkpoint.pt"),
           "--json", str(tmp_path / "m.json"), "--sections", "A6,B2,B3"])
     m = json.loads((tmp_path / "m.json").read_text())

@@ -203,35 +203,50 @@ def features(data_dir, manifest, sections, checkpoint, out, batch_size, overwrit
 @click.option("--genes", required=True, type=click.Path(dir_okay=False), help="Target genes, one a line (the order of y1's columns).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Writes OUT/checkpoint.pt and OUT/log.json.")
 @click.option("--sections", help="Comma-separated sections of the cache to use (default: all).")
-@click.option("--val-sections", help="Comma-separated validation sections (default: 20% of the sections, seeded).")
+@click.option("--val-sections", help="Comma-separated validation sections (default: none with --keep last; "
+              "20% of the sections, seeded, with --keep best).")
 @click.option("--init", "init_ckpt", type=click.Path(dir_okay=False), help="Phase-1 checkpoint the cache was made with: kept as the encoder.")
 @click.option("--head-average", type=click.Choice(["reference", "paper"]), default="reference", show_default=True,
               help="Final prediction: reference (y1 + MLP3(h))/2, or paper Eq. 9 (MLP1(e2) + MLP2(f) + MLP3(h))/3.")
-@click.option("--l-fixed", type=int, default=0, show_default=True, help="Fixed bank length L (0: adaptive, floor(0.5 K)).")
+@click.option("--l-fixed", type=int, default=32, show_default=True, help="Fixed bank length L (0: adaptive, floor(0.5 K)).")
 @click.option("--epochs", type=int, default=None, help="Training epochs (default: the recipe's, 10).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate, AdamW (default: the recipe's, 1e-4).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate, AdamW (default: the recipe's, 4e-4).")
 @click.option("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the recipe's, 1e-4).")
-@click.option("--batch-size", type=int, default=None, help="Spots per step (default: the recipe's, 64).")
+@click.option("--batch-size", type=int, default=None, help="Spots per step (default: the recipe's, 256).")
+@click.option("--keep", type=click.Choice(["best", "last"]), default=None,
+              help="Kept head: best on the validation sections, or the end of training (default: the recipe's, last).")
+@click.option("--average-last", type=int, default=None,
+              help="With --keep last: average the head's weights over the last N epochs (default: the recipe's, 5).")
+@click.option("--dropout", type=float, default=None, help="Dropout of the head's attention (default: 0.2).")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the head's initialisation and order.")
 @click.option("--max-steps", type=int, default=0, help="Stop after this many optimiser steps (smoke runs).")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice).")
 def phase2(features_dir, counts, spots, genes, out, sections, val_sections, init_ckpt, head_average, l_fixed,
-           epochs, lr, weight_decay, batch_size, seed, max_steps, threads):
+           epochs, lr, weight_decay, batch_size, keep, average_last, dropout, seed, max_steps, threads):
     """Train the prototype-aware fusion head (phase 2) on a feature cache."""
     from mmap_deploy.prototypes import PrototypeRule
 
     from .phase2 import Phase2Recipe, config_for_cache, load_init, train_phase2
 
     gene_list, feats, targets = _load_cache_and_targets(features_dir, counts, spots, genes, _csv_list(sections))
-    train_names, val_names = split_sections(list(feats), _csv_list(val_sections))
     recipe = Phase2Recipe(seed=seed, threads=threads)
-    for k, v in (("epochs", epochs), ("lr", lr), ("weight_decay", weight_decay), ("batch_size", batch_size)):
+    for k, v in (("epochs", epochs), ("lr", lr), ("weight_decay", weight_decay), ("batch_size", batch_size),
+                 ("keep", keep), ("average_last", average_last)):
         if v is not None:
             setattr(recipe, k, v)
+    if keep == "best" and average_last is None:
+        recipe.average_last = 0
+    recipe.validate()
+    if recipe.keep == "last" and not val_sections:
+        # validation would only be logged: every section trains
+        train_names, val_names = sorted(feats), []
+    else:
+        train_names, val_names = split_sections(list(feats), _csv_list(val_sections))
     init = load_init(init_ckpt) if init_ckpt else None
     # the cache's width and --genes, not the checkpoint's: train_phase2 checks that they agree with --init
     cfg = config_for_cache(gene_list, next(iter(feats.values())).f.shape[1], base=init.config if init else None,
-                           head_average=head_average, prototype_rule=PrototypeRule(l_fixed=l_fixed))
+                           head_average=head_average, prototype_rule=PrototypeRule(l_fixed=l_fixed),
+                           **({"dropout": dropout} if dropout is not None else {}))
     res = train_phase2(cfg, feats, targets, train_names, val_names, out, recipe, init=init, max_steps=max_steps,
                        extra={"command": " ".join(sys.argv), "features": str(features_dir)})
     best = res["best"] or {}
@@ -308,9 +323,18 @@ def cv(features_dir, counts, spots, genes, json_out, sections, candidates, epoch
     gene_list, feats, targets = _load_cache_and_targets(features_dir, counts, spots, genes, _csv_list(sections))
     out = Path(json_out)
 
+    import os
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    machine = {"cpu": cpu, "cores": os.cpu_count(), "load_average_start": list(os.getloadavg())}
+
     def write(res):
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(_finite_or_null({**res, "command": " ".join(sys.argv)}), indent=1) + "\n")
+        info = {**machine, "load_average_now": list(os.getloadavg())}
+        tmp.write_text(json.dumps(_finite_or_null({**res, "machine": info, "command": " ".join(sys.argv)}),
+                                  indent=1) + "\n")
         tmp.replace(out)
 
     res = cross_validate(gene_list, feats, targets, {n: CANDIDATES[n] for n in names}, epochs=epochs,

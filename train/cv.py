@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,11 @@ class Candidate:
     l_fixed: int = 0
     early_stop: bool = False
 
+
+# What a candidate's recipe starts from: the phase-2 recipe before cross-validation (fixed here, so
+# that a candidate means the same whatever Phase2Recipe's defaults become).
+BASE_RECIPE = {"epochs": 10, "batch_size": 64, "lr": 1e-4, "min_lr": 1e-6, "weight_decay": 1e-4, "seed": 42,
+               "keep": "best", "average_last": 0}
 
 CANDIDATES: dict[str, Candidate] = {
     # the recipe before cross-validation: 10 epochs, early stopping on 20% of the sections, adaptive L
@@ -174,7 +179,7 @@ class _Folds:
                              "seconds": round(time.perf_counter() - t0, 1)}
         for name, cand in self.candidates.items():
             t0 = time.perf_counter()
-            recipe = replace(Phase2Recipe(), **cand.recipe)
+            recipe = Phase2Recipe(**{**BASE_RECIPE, **cand.recipe})
             if self.epochs is not None:
                 recipe.epochs = self.epochs
                 recipe.average_last = min(recipe.average_last, self.epochs)
@@ -301,14 +306,15 @@ def summarise(results: dict[str, Any], min_wins: int | None = None) -> dict[str,
 
 
 def table(results: dict[str, Any]) -> str:
-    """A markdown table: mean ± sd per model, then per-fold per-slide PCC."""
+    """Markdown tables: mean ± sd per model, then each metric per fold."""
     s, folds = results["summary"], results["folds"]
     lines = ["| model | pcc_pooled | pcc_per_slide | mse | per-slide wins vs ridge |", "|---|---|---|---|---|"]
     for model, v in s.items():
         cells = [f"{v[k]['mean']:.4f} ± {v[k]['sd']:.4f}" for k in METRICS]
         lines.append(f"| {model} | {' | '.join(cells)} | {v['wins_per_slide_vs_ridge']}/{v['n_folds']} |")
-    lines += ["", "| model | " + " | ".join(folds) + " |", "|---|" + "---|" * len(folds)]
-    for model in s:
-        cells = [f"{f[model]['pcc_per_slide']:.4f}" if model in f else "–" for f in folds.values()]
-        lines.append(f"| {model} (per-slide PCC) | {' | '.join(cells)} |")
+    for metric in METRICS:
+        lines += ["", f"| {metric}, held-out patient | " + " | ".join(folds) + " |", "|---|" + "---|" * len(folds)]
+        for model in s:
+            cells = [f"{f[model][metric]:.4f}" if model in f else "–" for f in folds.values()]
+            lines.append(f"| {model} | {' | '.join(cells)} |")
     return "\n".join(lines)

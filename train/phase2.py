@@ -45,24 +45,30 @@ KMEANS_SEED = 0  # the runtime's seed: banks at training time are the banks at r
 
 @dataclass
 class Phase2Recipe:
-    """The default phase-2 training recipe (see benchmarks/RESULTS_training.md for how it was chosen)."""
+    """The default phase-2 training recipe.
+
+    Chosen by leave-one-patient-out cross-validation (`mmap-train cv`, see
+    benchmarks/RESULTS_training.md), with the bank length L = 32 (the CLI's
+    `--l-fixed` default): a fixed 10 epochs of 256 spots a step, and the head
+    kept as the mean of its weights after each of the last 5 epochs.
+    """
 
     epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-4
+    batch_size: int = 256
+    lr: float = 4e-4
     min_lr: float = 1e-6
     weight_decay: float = 1e-4
     seed: int = 42
     select: str = "pcc_pooled"  # validation metric that picks the kept checkpoint (keep="best")
-    keep: str = "best"  # "best": the epoch best on validation; "last": the last epoch (validation only logged)
-    average_last: int = 0  # >0: the kept head averages the weights of the last N epochs (keep="last")
+    keep: str = "last"  # "best": the epoch best on validation; "last": the end of training (validation only logged)
+    average_last: int = 5  # >0: the kept head averages the weights of the last N epochs (at most all; keep="last")
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
     def validate(self) -> None:
         if self.keep not in ("best", "last"):
             raise UserError(f"keep must be 'best' or 'last', got {self.keep!r}")
-        if self.average_last < 0 or self.average_last > self.epochs:
-            raise UserError(f"average_last must be between 0 and epochs ({self.epochs}), got {self.average_last}")
+        if self.average_last < 0:
+            raise UserError(f"average_last must be 0 (no averaging) or more, got {self.average_last}")
         if self.average_last and self.keep != "last":
             raise UserError("weight averaging (average_last) keeps the end of training: use keep='last'")
 
@@ -254,7 +260,7 @@ def fit_fusion(cfg: MMAPConfig, fusion: FusionHead, train_data: BankedSpots, val
             row.update({f"val_{k}": m[k] for k in ("pcc_pooled", "pcc_per_slide", "mse", "mae")})
         history.append(row)
         if recipe.keep == "last":
-            if recipe.average_last and epoch + 1 > recipe.epochs - recipe.average_last:
+            if recipe.average_last and epoch + 1 > recipe.epochs - min(recipe.average_last, recipe.epochs):
                 state = fusion.state_dict()
                 if averaged is None:
                     averaged = {k: v.detach().clone().double() for k, v in state.items()}
