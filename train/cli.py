@@ -306,7 +306,7 @@ def metrics_table(m: dict) -> str:
 @click.option("--epochs", type=int, default=None, help="Override every candidate's epochs (smoke runs).")
 @click.option("--max-steps", type=int, default=0, help="Stop each training after this many steps (smoke runs).")
 @click.option("--patients", help="Comma-separated patients (held-out folds) to run (default: every patient).")
-@click.option("--jobs", type=int, default=1, show_default=True, help="Folds run at once, in forked processes.")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Folds run at once, in worker processes.")
 @click.option("--threads", type=int, default=1, show_default=True, help="CPU threads for torch (per process).")
 def cv(features_dir, counts, spots, genes, json_out, sections, candidates, epochs, max_steps, patients, jobs, threads):
     """Leave-one-patient-out comparison of phase-2 recipes with y1 and a ridge probe on f."""

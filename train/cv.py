@@ -209,13 +209,18 @@ class _Folds:
         return fold
 
 
-_WORK: _Folds | None = None  # the forked workers' copy (read once in the parent)
+_WORK: _Folds | None = None  # a worker process's copy (read once in the parent, sent once per worker)
+
+
+def _start_worker(work: _Folds) -> None:
+    import torch
+
+    global _WORK
+    torch.set_num_threads(1)
+    _WORK = work
 
 
 def _run_in_worker(patient: str):
-    import torch
-
-    torch.set_num_threads(1)
     return patient, _WORK.run(patient)
 
 
@@ -226,13 +231,10 @@ def cross_validate(genes: list[str], feats: dict[str, SectionFeatures], targets:
     """Leave-one-patient-out scores of y1, ridge on f and every candidate; see the module docstring.
 
     `epochs` overrides every candidate's epochs (smoke runs); `patients` runs
-    only those folds; `jobs` > 1 runs folds in forked worker processes (one
-    torch thread each). `on_fold(results)` is called after each fold with the
+    only those folds; `jobs` > 1 runs folds in that many worker processes (one
+    torch thread each; each gets a copy of the data once). `on_fold(results)` is called after each fold with the
     results so far (e.g. to write them).
     """
-    global _WORK
-    from . import phase2  # noqa: F401  (imported once, before any fork)
-
     work = _Folds(genes, feats, targets, candidates, epochs, max_steps, progress)
     todo = patients or list(work.folds)
     unknown = [p for p in todo if p not in work.folds]
@@ -252,13 +254,11 @@ def cross_validate(genes: list[str], feats: dict[str, SectionFeatures], targets:
     if jobs > 1 and len(todo) > 1:
         import multiprocessing
 
-        _WORK = work
-        try:
-            with multiprocessing.get_context("fork").Pool(min(jobs, len(todo))) as pool:
-                for patient, fold in pool.imap_unordered(_run_in_worker, todo):
-                    done(patient, fold)
-        finally:
-            _WORK = None
+        # spawned, not forked: autograd's threads do not survive a fork of a process that has used them
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(min(jobs, len(todo)), initializer=_start_worker, initargs=(work,)) as pool:
+            for patient, fold in pool.imap_unordered(_run_in_worker, todo):
+                done(patient, fold)
     else:
         for patient in todo:
             done(patient, work.run(patient))
