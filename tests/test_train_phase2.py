@@ -67,7 +67,7 @@ def test_targets_joined_by_spot_id(cache):
 def test_loss_goes_down_and_checkpoint_loads(cache, tmp_path):
     feats, targets = cache
     cfg = config_for_cache(GENES, DIM)
-    recipe = Phase2Recipe(epochs=8, batch_size=32, lr=3e-3, threads=1)
+    recipe = Phase2Recipe(epochs=8, batch_size=32, lr=3e-3, threads=1, keep="best", average_last=0)
     res = train_phase2(cfg, feats, targets, ["S1", "S2"], ["S3"], tmp_path, recipe, progress=False)
     losses = [r["train_loss"] for r in res["history"]]
     assert losses[-1] < 0.5 * losses[0], losses
@@ -110,7 +110,7 @@ def test_on_top_of_phase1_keeps_the_encoder(cache, tmp_path):
     assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in enc.items())
 
 
-def test_cli_phase2_and_evaluate_on_published_features(real_data, tmp_path):
+def test_cli_phase2_and_evaluate_on_published_features(real_data, tmp_path, capsys):
     from mmap_train.cli import main
 
     her2st = real_data / "her2st"
@@ -119,14 +119,37 @@ def test_cli_phase2_and_evaluate_on_published_features(real_data, tmp_path):
     main(["phase2", *common, "--out", str(tmp_path / "p2"), "--sections", "A2,A3,A4",
           "--val-sections", "A4", "--epochs", "1", "--max-steps", "2", "--threads", "1"])
     assert (tmp_path / "p2" / "checkpoint.pt").is_file()
+    # keeping the end of training: no section is held out unless asked; the kept head averages 2 epochs
+    main(["phase2", *common, "--out", str(tmp_path / "last"), "--sections", "A2,A3,A4", "--keep", "last",
+          "--average-last", "2", "--epochs", "2", "--max-steps", "3", "--threads", "1", "--dropout", "0.1"])
+    from mmap_train.model import read_checkpoint
+
+    ck = read_checkpoint(tmp_path / "last" / "checkpoint.pt")
+    assert ck["training_data"]["val_sections"] == [] and ck["training_data"]["train_sections"] == ["A2", "A3", "A4"]
+    assert (ck["recipe"]["keep"], ck["recipe"]["average_last"], ck["config"]["dropout"]) == ("last", 2, 0.1)
     main(["evaluate", *common, "--checkpoint", str(tmp_path / "p2" / "checkpoint.pt"),
-          "--json", str(tmp_path / "m.json"), "--sections", "A6,B2"])
+          "--json", str(tmp_path / "m.json"), "--sections", "A6,B2,B3"])
     m = json.loads((tmp_path / "m.json").read_text())
     for key in ("pcc_pooled", "pcc_per_slide", "mse", "mae", "n_spots", "n_constant_genes_pooled"):
         assert key in m
-    n = sum(len((real_data / "mmap_features" / "train" / f"{s}_spots.txt").read_text().split()) for s in ("A6", "B2"))
-    assert m["n_spots"] == n and sorted(m["per_section"]) == ["A6", "B2"]
+    spots = {s: len((real_data / "mmap_features" / "train" / f"{s}_spots.txt").read_text().split())
+             for s in ("A6", "B2", "B3")}
+    assert m["n_spots"] == sum(spots.values()) and sorted(m["per_section"]) == ["A6", "B2", "B3"]
     assert -1 <= m["pcc_pooled"] <= 1 and m["mse"] > 0
+    # per patient (the sections' letter): B pools B2 and B3; its per-slide PCC is the mean of theirs
+    b = m["per_patient"]["B"]
+    assert sorted(m["per_patient"]) == ["A", "B"] and b["sections"] == ["B2", "B3"]
+    assert b["n_spots"] == spots["B2"] + spots["B3"] and b["n_sections"] == 2
+    assert b["pcc_per_slide"] == pytest.approx((m["per_section"]["B2"]["pcc"] + m["per_section"]["B3"]["pcc"]) / 2)
+    assert m["per_patient"]["A"]["pcc_pooled"] == pytest.approx(m["per_section"]["A6"]["pcc"])
+    mse_b = sum(m["per_section"][s]["mse"] * spots[s] for s in ("B2", "B3")) / b["n_spots"]
+    assert b["mse"] == pytest.approx(mse_b)
+    err = capsys.readouterr().err
+    rows = [line.split() for line in err.splitlines() if line.startswith(("section ", "patient "))]
+    assert [r[:3] for r in rows] == [["section", "A6", str(spots["A6"])], ["section", "B2", str(spots["B2"])],
+                                     ["section", "B3", str(spots["B3"])], ["patient", "A", str(spots["A6"])],
+                                     ["patient", "B", str(b["n_spots"])]]
+    assert float(rows[-1][4]) == pytest.approx(b["pcc_per_slide"], abs=1e-4)
 
 
 def test_cli_user_errors_are_one_line(tmp_path, capsys, real_data):

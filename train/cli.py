@@ -135,7 +135,8 @@ def _add(options):
 @click.option("--input-size", type=int, default=112, show_default=True,
               help="Side in pixels of each view fed to the ViT (a multiple of its patch size, 16).")
 @click.option("--epochs", type=int, default=50, show_default=True, help="Training epochs (the cosine schedule's length).")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Spots per micro-batch.")
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Spots per micro-batch (per process under torchrun).")
 @click.option("--accumulate", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
 @click.option("--lr", type=float, default=1e-5, show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--min-lr", type=float, default=1e-6, show_default=True, help="Learning rate at the end of the cosine schedule.")
@@ -152,7 +153,10 @@ def _add(options):
 def phase1(data_dir, manifest, sections, val_sections, genes, out, backbone, backbone_weights, lora_blocks,
            input_size, epochs, batch_size, accumulate, lr, min_lr, weight_decay, mag_start_epoch, seed,
            max_steps, threads, device, no_amp, loader_threads, resume):
-    """Train the multi-magnification encoder (phase 1) on slides and their counts."""
+    """Train the multi-magnification encoder (phase 1) on slides and their counts.
+
+    Data-parallel on N GPUs: torchrun --nproc_per_node N -m mmap_train.cli phase1 ... (rank 0 writes OUT).
+    """
     from .backbones import get_backbone
     from .config import MMAPConfig
     from .phase1 import Phase1Recipe, load_spot_set, train_phase1
@@ -200,35 +204,50 @@ def features(data_dir, manifest, sections, checkpoint, out, batch_size, overwrit
 @click.option("--genes", required=True, type=click.Path(dir_okay=False), help="Target genes, one a line (the order of y1's columns).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Writes OUT/checkpoint.pt and OUT/log.json.")
 @click.option("--sections", help="Comma-separated sections of the cache to use (default: all).")
-@click.option("--val-sections", help="Comma-separated validation sections (default: 20% of the sections, seeded).")
+@click.option("--val-sections", help="Comma-separated validation sections (default: none with --keep last; "
+              "20% of the sections, seeded, with --keep best).")
 @click.option("--init", "init_ckpt", type=click.Path(dir_okay=False), help="Phase-1 checkpoint the cache was made with: kept as the encoder.")
 @click.option("--head-average", type=click.Choice(["reference", "paper"]), default="reference", show_default=True,
               help="Final prediction: reference (y1 + MLP3(h))/2, or paper Eq. 9 (MLP1(e2) + MLP2(f) + MLP3(h))/3.")
-@click.option("--l-fixed", type=int, default=0, show_default=True, help="Fixed bank length L (0: adaptive, floor(0.5 K)).")
+@click.option("--l-fixed", type=int, default=32, show_default=True, help="Fixed bank length L (0: adaptive, floor(0.5 K)).")
 @click.option("--epochs", type=int, default=None, help="Training epochs (default: the recipe's, 10).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate, AdamW (default: the recipe's, 1e-4).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate, AdamW (default: the recipe's, 4e-4).")
 @click.option("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the recipe's, 1e-4).")
-@click.option("--batch-size", type=int, default=None, help="Spots per step (default: the recipe's, 64).")
+@click.option("--batch-size", type=int, default=None, help="Spots per step (default: the recipe's, 256).")
+@click.option("--keep", type=click.Choice(["best", "last"]), default=None,
+              help="Kept head: best on the validation sections, or the end of training (default: the recipe's, last).")
+@click.option("--average-last", type=int, default=None,
+              help="With --keep last: average the head's weights over the last N epochs (default: the recipe's, 5).")
+@click.option("--dropout", type=float, default=None, help="Dropout of the head's attention (default: 0.2).")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the head's initialisation and order.")
 @click.option("--max-steps", type=int, default=0, help="Stop after this many optimiser steps (smoke runs).")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice).")
 def phase2(features_dir, counts, spots, genes, out, sections, val_sections, init_ckpt, head_average, l_fixed,
-           epochs, lr, weight_decay, batch_size, seed, max_steps, threads):
+           epochs, lr, weight_decay, batch_size, keep, average_last, dropout, seed, max_steps, threads):
     """Train the prototype-aware fusion head (phase 2) on a feature cache."""
     from mmap_deploy.prototypes import PrototypeRule
 
     from .phase2 import Phase2Recipe, config_for_cache, load_init, train_phase2
 
     gene_list, feats, targets = _load_cache_and_targets(features_dir, counts, spots, genes, _csv_list(sections))
-    train_names, val_names = split_sections(list(feats), _csv_list(val_sections))
     recipe = Phase2Recipe(seed=seed, threads=threads)
-    for k, v in (("epochs", epochs), ("lr", lr), ("weight_decay", weight_decay), ("batch_size", batch_size)):
+    for k, v in (("epochs", epochs), ("lr", lr), ("weight_decay", weight_decay), ("batch_size", batch_size),
+                 ("keep", keep), ("average_last", average_last)):
         if v is not None:
             setattr(recipe, k, v)
+    if keep == "best" and average_last is None:
+        recipe.average_last = 0
+    recipe.validate()
+    if recipe.keep == "last" and not val_sections:
+        # validation would only be logged: every section trains
+        train_names, val_names = sorted(feats), []
+    else:
+        train_names, val_names = split_sections(list(feats), _csv_list(val_sections))
     init = load_init(init_ckpt) if init_ckpt else None
     # the cache's width and --genes, not the checkpoint's: train_phase2 checks that they agree with --init
     cfg = config_for_cache(gene_list, next(iter(feats.values())).f.shape[1], base=init.config if init else None,
-                           head_average=head_average, prototype_rule=PrototypeRule(l_fixed=l_fixed))
+                           head_average=head_average, prototype_rule=PrototypeRule(l_fixed=l_fixed),
+                           **({"dropout": dropout} if dropout is not None else {}))
     res = train_phase2(cfg, feats, targets, train_names, val_names, out, recipe, init=init, max_steps=max_steps,
                        extra={"command": " ".join(sys.argv), "features": str(features_dir)})
     best = res["best"] or {}
@@ -255,9 +274,76 @@ def evaluate(checkpoint, features_dir, counts, spots, genes, json_out, sections)
     m["sections"] = sorted(m["per_section"])
     with atomic_path(Path(json_out)) as tmp:
         tmp.write_text(json.dumps(_finite_or_null(m), indent=1) + "\n")
+    click.echo(metrics_table(m), err=True)
     click.echo(f"pcc_pooled {m['pcc_pooled']:.4f}  pcc_per_slide {m['pcc_per_slide']:.4f}  mse {m['mse']:.4f}  "
                f"mae {m['mae']:.4f}  n_spots {m['n_spots']}  ({m['n_constant_genes_pooled']} constant genes pooled)",
                err=True)
+
+
+def metrics_table(m: dict) -> str:
+    """Per-section and per-patient rows of `evaluate`'s metrics, as a fixed-width text table."""
+    rows = [("section", name, v["n_spots"], v["pcc"], float("nan"), v["mse"], v["mae"])
+            for name, v in m["per_section"].items()]
+    rows += [("patient", name, v["n_spots"], v["pcc_pooled"], v["pcc_per_slide"], v["mse"], v["mae"])
+             for name, v in m.get("per_patient", {}).items()]
+    lines = [f"{'':8} {'name':8} {'spots':>6} {'pcc':>8} {'per-slide':>9} {'mse':>7} {'mae':>7}"]
+    for kind, name, n, pcc, slide, mse, mae in rows:
+        slide_s = "" if kind == "section" else f"{slide:.4f}"
+        lines.append(f"{kind:8} {name:8} {n:6d} {pcc:8.4f} {slide_s:>9} {mse:7.4f} {mae:7.4f}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--features", "features_dir", required=True, type=click.Path(file_okay=False), help="Feature cache folder.")
+@click.option("--counts", required=True, type=click.Path(file_okay=False), help="Folder of {section}.tsv.gz / .h5ad counts.")
+@click.option("--spots", required=True, type=click.Path(file_okay=False), help="Folder of {section}_selection.tsv spot tables.")
+@click.option("--genes", required=True, type=click.Path(dir_okay=False), help="Target genes, one a line (the order of y1's columns).")
+@click.option("--json", "json_out", required=True, type=click.Path(dir_okay=False),
+              help="Where to write per-fold and mean ± sd metrics (rewritten after each fold).")
+@click.option("--sections", help="Comma-separated sections of the cache to use (default: all).")
+@click.option("--candidates", help="Comma-separated phase-2 recipes to compare (default: all of mmap_train.cv.CANDIDATES).")
+@click.option("--epochs", type=int, default=None, help="Override every candidate's epochs (smoke runs).")
+@click.option("--max-steps", type=int, default=0, help="Stop each training after this many steps (smoke runs).")
+@click.option("--patients", help="Comma-separated patients (held-out folds) to run (default: every patient).")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Folds run at once, in worker processes.")
+@click.option("--threads", type=int, default=1, show_default=True, help="CPU threads for torch (per process).")
+def cv(features_dir, counts, spots, genes, json_out, sections, candidates, epochs, max_steps, patients, jobs, threads):
+    """Leave-one-patient-out comparison of phase-2 recipes with y1 and a ridge probe on f."""
+    import torch
+
+    from .cv import CANDIDATES, cross_validate, table
+
+    names = _csv_list(candidates) or list(CANDIDATES)
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise UserError(f"--candidates: unknown recipe(s) {', '.join(unknown)}; known: {', '.join(CANDIDATES)}")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    gene_list, feats, targets = _load_cache_and_targets(features_dir, counts, spots, genes, _csv_list(sections))
+    out = Path(json_out)
+
+    import os
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    machine = {"cpu": cpu, "cores": os.cpu_count(), "load_average_start": list(os.getloadavg())}
+
+    def write(res):
+        tmp = out.with_name(out.name + ".tmp")
+        info = {**machine, "load_average_now": list(os.getloadavg())}
+        tmp.write_text(json.dumps(_finite_or_null({**res, "machine": info, "command": " ".join(sys.argv)}),
+                                  indent=1) + "\n")
+        tmp.replace(out)
+
+    res = cross_validate(gene_list, feats, targets, {n: CANDIDATES[n] for n in names}, epochs=epochs,
+                         max_steps=max_steps, patients=_csv_list(patients), jobs=jobs, on_fold=write)
+    write(res)
+    click.echo(table(res), err=True)
+    c = res["choice"]
+    click.echo(f"chosen: {c['candidate']} ({'beats' if c['meets_rule'] else 'does NOT beat'} ridge per slide in "
+               f"{res['summary'][c['candidate']]['wins_per_slide_vs_ridge']} of {c['n_folds']} folds; "
+               f"needed {c['min_wins_per_slide_vs_ridge']})", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,6 +241,15 @@ def manifest_sections(path: str | Path) -> list[Section]:
                 raise UserError(f"{path}, row {i}: mpp must be positive, got {mpp}")
         out.append(Section(name, counts=expr, slide=slide, coords=coords, mpp=mpp))
     return out
+
+
+def patient_of(section: str) -> str:
+    """The patient of a section: its name's leading letters (her2st: B1..B6 are patient B).
+
+    A name that does not start with a letter is its own patient.
+    """
+    m = re.match(r"[A-Za-z]+", section)
+    return m.group(0) if m else section
 
 
 def split_sections(names: list[str], val: list[str] | None = None, *, fraction: float = 0.2,

@@ -58,7 +58,8 @@ def make_demo(data_dir: str | Path, out: str | Path, work: str | Path, *, epochs
     compute_features(p1["checkpoint"], sections, work / "features", overwrite=True)
     feats = read_cache(work / "features")
     targets = {s.name: load_targets(s, genes) for s in sections}
-    recipe2 = Phase2Recipe(epochs=phase2_epochs, lr=1e-3, threads=threads)
+    # the demo's own recipe (a 6-section tiny model, best epoch on the validation section)
+    recipe2 = Phase2Recipe(epochs=phase2_epochs, lr=1e-3, batch_size=64, keep="best", average_last=0, threads=threads)
     p2 = train_phase2(load_init(p1["checkpoint"]).config, feats, targets, train_names, val_names, work / "phase2",
                       recipe2, init=load_init(p1["checkpoint"]), max_steps=max_steps,
                       extra={"command": command, "dataset": "her2st (Andersson et al. 2021)",

@@ -73,3 +73,28 @@ def evaluate(pred: np.ndarray, target: np.ndarray, sections: np.ndarray | list[s
         "n_constant_genes_per_slide": int(sum(v["n_constant_genes"] for v in per_section.values())),
         "per_section": per_section,
     }
+
+
+def by_group(pred: np.ndarray, target: np.ndarray, sections: np.ndarray | list[str],
+             group_of) -> dict[str, dict[str, Any]]:
+    """The metrics of `evaluate` for each group of sections (e.g. a patient's), `group_of(section)` naming it.
+
+    Per group: `pcc_pooled` over the group's spots, `pcc_per_slide` over its
+    sections, `mse`, `mae`, and the spot and section counts.
+    """
+    sections = np.asarray(sections)
+    groups = np.array([group_of(str(s)) for s in sections])
+    out = {}
+    for g in sorted(set(groups.tolist())):
+        m = groups == g
+        e = evaluate(pred[m], target[m], sections[m]) if m.sum() >= 2 else None
+        out[str(g)] = {
+            "n_spots": int(m.sum()),
+            "n_sections": len(set(sections[m].tolist())),
+            "sections": sorted(set(sections[m].tolist())),
+            "pcc_pooled": e["pcc_pooled"] if e else float("nan"),
+            "pcc_per_slide": e["pcc_per_slide"] if e else float("nan"),
+            "mse": float(((np.asarray(pred[m], np.float64) - target[m]) ** 2).mean()),
+            "mae": float(np.abs(np.asarray(pred[m], np.float64) - target[m]).mean()),
+        }
+    return out

@@ -33,6 +33,7 @@ from mmap_deploy.preprocess import ViewSpec, make_views, normalise
 
 from .config import MMAPConfig
 from .datasets import training_views
+from .distributed import data_parallel
 from .history import write_training_log
 from .metrics import evaluate
 from .model import MMAP, alignment_loss, read_checkpoint, save_checkpoint
@@ -138,10 +139,14 @@ def trainable_parameters(model: MMAP) -> list[torch.nn.Parameter]:
     return [p for p in model.encoder.parameters() if p.requires_grad]
 
 
-def _device(recipe: Phase1Recipe) -> torch.device:
-    if recipe.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(recipe.device)
+def _device(recipe: Phase1Recipe, local_rank: int = 0, world: int = 1) -> torch.device:
+    """The recipe's device; under torchrun, each process's own GPU (its LOCAL_RANK)."""
+    name = recipe.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world > 1:
+        name = f"cuda:{local_rank}"
+    return torch.device(name)
 
 
 @torch.no_grad()
@@ -173,28 +178,35 @@ def train_phase1(cfg: MMAPConfig, train: SpotSet, val: SpotSet | None, out_dir: 
     from threadpoolctl import threadpool_limits
 
     # views are many small numpy matmuls: BLAS threads only fight torch's for the cores
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _train_phase1(cfg, train, val, out_dir, recipe, backbone_weights=backbone_weights,
-                             resume=resume, progress=progress, extra=extra, stop_after_epoch=stop_after_epoch)
+    recipe = recipe or Phase1Recipe()
+    dp = data_parallel(recipe.device)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            return _train_phase1(cfg, train, val, out_dir, recipe, dp, backbone_weights=backbone_weights,
+                                 resume=resume, progress=progress, extra=extra, stop_after_epoch=stop_after_epoch)
+    finally:
+        dp.close()
 
 
-def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume, progress, extra, stop_after_epoch):
+def _train_phase1(cfg, train, val, out_dir, recipe, dp, *, backbone_weights, resume, progress, extra,
+                  stop_after_epoch):
     from tqdm import tqdm
 
-    recipe = recipe or Phase1Recipe()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if recipe.threads > 0:
         torch.set_num_threads(recipe.threads)
     if len(train) == 0:
         raise UserError("no training spots (check the sections and their counts)")
-    device = _device(recipe)
+    device = _device(recipe, dp.local_rank, dp.world)
     spec = cfg.view_spec
     torch.manual_seed(recipe.seed)
     model = MMAP(cfg, backbone_weights or cfg.backbone_weights or None).to(device)
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / (recipe.batch_size * recipe.accumulate))
+    # under torchrun a micro-batch is batch_size spots per process: batch_size * world in all
+    global_batch = recipe.batch_size * dp.world
+    steps_per_epoch = math.ceil(len(train) / (global_batch * recipe.accumulate))
     total = recipe.epochs * steps_per_epoch
     if recipe.max_steps:
         total = min(total, recipe.max_steps)
@@ -212,6 +224,7 @@ def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume,
         torch.set_rng_state(state["torch_rng"].cpu())
         history, start_epoch, step = state["history"], state["epoch"], state["step"]
         best = state.get("best_score", -math.inf)
+    encoder = dp.wrap(model.encoder, device)  # after loading: DDP starts from rank 0's weights
     use_amp = recipe.amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     baseline = train.targets.mean(axis=0, keepdims=True)
@@ -220,32 +233,42 @@ def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume,
                               "val_sections": sorted(set(val.sections.tolist())) if val is not None else [],
                               "n_train_spots": len(train), "n_val_spots": len(val) if val is not None else 0},
             **(extra or {})}
-    bar = tqdm(total=total, initial=step, desc="phase 1", unit="step", disable=not progress)
+    if dp.world > 1:
+        meta["data_parallel"] = {"processes": dp.world, "global_batch": global_batch}
+    bar = tqdm(total=total, initial=step, desc="phase 1", unit="step", disable=not (progress and dp.main))
     t0 = time.perf_counter()
     for epoch in range(start_epoch, recipe.epochs):
         if (recipe.max_steps and step >= recipe.max_steps) or (stop_after_epoch and epoch >= stop_after_epoch):
             break
         model.train()
         order = np.random.default_rng([recipe.seed, epoch]).permutation(len(train))
-        micro = [order[i:i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
+        micro = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
+        # a process whose share of a (last, short) batch is empty still steps with DDP: one spot, weight 0
+        mine = [dp.share(rows) if len(dp.share(rows)) else rows[:1] for rows in micro]
         views = prefetched(lambda rows, e=epoch: batch_views(train, rows, spec, epoch=e, seed=recipe.seed,
-                                                             augment=recipe.augment), micro, recipe.loader_threads)
+                                                             augment=recipe.augment), mine, recipe.loader_threads)
         losses, mag_on = [], epoch >= recipe.mag_start_epoch and cfg.mag_weight > 0
         for j in range(0, len(micro), recipe.accumulate):
             group = micro[j:j + recipe.accumulate]
             opt.zero_grad(set_to_none=True)
             n_group = sum(len(g) for g in group)
             total_loss = 0.0
-            for rows in group:
+            for k, rows in enumerate(group):
                 x = next(views).to(device)
-                t = torch.from_numpy(train.targets[rows]).to(device)
-                with autocast():
-                    f, y1, cls = model.encoder(x)
-                    loss = torch.mean((y1.float() - t) ** 2)
-                    if mag_on:
-                        loss = loss + cfg.mag_weight * alignment_loss(cfg, f.float(), cls[:, cfg.ref_view].float())
-                (loss * (len(rows) / n_group)).backward()
-                total_loss += loss.item() * len(rows) / n_group
+                own = len(dp.share(rows))
+                t = torch.from_numpy(train.targets[mine[j + k]]).to(device)
+                # DDP averages over processes: weighting by share * world makes the step the global batch's
+                # (the contrastive term's negatives are the process's own share of the batch)
+                with dp.no_sync(encoder, sync=k == len(group) - 1):
+                    with autocast():
+                        f, y1, cls = encoder(x)
+                        loss = torch.mean((y1.float() - t) ** 2)
+                        if mag_on:
+                            loss = loss + cfg.mag_weight * alignment_loss(cfg, f.float(),
+                                                                          cls[:, cfg.ref_view].float())
+                    (loss * (own * dp.world / n_group)).backward()
+                total_loss += loss.item() * own / n_group
+            total_loss = dp.sum(total_loss, device)
             opt.step()
             sched.step()
             step += 1
@@ -258,6 +281,9 @@ def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume,
                                "lr": opt.param_groups[0]["lr"], "mag_loss_on": mag_on,
                                "seconds": round(time.perf_counter() - t0, 1)}
         score = float(epoch)
+        if not dp.main:  # rank 0 validates and writes; the others go on to the next epoch
+            history.append(row)
+            continue
         if val is not None and len(val):
             _, y1v = predict_spots(model, val, spec, device=device)
             m = evaluate(y1v, val.targets, val.sections)
@@ -276,6 +302,6 @@ def _train_phase1(cfg, train, val, out_dir, recipe, *, backbone_weights, resume,
                         encoder_trained=True, **meta)
         write_training_log(out_dir, history)
     bar.close()
-    if not best_path.is_file():  # stopped before the first epoch ended (max_steps)
+    if dp.main and not best_path.is_file():  # stopped before the first epoch ended (max_steps)
         save_checkpoint(best_path, model, epoch=0, encoder_trained=True, **meta)
     return {"checkpoint": str(best_path), "history": history, "best": best}

@@ -31,10 +31,10 @@ from mmap_deploy.prototypes import PrototypeRule, slide_prototypes
 
 from .backbones import BACKBONES, backbone_of_width
 from .config import MMAPConfig
-from .datasets import Targets
+from .datasets import Targets, patient_of
 from .features import SectionFeatures
 from .history import write_training_log
-from .metrics import evaluate
+from .metrics import by_group, evaluate
 from .model import MMAP, FusionHead, alignment_loss, load_checkpoint, plain, read_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -43,16 +43,32 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Phase2Recipe:
-    """The default phase-2 training recipe (see benchmarks/RESULTS_training.md for how it was chosen)."""
+    """The default phase-2 training recipe.
+
+    Chosen by leave-one-patient-out cross-validation (`mmap-train cv`, see
+    benchmarks/RESULTS_training.md), with the bank length L = 32 (the CLI's
+    `--l-fixed` default): a fixed 10 epochs of 256 spots a step, and the head
+    kept as the mean of its weights after each of the last 5 epochs.
+    """
 
     epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-4
+    batch_size: int = 256
+    lr: float = 4e-4
     min_lr: float = 1e-6
     weight_decay: float = 1e-4
     seed: int = 42
-    select: str = "pcc_pooled"  # validation metric that picks the kept checkpoint
+    select: str = "pcc_pooled"  # validation metric that picks the kept checkpoint (keep="best")
+    keep: str = "last"  # "best": the epoch best on validation; "last": the end of training (validation only logged)
+    average_last: int = 5  # >0: the kept head averages the weights of the last N epochs (at most all; keep="last")
     threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    def validate(self) -> None:
+        if self.keep not in ("best", "last"):
+            raise UserError(f"keep must be 'best' or 'last', got {self.keep!r}")
+        if self.average_last < 0:
+            raise UserError(f"average_last must be 0 (no averaging) or more, got {self.average_last}")
+        if self.average_last and self.keep != "last":
+            raise UserError("weight averaging (average_last) keeps the end of training: use keep='last'")
 
 
 @dataclass
@@ -182,24 +198,113 @@ def predict(fusion: FusionHead, data: BankedSpots, batch_size: int = 256) -> np.
     out = []
     for i in range(0, len(data), batch_size):
         rows = torch.arange(i, min(i + batch_size, len(data)))
-        f, bank, mask, y1, _ = data.batch(rows)
-        out.append(fusion(f, bank, mask, y1)[0].numpy())
+        # the training fast path: keys/values once per centroid, not once per (spot, bank slot)
+        out.append(fusion.forward_shared(data.f[rows], data.centroids, data.bank_idx[rows], data.mask[rows],
+                                         data.y1[rows])[0].numpy())
     return np.concatenate(out) if out else np.zeros((0, data.y1.shape[1]), np.float32)
+
+
+def fit_fusion(cfg: MMAPConfig, fusion: FusionHead, train_data: BankedSpots, val_data: BankedSpots | None,
+               recipe: Phase2Recipe, max_steps: int = 0, progress: bool = True
+               ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, int]:
+    """Train `fusion` in place on `train_data`; leave it holding the kept weights.
+
+    keep="best": the epoch with the best validation score (the last epoch
+    without validation). keep="last": the last epoch, or with `average_last`
+    the mean of the weights after each of the last N epochs (one head, one
+    graph); validation is then only logged, never used to choose.
+    Returns (history, validation metrics of the kept weights or None, kept epoch).
+    """
+    from tqdm import tqdm
+
+    recipe.validate()
+    opt = torch.optim.AdamW(fusion.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(train_data) / recipe.batch_size)
+    total = recipe.epochs * steps_per_epoch if not max_steps else min(max_steps, recipe.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total), eta_min=recipe.min_lr)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    history: list[dict[str, Any]] = []
+    best_score, best_state, best_metrics, best_epoch, step = -math.inf, None, None, 0, 0
+    averaged: dict[str, torch.Tensor] | None = None
+    n_averaged = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc="phase 2", unit="step", disable=not progress)
+    for epoch in range(recipe.epochs):
+        fusion.train()
+        perm = torch.randperm(len(train_data), generator=gen)
+        losses = []
+        for i in range(0, len(perm), recipe.batch_size):
+            rows = perm[i:i + recipe.batch_size]
+            f, y1, t = train_data.f[rows], train_data.y1[rows], train_data.target[rows]
+            y, h = fusion.forward_shared(f, train_data.centroids, train_data.bank_idx[rows], train_data.mask[rows], y1)
+            mse = torch.mean((y - t) ** 2)
+            loss = mse + cfg.mag_weight * alignment_loss(cfg, f, h) if cfg.mag_weight > 0 else mse
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if max_steps and step >= max_steps:
+                break
+        last = bool(max_steps and step >= max_steps) or epoch + 1 == recipe.epochs
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
+                               "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
+        m = None
+        if val_data is not None:
+            m = evaluate(predict(fusion, val_data), val_data.target.numpy(), val_data.names)
+            row.update({f"val_{k}": m[k] for k in ("pcc_pooled", "pcc_per_slide", "mse", "mae")})
+        history.append(row)
+        if recipe.keep == "last":
+            if recipe.average_last and epoch + 1 > recipe.epochs - min(recipe.average_last, recipe.epochs):
+                state = fusion.state_dict()
+                if averaged is None:
+                    averaged = {k: v.detach().clone().double() for k, v in state.items()}
+                else:
+                    for k, v in state.items():
+                        averaged[k] += v.detach().double()
+                n_averaged += 1
+            if last:
+                best_metrics, best_epoch = m, epoch + 1
+                row["kept"] = True
+        else:
+            score = (m[recipe.select] if recipe.select in m else m["pcc_pooled"]) if m is not None else float(epoch)
+            if not np.isfinite(score):  # e.g. every gene constant on validation: never "best", never kept
+                score = -np.inf
+            if best_state is None or score > best_score:
+                best_score, best_metrics, best_epoch = score, m, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in fusion.state_dict().items()}
+                row["kept"] = True
+        if last:
+            break
+    bar.close()
+    if recipe.keep == "best":
+        fusion.load_state_dict(best_state)
+    elif averaged is not None:
+        state = fusion.state_dict()
+        fusion.load_state_dict({k: (v / n_averaged).to(state[k].dtype) for k, v in averaged.items()})
+        history[-1]["averaged_epochs"] = n_averaged
+        if val_data is not None:
+            best_metrics = evaluate(predict(fusion, val_data), val_data.target.numpy(), val_data.names)
+            history[-1].update({f"val_averaged_{k}": best_metrics[k]
+                                for k in ("pcc_pooled", "pcc_per_slide", "mse", "mae")})
+    return history, best_metrics, best_epoch
 
 
 def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: dict[str, Targets],
                  train_names: list[str], val_names: list[str], out_dir: str | Path,
                  recipe: Phase2Recipe | None = None, init: MMAP | None = None,
                  max_steps: int = 0, progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train the fusion head; write `out_dir/checkpoint.pt` (best on validation) and logs.
+    """Train the fusion head; write `out_dir/checkpoint.pt` (the kept weights, see `fit_fusion`) and logs.
 
     `init`: a phase-1 model whose encoder the checkpoint keeps; None trains from
     the cache alone. Without validation sections the last epoch is kept.
-    Returns a summary with the history and the best validation metrics.
+    Returns a summary with the history and the validation metrics of the kept weights.
     """
-    from tqdm import tqdm
-
     recipe = recipe or Phase2Recipe()
+    recipe.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if recipe.threads > 0:
@@ -232,54 +337,7 @@ def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: di
     else:
         model = None
         fusion = FusionHead(cfg, dim)
-    opt = torch.optim.AdamW(fusion.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps_per_epoch = math.ceil(len(train_data) / recipe.batch_size)
-    total = recipe.epochs * steps_per_epoch if not max_steps else min(max_steps, recipe.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total), eta_min=recipe.min_lr)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    history: list[dict[str, Any]] = []
-    best_score, best_state, best_metrics, best_epoch, step = -math.inf, None, None, 0, 0
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="phase 2", unit="step", disable=not progress)
-    for epoch in range(recipe.epochs):
-        fusion.train()
-        perm = torch.randperm(len(train_data), generator=gen)
-        losses = []
-        for i in range(0, len(perm), recipe.batch_size):
-            rows = perm[i:i + recipe.batch_size]
-            f, y1, t = train_data.f[rows], train_data.y1[rows], train_data.target[rows]
-            y, h = fusion.forward_shared(f, train_data.centroids, train_data.bank_idx[rows], train_data.mask[rows], y1)
-            mse = torch.mean((y - t) ** 2)
-            loss = mse + cfg.mag_weight * alignment_loss(cfg, f, h) if cfg.mag_weight > 0 else mse
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if max_steps and step >= max_steps:
-                break
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
-                               "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
-        if val_data is not None:
-            m = evaluate(predict(fusion, val_data), val_data.target.numpy(), val_data.names)
-            row.update({f"val_{k}": m[k] for k in ("pcc_pooled", "pcc_per_slide", "mse", "mae")})
-            score = m[recipe.select] if recipe.select in m else m["pcc_pooled"]
-        else:
-            m, score = None, float(epoch)
-        history.append(row)
-        if not np.isfinite(score):  # e.g. every gene constant on validation: never "best", never kept
-            score = -np.inf
-        if best_state is None or score > best_score:
-            best_score, best_metrics, best_epoch = score, m, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in fusion.state_dict().items()}
-            row["kept"] = True
-        if max_steps and step >= max_steps:
-            break
-    bar.close()
-    fusion.load_state_dict(best_state)
+    history, best_metrics, best_epoch = fit_fusion(cfg, fusion, train_data, val_data, recipe, max_steps, progress)
     meta = {
         "phase": 2,
         "epoch": best_epoch,
@@ -330,7 +388,11 @@ def predict_section(cfg: MMAPConfig, fusion: FusionHead, feats: SectionFeatures)
 
 def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures],
                         targets: dict[str, Targets]) -> dict[str, Any]:
-    """Predict every cached section (k-means per section, as at run time) and score against the targets."""
+    """Predict every cached section (k-means per section, as at run time) and score against the targets.
+
+    Besides the pooled metrics: `per_section` and `per_patient` (sections
+    grouped by their name's leading letters, see `datasets.patient_of`).
+    """
     cfg, fusion, _ = load_fusion(checkpoint)
     preds, tgts, labels = [], [], []
     for name, sf in feats.items():
@@ -345,7 +407,10 @@ def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures
         labels += [name] * len(sf.spot_ids)
     if not preds:
         raise UserError("no section with spots to evaluate")
-    return evaluate(np.concatenate(preds), np.concatenate(tgts), labels)
+    pred, target = np.concatenate(preds), np.concatenate(tgts)
+    m = evaluate(pred, target, labels)
+    m["per_patient"] = by_group(pred, target, labels, patient_of)
+    return m
 
 
 def load_init(checkpoint: str | Path) -> MMAP:

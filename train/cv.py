@@ -1,0 +1,320 @@
+"""Leave-one-patient-out cross-validation of phase-2 recipes on a feature cache.
+
+Each patient (a section's leading letters: her2st's A2..A6 are patient A) is
+held out in turn; every candidate recipe trains the fusion head on the other
+patients' sections and is scored on the held-out patient's sections, next to
+two references on the same spots: the cached phase-1 `y1`, and a ridge
+regression on `f` whose alpha is chosen inside the training folds (an inner
+leave-one-patient-out over the training patients, never on the held-out one).
+
+Counts and features are read once; k-means banks are built once per section
+and prototype rule and reused by every fold and candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mmap_deploy.errors import UserError
+from mmap_deploy.prototypes import PrototypeRule
+
+from .datasets import Targets, patient_of, split_sections
+from .features import SectionFeatures
+from .metrics import evaluate
+
+log = logging.getLogger(__name__)
+
+METRICS = ("pcc_pooled", "pcc_per_slide", "mse")
+RIDGE_ALPHAS = (10.0, 100.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0)
+
+
+@dataclass
+class Candidate:
+    """A phase-2 recipe to cross-validate: recipe fields, model-config fields, and how the head is kept.
+
+    `early_stop`: hold out the default seeded 20% of the training sections and
+    keep the epoch best on them (the recipe's keep="best"); otherwise train on
+    every training section and keep the end of training (keep="last").
+    """
+
+    recipe: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    l_fixed: int = 0
+    early_stop: bool = False
+
+
+# What a candidate's recipe starts from: the phase-2 recipe before cross-validation (fixed here, so
+# that a candidate means the same whatever Phase2Recipe's defaults become).
+BASE_RECIPE = {"epochs": 10, "batch_size": 64, "lr": 1e-4, "min_lr": 1e-6, "weight_decay": 1e-4, "seed": 42,
+               "keep": "best", "average_last": 0}
+
+CANDIDATES: dict[str, Candidate] = {
+    # the recipe before cross-validation: 10 epochs, early stopping on 20% of the sections, adaptive L
+    "early-stop": Candidate(early_stop=True),
+    # fixed epochs; each also reports its last epoch without the weight averaging ("NAME:last")
+    "e10-L32-avg5": Candidate({"epochs": 10, "keep": "last", "average_last": 5}, l_fixed=32),
+    # batches of 256 (4x fewer steps: each step projects every training centroid once)
+    "b256-e10-L32-avg5": Candidate({"epochs": 10, "batch_size": 256, "lr": 4e-4, "keep": "last",
+                                    "average_last": 5}, l_fixed=32),
+    "b256-e20-L32-avg10": Candidate({"epochs": 20, "batch_size": 256, "lr": 4e-4, "keep": "last",
+                                     "average_last": 10}, l_fixed=32),
+    "e10-L32-drop0.1-wd0.05-avg5": Candidate({"epochs": 10, "keep": "last", "weight_decay": 0.05, "average_last": 5},
+                                             {"dropout": 0.1}, l_fixed=32),
+    "e10-L32-paper-avg5": Candidate({"epochs": 10, "keep": "last", "average_last": 5}, {"head_average": "paper"},
+                                    l_fixed=32),
+}
+
+
+def patient_folds(names: list[str]) -> dict[str, list[str]]:
+    """Sections grouped by patient, patients sorted; UserError with fewer than 2 patients."""
+    folds: dict[str, list[str]] = {}
+    for n in sorted(names):
+        if not re.match(r"[A-Za-z]", n):
+            raise UserError(f"section {n!r}: its name does not start with a patient letter (e.g. B1); "
+                            "cross-validation groups sections by their leading letters")
+        folds.setdefault(patient_of(n), []).append(n)
+    if len(folds) < 2:
+        raise UserError(f"cross-validation needs sections of at least 2 patients, got {', '.join(folds) or 'none'}")
+    return folds
+
+
+def _stack(feats: dict[str, SectionFeatures], targets: dict[str, Targets], names: list[str]):
+    names = [n for n in names if len(feats[n].spot_ids)]
+    if not names:
+        return None
+    f = np.concatenate([feats[n].f for n in names])
+    y1 = np.concatenate([feats[n].y1 for n in names])
+    t = np.concatenate([targets[n].values[targets[n].rows_for(feats[n].spot_ids, f"section {n}")] for n in names])
+    labels = np.concatenate([[n] * len(feats[n].spot_ids) for n in names])
+    return f, y1, t, labels
+
+
+def _summary(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: m[k] for k in (*METRICS, "mae", "n_spots", "n_sections")}
+
+
+def ridge_fit(x: np.ndarray, y: np.ndarray, alphas) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+    """Ridge regressions of y on x with an intercept, one per alpha: {alpha: (weights, intercept)}.
+
+    One eigendecomposition of the centred x'x serves every alpha (what
+    sklearn's Ridge solves once per alpha).
+    """
+    x = x.astype(np.float64)
+    y = y.astype(np.float64)
+    xm, ym = x.mean(axis=0), y.mean(axis=0)
+    xc = x - xm
+    s, v = np.linalg.eigh(xc.T @ xc)
+    proj = v.T @ (xc.T @ (y - ym))
+    out = {}
+    for a in alphas:
+        w = v @ (proj / (s + a)[:, None])
+        out[a] = (w, ym - xm @ w)
+    return out
+
+
+def ridge_alpha(feats, targets, folds: dict[str, list[str]], alphas=RIDGE_ALPHAS, select: str = "pcc_per_slide"):
+    """The alpha with the best mean `select` over a leave-one-patient-out of `folds` (the training patients)."""
+    scores = {a: [] for a in alphas}
+    for patient, held in folds.items():
+        tr = _stack(feats, targets, [n for p, ns in folds.items() if p != patient for n in ns])
+        te = _stack(feats, targets, held)
+        if tr is None or te is None:
+            continue
+        for a, (w, b) in ridge_fit(tr[0], tr[2], alphas).items():
+            scores[a].append(evaluate(te[0] @ w + b, te[2], te[3])[select])
+    means = {a: float(np.nanmean(s)) if s else float("nan") for a, s in scores.items()}
+    best = max(alphas, key=lambda a: means[a] if np.isfinite(means[a]) else -np.inf)
+    return best, means
+
+
+class _Folds:
+    """What every fold needs, built once: data, candidates, and k-means banks per section and rule."""
+
+    def __init__(self, genes, feats, targets, candidates, epochs, max_steps, progress):
+        self.genes, self.feats, self.targets, self.candidates = genes, feats, targets, candidates
+        self.epochs, self.max_steps, self.progress = epochs, max_steps, progress
+        self.folds = patient_folds(list(feats))
+        self.dim = next(iter(feats.values())).f.shape[1]
+        self.prepared: dict[int, dict[str, Any]] = {}  # l_fixed -> section -> PreparedSection or None
+
+    def sections(self, l_fixed: int, names: list[str]):
+        from .phase2 import prepare
+
+        rule = PrototypeRule(l_fixed=l_fixed)
+        cache = self.prepared.setdefault(l_fixed, {})
+        for n in names:
+            if n not in cache:
+                got = prepare(self.feats, self.targets, [n], rule)
+                cache[n] = got[0] if got else None
+        return [cache[n] for n in names if cache[n] is not None], rule
+
+    def run(self, patient: str) -> dict[str, Any] | None:
+        """Every model of one fold: train on the other patients, score on `patient`."""
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        from .phase2 import BankedSpots, FusionHead, Phase2Recipe, config_for_cache, fit_fusion, predict
+
+        feats, targets, held = self.feats, self.targets, self.folds[patient]
+        train_names = [n for p, ns in self.folds.items() if p != patient for n in ns]
+        te = _stack(feats, targets, held)
+        if te is None:
+            log.warning("patient %s: no spots in the cache; fold skipped", patient)
+            return None
+        fold: dict[str, Any] = {"held_out": held, "n_spots": int(len(te[0]))}
+        fold["y1"] = _summary(evaluate(te[1], te[2], te[3]))
+        t0 = time.perf_counter()
+        with threadpool_limits(limits=1, user_api="blas"):
+            alpha, means = ridge_alpha(feats, targets, {p: ns for p, ns in self.folds.items() if p != patient})
+            tr = _stack(feats, targets, train_names)
+            w, b = ridge_fit(tr[0], tr[2], [alpha])[alpha]
+            fold["ridge"] = {**_summary(evaluate(te[0] @ w + b, te[2], te[3])), "alpha": alpha,
+                             "inner_pcc_per_slide": {str(a): v for a, v in means.items()},
+                             "seconds": round(time.perf_counter() - t0, 1)}
+        for name, cand in self.candidates.items():
+            t0 = time.perf_counter()
+            recipe = Phase2Recipe(**{**BASE_RECIPE, **cand.recipe})
+            if self.epochs is not None:
+                recipe.epochs = self.epochs
+                recipe.average_last = min(recipe.average_last, self.epochs)
+            recipe.keep = "best" if cand.early_stop else "last"
+            fit_names, val_names = split_sections(train_names) if cand.early_stop else (train_names, [])
+            cfg = config_for_cache(self.genes, self.dim, prototype_rule=PrototypeRule(l_fixed=cand.l_fixed),
+                                   **cand.config)
+            train_secs, rule = self.sections(cand.l_fixed, fit_names)
+            test_data = BankedSpots(self.sections(cand.l_fixed, held)[0], rule.max_bank)
+            # keep="last": the held-out patient is only logged per epoch (the curve), never used to choose
+            val_secs = self.sections(cand.l_fixed, val_names)[0]
+            monitor = (BankedSpots(val_secs, rule.max_bank) if val_secs else None) if cand.early_stop else test_data
+            torch.manual_seed(recipe.seed)
+            fusion = FusionHead(cfg, self.dim)
+            history, _, kept = fit_fusion(cfg, fusion, BankedSpots(train_secs, rule.max_bank), monitor, recipe,
+                                          self.max_steps, self.progress)
+            m = _summary(evaluate(predict(fusion, test_data), test_data.target.numpy(), test_data.names))
+            m.update({"kept_epoch": kept, "seconds": round(time.perf_counter() - t0, 1)})
+            if not cand.early_stop:
+                m["curve_pcc_pooled"] = [r.get("val_pcc_pooled") for r in history]
+                m["curve_pcc_per_slide"] = [r.get("val_pcc_per_slide") for r in history]
+                if recipe.average_last:  # the same run's last epoch, before averaging
+                    last = history[-1]
+                    fold[f"{name}:last"] = {k: last[f"val_{k}"] for k in (*METRICS, "mae")}
+            fold[name] = m
+            log.info("patient %s, %s: %s", patient, name, {k: round(m[k], 4) for k in METRICS})
+        return fold
+
+
+_WORK: _Folds | None = None  # a worker process's copy (read once in the parent, sent once per worker)
+
+
+def _start_worker(work: _Folds) -> None:
+    import torch
+
+    global _WORK
+    torch.set_num_threads(1)
+    _WORK = work
+
+
+def _run_in_worker(patient: str):
+    return patient, _WORK.run(patient)
+
+
+def cross_validate(genes: list[str], feats: dict[str, SectionFeatures], targets: dict[str, Targets],
+                   candidates: dict[str, Candidate], *, epochs: int | None = None, max_steps: int = 0,
+                   patients: list[str] | None = None, jobs: int = 1, progress: bool = False,
+                   on_fold=None) -> dict[str, Any]:
+    """Leave-one-patient-out scores of y1, ridge on f and every candidate; see the module docstring.
+
+    `epochs` overrides every candidate's epochs (smoke runs); `patients` runs
+    only those folds; `jobs` > 1 runs folds in that many worker processes (one
+    torch thread each; each gets a copy of the data once). `on_fold(results)` is called after each fold with the
+    results so far (e.g. to write them).
+    """
+    work = _Folds(genes, feats, targets, candidates, epochs, max_steps, progress)
+    todo = patients or list(work.folds)
+    unknown = [p for p in todo if p not in work.folds]
+    if unknown:
+        raise UserError(f"patient(s) {', '.join(unknown)} not in the cache (it has {', '.join(work.folds)})")
+    results: dict[str, Any] = {"patients": dict(work.folds), "folds": {},
+                               "candidates": {n: {"recipe": c.recipe, "config": c.config, "l_fixed": c.l_fixed,
+                                                  "early_stop": c.early_stop} for n, c in candidates.items()}}
+
+    def done(patient, fold):
+        if fold is not None:
+            results["folds"][patient] = fold
+            results["folds"] = {p: results["folds"][p] for p in todo if p in results["folds"]}
+        if on_fold is not None:
+            on_fold(summarise(results))
+
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing
+
+        # spawned, not forked: autograd's threads do not survive a fork of a process that has used them
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(min(jobs, len(todo)), initializer=_start_worker, initargs=(work,)) as pool:
+            for patient, fold in pool.imap_unordered(_run_in_worker, todo):
+                done(patient, fold)
+    else:
+        for patient in todo:
+            done(patient, work.run(patient))
+    return summarise(results)
+
+
+def summarise(results: dict[str, Any], min_wins: int | None = None) -> dict[str, Any]:
+    """Mean ± sd (ddof 1) over folds per model, per-slide wins over ridge, and the chosen candidate.
+
+    The choice: the candidate with the best mean per-slide PCC among those
+    beating ridge per slide in at least `min_wins` folds (default: 6 of 8,
+    i.e. three quarters of the folds, rounded up); if none does, the best mean
+    anyway, flagged `meets_rule: False`.
+    """
+    folds = results["folds"]
+    cand_names = [c for name in results["candidates"] for c in (name, f"{name}:last")
+                  if any(c in f for f in folds.values())]
+    models = ["y1", "ridge", *cand_names]
+    n = len(folds)
+    need = min_wins if min_wins is not None else int(np.ceil(0.75 * n))
+    summary: dict[str, Any] = {}
+    for model in models:
+        rows = [f[model] for f in folds.values() if model in f]
+        if not rows:
+            continue
+        s: dict[str, Any] = {"n_folds": len(rows)}
+        for k in METRICS:
+            v = np.array([r[k] for r in rows], dtype=np.float64)
+            s[k] = {"mean": float(np.nanmean(v)), "sd": float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0}
+        s["wins_per_slide_vs_ridge"] = int(sum(f[model]["pcc_per_slide"] > f["ridge"]["pcc_per_slide"]
+                                               for f in folds.values() if model in f))
+        s["wins_per_slide_vs_y1"] = int(sum(f[model]["pcc_per_slide"] > f["y1"]["pcc_per_slide"]
+                                            for f in folds.values() if model in f))
+        summary[model] = s
+    cands = [c for c in cand_names if c in summary]
+    chosen, meets = None, False
+    if cands:
+        ok = [c for c in cands if summary[c]["wins_per_slide_vs_ridge"] >= need]
+        pool = ok or cands
+        chosen = max(pool, key=lambda c: summary[c]["pcc_per_slide"]["mean"])
+        meets = bool(ok)
+    return {**results, "summary": summary, "choice": {"candidate": chosen, "meets_rule": meets,
+                                                       "min_wins_per_slide_vs_ridge": need, "n_folds": n,
+                                                       "ranked_by": "mean pcc_per_slide"}}
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown tables: mean ± sd per model, then each metric per fold."""
+    s, folds = results["summary"], results["folds"]
+    lines = ["| model | pcc_pooled | pcc_per_slide | mse | per-slide wins vs ridge |", "|---|---|---|---|---|"]
+    for model, v in s.items():
+        cells = [f"{v[k]['mean']:.4f} ± {v[k]['sd']:.4f}" for k in METRICS]
+        lines.append(f"| {model} | {' | '.join(cells)} | {v['wins_per_slide_vs_ridge']}/{v['n_folds']} |")
+    for metric in METRICS:
+        lines += ["", f"| {metric}, held-out patient | " + " | ".join(folds) + " |", "|---|" + "---|" * len(folds)]
+        for model in s:
+            cells = [f"{f[model][metric]:.4f}" if model in f else "–" for f in folds.values()]
+            lines.append(f"| {model} | {' | '.join(cells)} |")
+    return "\n".join(lines)
