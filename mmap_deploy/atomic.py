@@ -10,11 +10,14 @@ to disk, and the temporary file is renamed over the destination.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from glob import escape as glob_escape
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from .errors import UserError
 
 # Files are meant to be shared (outputs, bundles); mkstemp makes them private.
 FILE_MODE = 0o644
@@ -77,3 +80,32 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_folder(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder through a temporary folder beside `path`, then rename it into place.
+
+    `write(p)` creates the folder `p`. A killed run leaves only its temporary
+    folder (`.{name}.*.tmp`), which the next write of the same output removes.
+    An existing output (the caller checked `--overwrite`) is first moved into
+    the temporary folder and deleted after the new one is in place; a kill
+    between those two renames leaves no output, never a mixed one.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create its folder ({e.strerror or e}); choose another -o") from None
+    for stale in path.parent.glob(temp_pattern(path)):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        new = tmp / path.name
+        write(new)
+        if path.exists():
+            os.replace(path, tmp / "replaced")
+        os.replace(new, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,7 @@
 """One slide of a batch, and the batch's summary: shared by the local batch and the Ray batch.
 
 `predict_row` is what happens to a manifest row once it is someone's turn:
-claim it (see `claims`), predict and write it (`cli.predict_to_file`), and
+claim it (see `claims`), predict and write it (`predict.predict_to_file`), and
 classify the result as an outcome the driver prints. It never raises for a
 slide: a bad slide is `failed` (the others go on), a full or unwritable
 output folder is `stop` (the batch stops: every further slide would fail
@@ -35,7 +35,7 @@ def predict_row(row: Any, out: Path, bundle: Any, engines: Any, settings: Any, *
                 run_id: str, spot_progress: Callable[[int], Any] | None = None) -> SlideOutcome:
     """Claim, predict and write one manifest row; never raises for the slide's own problems."""
     from .claims import ClaimHolder, claim_path, try_claim
-    from .cli import _summary_line, predict_to_file
+    from .predict import _summary_line, predict_to_file
     from .errors import UserError
     from .storage import OutputStorageError, storage_error
 

@@ -3,7 +3,7 @@
 Workers are Ray Core actors, one per GPU (`num_gpus=1`) or, on a CPU-only
 cluster, one per group of cores of a node. Each loads the bundle once, keeps
 its engines, and predicts whole slides with the same code as the local batch
-(`cohort.predict_row` -> `cli.predict_to_file`); the driver hands the next
+(`cohort.predict_row` -> `predict.predict_to_file`); the driver hands the next
 slide to whichever worker is free (`ray.wait`), so a slow slide never holds
 up the others.
 
@@ -24,7 +24,7 @@ uint8 for 112 px views; shipping them through the object store costs a copy
 and a serialisation per spot and, across nodes, network traffic, for work
 (JPEG/tile decoding) the worker's own cores do next to the engine. A GPU
 worker asks Ray for the node's cores per GPU (up to 8) and uses them as
-reader threads, as a local GPU run does (`cli.engine_defaults`). Separate
+reader threads, as a local GPU run does (`predict.engine_defaults`). Separate
 read tasks were not measured against this.
 
 A worker that dies (killed, out of memory, node lost) is replaced by a new
@@ -150,7 +150,7 @@ class SlideWorker:
     def __init__(self, bundle_path: str, settings: Any, run_id: str, counter: Any, argv: list[str]):
         import socket
 
-        from .cli import engine_defaults
+        from .predict import engine_defaults
         from .engines import open_engines
 
         # provenance records the command the user typed, not the Ray worker's own
@@ -188,9 +188,10 @@ def _first_line(e: BaseException) -> str:
 
 def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, settings: Any,
                   shard: tuple[int, int] | None, address: str, n_workers: int | None) -> int:
-    """The manifest's slides on Ray workers; the same outputs, summary and exit code as `cli.run_batch`."""
+    """The manifest's slides on Ray workers; the same outputs, summary and exit code as `batch.run_batch`."""
     from .claims import new_run_id, release_run_claims
-    from .cli import EXIT_BATCH_FAILED, _echo, check_output_dir, echo_outcome
+    from .batch import check_output_dir, echo_outcome
+    from .predict import EXIT_BATCH_FAILED, _echo
     from .cohort import FAILED, STOP, BatchTally, SlideOutcome
     from .storage import make_output_dir
 

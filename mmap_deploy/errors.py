@@ -15,3 +15,7 @@ class BundleError(UserError):
 
 class EngineMismatchError(BundleError):
     """A TensorRT engine built for another GPU or TensorRT version."""
+
+
+class OutputStorageError(UserError):
+    """The output folder has no room, or cannot be written: a batch stops here (see storage.py)."""

@@ -71,7 +71,7 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:  # a batch stops here: every further slide would fail the same way
-        from .storage import OutputStorageError
+        from .errors import OutputStorageError
 
         raise OutputStorageError(f"{path}: cannot write there ({e.strerror or e}); choose another -o") from None
     return path

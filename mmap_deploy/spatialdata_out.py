@@ -22,17 +22,14 @@ without.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 import warnings
-from glob import escape as glob_escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .atomic import atomic_folder
 from .errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -137,9 +134,11 @@ def to_spatialdata(adata: "anndata.AnnData") -> "spatialdata.SpatialData":
 
 def write_spatialdata(adata: "anndata.AnnData", path: str | Path, overwrite: bool = False) -> Path:
     """Write `adata` as a SpatialData store at `path` atomically; refuse an existing one unless `overwrite`."""
-    from .output import check_output_path
-
-    path = check_output_path(path, overwrite)
+    # (mmap-predict has run output.check_output_path already; a direct call gets the store's own checks)
+    path = Path(path)
+    check_store_path(path, overwrite)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
     sdata = to_spatialdata(adata)
 
     def write(tmp: Path) -> None:
@@ -148,34 +147,5 @@ def write_spatialdata(adata: "anndata.AnnData", path: str | Path, overwrite: boo
             warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
             sdata.write(tmp, update_sdata_path=False)
 
-    atomic_write_folder(path, write)
+    atomic_folder(path, write)
     return path
-
-
-def atomic_write_folder(path: Path, write: Callable[[Path], None]) -> None:
-    """Write a folder through a temporary folder beside `path`, then rename it into place.
-
-    `write(p)` creates the folder `p`. A killed run leaves only its temporary
-    folder (`.{name}.*.tmp`), which the next write of the same output removes.
-    An existing output (the caller checked `--overwrite`) is first moved into
-    the temporary folder and deleted after the new one is in place; a kill
-    between those two renames leaves no output, never a mixed one.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{path}: cannot create its folder ({e.strerror or e}); choose another -o") from None
-    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        new = tmp / path.name
-        write(new)
-        if path.exists():
-            os.replace(path, tmp / "replaced")
-        os.replace(new, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from .errors import OutputStorageError
 
 # Errors of the output folder rather than of the slide.
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
@@ -40,10 +40,6 @@ _PER_SPOT_EXTRA = 96
 _FIXED_EXTRA = 1 << 20
 SPACE_MARGIN = 1.15  # the estimate is within a few % of real files; leave room for the filesystem's own overhead
 PLOT_BYTES = 3 << 20  # a --plot PNG is at most 1000 px a side
-
-
-class OutputStorageError(UserError):
-    """The output folder has no room, or cannot be written: a batch stops here."""
 
 
 def expected_output_bytes(n_spots: int, n_genes: int, embed_dim: int, thumbnail_shape: tuple[int, int],
