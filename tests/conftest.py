@@ -150,3 +150,14 @@ def demo_output_bytes(n_spots: int, width: int, height: int) -> int:
     from mmap_deploy.storage import slide_output_bytes
 
     return slide_output_bytes(n_spots, load_bundle(default_bundle_path()).manifest, width, height)
+
+
+def run_cli(*args, expect: int):
+    """`mmap-predict -q ARGS` in-process; assert the exit code; return click's result (stderr in `.stderr`)."""
+    from click.testing import CliRunner
+
+    from mmap_deploy.cli import main
+
+    r = CliRunner().invoke(main, ["-q", *map(str, args)])
+    assert r.exit_code == expect, f"exit {r.exit_code}\n{r.stderr}\n{r.exception!r}"
+    return r

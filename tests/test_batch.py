@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from mmap_deploy.cli import main, parse_shard, read_manifest
+from conftest import run_cli as batch
+
+from mmap_deploy.cli import parse_shard, read_manifest
 from mmap_deploy.errors import UserError
 
 ad = pytest.importorskip("anndata")
@@ -53,11 +54,6 @@ def cohort(tmp_path):
     )
     return manifest
 
-
-def batch(*args, expect: int):
-    r = CliRunner().invoke(main, ["-q", *map(str, args)])
-    assert r.exit_code == expect, f"exit {r.exit_code}\n{r.stderr}\n{r.exception!r}"
-    return r
 
 
 def test_one_bad_slide_does_not_stop_the_others_and_reruns_skip_finished(cohort, tiny_bundle, tmp_path):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import demo_output_bytes, leave_free
+from conftest import run_cli as run
 
 from mmap_deploy.claims import claim_path
 from mmap_deploy.cli import main
@@ -57,11 +58,6 @@ def cohort(tmp_path):
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
 
-
-def run(*args, expect: int):
-    r = CliRunner().invoke(main, ["-q", *map(str, args)])
-    assert r.exit_code == expect, f"exit {r.exit_code}\n{r.stderr}\n{r.exception!r}"
-    return r
 
 
 def test_ray_batch_equals_the_local_batch_and_reruns_skip(local_ray, cohort, tmp_path):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from conftest import demo_output_bytes, leave_free
+from conftest import run_cli as run
 
-from mmap_deploy.cli import main
 from mmap_deploy.storage import OutputStorageError, expected_output_bytes, output_storage_guard
 
 ad = pytest.importorskip("anndata")
@@ -30,11 +29,6 @@ def write_cohort(folder, n: int = 3):
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
 
-
-def run(*args, expect: int):
-    r = CliRunner().invoke(main, ["-q", *map(str, args)])
-    assert r.exit_code == expect, f"exit {r.exit_code}\n{r.stderr}\n{r.exception!r}"
-    return r
 
 
 def test_single_slide_into_a_full_folder_is_one_line_before_any_work(small_filesystem):
