@@ -175,8 +175,12 @@ def fit_lattice(xy: np.ndarray, array_xy: np.ndarray | None, spec: LatticeSpec |
     return LatticeFit(spec, per_col, per_row, int(keep.sum()), median)
 
 
-def resolution_problem(fit: LatticeFit, mpp: float, mpp_source: str, coords_path: Path) -> str | None:
-    """The refusal line when the run's mpp is more than MPP_TOLERANCE from the lattice's, else None."""
+def resolution_problem(fit: LatticeFit, mpp: float, mpp_source: str, coords_path: Path,
+                       fix: str = f"fix it, or pass {SKIP_FLAG} to run anyway") -> str | None:
+    """The refusal line when the run's mpp is more than MPP_TOLERANCE from the lattice's, else None.
+
+    `fix` ends the line: what the user can do (the runtime names its override).
+    """
     ratio = mpp / fit.mpp
     if abs(ratio - 1.0) <= MPP_TOLERANCE:
         return None
@@ -194,7 +198,7 @@ def resolution_problem(fit: LatticeFit, mpp: float, mpp_source: str, coords_path
     return (
         f"{coords_path}: the spot lattice gives {fit.mpp:.3f} µm per pixel ({fit.spec.describe()} = "
         f"{fit.pitch_px:.1f} px), but the run's resolution is {mpp:.3f} µm per pixel from {mpp_source}, "
-        f"{ratio:.2f}x the lattice's; likely {' or '.join(causes)}; fix it, or pass {SKIP_FLAG} to run anyway"
+        f"{ratio:.2f}x the lattice's; likely {' or '.join(causes)}; {fix}"
     )
 
 

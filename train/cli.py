@@ -25,11 +25,16 @@ def _csv_list(value: str | None) -> list[str] | None:
 
 
 def _sections(data_dir: str | None, manifest: str | None, names: list[str] | None,
-              with_images: bool) -> list[Section]:
-    if bool(data_dir) == bool(manifest):
-        raise UserError("pass exactly one of --data-dir (her2st layout) or --manifest (CSV of slide,coords,expression)")
+              with_images: bool, hest_dir: str | None = None) -> list[Section]:
+    if sum(bool(v) for v in (data_dir, manifest, hest_dir)) != 1:
+        raise UserError("pass exactly one of --data-dir (her2st layout), --manifest (CSV of slide,coords,expression "
+                        "or slide,outs) or --hest-dir (a HEST-1k download)")
     if data_dir:
         return her2st_sections(data_dir, names, with_images=with_images)
+    if hest_dir:
+        from .hest import hest_sections
+
+        return hest_sections(hest_dir, names, with_images=with_images)
     secs = manifest_sections(manifest)
     if names:
         unknown = [n for n in names if n not in {s.name for s in secs}]
@@ -39,17 +44,30 @@ def _sections(data_dir: str | None, manifest: str | None, names: list[str] | Non
     return secs
 
 
-def _genes(genes: str | None, data_dir: str | None) -> list[str]:
+def _names(sections: str | None, ids: str | None) -> list[str] | None:
+    if sections and ids:
+        raise UserError("pass --sections or --ids, not both (--ids names HEST samples, --sections the others)")
+    return _csv_list(sections or ids)
+
+
+def _genes(genes: str | None, data_dir: str | None, top_genes: int | None = None,
+           sections: list[Section] | None = None) -> list[str]:
+    if genes and top_genes:
+        raise UserError("pass --genes FILE or --top-genes N, not both")
     if genes:
         return read_genes(genes)
+    if top_genes:
+        from .datasets import top_variable_genes
+
+        return top_variable_genes(sections or [], top_genes)
     if data_dir:
         return read_genes(Path(data_dir) / "her2st" / "genes_785.txt")
-    raise UserError("pass --genes FILE (one target gene a line)")
+    raise UserError("pass --genes FILE (one target gene a line) or --top-genes N")
 
 
-def sections_from_dirs(names: list[str], counts_dir: str | Path, spots_dir: str | Path) -> list[Section]:
+def sections_from_dirs(names: list[str], counts_dir: str | Path, spots_dir: str | Path | None) -> list[Section]:
     """Sections named by a feature cache, with counts `{s}.tsv.gz`/`{s}.h5ad` and spots `{s}_selection.tsv`."""
-    counts_dir, spots_dir = Path(counts_dir), Path(spots_dir)
+    counts_dir = Path(counts_dir)
     out = []
     for n in names:
         counts = next((p for p in (counts_dir / f"{n}.tsv.gz", counts_dir / f"{n}.tsv", counts_dir / f"{n}.h5ad")
@@ -57,36 +75,55 @@ def sections_from_dirs(names: list[str], counts_dir: str | Path, spots_dir: str 
         if counts is None:
             raise UserError(f"{counts_dir}: no counts for section {n} ({n}.tsv.gz or {n}.h5ad); "
                             "pass --counts pointing at the folder of count tables")
-        coords = spots_dir / f"{n}_selection.tsv"
-        out.append(Section(n, counts=counts, coords=coords if coords.is_file() else None))
+        coords = Path(spots_dir) / f"{n}_selection.tsv" if spots_dir else None
+        out.append(Section(n, counts=counts, coords=coords if coords and coords.is_file() else None))
     return out
 
 
 def _check_spots(sections: list[Section], feats: dict) -> None:
     """Every cached spot must be in its section's spot table, when that table is there."""
+    from .datasets import section_spots
+
     for sec in sections:
         if sec.coords is None:
             log.info("%s: no spot table; spot ids are checked against the counts only", sec.name)
             continue
-        from mmap_deploy.coords import read_coords
-
-        ids = set(read_coords(sec.coords, all_spots=True).ids)
+        ids = set(section_spots(sec, all_spots=True).ids)
         bad = [s for s in feats[sec.name].spot_ids if s not in ids]
         if bad:
             raise UserError(f"{sec.coords}: spot '{bad[0]}' of the feature cache is not in this spot table "
                             f"({len(bad)} such spots); the cache and the spots folder describe different sections")
 
 
-def _load_cache_and_targets(features: str, counts: str, spots: str, genes_file: str, names: list[str] | None):
+def _label_sources(counts, spots, manifest, hest_dir, cached: list[str]) -> list[Section]:
+    """The cached sections' counts and positions: --counts/--spots folders, a --manifest or a --hest-dir."""
+    if sum(bool(v) for v in (counts, manifest, hest_dir)) != 1:
+        raise UserError("pass exactly one of --counts (with --spots), --manifest or --hest-dir for the sections' counts")
+    if counts:
+        return sections_from_dirs(cached, counts, spots)
+    if hest_dir:
+        from .hest import hest_sections
+
+        return hest_sections(hest_dir, cached, with_images=False)
+    by_name = {s.name: s for s in manifest_sections(manifest)}
+    unknown = [n for n in cached if n not in by_name]
+    if unknown:
+        raise UserError(f"{manifest}: no row for the cached section(s) {', '.join(unknown)}")
+    return [by_name[n] for n in cached]
+
+
+def _load_cache_and_targets(features: str, genes_file: str, names: list[str] | None, *, counts=None, spots=None,
+                            manifest=None, hest_dir=None):
+    """(genes, cached features, targets, patient of each section) for phase 2, evaluate and cv."""
     from .datasets import load_targets
     from .features import read_cache
 
     genes = read_genes(genes_file)
     feats = read_cache(features, names)
-    secs = sections_from_dirs(list(feats), counts, spots)
+    secs = _label_sources(counts, spots, manifest, hest_dir, list(feats))
     _check_spots(secs, feats)
     targets = {s.name: load_targets(s, genes) for s in secs}
-    return genes, feats, targets
+    return genes, feats, targets, {s.name: s.patient_id for s in secs}
 
 
 def _finite_or_null(value):
@@ -110,8 +147,22 @@ def cli(verbose: bool) -> None:
 
 data_options = [
     click.option("--data-dir", type=click.Path(file_okay=False), help="Folder holding her2st/ (images, spots, counts)."),
-    click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with columns slide,coords,expression[,section,mpp]."),
+    click.option("--manifest", type=click.Path(dir_okay=False),
+                 help="CSV with columns slide,coords,expression[,section,mpp,patient], or slide,outs "
+                      "(Space Ranger outs/ folders)."),
+    click.option("--hest-dir", type=click.Path(file_okay=False),
+                 help="A HEST-1k download (wsis/, st/, metadata/), in place of --data-dir or --manifest."),
     click.option("--sections", help="Comma-separated sections to use (default: all with images)."),
+    click.option("--ids", help="Comma-separated HEST sample IDs to use (default: every sample in --hest-dir)."),
+]
+
+label_options = [
+    click.option("--counts", type=click.Path(file_okay=False), help="Folder of {section}.tsv.gz / .h5ad counts."),
+    click.option("--spots", type=click.Path(file_okay=False), help="Folder of {section}_selection.tsv spot tables (with --counts)."),
+    click.option("--manifest", type=click.Path(dir_okay=False),
+                 help="The training manifest (slide,coords,expression or slide,outs), in place of --counts."),
+    click.option("--hest-dir", type=click.Path(file_okay=False), help="A HEST-1k download, in place of --counts."),
+    click.option("--ids", help="Comma-separated HEST sample IDs of the cache to use (default: all)."),
 ]
 
 
@@ -127,7 +178,9 @@ def _add(options):
 @_add(data_options)
 @click.option("--val-sections", help="Comma-separated validation sections (default: 20% of the sections, seeded).")
 @click.option("--genes", type=click.Path(dir_okay=False), help="Target genes, one a line (her2st default: genes_785.txt).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (checkpoints, log).")
+@click.option("--top-genes", type=int, default=None,
+              help="Instead of --genes: the N most variable genes of the training sections (written to OUT/genes.txt).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (checkpoints, log, genes.txt).")
 @click.option("--backbone", type=click.Choice(list(BACKBONES)), default="uni", show_default=True,
               help="; ".join(f"{b.name}: {b.about}" for b in BACKBONES.values()) + ".")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), help="Local UNI weights file (never downloaded).")
@@ -150,9 +203,9 @@ def _add(options):
 @click.option("--no-amp", is_flag=True, help="No bfloat16 autocast on GPU.")
 @click.option("--loader-threads", type=int, default=1, show_default=True, help="Threads making the next batches' views.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
-def phase1(data_dir, manifest, sections, val_sections, genes, out, backbone, backbone_weights, lora_blocks,
-           input_size, epochs, batch_size, accumulate, lr, min_lr, weight_decay, mag_start_epoch, seed,
-           max_steps, threads, device, no_amp, loader_threads, resume):
+def phase1(data_dir, manifest, hest_dir, sections, ids, val_sections, genes, top_genes, out, backbone,
+           backbone_weights, lora_blocks, input_size, epochs, batch_size, accumulate, lr, min_lr, weight_decay,
+           mag_start_epoch, seed, max_steps, threads, device, no_amp, loader_threads, resume):
     """Train the multi-magnification encoder (phase 1) on slides and their counts.
 
     Data-parallel on N GPUs: torchrun --nproc_per_node N -m mmap_train.cli phase1 ... (rank 0 writes OUT).
@@ -161,9 +214,10 @@ def phase1(data_dir, manifest, sections, val_sections, genes, out, backbone, bac
     from .config import MMAPConfig
     from .phase1 import Phase1Recipe, load_spot_set, train_phase1
 
-    secs = _sections(data_dir, manifest, _csv_list(sections), with_images=True)
-    gene_list = _genes(genes, data_dir)
+    secs = _sections(data_dir, manifest, _names(sections, ids), with_images=True, hest_dir=hest_dir)
     train_names, val_names = split_sections([s.name for s in secs], _csv_list(val_sections))
+    gene_list = _genes(genes, data_dir, top_genes, [s for s in secs if s.name in train_names])
+    _write_genes(Path(out) / "genes.txt", gene_list)
     try:
         spec = get_backbone(backbone).view_spec(input_size=input_size)
         cfg = MMAPConfig(genes=gene_list, backbone=backbone, backbone_weights=backbone_weights or "",
@@ -182,25 +236,31 @@ def phase1(data_dir, manifest, sections, val_sections, genes, out, backbone, bac
     click.echo(f"phase 1: {len(res['history'])} epochs logged; checkpoint {res['checkpoint']}", err=True)
 
 
+def _write_genes(path: Path, genes: list[str]) -> None:
+    """The run's target genes, one a line: the --genes FILE of the later steps."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(genes) + "\n")
+
+
 @cli.command()
 @_add(data_options)
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Phase-1 (or later) checkpoint.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder ({section}_f.npy, _y1.npy, _spots.txt).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Spots per encoder call.")
 @click.option("--overwrite", is_flag=True, help="Recompute sections already in the cache.")
-def features(data_dir, manifest, sections, checkpoint, out, batch_size, overwrite):
+def features(data_dir, manifest, hest_dir, sections, ids, checkpoint, out, batch_size, overwrite):
     """Compute f and y1 of every spot of every slide with a phase-1 checkpoint."""
     from .features import compute_features
 
-    secs = _sections(data_dir, manifest, _csv_list(sections), with_images=True)
+    secs = _sections(data_dir, manifest, _names(sections, ids), with_images=True, hest_dir=hest_dir)
     written = compute_features(checkpoint, secs, out, batch_size=batch_size, overwrite=overwrite)
     click.echo(f"feature cache {out}: wrote {len(written)} section(s)", err=True)
 
 
 @cli.command()
 @click.option("--features", "features_dir", required=True, type=click.Path(file_okay=False), help="Feature cache folder.")
-@click.option("--counts", required=True, type=click.Path(file_okay=False), help="Folder of {section}.tsv.gz / .h5ad counts.")
-@click.option("--spots", required=True, type=click.Path(file_okay=False), help="Folder of {section}_selection.tsv spot tables.")
+@_add(label_options)
 @click.option("--genes", required=True, type=click.Path(dir_okay=False), help="Target genes, one a line (the order of y1's columns).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Writes OUT/checkpoint.pt and OUT/log.json.")
 @click.option("--sections", help="Comma-separated sections of the cache to use (default: all).")
@@ -222,14 +282,15 @@ def features(data_dir, manifest, sections, checkpoint, out, batch_size, overwrit
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the head's initialisation and order.")
 @click.option("--max-steps", type=int, default=0, help="Stop after this many optimiser steps (smoke runs).")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice).")
-def phase2(features_dir, counts, spots, genes, out, sections, val_sections, init_ckpt, head_average, l_fixed,
+def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sections, val_sections, init_ckpt, head_average, l_fixed,
            epochs, lr, weight_decay, batch_size, keep, average_last, dropout, seed, max_steps, threads):
     """Train the prototype-aware fusion head (phase 2) on a feature cache."""
     from mmap_deploy.prototypes import PrototypeRule
 
     from .phase2 import Phase2Recipe, config_for_cache, load_init, train_phase2
 
-    gene_list, feats, targets = _load_cache_and_targets(features_dir, counts, spots, genes, _csv_list(sections))
+    gene_list, feats, targets, _ = _load_cache_and_targets(features_dir, genes, _names(sections, ids), counts=counts,
+                                                           spots=spots, manifest=manifest, hest_dir=hest_dir)
     recipe = Phase2Recipe(seed=seed, threads=threads)
     for k, v in (("epochs", epochs), ("lr", lr), ("weight_decay", weight_decay), ("batch_size", batch_size),
                  ("keep", keep), ("average_last", average_last)):
@@ -259,17 +320,17 @@ def phase2(features_dir, counts, spots, genes, out, sections, val_sections, init
 @cli.command()
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Phase-2 checkpoint to evaluate.")
 @click.option("--features", "features_dir", required=True, type=click.Path(file_okay=False), help="Feature cache folder.")
-@click.option("--counts", required=True, type=click.Path(file_okay=False), help="Folder of {section}.tsv.gz / .h5ad counts.")
-@click.option("--spots", required=True, type=click.Path(file_okay=False), help="Folder of {section}_selection.tsv spot tables.")
+@_add(label_options)
 @click.option("--genes", required=True, type=click.Path(dir_okay=False), help="Target genes, one a line (the checkpoint's).")
 @click.option("--json", "json_out", required=True, type=click.Path(dir_okay=False), help="Where to write the metrics.")
 @click.option("--sections", help="Comma-separated sections of the cache to evaluate (default: all).")
-def evaluate(checkpoint, features_dir, counts, spots, genes, json_out, sections):
+def evaluate(checkpoint, features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, sections):
     """Predict every cached section (k-means per section, as at run time) and write the metrics as JSON."""
     from .phase2 import evaluate_checkpoint
 
-    gene_list, feats, targets = _load_cache_and_targets(features_dir, counts, spots, genes, _csv_list(sections))
-    m = evaluate_checkpoint(checkpoint, feats, targets)
+    gene_list, feats, targets, patients = _load_cache_and_targets(
+        features_dir, genes, _names(sections, ids), counts=counts, spots=spots, manifest=manifest, hest_dir=hest_dir)
+    m = evaluate_checkpoint(checkpoint, feats, targets, patients=patients)
     m["checkpoint"] = str(checkpoint)
     m["sections"] = sorted(m["per_section"])
     with atomic_path(Path(json_out)) as tmp:
@@ -295,8 +356,7 @@ def metrics_table(m: dict) -> str:
 
 @cli.command()
 @click.option("--features", "features_dir", required=True, type=click.Path(file_okay=False), help="Feature cache folder.")
-@click.option("--counts", required=True, type=click.Path(file_okay=False), help="Folder of {section}.tsv.gz / .h5ad counts.")
-@click.option("--spots", required=True, type=click.Path(file_okay=False), help="Folder of {section}_selection.tsv spot tables.")
+@_add(label_options)
 @click.option("--genes", required=True, type=click.Path(dir_okay=False), help="Target genes, one a line (the order of y1's columns).")
 @click.option("--json", "json_out", required=True, type=click.Path(dir_okay=False),
               help="Where to write per-fold and mean ± sd metrics (rewritten after each fold).")
@@ -307,7 +367,7 @@ def metrics_table(m: dict) -> str:
 @click.option("--patients", help="Comma-separated patients (held-out folds) to run (default: every patient).")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Folds run at once, in worker processes.")
 @click.option("--threads", type=int, default=1, show_default=True, help="CPU threads for torch (per process).")
-def cv(features_dir, counts, spots, genes, json_out, sections, candidates, epochs, max_steps, patients, jobs, threads):
+def cv(features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, sections, candidates, epochs, max_steps, patients, jobs, threads):
     """Leave-one-patient-out comparison of phase-2 recipes with y1 and a ridge probe on f."""
     import torch
 
@@ -319,7 +379,8 @@ def cv(features_dir, counts, spots, genes, json_out, sections, candidates, epoch
         raise UserError(f"--candidates: unknown recipe(s) {', '.join(unknown)}; known: {', '.join(CANDIDATES)}")
     if threads > 0:
         torch.set_num_threads(threads)
-    gene_list, feats, targets = _load_cache_and_targets(features_dir, counts, spots, genes, _csv_list(sections))
+    gene_list, feats, targets, patient_map = _load_cache_and_targets(
+        features_dir, genes, _names(sections, ids), counts=counts, spots=spots, manifest=manifest, hest_dir=hest_dir)
     out = Path(json_out)
 
     import os
@@ -337,7 +398,8 @@ def cv(features_dir, counts, spots, genes, json_out, sections, candidates, epoch
         tmp.replace(out)
 
     res = cross_validate(gene_list, feats, targets, {n: CANDIDATES[n] for n in names}, epochs=epochs,
-                         max_steps=max_steps, patients=_csv_list(patients), jobs=jobs, on_fold=write)
+                         max_steps=max_steps, patients=_csv_list(patients), jobs=jobs, on_fold=write,
+                         patient_of=patient_map)
     write(res)
     click.echo(table(res), err=True)
     c = res["choice"]

@@ -71,9 +71,19 @@ CANDIDATES: dict[str, Candidate] = {
 }
 
 
-def patient_folds(names: list[str]) -> dict[str, list[str]]:
-    """Sections grouped by patient, patients sorted; UserError with fewer than 2 patients."""
+def patient_folds(names: list[str], patient_of_section: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Sections grouped by patient, patients sorted; UserError with fewer than 2 patients.
+
+    `patient_of_section` names each section's patient (HEST: the metadata's);
+    otherwise the name's leading letters (`datasets.patient_of`).
+    """
     folds: dict[str, list[str]] = {}
+    if patient_of_section:
+        for n in sorted(names):
+            folds.setdefault(patient_of_section.get(n) or patient_of(n), []).append(n)
+        if len(folds) < 2:
+            raise UserError(f"cross-validation needs sections of at least 2 patients, got {', '.join(folds) or 'none'}")
+        return dict(sorted(folds.items()))
     for n in sorted(names):
         if not re.match(r"[A-Za-z]", n):
             raise UserError(f"section {n!r}: its name does not start with a patient letter (e.g. B1); "
@@ -136,10 +146,10 @@ def ridge_alpha(feats, targets, folds: dict[str, list[str]], alphas=RIDGE_ALPHAS
 class _Folds:
     """What every fold needs, built once: data, candidates, and k-means banks per section and rule."""
 
-    def __init__(self, genes, feats, targets, candidates, epochs, max_steps, progress):
+    def __init__(self, genes, feats, targets, candidates, epochs, max_steps, progress, patient_of=None):
         self.genes, self.feats, self.targets, self.candidates = genes, feats, targets, candidates
         self.epochs, self.max_steps, self.progress = epochs, max_steps, progress
-        self.folds = patient_folds(list(feats))
+        self.folds = patient_folds(list(feats), patient_of)
         self.dim = next(iter(feats.values())).f.shape[1]
         self.prepared: dict[int, dict[str, Any]] = {}  # l_fixed -> section -> PreparedSection or None
 
@@ -227,15 +237,17 @@ def _run_in_worker(patient: str):
 def cross_validate(genes: list[str], feats: dict[str, SectionFeatures], targets: dict[str, Targets],
                    candidates: dict[str, Candidate], *, epochs: int | None = None, max_steps: int = 0,
                    patients: list[str] | None = None, jobs: int = 1, progress: bool = False,
-                   on_fold=None) -> dict[str, Any]:
+                   on_fold=None, patient_of: dict[str, str] | None = None) -> dict[str, Any]:
     """Leave-one-patient-out scores of y1, ridge on f and every candidate; see the module docstring.
+
+    `patient_of` maps each section to its patient (default: its name's leading letters).
 
     `epochs` overrides every candidate's epochs (smoke runs); `patients` runs
     only those folds; `jobs` > 1 runs folds in that many worker processes (one
     torch thread each; each gets a copy of the data once). `on_fold(results)` is called after each fold with the
     results so far (e.g. to write them).
     """
-    work = _Folds(genes, feats, targets, candidates, epochs, max_steps, progress)
+    work = _Folds(genes, feats, targets, candidates, epochs, max_steps, progress, patient_of)
     todo = patients or list(work.folds)
     unknown = [p for p in todo if p not in work.folds]
     if unknown:

@@ -1,13 +1,23 @@
 """Training data: sections (slide + spots + counts), expression targets, and spot patches.
 
-Two layouts:
+Three layouts:
 
 - her2st (`--data-dir`): `her2st/images/{section}.jpg`, `her2st/spots/{section}_selection.tsv`,
   `her2st/counts/{section}.tsv.gz` (spots x genes, raw counts), `her2st/genes_785.txt`.
 - generic (`--manifest sections.csv`): one row per section with columns `slide`,
   `coords`, `expression` (an `.h5ad` of raw counts whose obs_names are the spot
-  ids that the coords file gives) and optionally `section` and `mpp`. Relative
-  paths are relative to the CSV file.
+  ids that the coords file gives) and optionally `section`, `mpp` and
+  `patient`. `coords` may be anything `mmap-predict` takes as COORDS. A row may
+  give a Space Ranger `outs/` folder instead of `coords` and `expression`
+  (column `outs`, or `coords` naming the folder with `expression` empty):
+  counts from `filtered_feature_bc_matrix.h5`, positions from `spatial/`.
+  Relative paths are relative to the CSV file.
+- HEST-1k (`--hest-dir DIR`): `wsis/{id}.tif`, `st/{id}.h5ad`,
+  `metadata/{id}.json` (see `train.hest`).
+
+Spot positions and resolution of Space Ranger and HEST sections are checked
+as at run time: the spot lattice's µm per pixel against the slide's (or the
+metadata's), more than 10% apart is an error (`resolve_section_mpp`).
 
 Targets: per spot, library-size normalise the counts over the target genes to
 10 000, then log10(1 + x). A target gene absent from a section's table counts
@@ -26,6 +36,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,17 +50,42 @@ TARGET_SUM = 1e4
 
 @dataclass
 class Section:
-    """One tissue section: where its slide, spot table and counts are."""
+    """One tissue section: where its slide, spot positions and counts are.
+
+    `coords` is what `mmap-predict` takes as COORDS (a table, or a Space
+    Ranger / Visium HD folder), or, with `positions="h5ad"`, an AnnData file
+    whose obs carry the pixel positions (HEST). `patient` groups sections for
+    per-patient metrics and cross-validation (default: `patient_of(name)`).
+    """
 
     name: str
     counts: Path
     slide: Path | None = None
     coords: Path | None = None
     mpp: float | None = None
+    patient: str | None = None
+    positions: str = "table"  # "table" (the runtime's COORDS reader) or "h5ad" (HEST's st/ files)
 
     @property
     def has_image(self) -> bool:
         return self.slide is not None and self.slide.is_file()
+
+    @property
+    def patient_id(self) -> str:
+        return self.patient or patient_of(self.name)
+
+
+def section_spots(section: Section, all_spots: bool = False):
+    """The section's spots (`mmap_deploy.coords.Spots`): in-tissue only unless `all_spots`."""
+    if section.coords is None:
+        raise UserError(f"section {section.name}: no spot coordinates file")
+    if section.positions == "h5ad":
+        from .hest import read_h5ad_positions
+
+        return read_h5ad_positions(section.coords, all_spots=all_spots)
+    from mmap_deploy.layouts import read_spot_input
+
+    return read_spot_input(section.coords, all_spots=all_spots).spots
 
 
 @dataclass
@@ -101,65 +137,124 @@ def log_normalise(counts: np.ndarray) -> np.ndarray:
     return np.log10(1.0 + scaled).astype(np.float32)
 
 
-def _counts_matrix(spot_ids: list[str], table_genes: list[str], matrix: np.ndarray, genes: list[str],
-                   where: str) -> tuple[np.ndarray, list[str]]:
-    """Pick `genes` (in that order) from a counts table; missing genes become 0 columns."""
-    col = {g: i for i, g in enumerate(table_genes)}
-    if len(col) != len(table_genes):
-        dup = next(g for g in table_genes if table_genes.count(g) > 1)
-        raise UserError(f"{where}: gene column '{dup}' appears twice; merge or remove the duplicate")
-    if len(set(spot_ids)) != len(spot_ids):
-        dup = next(s for s in spot_ids if spot_ids.count(s) > 1)
-        raise UserError(f"{where}: spot '{dup}' has two rows; each spot must appear once")
-    out = np.zeros((len(spot_ids), len(genes)), dtype=np.float64)
-    missing = []
-    for j, g in enumerate(genes):
-        i = col.get(g)
-        if i is None:
-            missing.append(g)
-        else:
-            out[:, j] = matrix[:, i]
-    if np.any(out < 0) or not np.all(np.isfinite(out)):
-        raise UserError(f"{where}: counts must be finite and non-negative (raw counts, not log values)")
-    return out, missing
+@dataclass
+class CountsTable:
+    """A raw counts table as read: spots x all its genes (numpy or scipy sparse)."""
+
+    spot_ids: list[str]
+    genes: list[str]
+    matrix: Any
+    path: Path
+
+    def pick(self, genes: list[str]) -> tuple[np.ndarray, list[str]]:
+        """(N, len(genes)) float64 counts of `genes` in that order (absent genes are 0 columns), and the absent."""
+        where = str(self.path)
+        col: dict[str, int] = {}
+        for i, g in enumerate(self.genes):
+            if g in col:
+                raise UserError(f"{where}: gene column '{g}' appears twice; merge or remove the duplicate")
+            col[g] = i
+        seen: set[str] = set()
+        for s in self.spot_ids:
+            if s in seen:
+                raise UserError(f"{where}: spot '{s}' has two rows; each spot must appear once")
+            seen.add(s)
+        present = [(j, col[g]) for j, g in enumerate(genes) if g in col]
+        missing = [g for g in genes if g not in col]
+        out = np.zeros((len(self.spot_ids), len(genes)), dtype=np.float64)
+        if present:
+            dst, src = (np.asarray(v, dtype=np.int64) for v in zip(*present))
+            block = self.matrix[:, src]
+            out[:, dst] = block.toarray() if hasattr(block, "toarray") else np.asarray(block, dtype=np.float64)
+        if np.any(out < 0) or not np.all(np.isfinite(out)):
+            raise UserError(f"{where}: counts must be finite and non-negative (raw counts, not log values)")
+        return out, missing
 
 
-def read_counts_tsv(path: str | Path, genes: list[str]) -> tuple[list[str], np.ndarray, list[str]]:
-    """A her2st counts table (spots x genes, tab-separated) -> (spot ids, counts (N, G), missing genes)."""
+def _tsv_table(path: Path) -> CountsTable:
     import pandas as pd
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: counts table not found")
     try:
         # whole table at once: pandas' usecols with thousands of columns is far slower
         df = pd.read_csv(path, sep="\t", index_col=0)
     except (ValueError, pd.errors.ParserError) as e:
         raise UserError(f"{path}: cannot read the counts table ({e}); expected spots as rows and genes as columns") from None
-    ids = [str(s) for s in df.index]
-    counts, missing = _counts_matrix(ids, [str(c) for c in df.columns], df.to_numpy(), genes, str(path))
-    return ids, counts, missing
+    return CountsTable([str(s) for s in df.index], [str(c) for c in df.columns], df.to_numpy(), path)
 
 
-def read_counts_h5ad(path: str | Path, genes: list[str]) -> tuple[list[str], np.ndarray, list[str]]:
-    """An AnnData file of raw counts (obs = spots, var = genes) -> (spot ids, counts (N, G), missing genes)."""
+def _h5ad_table(path: Path) -> CountsTable:
+    """An AnnData file of raw counts; with an obs `in_tissue` column, only the in-tissue spots (as at run time)."""
     import anndata as ad
 
+    try:
+        adata = ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"{path}: cannot read this AnnData file ({e}); re-copy it") from None
+    x = adata.X
+    if x is None:
+        raise UserError(f"{path}: the AnnData file has no X matrix of counts")
+    ids = [str(s) for s in adata.obs_names]
+    if "in_tissue" in adata.obs:
+        keep = np.asarray(adata.obs["in_tissue"]).astype(float) == 1
+        x = x[np.flatnonzero(keep)]
+        ids = [i for i, k in zip(ids, keep) if k]
+    return CountsTable(ids, [str(g) for g in adata.var_names], x, path)
+
+
+def _tenx_h5_table(path: Path) -> CountsTable:
+    """Space Ranger's `filtered_feature_bc_matrix.h5`: barcodes x "Gene Expression" features, by gene name.
+
+    Space Ranger stores features x barcodes (CSC); a few gene names occur
+    twice (different Ensembl ids): their counts are summed under the name.
+    """
+    import h5py
+    import scipy.sparse as sp
+
+    try:
+        with h5py.File(path, "r") as h5:
+            g = h5["matrix"]
+            shape = tuple(int(v) for v in g["shape"][()])
+            m = sp.csc_matrix((g["data"][()], g["indices"][()], g["indptr"][()]), shape=shape)
+            barcodes = [b.decode() for b in g["barcodes"][()]]
+            names = [n.decode() for n in g["features/name"][()]]
+            types = ([t.decode() for t in g["features/feature_type"][()]]
+                     if "feature_type" in g["features"] else ["Gene Expression"] * len(names))
+    except (OSError, KeyError) as e:
+        raise UserError(f"{path}: not a Space Ranger feature-barcode matrix ({e}); "
+                        "pass the outs/ folder that holds filtered_feature_bc_matrix.h5") from None
+    rows = [i for i, t in enumerate(types) if t == "Gene Expression"]
+    genes = list(dict.fromkeys(names[i] for i in rows))
+    index = {n: j for j, n in enumerate(genes)}
+    merge = sp.csr_matrix((np.ones(len(rows)), (np.arange(len(rows)), [index[names[i]] for i in rows])),
+                          shape=(len(rows), len(genes)))
+    counts = (m[rows].T.tocsr() @ merge).tocsc()  # barcodes x unique gene names
+    return CountsTable(barcodes, genes, counts, path)
+
+
+def read_counts(path: str | Path) -> CountsTable:
+    """A counts table by its suffix: `.h5ad` (AnnData), `.h5` (Space Ranger), else a tab-separated table."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: expression file not found")
-    adata = ad.read_h5ad(path)
-    x = adata.X
-    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-    ids = [str(s) for s in adata.obs_names]
-    counts, missing = _counts_matrix(ids, [str(g) for g in adata.var_names], x, genes, str(path))
-    return ids, counts, missing
+        raise UserError(f"{path}: counts table not found")
+    if path.suffix == ".h5ad":
+        return _h5ad_table(path)
+    if path.suffix == ".h5":
+        return _tenx_h5_table(path)
+    return _tsv_table(path)
+
+
+def read_counts_tsv(path: str | Path, genes: list[str]) -> tuple[list[str], np.ndarray, list[str]]:
+    """A her2st counts table (spots x genes, tab-separated) -> (spot ids, counts (N, G), missing genes)."""
+    table = read_counts(path)
+    counts, missing = table.pick(genes)
+    return table.spot_ids, counts, missing
 
 
 def load_targets(section: Section, genes: list[str]) -> Targets:
     """Read a section's counts and turn them into log-normalised targets."""
-    reader = read_counts_h5ad if section.counts.suffix == ".h5ad" else read_counts_tsv
-    ids, counts, missing = reader(section.counts, genes)
+    table = read_counts(section.counts)
+    counts, missing = table.pick(genes)
+    ids = table.spot_ids
     if missing:
         log.info("%s: %d of %d target genes are absent from the counts table; counted as 0",
                  section.counts, len(missing), len(genes))
@@ -198,49 +293,148 @@ def her2st_sections(data_dir: str | Path, names: list[str] | None = None,
     return out
 
 
+SPACERANGER_COUNTS = "filtered_feature_bc_matrix.h5"
+
+
 def manifest_sections(path: str | Path) -> list[Section]:
-    """Sections listed in a CSV manifest with columns slide, coords, expression[, section, mpp]."""
+    """Sections listed in a CSV manifest: slide, and coords + expression or a Space Ranger outs folder.
+
+    Optional columns: section (default: the slide's stem), mpp, patient.
+    Space Ranger rows get their resolution checked against the spot lattice
+    (`resolve_section_mpp`).
+    """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: manifest not found; write a CSV with columns slide,coords,expression")
+        raise UserError(f"{path}: manifest not found; write a CSV with columns slide,coords,expression "
+                        "(or slide,outs for Space Ranger folders)")
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    need = {"slide", "coords", "expression"}
     if not rows:
         raise UserError(f"{path}: the manifest has no rows; add one row per section (slide,coords,expression)")
-    lacking = need - set(rows[0])
-    if lacking:
-        raise UserError(f"{path}: missing column(s) {', '.join(sorted(lacking))}; "
-                        "the header must name slide,coords,expression")
+    header = set(rows[0])
+    if "slide" not in header or not ({"coords", "expression"} <= header or {"outs", "coords"} & header):
+        lacking = sorted({"slide", "coords", "expression"} - header)
+        raise UserError(f"{path}: missing column(s) {', '.join(lacking)}; the header must name "
+                        "slide,coords,expression (or slide,outs with Space Ranger outs/ folders)")
     out, names = [], set()
     for i, row in enumerate(rows, start=2):
+        def value(key: str) -> str:
+            return (row.get(key) or "").strip()
+
         def resolve(key: str) -> Path:
-            value = (row.get(key) or "").strip()
-            if not value:
+            if not value(key):
                 raise UserError(f"{path}, row {i}: empty '{key}'")
-            p = Path(value)
+            p = Path(value(key))
             p = p if p.is_absolute() else path.parent / p
             if not p.exists():
                 raise UserError(f"{path}, row {i}: {key} file {p} does not exist")
             return p
 
-        slide, coords, expr = resolve("slide"), resolve("coords"), resolve("expression")
-        if expr.suffix != ".h5ad":
-            raise UserError(f"{path}, row {i}: expression must be an .h5ad file of raw counts, got {expr.name}")
-        name = (row.get("section") or "").strip() or slide.stem
+        slide = resolve("slide")
+        outs_key = "outs" if value("outs") else ("coords" if not value("expression") else None)
+        if outs_key:
+            coords = resolve(outs_key)
+            expr = next((c for c in (coords / SPACERANGER_COUNTS, coords.parent / SPACERANGER_COUNTS)
+                         if coords.is_dir() and c.is_file()), None)
+            if expr is None:
+                raise UserError(f"{path}, row {i}: {coords} has no {SPACERANGER_COUNTS}; pass Space Ranger's "
+                                "outs/ folder, or give the counts in an 'expression' column")
+        else:
+            coords, expr = resolve("coords"), resolve("expression")
+            if expr.suffix not in (".h5ad", ".h5"):
+                raise UserError(f"{path}, row {i}: expression must be an .h5ad file of raw counts "
+                                f"(or Space Ranger's .h5), got {expr.name}")
+        name = value("section") or slide.stem
         if name in names:
             raise UserError(f"{path}, row {i}: section name '{name}' is used twice; add a unique 'section' column")
         names.add(name)
         mpp = None
-        if (row.get("mpp") or "").strip():
+        if value("mpp"):
             try:
                 mpp = float(row["mpp"])
             except ValueError:
                 raise UserError(f"{path}, row {i}: mpp '{row['mpp']}' is not a number") from None
             if not mpp > 0:
                 raise UserError(f"{path}, row {i}: mpp must be positive, got {mpp}")
-        out.append(Section(name, counts=expr, slide=slide, coords=coords, mpp=mpp))
+        sec = Section(name, counts=expr, slide=slide, coords=coords, mpp=mpp, patient=value("patient") or None)
+        if outs_key:
+            sec.mpp = resolve_section_mpp(sec, mpp_source=f"{path} row {i} mpp column" if mpp else None)
+        out.append(sec)
     return out
+
+
+def resolve_section_mpp(section: Section, *, mpp_source: str | None = None,
+                        fix: str = "correct the manifest's mpp column or the coordinates") -> float:
+    """The section's µm per pixel, checked as `mmap-predict` checks it, for sections read from folders.
+
+    The slide's own resolution (or `section.mpp`, named by `mpp_source`), else
+    the spot lattice's; when the spots lie on a known lattice and the two
+    differ by more than `geometry.MPP_TOLERANCE`, a UserError names both.
+    """
+    from mmap_deploy.geometry import MPP_TOLERANCE, fit_lattice, resolution_problem
+    from mmap_deploy.layouts import read_spot_input
+    from mmap_deploy.slide import open_slide
+
+    if section.positions == "h5ad":
+        from .hest import h5ad_lattice
+
+        spots, spec = h5ad_lattice(section.coords)
+        hd_mpp = None
+    else:
+        si = read_spot_input(section.coords)
+        spots, spec, hd_mpp = si.spots, si.lattice, si.hd_mpp
+    fit = fit_lattice(spots.xy, spots.array_xy, spec)
+    fallback = (fit.mpp, fit.source()) if fit is not None else None
+    if fallback is None and hd_mpp:
+        fallback = (hd_mpp, "scalefactors_json.json microns_per_pixel")
+    with open_slide(section.slide, mpp=section.mpp, fallback_mpp=fallback) as slide:
+        mpp, source = slide.mpp, (mpp_source if slide.mpp_source == "--mpp" and mpp_source else slide.mpp_source)
+        own = slide.metadata_mpp
+    if section.mpp is not None and own is not None and abs(own[0] / mpp - 1.0) > MPP_TOLERANCE:
+        raise UserError(f"section {section.name}: {source} gives {mpp:.3f} µm per pixel but the slide "
+                        f"{section.slide} says {own[0]:.3f} ({own[1]}); one of them is wrong: {fix}")
+    if fit is not None:
+        problem = resolution_problem(fit, mpp, source, section.coords, fix=fix)
+        if problem:
+            raise UserError(f"section {section.name}: {problem}")
+    return float(mpp)
+
+
+def top_variable_genes(sections: list[Section], n: int) -> list[str]:
+    """The `n` genes of highest variance of log10(1 + counts per 10 000), pooled over the sections' spots.
+
+    Library sizes are over all of a spot's genes; candidates are the genes
+    every section's table has (so no target is 0 by absence). Ties go to the
+    name that sorts first. The usual "highly variable genes" idea, kept to
+    one pass over sparse counts without scanpy.
+    """
+    import scipy.sparse as sp
+
+    if n < 1:
+        raise UserError(f"--top-genes must be at least 1, got {n}")
+    common: set[str] | None = None
+    total, total_sq, spots = {}, {}, 0
+    for sec in sections:
+        table = read_counts(sec.counts)
+        x = sp.csr_matrix(table.matrix, dtype=np.float64)
+        lib = np.asarray(x.sum(axis=1)).ravel()
+        scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
+        y = sp.diags(scale) @ x
+        y.data = np.log10(1.0 + y.data)
+        s1 = np.asarray(y.sum(axis=0)).ravel()
+        s2 = np.asarray(y.multiply(y).sum(axis=0)).ravel()
+        for j, g in enumerate(table.genes):
+            total[g] = total.get(g, 0.0) + s1[j]
+            total_sq[g] = total_sq.get(g, 0.0) + s2[j]
+        common = set(table.genes) if common is None else common & set(table.genes)
+        spots += x.shape[0]
+    if not common or spots < 2:
+        raise UserError("no gene is in every training section's counts table; pass --genes FILE instead")
+    var = {g: total_sq[g] / spots - (total[g] / spots) ** 2 for g in common}
+    ranked = sorted(common, key=lambda g: (-var[g], g))
+    if len(ranked) < n:
+        raise UserError(f"--top-genes {n}: only {len(ranked)} genes are in every training section's table")
+    return ranked[:n]
 
 
 def patient_of(section: str) -> str:
@@ -296,11 +490,7 @@ def join_spots(section: Section, targets: Targets) -> SpotTable:
     Every counts row must have a position (UserError naming the first that
     does not); positions without counts are dropped.
     """
-    from mmap_deploy.coords import read_coords
-
-    if section.coords is None:
-        raise UserError(f"section {section.name}: no spot coordinates file")
-    spots = read_coords(section.coords)
+    spots = section_spots(section)
     pos = {s: i for i, s in enumerate(spots.ids)}
     rows = []
     for s in targets.spot_ids:

@@ -110,10 +110,9 @@ def compute_features(checkpoint: str | Path, sections: list, out_dir: str | Path
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
-    from mmap_deploy.coords import read_coords
     from mmap_deploy.preprocess import make_views, normalise
 
-    from .datasets import read_section_patches
+    from .datasets import read_section_patches, section_spots
     from .model import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)
@@ -127,7 +126,7 @@ def compute_features(checkpoint: str | Path, sections: list, out_dir: str | Path
             if sec.name in done and not overwrite:
                 log.info("%s: already in %s, skipped", sec.name, out_dir)
                 continue
-            spots = read_coords(sec.coords)
+            spots = section_spots(sec)
             patches = read_section_patches(sec, np.asarray(spots.xy, np.float64), spec)
             fs, ys = [], []
             with torch.no_grad():

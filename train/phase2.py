@@ -387,11 +387,12 @@ def predict_section(cfg: MMAPConfig, fusion: FusionHead, feats: SectionFeatures)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures],
-                        targets: dict[str, Targets]) -> dict[str, Any]:
+                        targets: dict[str, Targets], patients: dict[str, str] | None = None) -> dict[str, Any]:
     """Predict every cached section (k-means per section, as at run time) and score against the targets.
 
     Besides the pooled metrics: `per_section` and `per_patient` (sections
-    grouped by their name's leading letters, see `datasets.patient_of`).
+    grouped by `patients`, section -> patient, else by their name's leading
+    letters, see `datasets.patient_of`).
     """
     cfg, fusion, _ = load_fusion(checkpoint)
     preds, tgts, labels = [], [], []
@@ -409,7 +410,8 @@ def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures
         raise UserError("no section with spots to evaluate")
     pred, target = np.concatenate(preds), np.concatenate(tgts)
     m = evaluate(pred, target, labels)
-    m["per_patient"] = by_group(pred, target, labels, patient_of)
+    m["per_patient"] = by_group(pred, target, labels, (lambda s: patients.get(s) or patient_of(s))
+                                if patients else patient_of)
     return m
 
 
