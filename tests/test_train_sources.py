@@ -224,7 +224,7 @@ def test_spaceranger_outs_train_end_to_end(spaceranger, genes, tmp_path):
     m = res["metrics"]
     assert sorted(m["per_patient"]) == ["B", "C"]
     # every in-tissue barcode of the folder, and its resolution from the Visium lattice
-    from mmap_train.datasets import manifest_sections, read_counts, section_spots
+    from mmap_train.datasets import manifest_sections, section_spots
 
     secs = {s.name: s for s in manifest_sections(spaceranger / "sections.csv")}
     assert res["cache"]["C2"].spot_ids == list(section_spots(secs["C2"]).ids)
