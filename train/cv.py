@@ -1,7 +1,7 @@
 """Leave-one-patient-out cross-validation of phase-2 recipes on a feature cache.
 
-Each patient (a section's leading letters: her2st's A2..A6 are patient A) is
-held out in turn; every candidate recipe trains the fusion head on the other
+Each patient (a section's leading letters: her2st's A2..A6 are patient A;
+or the patient a manifest or HEST's metadata gives) is held out in turn; every candidate recipe trains the fusion head on the other
 patients' sections and is scored on the held-out patient's sections, next to
 two references on the same spots: the cached phase-1 `y1`, and a ridge
 regression on `f` whose alpha is chosen inside the training folds (an inner
