@@ -351,7 +351,8 @@ def read_spot_views(slide: Any, xy: np.ndarray, spec: ViewSpec, *, workers: int 
     plan = plan_reads(slide, xy, spec, reader=reader)
     source = _BandSource(slide, plan)
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mmap-read")
-    window = 2 * max(1, workers) + 1
+    # chunks in flight: as many spots as 2 * workers + 1 chunks of 32 (the consumer's batches stay fed)
+    window = (2 * max(1, workers) + 1) * max(1, 32 // max(1, chunk))
     band_reads: dict[int, Future] = {}
 
     def band_pixels(b: int) -> Future:
