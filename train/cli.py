@@ -267,13 +267,13 @@ def features(data_dir, manifest, hest_dir, sections, ids, checkpoint, out, batch
 @click.option("--val-sections", help="Comma-separated validation sections (default: none with --keep last; "
               "20% of the sections, seeded, with --keep best).")
 @click.option("--init", "init_ckpt", type=click.Path(dir_okay=False), help="Phase-1 checkpoint the cache was made with: kept as the encoder.")
-@click.option("--head-average", type=click.Choice(["reference", "paper"]), default="reference", show_default=True,
+@click.option("--head-average", type=click.Choice(["reference", "paper"]), default="paper", show_default=True,
               help="Final prediction: reference (y1 + MLP3(h))/2, or paper Eq. 9 (MLP1(e2) + MLP2(f) + MLP3(h))/3.")
 @click.option("--l-fixed", type=int, default=32, show_default=True, help="Fixed bank length L (0: adaptive, floor(0.5 K)).")
 @click.option("--epochs", type=int, default=None, help="Training epochs (default: the recipe's, 10).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate, AdamW (default: the recipe's, 4e-4).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate, AdamW (default: the recipe's, 1e-4).")
 @click.option("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the recipe's, 1e-4).")
-@click.option("--batch-size", type=int, default=None, help="Spots per step (default: the recipe's, 256).")
+@click.option("--batch-size", type=int, default=None, help="Spots per step (default: the recipe's, 64).")
 @click.option("--keep", type=click.Choice(["best", "last"]), default=None,
               help="Kept head: best on the validation sections, or the end of training (default: the recipe's, last).")
 @click.option("--average-last", type=int, default=None,

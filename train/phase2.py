@@ -46,14 +46,16 @@ class Phase2Recipe:
     """The default phase-2 training recipe.
 
     Chosen by leave-one-patient-out cross-validation (`mmap-train cv`, see
-    benchmarks/RESULTS_training.md), with the bank length L = 32 (the CLI's
-    `--l-fixed` default): a fixed 10 epochs of 256 spots a step, and the head
-    kept as the mean of its weights after each of the last 5 epochs.
+    benchmarks/RESULTS_training.md: candidate `e10-L32-paper-avg5`), with the
+    bank length L = 32 (the CLI's `--l-fixed` default) and the paper's head
+    averaging (the CLI's `--head-average` default): a fixed 10 epochs of 64
+    spots a step, and the head kept as the mean of its weights after each of
+    the last 5 epochs.
     """
 
     epochs: int = 10
-    batch_size: int = 256
-    lr: float = 4e-4
+    batch_size: int = 64
+    lr: float = 1e-4
     min_lr: float = 1e-6
     weight_decay: float = 1e-4
     seed: int = 42
