@@ -255,3 +255,19 @@ def test_spaceranger_wrong_mpp_is_refused_with_both_values(spaceranger, tmp_path
     line = capsys.readouterr().err.strip()
     assert len(line.splitlines()) == 1
     assert "section C2:" in line and "5.520" in line and "2.760" in line and "mpp column" in line
+    # no mpp column: the slide's own resolution against the Visium lattice of coordinates scaled by 0.6
+    from test_layouts_geometry import spaceranger_outs
+
+    rgb = np.zeros((600, 700, 3), np.uint8) + 200
+    slide = write_pyramid(tmp_path / "s.tif", rgb, levels=(1,), resolution=1e4 / MPP)
+    everywhere = np.stack(np.meshgrid(np.arange(0, 700, 20.0), np.arange(0, 600, 20.0)), axis=-1).reshape(-1, 2)
+    outs = spaceranger_outs(tmp_path / "scaled", rgb, everywhere, scale=0.6)  # every spot in tissue
+    (outs / "filtered_feature_bc_matrix.h5").write_bytes(b"")
+    m.write_text(f"section,slide,outs\nS,{slide},{outs}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["features", "--manifest", str(m), "--checkpoint", "none.pt", "--out", str(tmp_path / "c")])
+    line = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(line.splitlines()) == 1
+    assert "section S:" in line and "the spot lattice gives 4.600 µm per pixel" in line and "0.60x the lattice's" in line
+    assert "correct the manifest's mpp column or the coordinates" in line and "--skip-geometry-checks" not in line
+

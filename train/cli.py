@@ -52,11 +52,11 @@ def _names(sections: str | None, ids: str | None) -> list[str] | None:
 
 def _genes(genes: str | None, data_dir: str | None, top_genes: int | None = None,
            sections: list[Section] | None = None) -> list[str]:
-    if genes and top_genes:
+    if genes and top_genes is not None:
         raise UserError("pass --genes FILE or --top-genes N, not both")
     if genes:
         return read_genes(genes)
-    if top_genes:
+    if top_genes is not None:
         from .datasets import top_variable_genes
 
         return top_variable_genes(sections or [], top_genes)
