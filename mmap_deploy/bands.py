@@ -59,6 +59,8 @@ BAND_PIXELS = 16 * 2**20
 # C6, CPU seconds, no decoding): 2 spots 794/s, 4 807/s, 6 920/s, 8 884/s,
 # 16 789/s, 32 554/s, 64 462/s. The views do not depend on it (bit-identical).
 CHUNK_SPOTS = 8
+# Spots in flight per reader slot (2 * workers + 1 slots run ahead of the consumer).
+WINDOW_SPOTS = 32
 # A band of a tiled slide is decoded whole only where its spots' patches cover
 # at least this share of its area (patch area x spots / band area); sparser
 # bands go spot by spot. Measured by `benchmarks/run.py --suite read`
@@ -351,8 +353,8 @@ def read_spot_views(slide: Any, xy: np.ndarray, spec: ViewSpec, *, workers: int 
     plan = plan_reads(slide, xy, spec, reader=reader)
     source = _BandSource(slide, plan)
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mmap-read")
-    # chunks in flight: as many spots as 2 * workers + 1 chunks of 32 (the consumer's batches stay fed)
-    window = (2 * max(1, workers) + 1) * max(1, 32 // max(1, chunk))
+    # chunks in flight: WINDOW_SPOTS per slot, 2 * workers + 1 slots (the consumer's batches stay fed)
+    window = (2 * max(1, workers) + 1) * max(1, WINDOW_SPOTS // max(1, chunk))
     band_reads: dict[int, Future] = {}
 
     def band_pixels(b: int) -> Future:

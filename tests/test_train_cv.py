@@ -26,6 +26,9 @@ def test_patients_are_the_leading_letters():
         patient_folds(["B1", "B2"])
     with pytest.raises(UserError, match="007"):
         patient_folds(["007", "B2"])
+    # patients the data names (HEST metadata, a manifest column) win; the other sections go by their letters
+    assert patient_folds(["007", "B2", "B3", "TENX9"], {"007": "p1", "TENX9": "p1"}) == {
+        "B": ["B2", "B3"], "p1": ["007", "TENX9"]}
 
 
 def test_ridge_fit_is_sklearns_ridge():

@@ -131,8 +131,7 @@ def spaceranger(real_data, tmp_path_factory):
     return root
 
 
-def _train_end_to_end(source: list[str], label_source: list[str], names: str, genes: list[str], tmp: Path,
-                      names_flag: str = "--sections") -> dict:
+def _train_end_to_end(source: list[str], label_source: list[str], names: str, genes: list[str], tmp: Path) -> dict:
     from mmap_train.cli import main
     from mmap_train.features import read_cache
 

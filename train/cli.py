@@ -101,20 +101,15 @@ def _label_sources(counts, spots, manifest, hest_dir, cached: list[str]) -> list
         raise UserError("pass exactly one of --counts (with --spots), --manifest or --hest-dir for the sections' counts")
     if counts:
         return sections_from_dirs(cached, counts, spots)
-    if hest_dir:
-        from .hest import hest_sections
-
-        return hest_sections(hest_dir, cached, with_images=False)
-    by_name = {s.name: s for s in manifest_sections(manifest)}
-    unknown = [n for n in cached if n not in by_name]
-    if unknown:
-        raise UserError(f"{manifest}: no row for the cached section(s) {', '.join(unknown)}")
-    return [by_name[n] for n in cached]
+    return _sections(None, manifest, cached, with_images=False, hest_dir=hest_dir)
 
 
 def _load_cache_and_targets(features: str, genes_file: str, names: list[str] | None, *, counts=None, spots=None,
                             manifest=None, hest_dir=None):
-    """(genes, cached features, targets, patient of each section) for phase 2, evaluate and cv."""
+    """(genes, cached features, targets, the patients the data names) for phase 2, evaluate and cv.
+
+    Sections without a given patient are grouped by their name (`cv.patient_folds`).
+    """
     from .datasets import load_targets
     from .features import read_cache
 
@@ -123,7 +118,7 @@ def _load_cache_and_targets(features: str, genes_file: str, names: list[str] | N
     secs = _label_sources(counts, spots, manifest, hest_dir, list(feats))
     _check_spots(secs, feats)
     targets = {s.name: load_targets(s, genes) for s in secs}
-    return genes, feats, targets, {s.name: s.patient_id for s in secs}
+    return genes, feats, targets, {s.name: s.patient for s in secs if s.patient}
 
 
 def _finite_or_null(value):
@@ -282,8 +277,9 @@ def features(data_dir, manifest, hest_dir, sections, ids, checkpoint, out, batch
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the head's initialisation and order.")
 @click.option("--max-steps", type=int, default=0, help="Stop after this many optimiser steps (smoke runs).")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice).")
-def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sections, val_sections, init_ckpt, head_average, l_fixed,
-           epochs, lr, weight_decay, batch_size, keep, average_last, dropout, seed, max_steps, threads):
+def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sections, val_sections, init_ckpt,
+           head_average, l_fixed, epochs, lr, weight_decay, batch_size, keep, average_last, dropout, seed,
+           max_steps, threads):
     """Train the prototype-aware fusion head (phase 2) on a feature cache."""
     from mmap_deploy.prototypes import PrototypeRule
 

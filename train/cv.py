@@ -1,7 +1,8 @@
 """Leave-one-patient-out cross-validation of phase-2 recipes on a feature cache.
 
-Each patient (a section's leading letters: her2st's A2..A6 are patient A;
-or the patient a manifest or HEST's metadata gives) is held out in turn; every candidate recipe trains the fusion head on the other
+Each patient (the patient a manifest or HEST's metadata gives, else a
+section's leading letters: her2st's A2..A6 are patient A) is held out in
+turn; every candidate recipe trains the fusion head on the other
 patients' sections and is scored on the held-out patient's sections, next to
 two references on the same spots: the cached phase-1 `y1`, and a ridge
 regression on `f` whose alpha is chosen inside the training folds (an inner
@@ -74,24 +75,20 @@ CANDIDATES: dict[str, Candidate] = {
 def patient_folds(names: list[str], patient_of_section: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Sections grouped by patient, patients sorted; UserError with fewer than 2 patients.
 
-    `patient_of_section` names each section's patient (HEST: the metadata's);
-    otherwise the name's leading letters (`datasets.patient_of`).
+    `patient_of_section` names a section's patient where the data gives one
+    (a manifest's patient column, HEST's metadata); the others are grouped by
+    their name's leading letters (`datasets.patient_of`).
     """
+    given = patient_of_section or {}
     folds: dict[str, list[str]] = {}
-    if patient_of_section:
-        for n in sorted(names):
-            folds.setdefault(patient_of_section.get(n) or patient_of(n), []).append(n)
-        if len(folds) < 2:
-            raise UserError(f"cross-validation needs sections of at least 2 patients, got {', '.join(folds) or 'none'}")
-        return dict(sorted(folds.items()))
     for n in sorted(names):
-        if not re.match(r"[A-Za-z]", n):
+        if n not in given and not re.match(r"[A-Za-z]", n):
             raise UserError(f"section {n!r}: its name does not start with a patient letter (e.g. B1); "
                             "cross-validation groups sections by their leading letters")
-        folds.setdefault(patient_of(n), []).append(n)
+        folds.setdefault(given.get(n) or patient_of(n), []).append(n)
     if len(folds) < 2:
         raise UserError(f"cross-validation needs sections of at least 2 patients, got {', '.join(folds) or 'none'}")
-    return folds
+    return dict(sorted(folds.items()))
 
 
 def _stack(feats: dict[str, SectionFeatures], targets: dict[str, Targets], names: list[str]):
@@ -240,7 +237,7 @@ def cross_validate(genes: list[str], feats: dict[str, SectionFeatures], targets:
                    on_fold=None, patient_of: dict[str, str] | None = None) -> dict[str, Any]:
     """Leave-one-patient-out scores of y1, ridge on f and every candidate; see the module docstring.
 
-    `patient_of` maps each section to its patient (default: its name's leading letters).
+    `patient_of` maps sections to their patients where the data gives them (see `patient_folds`).
 
     `epochs` overrides every candidate's epochs (smoke runs); `patients` runs
     only those folds; `jobs` > 1 runs folds in that many worker processes (one

@@ -70,10 +70,6 @@ class Section:
     def has_image(self) -> bool:
         return self.slide is not None and self.slide.is_file()
 
-    @property
-    def patient_id(self) -> str:
-        return self.patient or patient_of(self.name)
-
 
 def section_spots(section: Section, all_spots: bool = False):
     """The section's spots (`mmap_deploy.coords.Spots`): in-tissue only unless `all_spots`."""

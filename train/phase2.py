@@ -412,8 +412,8 @@ def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures
         raise UserError("no section with spots to evaluate")
     pred, target = np.concatenate(preds), np.concatenate(tgts)
     m = evaluate(pred, target, labels)
-    m["per_patient"] = by_group(pred, target, labels, (lambda s: patients.get(s) or patient_of(s))
-                                if patients else patient_of)
+    given = patients or {}
+    m["per_patient"] = by_group(pred, target, labels, lambda s: given.get(s) or patient_of(s))
     return m
 
 
