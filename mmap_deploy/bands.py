@@ -8,7 +8,8 @@ spends most of its time in two dense resizes.
 
 The band reader walks the slide in horizontal bands of the pyramid level that
 `read_patch` would read. Each band is decoded once (tile-aligned; the rows that
-the next band shares are carried over, not decoded again), and every spot of
+the next band shares are carried over, not decoded again; `workers` threads
+decode runs of its tile rows at once where that is exact), and every spot of
 the band gets its views from memory. Memory is one band (plus the one being
 prefetched), whatever the number of spots.
 
@@ -253,34 +254,74 @@ class ViewChunk:
 
 
 class _BandSource:
-    """Reads the whole bands of a plan in order on one thread, carrying the rows two bands share."""
+    """Reads the whole bands of a plan in order, carrying the rows two bands share.
 
-    def __init__(self, slide: Any, plan: ReadPlan):
+    A band's new rows are decoded by `decoders` threads at once, each a run of
+    whole tile rows, into one buffer. That is exact where the level's
+    downsample is a whole number: each run starts on a level pixel, so its
+    pixels are the ones one read of the band would give. At other levels a run
+    would start between level pixels (OpenSlide shifts such a region), so the
+    band is read in one piece there, as before.
+    """
+
+    def __init__(self, slide: Any, plan: ReadPlan, decoders: int = 1):
         self.slide, self.plan = slide, plan
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmap-band")
         self._tail: tuple[int, np.ndarray] | None = None  # (first row, pixels) of the last band read
-        # Only decoded tiles are worth carrying; a plain image is in memory already.
-        self._carry = slide.tile_size(plan.level) != (1, 1)
+        # Only decoded tiles are worth carrying or splitting; a plain image is in memory already.
+        self._tiled = slide.tile_size(plan.level) != (1, 1)
+        d = float(plan.downsample)
+        self._decoders = max(1, decoders) if self._tiled and d == round(d) else 1
+        self._tile_h = slide.tile_size(plan.level)[1]
+        self._split = (ThreadPoolExecutor(max_workers=self._decoders - 1, thread_name_prefix="mmap-decode")
+                       if self._decoders > 1 else None)
 
     def submit(self, band: _Band) -> Future:
         return self._pool.submit(self._read, band)
 
+    def _runs(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """[start, stop) as up to `decoders` runs of whole tile rows (start is tile-aligned)."""
+        tiles = -(-(stop - start) // self._tile_h)
+        k = min(self._decoders, tiles)
+        cuts = [start + (tiles * i // k) * self._tile_h for i in range(k)] + [stop]
+        return [(a, min(b, stop)) for a, b in zip(cuts, cuts[1:]) if a < min(b, stop)]
+
     def _read(self, band: _Band) -> np.ndarray:
         (r0, r1), (c0, c1) = band.rows, self.plan.cols
-        parts, start = [], r0
+        level, width = self.plan.level, c1 - c0
         tail, self._tail = self._tail, None
+        kept = None
         if tail is not None and tail[0] <= r0 < tail[0] + len(tail[1]):
             kept = tail[1][r0 - tail[0] : r1 - tail[0]]
-            parts.append(kept)
-            start = r0 + len(kept)
-        if start < r1:
-            parts.append(self.slide.read_level_region(self.plan.level, c0, start, c1 - c0, r1 - start))
-        pixels = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self._tail = (r0, pixels) if self._carry else None
+        start = r0 + (len(kept) if kept is not None else 0)
+        runs = self._runs(start, r1) if start < r1 else []
+        if not self._tiled:  # a plain image: a view of its pixels
+            pixels = self.slide.read_level_region(level, c0, r0, width, r1 - r0)
+        else:  # one contiguous buffer (OpenSlide's RGB is a strided view of RGBA; each pixel is read many times)
+            pixels = np.empty((r1 - r0, width, 3), np.uint8)
+            if kept is not None:
+                pixels[: len(kept)] = kept
+
+            def read(run: tuple[int, int]) -> None:
+                a, b = run
+                pixels[a - r0 : b - r0] = self.slide.read_level_region(level, c0, a, width, b - a)
+
+            later = [self._split.submit(read, run) for run in runs[1:]] if self._split else []
+            try:
+                for run in runs[:1]:
+                    read(run)
+            finally:
+                errors = [f.exception() for f in later]  # every run has ended before the band is used
+            for e in errors:
+                if e is not None:
+                    raise e
+        self._tail = (r0, pixels) if self._tiled else None
         return pixels
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._split is not None:
+            self._split.shutdown(wait=True, cancel_futures=True)
         self._tail = None
 
 
@@ -351,7 +392,7 @@ def read_spot_views(slide: Any, xy: np.ndarray, spec: ViewSpec, *, workers: int 
     """
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     plan = plan_reads(slide, xy, spec, reader=reader)
-    source = _BandSource(slide, plan)
+    source = _BandSource(slide, plan, decoders=workers)
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mmap-read")
     # chunks in flight: WINDOW_SPOTS per slot, 2 * workers + 1 slots (the consumer's batches stay fed)
     window = (2 * max(1, workers) + 1) * max(1, WINDOW_SPOTS // max(1, chunk))

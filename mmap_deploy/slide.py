@@ -44,6 +44,8 @@ MPP_HINT = "pass --mpp, e.g. --mpp 0.5 for a 20x scan or --mpp 0.25 for a 40x sc
 LEVEL_TOLERANCE = 1e-3
 # Thumbnails are read in blocks of about this many level pixels a side (16 MiB as RGBA).
 THUMBNAIL_BLOCK_PX = 2048
+# Rows blended at a time where a region is not opaque (see _composite_on_white).
+COMPOSITE_ROWS = 64
 
 _PIL_LOCK = threading.Lock()
 
@@ -193,14 +195,31 @@ class SlideReader:
 
 
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """RGBA (straight alpha, as openslide-python returns) -> RGB over a white background."""
+    """RGBA (straight alpha, as openslide-python returns) -> RGB over a white background.
+
+    Only runs of columns that hold a pixel that is not opaque are blended,
+    block by block of rows: an opaque pixel blends to itself
+    ((c * 255 + 127) // 255 == c), and a band that reaches past the slide's
+    edges is opaque but for a strip on either side (blending all of it took
+    half of its read).
+    """
     rgb = rgba[..., :3]
-    alpha = rgba[..., 3:4]
-    if alpha.min() == 255:
+    alpha = rgba[..., 3]
+    clear = alpha != 255
+    if not clear.any():
         return rgb  # a view: callers copy or reduce it anyway
-    a = alpha.astype(np.uint16)
-    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
-    return out.astype(np.uint8)
+    out = rgb.copy()
+    rows = np.flatnonzero(clear.any(axis=1))
+    for r0 in range(int(rows[0]), int(rows[-1]) + 1, COMPOSITE_ROWS):
+        r1 = r0 + COMPOSITE_ROWS
+        cols = np.flatnonzero(clear[r0:r1].any(axis=0))
+        if not len(cols):
+            continue
+        breaks = np.flatnonzero(np.diff(cols) > 1)
+        for c0, c1 in zip(cols[np.r_[0, breaks + 1]], cols[np.r_[breaks, len(cols) - 1]] + 1):
+            a = alpha[r0:r1, c0:c1, None].astype(np.uint16)
+            out[r0:r1, c0:c1] = (rgb[r0:r1, c0:c1].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out
 
 
 class OpenSlideReader(SlideReader):

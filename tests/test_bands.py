@@ -177,7 +177,7 @@ def test_each_tile_decoded_once_and_memory_bounded_by_a_band(her2st, monkeypatch
         assert plan.coverage > 20  # every pixel lies under dozens of patches
         with Spy(slide) as spy:
             views, _ = band_read(slide, xy, workers=2)
-    rows = [(top, top + h) for _, _, top, _, h, _ in spy.reads]
+    rows = sorted((top, top + h) for _, _, top, _, h, _ in spy.reads)  # runs of one band are read at once
     assert all(w == width for _, _, _, w, _, _ in spy.reads)
     # consecutive reads abut: no row (so no tile) is decoded twice, and they are tile-aligned
     assert all(a[1] == b[0] for a, b in zip(rows, rows[1:])) and all(r[0] % tile_h == 0 for r in rows)
@@ -222,3 +222,39 @@ def test_predictions_keep_input_order_and_do_not_depend_on_threads(her2st, tiny_
     assert one.spot_ids == three.spot_ids == spots.ids
     np.testing.assert_array_equal(one.prediction, three.prediction)
     np.testing.assert_array_equal(one.embedding, three.embedding)
+
+
+@pytest.mark.parametrize("size", [1400, 1401])  # level downsamples 2.0 and 4.0, or 1.9993 and 3.9943
+def test_band_decoded_in_parallel_runs_is_the_band_read_whole(tmp_path, size):
+    """Runs of whole tile rows decoded at once give the band's pixels exactly where each run starts on
+    a level pixel (a whole-number downsample); elsewhere the band is read in one piece, as before."""
+    path = write_pyramid(tmp_path / "s.tif", tissue_like_image(size, seed=5), levels=(1, 2, 4),
+                         resolution=1e4 / 0.25, tile=64)
+    rng = np.random.default_rng(4)
+    with open_slide(path) as slide:
+        for level, mpp in enumerate((0.3, 0.6, 1.2)):
+            spec = ViewSpec(patch_um=60.0, mpp=mpp)
+            width = slide.level_dimensions[slide.patch_level(240, spec.patch_px)[0]][0]
+            plan = plan_reads(slide, rng.uniform(100, size - 100, (300, 2)), spec, reader="tile_once",
+                              band_pixels=width * 200)
+            assert len(plan.bands) >= 2 and plan.level == level
+            exact = plan.downsample == round(plan.downsample)
+            assert exact == (level == 0 or size % 4 == 0)
+            got = {}
+            for decoders in (1, 2, 3):
+                source = bands._BandSource(slide, plan, decoders=decoders)
+                with Spy(slide) as spy:
+                    got[decoders] = [source.submit(b).result() for b in plan.bands]
+                source.close()
+                runs = len(spy.reads)
+                assert runs > len(plan.bands) if exact and decoders > 1 else runs == len(plan.bands)
+            for decoders in (2, 3):
+                for a, b in zip(got[1], got[decoders]):
+                    assert a.flags.c_contiguous and b.flags.c_contiguous
+                    np.testing.assert_array_equal(a, b)
+            # and each band is what one read of its rows gives
+            for band, pixels in zip(plan.bands, got[3]):
+                (r0, r1), (c0, c1) = band.rows, plan.cols
+                whole = slide.read_level_region(plan.level, c0, r0, c1 - c0, r1 - r0)
+                if exact:
+                    np.testing.assert_array_equal(pixels, whole)

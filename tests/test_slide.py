@@ -123,6 +123,40 @@ def test_outside_the_slide_is_white(slide, level0):
     assert (far == 255).all()
 
 
+def test_composite_blends_only_what_is_not_opaque():
+    """Blending only the pixels that are not opaque gives what blending every pixel gave: every
+    colour at every alpha, and strips of a band that reaches past the slide's edges."""
+    from mmap_deploy.slide import _composite_on_white
+
+    def every_pixel(rgba):
+        a = rgba[..., 3:4].astype(np.uint16)
+        return ((rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+    c = np.arange(256, dtype=np.uint8)
+    grid = np.zeros((256, 256, 4), np.uint8)
+    grid[..., :3] = c[:, None, None]
+    grid[..., 3] = c[None, :]
+    np.testing.assert_array_equal(_composite_on_white(grid), every_pixel(grid))
+    rng = np.random.default_rng(0)
+    band = rng.integers(0, 256, (300, 700, 4), dtype=np.uint8)
+    band[..., 3] = 255
+    band[:, :90] = 0  # left of the slide
+    band[:, -50:, 3] = rng.integers(0, 256, (300, 50))  # a soft right edge
+    band[250:] = 0  # below it
+    band[100:103, 300:305, 3] = 7  # a few clear pixels inside
+    np.testing.assert_array_equal(_composite_on_white(band), every_pixel(band))
+    band[..., 3] = 255
+    assert np.shares_memory(_composite_on_white(band), band)  # opaque: a view, no copy
+
+
+def test_region_past_the_edges_is_white_around_the_slide(slide, level0):
+    h, w = level0.shape[:2]
+    region = slide.read_level_region(0, -40, h - 30, w + 80, 70)
+    assert region.shape == (70, w + 80, 3)
+    np.testing.assert_array_equal(region[:30, 40:-40], level0[h - 30 :])
+    assert (region[30:] == 255).all() and (region[:, :40] == 255).all() and (region[:, -40:] == 255).all()
+
+
 def test_patches_are_deterministic_and_thread_safe(slide):
     from threadpoolctl import threadpool_limits
 
