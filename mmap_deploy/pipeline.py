@@ -13,7 +13,10 @@ its spots' top-L prototype banks (never the whole (N, L, D) bank at once).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -80,6 +83,74 @@ def _kmeans_blas(n_spots: int):
     return contextlib.nullcontext()
 
 
+class _EncoderCalls:
+    """Encoder batches, up to `runner.streams` in flight at once, each writing its own rows.
+
+    Batches are made in reading order whatever the number of streams, and each
+    result lands in its spots' rows, so the outputs are those of one call at a
+    time. `busy` is the wall time during which at least one call ran.
+    """
+
+    def __init__(self, runner: Any, f: np.ndarray, y1: np.ndarray, ok: np.ndarray,
+                 progress: Callable[[int], Any] | None):
+        self.runner, self.f, self.y1, self.ok, self.progress = runner, f, y1, ok, progress
+        self.streams = max(1, int(getattr(runner, "streams", 1)))
+        self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="mmap-encode") if self.streams > 1 else None
+        self._pending: deque[tuple[Future, np.ndarray, np.ndarray]] = deque()
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self._running, self._since, self.busy = 0, 0.0, 0.0
+
+    def buffer(self, batch_size: int, shape: tuple[int, ...]) -> np.ndarray:
+        """An empty batch to fill: one whose call has ended, or a new one."""
+        return self._free.pop() if self._free else np.empty((batch_size,) + shape, dtype=np.uint8)
+
+    def _call(self, views: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:
+            if self._running == 0:
+                self._since = time.perf_counter()
+            self._running += 1
+        try:
+            return self.runner.run({"views": views})
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:
+                    self.busy += time.perf_counter() - self._since
+
+    def submit(self, batch: np.ndarray, rows: list[int]) -> None:
+        k = len(rows)
+        if self._pool is None:
+            self._store(self._call(batch[:k]), np.asarray(rows), batch)
+            return
+        while len(self._pending) >= self.streams:
+            self._collect()
+        self._pending.append((self._pool.submit(self._call, batch[:k]), np.asarray(rows), batch))
+
+    def _store(self, out: dict[str, np.ndarray], rows: np.ndarray, batch: np.ndarray) -> None:
+        self.f[rows] = out["f"]
+        self.y1[rows] = out["y1"]
+        self.ok[rows] = True
+        self._free.append(batch)
+        if self.progress is not None:
+            self.progress(len(rows))
+
+    def _collect(self) -> None:
+        fut, rows, batch = self._pending.popleft()
+        self._store(fut.result(), rows, batch)
+
+    def finish(self) -> None:
+        while self._pending:
+            self._collect()
+
+    def close(self) -> None:
+        for fut, _, _ in self._pending:
+            fut.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
+
 def _reader_error(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -127,20 +198,14 @@ def predict_slide(
     dropped: list[DroppedSpot] = []
     dropped_rows: list[int] = []
     views_shape = (spec.n_views, spec.input_size, spec.input_size, 3)
-    batch = np.empty((batch_size,) + views_shape, dtype=np.uint8)
+    encoder = _EncoderCalls(engines.encoder, f, y1, ok, progress)
+    batch = encoder.buffer(batch_size, views_shape)
     batch_rows: list[int] = []
 
     def run_encoder() -> None:
-        k = len(batch_rows)
-        t = time.perf_counter()
-        out = engines.encoder.run({"views": batch[:k]})
-        timings["encoder"] += time.perf_counter() - t
-        rows = np.asarray(batch_rows)
-        f[rows] = out["f"]
-        y1[rows] = out["y1"]
-        ok[rows] = True
-        if progress is not None:
-            progress(k)
+        nonlocal batch
+        encoder.submit(batch, batch_rows)
+        batch = encoder.buffer(batch_size, views_shape)
         batch_rows.clear()
 
     read_spent: list[float] = []
@@ -173,8 +238,11 @@ def predict_slide(
                         run_encoder()
             if batch_rows:
                 run_encoder()
+            encoder.finish()
         finally:
+            encoder.close()
             chunks.close()
+    timings["encoder"] = encoder.busy
     # the record lists dropped spots in input order, whatever order they were read in
     dropped = [dropped[j] for j in np.argsort(dropped_rows, kind="stable")]
 

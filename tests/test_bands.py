@@ -258,3 +258,48 @@ def test_band_decoded_in_parallel_runs_is_the_band_read_whole(tmp_path, size):
                 whole = slide.read_level_region(plan.level, c0, r0, c1 - c0, r1 - r0)
                 if exact:
                     np.testing.assert_array_equal(pixels, whole)
+
+
+def test_encoder_calls_in_flight_at_once_give_the_same_predictions(her2st, tiny_bundle):
+    """On the CPU two encoder batches run at once (each on half the threads); the outputs are those
+    of one call at a time, bit for bit, and both calls really overlap."""
+    import threading
+    import time
+
+    from mmap_deploy.bundle import load_bundle
+    from mmap_deploy.coords import Spots
+    from mmap_deploy.engines import open_engines
+    from mmap_deploy.engines.select import cpu_encoder_streams
+    from mmap_deploy.pipeline import predict_slide
+
+    _, tif, xy = her2st
+    spots = Spots(ids=[f"s{i}" for i in range(len(xy))], xy=xy, source_format="xy")
+    bundle = load_bundle(tiny_bundle)
+    assert cpu_encoder_streams(1) == 1 and cpu_encoder_streams(2) == 2 and cpu_encoder_streams(16) == 2
+    with open_slide(tif, mpp=HER2ST_MPP) as slide:
+        with open_engines("onnxruntime", bundle, threads=1) as engines:
+            assert engines.encoder.streams == 1
+            one = predict_slide(slide, spots, bundle, engines, batch_size=4)
+        with open_engines("onnxruntime", bundle, threads=2) as engines:
+            assert engines.encoder.streams == 2 and engines.fusion.streams == 1
+            run, lock, now, most = engines.encoder.run, threading.Lock(), [0], [0]
+
+            def counted(feeds):
+                with lock:
+                    now[0] += 1
+                    most[0] = max(most[0], now[0])
+                try:
+                    time.sleep(0.01)  # long enough for the other call to start
+                    return run(feeds)
+                finally:
+                    with lock:
+                        now[0] -= 1
+
+            engines.encoder.run = counted
+            two = predict_slide(slide, spots, bundle, engines, batch_size=4)
+    assert most[0] == 2
+    assert one.spot_ids == two.spot_ids
+    np.testing.assert_array_equal(one.embedding, two.embedding)
+    np.testing.assert_array_equal(one.prediction, two.prediction)
+    np.testing.assert_array_equal(one.clusters, two.clusters)
+    assert 0 < two.timings["encoder"] <= two.timings["total"]

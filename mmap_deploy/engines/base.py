@@ -45,6 +45,7 @@ class Runner:
     inputs: list[TensorSpec]
     output_names: list[str]
     max_batch: int = 0  # the most spots one engine call takes; 0: no limit
+    streams: int = 1  # calls the pipeline may have in flight at once (thread-safe runs)
     _closed: bool = False
 
     @property

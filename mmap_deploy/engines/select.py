@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..bundle import Bundle, ModelFile
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+# The most encoder calls in flight at once on the CPU (see cpu_encoder_streams).
+CPU_ENCODER_STREAMS = 2
 
 
 @dataclass
@@ -70,7 +72,10 @@ class EnginePlan:
         if c.backend == "tensorrt":
             # the target recorded in the checked manifest: the runner never re-reads it
             return TensorRTRunner(c.path, target=c.model_file.target, precision=c.precision)
-        return OnnxRuntimeRunner(c.path, providers=c.providers, threads=self.threads, precision=c.precision)
+        streams = cpu_encoder_streams(self.threads) if c.role == "encoder" and not any(
+            p in GPU_PROVIDERS for p in c.providers) else 1
+        return OnnxRuntimeRunner(c.path, providers=c.providers, threads=self.threads, precision=c.precision,
+                                 streams=streams)
 
 
 @dataclass
@@ -189,6 +194,18 @@ def open_engines(backend: str, bundle: "Bundle", precision: str = "fp32", *, thr
         fallback = select_backend("onnxruntime", bundle, precision, threads=threads, providers=providers)
         fallback.reason = f"picked {fallback.reason} because the TensorRT engine does not fit here: {e}"
         return fallback.open()
+
+
+def cpu_encoder_streams(threads: int = 0) -> int:
+    """Encoder batches run at once on the CPU, each on its share of the `threads` (0: every core).
+
+    Two calls of one thread each beat one call on two threads on the 2-core
+    box: the patch readers share the cores, and a call split over two threads
+    waits at every operator for the thread the readers held up (50 000 bins,
+    demo bundle: benchmarks/RESULTS.md). The outputs do not change: a spot's
+    embedding does not depend on its batch or on the thread count.
+    """
+    return max(1, min(CPU_ENCODER_STREAMS, threads or default_threads()))
 
 
 def default_threads() -> int:
