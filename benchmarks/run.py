@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--tiny-checkpoint", type=Path, help="use this tiny-model checkpoint (with --tiny-bundle)")
     ap.add_argument("--tiny-bundle", type=Path, help="its exported bundle (skips the export)")
+    ap.add_argument("--read-rounds", type=int, default=3,
+                    help="--suite read: alternating rounds of both readers; each row keeps the best")
     ap.add_argument("--only", default="", help="comma-separated steps: encoder,uni,kmeans,tiles,pipeline,rss,gpu")
     args = ap.parse_args(argv)
     suite, run_suite = SUITES[args.suite]

@@ -143,7 +143,7 @@ def run_read_suite(args: Any, report: Any, work: Path, data_dir: Path | None) ->
         return
     spec = load_bundle(default_bundle_path()).manifest.view  # the demo bundle's geometry
     tif = pyramidal_tiff(image, SLIDE_MPP, work / f"{SLIDE_SECTION}.tif")
-    rounds = getattr(args, "read_rounds", 2)
+    rounds = getattr(args, "read_rounds", 3)
     for slide_path in (tif, image):
         with open_slide(slide_path, mpp=SLIDE_MPP) as slide:
             if slide_path == tif:
