@@ -82,7 +82,9 @@ def markdown(data: dict) -> str:
     sections = [
         ("k-means", "kmeans", ["impl", "threads", "n", "dim", "k", "n_init", "seconds", "inertia", "n_iter"]),
         ("Tile reading (patch + three views)", "tile_read",
-         ["reader", "slide", "threads", "patches", "patches_per_s", "open_seconds"]),
+         ["layout", "reader", "slide", "threads", "patches", "patches_per_s", "open_seconds"]),
+        ("Band reader over the per-spot reader (same slide, layout and threads)", "tile_read_ratio",
+         ["layout", "slide", "threads", "tile_once_over_per_spot"]),
         ("mmap-predict outside the engines", "pipeline_overhead",
          ["slide", "coords", "spots", "ms_per_spot", "wall_s", "engines_s"]),
         ("Peak RSS of mmap-predict", "rss", ["slide", "spots", "peak_rss_mib", "wall_s"]),

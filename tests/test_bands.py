@@ -282,6 +282,7 @@ def test_encoder_calls_in_flight_at_once_give_the_same_predictions(her2st, tiny_
             one = predict_slide(slide, spots, bundle, engines, batch_size=4)
         with open_engines("onnxruntime", bundle, threads=2) as engines:
             assert engines.encoder.streams == 2 and engines.fusion.streams == 1
+            assert engines.encoder._session.get_session_options().intra_op_num_threads == 1
             run, lock, now, most = engines.encoder.run, threading.Lock(), [0], [0]
 
             def counted(feeds):

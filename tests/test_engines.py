@@ -71,6 +71,23 @@ def test_runner_rows_do_not_depend_on_the_batch(tiny_bundle):
     np.testing.assert_allclose(single["y1"][0], whole["y1"][2], rtol=1e-5, atol=1e-6)
 
 
+def test_demo_encoder_rows_are_bit_identical_over_threads_and_batches():
+    """Two encoder calls in flight run on one thread each instead of one call on two
+    (engines.select.cpu_encoder_streams): the demo encoder gives the same bits either way,
+    and in any batch."""
+    from mmap_deploy.bundle import default_bundle_path
+
+    views = random_views(32, seed=5)
+    path = default_bundle_path() / "encoder.onnx"
+    with OnnxRuntimeRunner(path, threads=2) as two, OnnxRuntimeRunner(path, threads=1, streams=2) as halves:
+        assert halves.streams == 2
+        ref = two.run({"views": views})
+        for step in (1, 5, 32):
+            parts = [halves.run({"views": views[i : i + step]}) for i in range(0, 32, step)]
+            for name in ("f", "y1"):
+                np.testing.assert_array_equal(np.concatenate([p[name] for p in parts]), ref[name])
+
+
 def test_runner_reports_missing_inputs(tiny_bundle):
     with OnnxRuntimeRunner(tiny_bundle / "fusion.onnx") as r:
         with pytest.raises(ValueError, match="missing inputs"):

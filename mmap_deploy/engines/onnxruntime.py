@@ -132,8 +132,8 @@ class OnnxRuntimeRunner(Runner):
     Graph optimisation is ALL, execution sequential, and intra-op threads are
     `threads` (0 lets ONNX Runtime use every core); idle threads do not spin,
     so the patch-reading threads get the cores between batches. `streams`
-    > 1: that many calls may run at once (a session runs concurrent calls),
-    each on `threads // streams` intra-op threads. Providers are matched by
+    > 1: the pipeline may run that many calls at once (a session runs
+    concurrent calls; each takes `threads` intra-op threads). Providers are matched by
     name (see `resolve_providers`); CPU is always added last as the fallback
     for nodes the GPU providers do not take. GPU providers run on CUDA device
     `device` with `CUDA_OPTIONS`. `io_binding` runs each batch through ONNX
@@ -160,10 +160,6 @@ class OnnxRuntimeRunner(Runner):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.streams = max(1, int(streams))
-        if self.streams > 1:  # the threads are shared out between the calls in flight
-            from .select import default_threads
-
-            threads = max(1, (threads or default_threads()) // self.streams)
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3  # warnings about unused initialisers etc. are noise to a user

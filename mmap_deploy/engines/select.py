@@ -72,9 +72,12 @@ class EnginePlan:
         if c.backend == "tensorrt":
             # the target recorded in the checked manifest: the runner never re-reads it
             return TensorRTRunner(c.path, target=c.model_file.target, precision=c.precision)
-        streams = cpu_encoder_streams(self.threads) if c.role == "encoder" and not any(
-            p in GPU_PROVIDERS for p in c.providers) else 1
-        return OnnxRuntimeRunner(c.path, providers=c.providers, threads=self.threads, precision=c.precision,
+        threads, streams = self.threads, 1
+        if c.role == "encoder" and not any(p in GPU_PROVIDERS for p in c.providers):
+            streams = cpu_encoder_streams(threads)
+            if streams > 1:  # the threads are shared out between the calls in flight
+                threads = max(1, (threads or default_threads()) // streams)
+        return OnnxRuntimeRunner(c.path, providers=c.providers, threads=threads, precision=c.precision,
                                  streams=streams)
 
 
@@ -201,9 +204,12 @@ def cpu_encoder_streams(threads: int = 0) -> int:
 
     Two calls of one thread each beat one call on two threads on the 2-core
     box: the patch readers share the cores, and a call split over two threads
-    waits at every operator for the thread the readers held up (50 000 bins,
-    demo bundle: benchmarks/RESULTS.md). The outputs do not change: a spot's
-    embedding does not depend on its batch or on the thread count.
+    waits at every operator for the thread the readers held up (interleaved
+    runs over 4 000 bins, demo bundle: benchmarks/RESULTS.md). The batches
+    are those of one call at a time; each call runs on fewer threads, which
+    leaves the outputs as they were (tested: the demo encoder at 1 and 2
+    threads and in batches of 1 to 32, and whole predictions of the test
+    bundle with one call or two in flight).
     """
     return max(1, min(CPU_ENCODER_STREAMS, threads or default_threads()))
 
