@@ -62,7 +62,8 @@ def _parse_genes(value: str | None) -> list[str]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Spots per engine call (default: 32 on the CPU, 128 on a GPU).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="CPU threads for ONNX Runtime (0: all cores).")
+              help="CPU threads for ONNX Runtime (0: all cores); on the CPU, two encoder batches run at once "
+                   "on half of them each.")
 @click.option("--all-spots", is_flag=True, help="Keep spots marked outside the tissue (in_tissue/selected = 0).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--plot", "plot_genes", metavar="GENE[,GENE...]",
