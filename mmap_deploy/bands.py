@@ -293,11 +293,11 @@ class _BandSource:
         kept = None
         if tail is not None and tail[0] <= r0 < tail[0] + len(tail[1]):
             kept = tail[1][r0 - tail[0] : r1 - tail[0]]
-        start = r0 + (len(kept) if kept is not None else 0)
-        runs = self._runs(start, r1) if start < r1 else []
         if not self._tiled:  # a plain image: a view of its pixels
             pixels = self.slide.read_level_region(level, c0, r0, width, r1 - r0)
         else:  # one contiguous buffer (OpenSlide's RGB is a strided view of RGBA; each pixel is read many times)
+            start = r0 + (len(kept) if kept is not None else 0)
+            runs = self._runs(start, r1) if start < r1 else []
             pixels = np.empty((r1 - r0, width, 3), np.uint8)
             if kept is not None:
                 pixels[: len(kept)] = kept

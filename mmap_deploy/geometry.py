@@ -175,6 +175,16 @@ def fit_lattice(xy: np.ndarray, array_xy: np.ndarray | None, spec: LatticeSpec |
     return LatticeFit(spec, per_col, per_row, int(keep.sum()), median)
 
 
+def fallback_mpp(fit: LatticeFit | None, hd_mpp: float | None) -> tuple[float, str] | None:
+    """(µm per pixel, its source) for a slide without its own: the spot lattice's, else the
+    `microns_per_pixel` of a Visium HD bin folder's scale factors; None without either."""
+    if fit is not None:
+        return fit.mpp, fit.source()
+    if hd_mpp:
+        return hd_mpp, "scalefactors_json.json microns_per_pixel"
+    return None
+
+
 def resolution_problem(fit: LatticeFit, mpp: float, mpp_source: str, coords_path: Path,
                        fix: str = f"fix it, or pass {SKIP_FLAG} to run anyway") -> str | None:
     """The refusal line when the run's mpp is more than MPP_TOLERANCE from the lattice's, else None.

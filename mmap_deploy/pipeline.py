@@ -94,7 +94,7 @@ class _EncoderCalls:
     def __init__(self, runner: Any, f: np.ndarray, y1: np.ndarray, ok: np.ndarray,
                  progress: Callable[[int], Any] | None):
         self.runner, self.f, self.y1, self.ok, self.progress = runner, f, y1, ok, progress
-        self.streams = max(1, int(getattr(runner, "streams", 1)))
+        self.streams = max(1, runner.streams)
         self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="mmap-encode") if self.streams > 1 else None
         self._pending: deque[tuple[Future, np.ndarray, np.ndarray]] = deque()
         self._free: list[np.ndarray] = []

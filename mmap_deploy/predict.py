@@ -87,7 +87,7 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
     told of every n spots done (a cluster-wide progress bar).
     """
     from .coords import check_inside, scale_warning
-    from .geometry import fit_lattice
+    from .geometry import fallback_mpp, fit_lattice
     from .layouts import check_spot_geometry, read_spot_input
     from .output import build_anndata, check_output_path, now_utc, write_gene_plots, write_output
     from .pipeline import predict_slide
@@ -100,10 +100,7 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
     spot_input = read_spot_input(coords_path, all_spots=settings.all_spots)
     spots = spot_input.spots
     lattice = fit_lattice(spots.xy, spots.array_xy, spot_input.lattice)
-    fallback = (lattice.mpp, lattice.source()) if lattice is not None else None
-    if fallback is None and spot_input.hd_mpp:
-        fallback = (spot_input.hd_mpp, "scalefactors_json.json microns_per_pixel")
-    with open_slide(slide_path, mpp=mpp, fallback_mpp=fallback) as slide:
+    with open_slide(slide_path, mpp=mpp, fallback_mpp=fallback_mpp(lattice, spot_input.hd_mpp)) as slide:
         check_inside(spots, slide.width, slide.height, coords_path, slide_path)
         # a full output folder is found now, not after the whole slide has run
         need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height, len(settings.plot),

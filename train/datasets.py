@@ -367,7 +367,7 @@ def resolve_section_mpp(section: Section, *, mpp_source: str | None = None,
     the spot lattice's; when the spots lie on a known lattice and the two
     differ by more than `geometry.MPP_TOLERANCE`, a UserError names both.
     """
-    from mmap_deploy.geometry import MPP_TOLERANCE, fit_lattice, resolution_problem
+    from mmap_deploy.geometry import MPP_TOLERANCE, fallback_mpp, fit_lattice, resolution_problem
     from mmap_deploy.layouts import read_spot_input
     from mmap_deploy.slide import open_slide
 
@@ -380,10 +380,7 @@ def resolve_section_mpp(section: Section, *, mpp_source: str | None = None,
         si = read_spot_input(section.coords)
         spots, spec, hd_mpp = si.spots, si.lattice, si.hd_mpp
     fit = fit_lattice(spots.xy, spots.array_xy, spec)
-    fallback = (fit.mpp, fit.source()) if fit is not None else None
-    if fallback is None and hd_mpp:
-        fallback = (hd_mpp, "scalefactors_json.json microns_per_pixel")
-    with open_slide(section.slide, mpp=section.mpp, fallback_mpp=fallback) as slide:
+    with open_slide(section.slide, mpp=section.mpp, fallback_mpp=fallback_mpp(fit, hd_mpp)) as slide:
         mpp, source = slide.mpp, (mpp_source if slide.mpp_source == "--mpp" and mpp_source else slide.mpp_source)
         own = slide.metadata_mpp
     if section.mpp is not None and own is not None and abs(own[0] / mpp - 1.0) > MPP_TOLERANCE:
