@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from threadpoolctl import threadpool_limits
 
-    from mmap_deploy.bands import read_spot_views
-    from mmap_deploy.bundle import default_bundle_path, load_bundle
-    from mmap_deploy.coords import read_coords
-    from mmap_deploy.preprocess import make_views
-    from mmap_deploy.slide import open_slide
+    from mmap_deploy.inputs.bands import read_spot_views
+    from mmap_deploy.inputs.coords import read_coords
+    from mmap_deploy.inputs.slide import open_slide
+    from mmap_deploy.model.bundle import default_bundle_path, load_bundle
+    from mmap_deploy.model.preprocess import make_views
 
     spec = load_bundle(default_bundle_path()).manifest.view
     rows = []

@@ -10,7 +10,7 @@ whether the spot order and ids agree. Cases:
 
 - `demo`: the packaged demo sample (a her2st B4 crop, mpp from its EXIF);
 - `her2st`: the six her2st sections with images, their own spots, --mpp 0.698;
-- `hd16`: her2st C6 with a 16 µm grid of 50 000 bins (benchmarks/suite_read.py).
+- `hd16`: her2st C6 with a 16 µm grid of 50 000 bins (benchmarks/suites/suite_read.py).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--side-by-side", action="store_true", help="run before and after at the same time")
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MMAP_DATA_DIR", HERE.parents[1] / "shared" / "data")))
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE / "suites"))
     from suite_read import hd_grid, write_coords
 
     work = Path(tempfile.mkdtemp(prefix="mmap-before-after-"))

@@ -2,7 +2,7 @@
 
     python benchmarks/run.py --suite cpu --json benchmarks/results/cpu.json
     python benchmarks/run.py --suite gpu --json $OUT/gpu.json
-    python benchmarks/run.py --suite gpu-ort --json $OUT/gpu_ort.json   # via benchmarks/gpu_ort_suite.sh
+    python benchmarks/run.py --suite gpu-ort --json $OUT/gpu_ort.json   # via benchmarks/gpu/gpu_ort_suite.sh
     python benchmarks/run.py --suite smoke --json /tmp/smoke.json   # tiny sizes, for the tests
     python benchmarks/run.py --suite read --json benchmarks/results/read.json   # per-spot vs band reader
 
@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "suites"))  # the suites and their harness
 from harness import REPO, Context, Report, Suite, her2st_slide, machine_info, pyramidal_tiff, step
 
 

@@ -24,10 +24,10 @@ import platform
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "suites"))
 from harness import cpu_model, grid_coords, pyramidal_tiff, run_predict  # noqa: E402
 
-from mmap_deploy.preprocess import DEFAULT_MPP  # noqa: E402
+from mmap_deploy.model.preprocess import DEFAULT_MPP  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HD_BIN_UM = 8.0
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="xy: a grid in a plain x,y table; visium-hd: a binned_outputs/square_008um/ folder")
     args = ap.parse_args(argv)
 
-    from mmap_deploy.bundle import default_bundle_path
-    from mmap_deploy.slide import open_slide
+    from mmap_deploy.inputs.slide import open_slide
+    from mmap_deploy.model.bundle import default_bundle_path
 
     bundle = args.model or default_bundle_path()
     args.work.mkdir(parents=True, exist_ok=True)

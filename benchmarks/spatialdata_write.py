@@ -23,8 +23,8 @@ from pathlib import Path
 def _one(fmt: str, n: int, genes: int, repeats: int) -> dict:
     import numpy as np
 
-    from mmap_deploy.output import build_anndata, write_output
-    from mmap_deploy.pipeline import SlidePrediction
+    from mmap_deploy.outputs.adata import build_anndata, write_output
+    from mmap_deploy.outputs.prediction import SlidePrediction
 
     rng = np.random.default_rng(0)
     side = int(np.ceil(np.sqrt(n)))

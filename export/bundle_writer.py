@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mmap_train.model import MMAP, load_checkpoint
 
 from mmap_deploy import __version__
-from mmap_deploy.bundle import Bundle, Manifest, ModelFile, sha256_file
-from mmap_train.model import MMAP, load_checkpoint
+from mmap_deploy.model.bundle import Bundle, Manifest, ModelFile, sha256_file
 
 from .graphs import EncoderGraph, FusionGraph, deployable
 

@@ -55,8 +55,9 @@ def main(checkpoint: Path | None, out_dir: Path, overwrite: bool, demo: bool, fp
     CHECKPOINT, to the existing bundle at -o. TensorRT engines are built for
     the GPU and TensorRT version they are built on; run --tensorrt there.
     """
-    from mmap_deploy.errors import UserError
     from mmap_train import missing_train_extra
+
+    from mmap_deploy.errors import UserError
 
     try:
         _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precision, trt_batch,
@@ -110,7 +111,7 @@ def _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precis
 
         export_bundle(checkpoint, out_dir, demo=demo, overwrite=overwrite)
         _echo(f"exported {out_dir} in {time.perf_counter() - t0:.1f} s")
-    from mmap_deploy.bundle import load_bundle
+    from mmap_deploy.model.bundle import load_bundle
 
     # One bundle object through every step: each model file is hashed once, when first used.
     bundle = load_bundle(out_dir)  # checks the bundle before adding to it

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from mmap_train.model import MMAP
 from torch import nn
 
-from mmap_deploy.preprocess import ViewSpec
-from mmap_train.model import MMAP
+from mmap_deploy.model.preprocess import ViewSpec
 
 
 def merge_lora(model: MMAP) -> MMAP:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mmap_deploy.bundle import Bundle
 from mmap_deploy.engines import OnnxRuntimeRunner, Runner
 from mmap_deploy.errors import UserError
-from mmap_deploy.preprocess import ViewSpec, make_views
+from mmap_deploy.model.bundle import Bundle
+from mmap_deploy.model.preprocess import ViewSpec, make_views
 
 FP16_MIN_COSINE = 0.999
 INT8_MIN_COSINE = 0.99
@@ -51,8 +51,8 @@ def her2st_parity_views(data_dir: Path, spec: ViewSpec, n: int = PARITY_SPOTS) -
     `her2st/spots/{section}_selection.tsv` (the layout of the project's data
     folder). Spots are taken evenly along the spot table: deterministic.
     """
-    from mmap_deploy.coords import read_coords
-    from mmap_deploy.slide import open_slide
+    from mmap_deploy.inputs.coords import read_coords
+    from mmap_deploy.inputs.slide import open_slide
 
     root = Path(data_dir)
     her2st = root / "her2st" if (root / "her2st").is_dir() else root
@@ -113,7 +113,7 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> d
 
 def fusion_feeds(bundle: Bundle, f: np.ndarray, y1: np.ndarray) -> dict[str, np.ndarray]:
     """Fusion inputs from encoder outputs: each spot's prototype bank, by the runtime's prototype step."""
-    from mmap_deploy.prototypes import slide_prototypes
+    from mmap_deploy.model.prototypes import slide_prototypes
 
     rule = bundle.manifest.prototypes
     protos = slide_prototypes(f, rule)

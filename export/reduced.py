@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmap_deploy.atomic import atomic_path
-from mmap_deploy.bundle import Bundle, load_bundle
 from mmap_deploy.engines import OnnxRuntimeRunner
+from mmap_deploy.model.bundle import Bundle, load_bundle
 
 from .bundle_writer import add_to_bundle
 from .parity import FP16_MIN_COSINE, INT8_MIN_COSINE, PARITY_SPOTS, ParityReference, check_parity

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmap_deploy.atomic import atomic_path
-from mmap_deploy.bundle import Bundle
 from mmap_deploy.errors import UserError
+from mmap_deploy.model.bundle import Bundle
 
 from .bundle_writer import add_to_bundle
 from .parity import ParityReference

@@ -18,10 +18,17 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .batch import check_output_dir, parse_shard, read_manifest, run_batch
 from .errors import UserError
-from .predict import (  # noqa: F401  (re-exported: the names users and scripts import from cli)
-    EXIT_BATCH_FAILED, EXIT_USER_ERROR, RunSettings, SlideResult, _echo, _report, engine_defaults, load_model,
+from .run.batch import check_output_dir, parse_shard, read_manifest, run_batch
+from .run.predict import (  # noqa: F401  (re-exported: the names users and scripts import from cli)
+    EXIT_BATCH_FAILED,
+    EXIT_USER_ERROR,
+    RunSettings,
+    SlideResult,
+    _echo,
+    _report,
+    engine_defaults,
+    load_model,
     predict_to_file,
 )
 
@@ -136,7 +143,7 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
     if ray_address is None and ray_workers is not None:
         raise UserError("--ray-workers needs --ray")
     if ray_address is not None:
-        from .cohort_ray import import_ray
+        from .run.cohort_ray import import_ray
 
         import_ray()  # a missing extra is said now, before anything is loaded
     if output_format is not None and manifest is None:
@@ -153,14 +160,14 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
     shard_ix = parse_shard(shard)
     # check what is cheap to check before loading anything
     if manifest is None:
-        from .output import check_output_path
+        from .outputs.adata import check_output_path
 
         check_output_path(output, overwrite)
     else:
         rows = read_manifest(manifest)
         check_output_dir(output)
         if settings.output_format == "zarr":
-            from .spatialdata_out import require_spatialdata
+            from .outputs.sdata import require_spatialdata
 
             require_spatialdata("--format zarr")
     if demo:
@@ -168,11 +175,11 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
         slide, coords, _ = _demo_paths()
     bundle = load_model(model)
     if settings.plot:
-        from .output import check_plot_genes
+        from .outputs.adata import check_plot_genes
 
         check_plot_genes(settings.plot, bundle.manifest.genes, bundle.root)
     if ray_address is not None:  # the workers load the engines; the driver only hands out slides
-        from .cohort_ray import run_batch_ray
+        from .run.cohort_ray import run_batch_ray
 
         return run_batch_ray(manifest, rows, output, bundle, settings, shard_ix, ray_address, ray_workers)
     from .engines import open_engines

@@ -33,7 +33,6 @@ TINY_GENES = [f"GENE{i}" for i in range(12)]
 def make_tiny_model(seed: int = 0, **overrides):
     """A tiny randomly initialised MMAP with non-zero LoRA weights (so merging matters)."""
     import torch
-
     from mmap_train.config import MMAPConfig
     from mmap_train.model import MMAP
 
@@ -146,8 +145,8 @@ def leave_free(folder: Path, nbytes: int) -> Path:
 
 def demo_output_bytes(n_spots: int, width: int, height: int) -> int:
     """The free space mmap-predict asks for one slide's .h5ad with the built-in demo bundle."""
-    from mmap_deploy.bundle import default_bundle_path, load_bundle
-    from mmap_deploy.storage import slide_output_bytes
+    from mmap_deploy.model.bundle import default_bundle_path, load_bundle
+    from mmap_deploy.run.storage import slide_output_bytes
 
     return slide_output_bytes(n_spots, load_bundle(default_bundle_path()).manifest, width, height)
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_pyramid
+from test_predict_cli import corrupt_tiles, tissue_like_image
 from threadpoolctl import threadpool_limits
 
-from conftest import write_pyramid
-from mmap_deploy import bands
-from mmap_deploy.bands import plan_reads, read_spot_views
-from mmap_deploy.preprocess import ViewSpec, make_views, patch_region
-from mmap_deploy.slide import open_slide
-from test_predict_cli import corrupt_tiles, tissue_like_image
+from mmap_deploy.inputs import bands
+from mmap_deploy.inputs.bands import plan_reads, read_spot_views
+from mmap_deploy.inputs.slide import open_slide
+from mmap_deploy.model.preprocess import ViewSpec, make_views, patch_region
 
 SPEC = ViewSpec(patch_um=163.52, mpp=0.73)  # the demo bundle's geometry
 HER2ST_MPP = 0.69  # B4's lattice: ~290 px per 200 µm step; not the model's 0.73, so patches are resampled
@@ -69,9 +69,10 @@ def test_views_match_the_per_spot_reader_on_real_tissue(her2st, fmt):
         assert slide.format.startswith("openslide" if fmt == "openslide" else "image")
         ref = per_spot(slide, xy)
         new, _ = band_read(slide, xy, reader="tile_once")
-    # the same maps, rounded where read_patch and make_views round: the same views (a sum in
-    # another order could flip a rounding at exactly .5; none does on real tissue)
-    assert (ref != new).mean() < 1e-6, mad(ref, new, axis=(0, 2, 3, 4))
+    # the same maps, rounded where read_patch and make_views round: the same views, except
+    # where a sum in another order (BLAS kernels differ between CPUs) flips a rounding at .5
+    diff = np.abs(ref.astype(np.int16) - new)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-4, mad(ref, new, axis=(0, 2, 3, 4))
 
 
 def test_coarse_level_with_sub_pixel_starts_matches(tmp_path):
@@ -207,10 +208,10 @@ def test_sparse_spots_take_the_per_spot_path(her2st):
 
 
 def test_predictions_keep_input_order_and_do_not_depend_on_threads(her2st, tiny_bundle):
-    from mmap_deploy.bundle import load_bundle
-    from mmap_deploy.coords import Spots
-    from mmap_deploy.pipeline import predict_slide
     from mmap_deploy.engines import open_engines
+    from mmap_deploy.inputs.coords import Spots
+    from mmap_deploy.model.bundle import load_bundle
+    from mmap_deploy.run.pipeline import predict_slide
 
     _, tif, xy = her2st
     perm = np.random.default_rng(3).permutation(len(xy))
@@ -266,11 +267,11 @@ def test_encoder_calls_in_flight_at_once_give_the_same_predictions(her2st, tiny_
     import threading
     import time
 
-    from mmap_deploy.bundle import load_bundle
-    from mmap_deploy.coords import Spots
     from mmap_deploy.engines import open_engines
     from mmap_deploy.engines.select import cpu_encoder_streams
-    from mmap_deploy.pipeline import predict_slide
+    from mmap_deploy.inputs.coords import Spots
+    from mmap_deploy.model.bundle import load_bundle
+    from mmap_deploy.run.pipeline import predict_slide
 
     _, tif, xy = her2st
     spots = Spots(ids=[f"s{i}" for i in range(len(xy))], xy=xy, source_format="xy")

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from mmap_deploy.bundle import FORMAT_VERSION, MANIFEST_NAME, load_bundle, parse_manifest, sha256_file
 from mmap_deploy.errors import BundleError
+from mmap_deploy.model.bundle import FORMAT_VERSION, MANIFEST_NAME, load_bundle, parse_manifest, sha256_file
 
 
 @pytest.fixture

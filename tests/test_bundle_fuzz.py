@@ -4,12 +4,12 @@ import json
 import shutil
 
 import pytest
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmap_deploy.bundle import MANIFEST_NAME, load_bundle
 from mmap_deploy.errors import BundleError
+from mmap_deploy.model.bundle import MANIFEST_NAME, load_bundle
+
 
 @pytest.fixture(scope="module")
 def fuzz_bundle(tiny_bundle, tmp_path_factory):

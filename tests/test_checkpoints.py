@@ -111,8 +111,9 @@ def test_resume_refuses_pickled_code(pickled_callable, tmp_path):
 
 def test_flat_configs_of_older_checkpoints_still_load(tiny_checkpoint, tmp_path):
     """Before the view spec and the prototype rule were nested, configs held their fields flat."""
-    from mmap_deploy.prototypes import PrototypeRule
     from mmap_train.model import load_checkpoint
+
+    from mmap_deploy.model.prototypes import PrototypeRule
 
     ckpt = torch.load(tiny_checkpoint, weights_only=True)
     flat = {k: v for k, v in ckpt["config"].items() if k not in ("view_spec", "prototype_rule")}

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from mmap_deploy.claims import ClaimHolder, SlideClaim, claim_path, release_run_claims, try_claim
+from mmap_deploy.run.claims import ClaimHolder, SlideClaim, claim_path, release_run_claims, try_claim
 
 
 def test_one_holder_at_a_time_and_release(tmp_path):

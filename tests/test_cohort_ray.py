@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from conftest import demo_output_bytes, leave_free
 from conftest import run_cli as run
 
-from mmap_deploy.claims import claim_path
 from mmap_deploy.cli import main
+from mmap_deploy.run.claims import claim_path
 
 ad = pytest.importorskip("anndata")
 MPP = 0.6
@@ -29,7 +29,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "mmap_deploy" / "demo" / "sample"
 def local_ray():
     """One private local Ray for the whole module (the runs below join it instead of starting their own)."""
     ray = pytest.importorskip("ray")
-    from mmap_deploy.cohort_ray import start_local_ray
+    from mmap_deploy.run.cohort_ray import start_local_ray
 
     start_local_ray(num_cpus=2)
     yield ray

@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from mmap_deploy.coords import LAYOUTS, Spots, check_inside, read_coords, scale_warning
 from mmap_deploy.errors import UserError
+from mmap_deploy.inputs.coords import LAYOUTS, Spots, check_inside, read_coords, scale_warning
 
 VISIUM_HEADER = "barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres"
 VISIUM_ROWS = [

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmap_deploy.coords import LAYOUTS, check_inside, read_coords
 from mmap_deploy.errors import UserError
+from mmap_deploy.inputs.coords import LAYOUTS, check_inside, read_coords
 
 # 150 examples per property in CI; MMAP_FUZZ_EXAMPLES=5000 for a deeper run.
 FUZZ = settings(max_examples=int(os.environ.get("MMAP_FUZZ_EXAMPLES", "150")), deadline=None,

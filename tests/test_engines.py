@@ -8,10 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY_GENES, random_views
-from mmap_deploy.bundle import load_bundle, sha256_file
-from mmap_deploy.errors import BundleError, UserError
+
 from mmap_deploy.engines import (
     OnnxRuntimeRunner,
     available_providers,
@@ -20,6 +18,8 @@ from mmap_deploy.engines import (
     select_backend,
     tensorrt_importable,
 )
+from mmap_deploy.errors import BundleError, UserError
+from mmap_deploy.model.bundle import load_bundle, sha256_file
 
 ort = pytest.importorskip("onnxruntime")
 HAS_GPU_EP = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -75,7 +75,7 @@ def test_demo_encoder_rows_are_bit_identical_over_threads_and_batches():
     """Two encoder calls in flight run on one thread each instead of one call on two
     (engines.select.cpu_encoder_streams): the demo encoder gives the same bits either way,
     and in any batch."""
-    from mmap_deploy.bundle import default_bundle_path
+    from mmap_deploy.model.bundle import default_bundle_path
 
     views = random_views(32, seed=5)
     path = default_bundle_path() / "encoder.onnx"

@@ -8,13 +8,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import make_tiny_model, random_views
-from mmap_deploy.bundle import load_bundle
-from mmap_deploy.preprocess import make_views, normalise
 from mmap_export.bundle_writer import export_bundle
 from mmap_export.graphs import deployable, fold_layerscale, merge_lora
 from mmap_train.model import save_checkpoint
+
+from mmap_deploy.model.bundle import load_bundle
+from mmap_deploy.model.preprocess import make_views, normalise
 
 RTOL = 1e-4  # fp32 ONNX vs torch, relative to the output's scale
 
@@ -38,8 +38,8 @@ def session(path):
 
 def her2st_views(real_data, spec, n=12):
     """Views of real her2st spots, read with the runtime's own slide and coords readers."""
-    from mmap_deploy.coords import read_coords
-    from mmap_deploy.slide import open_slide
+    from mmap_deploy.inputs.coords import read_coords
+    from mmap_deploy.inputs.slide import open_slide
 
     spots = read_coords(real_data / "her2st" / "spots" / "C2_selection.tsv")
     with open_slide(real_data / "her2st" / "images" / "C2.jpg", mpp=0.73) as slide:

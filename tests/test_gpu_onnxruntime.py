@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import random_views
-from mmap_deploy.bundle import load_bundle
+
 from mmap_deploy.engines.onnxruntime import (
     CUDA_OPTIONS,
     OnnxRuntimeRunner,
@@ -27,6 +26,7 @@ from mmap_deploy.engines.onnxruntime import (
     preload_gpu_libraries,
     provider_options,
 )
+from mmap_deploy.model.bundle import load_bundle
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -1,4 +1,4 @@
-"""The wheel carrier of the GPU suite (benchmarks/gpu_wheels.py): pack, stage part by part, unpack.
+"""The wheel carrier of the GPU suite (benchmarks/gpu/gpu_wheels.py): pack, stage part by part, unpack.
 
 A real wheel-shaped zip is built here (the real onnxruntime-gpu wheel is 255 MB);
 the packing, the sha256 checks and the unpacked files are exercised for real.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "gpu_wheels.py"
+SCRIPT = REPO / "benchmarks" / "gpu" / "gpu_wheels.py"
 spec = importlib.util.spec_from_file_location("gpu_wheels", SCRIPT)
 gpu_wheels = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_wheels)

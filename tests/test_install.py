@@ -2,8 +2,9 @@
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 HEAVY = ("torch", "timm", "peft", "onnx", "onnxruntime", "anndata", "openslide", "tensorrt", "mmap_train", "mmap_export")
 REPO = Path(__file__).resolve().parents[1]
@@ -16,7 +17,7 @@ def _imported_after(code: str) -> list[str]:
 
 
 def test_import_mmap_deploy_is_light():
-    assert _imported_after("import mmap_deploy, mmap_deploy.bundle, mmap_deploy.preprocess, mmap_deploy.prototypes") == []
+    assert _imported_after("import mmap_deploy, mmap_deploy.model.bundle, mmap_deploy.model.preprocess, mmap_deploy.model.prototypes") == []
 
 
 def test_cli_module_imports_no_torch():

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import write_pyramid
 from test_predict_cli import assert_one_line_error, predict
 
@@ -120,8 +119,8 @@ def visium_hd_bins(root: Path, rgb: np.ndarray, her2st_xy: np.ndarray, bin_um: f
 
 # -- the lattice on all 36 real her2st tables ---------------------------------------
 def test_lattice_fit_gives_each_her2st_sections_resolution(real_data):
-    from mmap_deploy.coords import read_coords
-    from mmap_deploy.geometry import ST, fit_lattice
+    from mmap_deploy.inputs.coords import read_coords
+    from mmap_deploy.inputs.geometry import ST, fit_lattice
 
     for table in sorted((real_data / "her2st" / "spots").glob("*_selection.tsv")):
         spots = read_coords(table)
@@ -135,7 +134,7 @@ def test_lattice_fit_gives_each_her2st_sections_resolution(real_data):
 
 
 def test_lattice_fit_is_not_biased_by_jitter_and_sees_rotation_and_swap():
-    from mmap_deploy.geometry import VISIUM, fit_lattice
+    from mmap_deploy.inputs.geometry import VISIUM, fit_lattice
 
     rng = np.random.default_rng(1)
     rows, cols = np.divmod(np.arange(900), 30)
@@ -156,9 +155,9 @@ def test_tissue_check_passes_each_real_her2st_image_and_refuses_its_swap(section
 
     from PIL import Image
 
-    from mmap_deploy.coords import read_coords
     from mmap_deploy.errors import UserError
-    from mmap_deploy.geometry import MASK_MAX_SIDE, ST, check_geometry, fit_lattice, tissue_mask
+    from mmap_deploy.inputs.coords import read_coords
+    from mmap_deploy.inputs.geometry import MASK_MAX_SIDE, ST, check_geometry, fit_lattice, tissue_mask
 
     Image.MAX_IMAGE_PIXELS = None
     with Image.open(real_data / "her2st" / "images" / f"{section}.jpg") as im:
@@ -184,8 +183,8 @@ def test_tissue_check_passes_each_real_her2st_image_and_refuses_its_swap(section
 def test_swap_without_a_lattice_is_refused_by_the_tissue_and_few_spots_warn(real_data):
     from types import SimpleNamespace
 
-    from mmap_deploy.geometry import TissueMask, check_geometry
     from mmap_deploy.errors import UserError
+    from mmap_deploy.inputs.geometry import TissueMask, check_geometry
 
     mask = np.zeros((100, 100), bool)
     mask[10:40, 10:90] = True  # a wide band of tissue in the top half
@@ -274,7 +273,7 @@ def test_visium_hd_bin_folder(c2_slide, tiny_bundle, tmp_path):
 
 def test_visium_hd_without_pyarrow_names_the_extra(c2_slide, tmp_path, monkeypatch):
     from mmap_deploy.errors import UserError
-    from mmap_deploy.layouts import read_spot_input
+    from mmap_deploy.inputs.layouts import read_spot_input
 
     slide, rgb, her2st_xy = c2_slide
     square = visium_hd_bins(tmp_path / "hd", rgb, her2st_xy)
@@ -311,7 +310,7 @@ def test_folder_mistakes_and_images_of_another_size(tmp_path):
     from PIL import Image
 
     from mmap_deploy.errors import UserError
-    from mmap_deploy.layouts import load_images, read_spot_input
+    from mmap_deploy.inputs.layouts import load_images, read_spot_input
 
     with pytest.raises(UserError, match=r"empty: no spot table found; a Space Ranger folder holds spatial/"):
         read_spot_input((tmp_path / "empty").mkdir() or tmp_path / "empty")

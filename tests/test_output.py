@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmap_deploy.errors import UserError
-from mmap_deploy.output import (
+from mmap_deploy.outputs.adata import (
     build_anndata,
     check_no_none,
     check_output_path,
@@ -16,7 +16,7 @@ from mmap_deploy.output import (
     write_gene_plots,
     write_h5ad,
 )
-from mmap_deploy.pipeline import DroppedSpot, SlidePrediction
+from mmap_deploy.outputs.prediction import DroppedSpot, SlidePrediction
 
 ad = pytest.importorskip("anndata")
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 from conftest import random_views
-from mmap_deploy.bundle import default_bundle_path, load_bundle, sha256_file
-from mmap_deploy.preprocess import ViewSpec
-from mmap_deploy.engines import OnnxRuntimeRunner, tensorrt_importable
 from mmap_export.parity import ParityError, ParityReference, cosine_rows, her2st_parity_views
 from mmap_export.precision import FP16_KEEP_FP32, convert_fp16
 from mmap_export.reduced import add_fp16, add_int8
+
+from mmap_deploy.engines import OnnxRuntimeRunner, tensorrt_importable
+from mmap_deploy.model.bundle import default_bundle_path, load_bundle, sha256_file
+from mmap_deploy.model.preprocess import ViewSpec
 
 EXPORT = [sys.executable, "-m", "mmap_export.cli"]
 

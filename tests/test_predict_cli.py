@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import TINY_GENES, write_pyramid
+
 from mmap_deploy.cli import main
-from mmap_deploy.preprocess import ViewSpec, patch_region
+from mmap_deploy.model.preprocess import ViewSpec, patch_region
 
 ad = pytest.importorskip("anndata")
 tifffile = pytest.importorskip("tifffile")
@@ -202,14 +202,15 @@ def test_console_script_in_a_subprocess(pyramid, tiny_bundle, tmp_path):
 
 def test_pipeline_matches_the_whole_slide_reference(pyramid, tiny_bundle, tmp_path):
     """Streaming (batches of 7, banks gathered per batch) = encoder on all spots + prototypes + fusion."""
-    from mmap_deploy.bands import read_spot_views
-    from mmap_deploy.bundle import load_bundle
-    from mmap_deploy.coords import read_coords
-    from mmap_deploy.engines import open_engines
-    from mmap_deploy.pipeline import predict_slide
-    from mmap_deploy.prototypes import KMEANS_SEED, kmeans, top_l_banks
-    from mmap_deploy.slide import open_slide
     from threadpoolctl import threadpool_limits
+
+    from mmap_deploy.engines import open_engines
+    from mmap_deploy.inputs.bands import read_spot_views
+    from mmap_deploy.inputs.coords import read_coords
+    from mmap_deploy.inputs.slide import open_slide
+    from mmap_deploy.model.bundle import load_bundle
+    from mmap_deploy.model.prototypes import KMEANS_SEED, kmeans, top_l_banks
+    from mmap_deploy.run.pipeline import predict_slide
 
     coords, ids, _ = write_coords(tmp_path / "c.csv", "xy")
     bundle = load_bundle(tiny_bundle)
@@ -249,8 +250,8 @@ def her2st_output(her2st_crop, tiny_bundle, tmp_path_factory) -> Path:
 
 
 def test_her2st_output_has_every_field(her2st_output, her2st_crop, tiny_bundle):
-    from mmap_deploy.bundle import load_bundle
-    from mmap_deploy.coords import read_coords
+    from mmap_deploy.inputs.coords import read_coords
+    from mmap_deploy.model.bundle import load_bundle
 
     spots = read_coords(her2st_crop[1])
     a = ad.read_h5ad(her2st_output)
@@ -388,7 +389,7 @@ def test_missing_bundle_and_bad_arguments(pyramid, tmp_path):
 
 
 def test_default_model_is_the_demo_bundle_or_a_clear_error(pyramid, tmp_path):
-    from mmap_deploy.bundle import default_bundle_path
+    from mmap_deploy.model.bundle import default_bundle_path
 
     coords, ids, _ = write_coords(tmp_path / "c.csv", "xy")
     out = tmp_path / "o.h5ad"
@@ -498,9 +499,9 @@ def test_a_whole_run_never_imports_torch(pyramid, tiny_bundle, tmp_path):
 
 
 def test_cpu_engines_get_cpu_batch_and_reader_defaults(tiny_bundle):
-    from mmap_deploy.bundle import load_bundle
     from mmap_deploy.cli import RunSettings, engine_defaults
     from mmap_deploy.engines import default_threads, open_engines
+    from mmap_deploy.model.bundle import load_bundle
 
     with open_engines("onnxruntime", load_bundle(tiny_bundle), providers=["cpu"]) as engines:
         s = engine_defaults(engines, RunSettings())

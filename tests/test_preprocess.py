@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmap_deploy.preprocess import ViewSpec, make_views, normalise, patch_region, resize, resize_weights
+from mmap_deploy.model.preprocess import ViewSpec, make_views, normalise, patch_region, resize, resize_weights
 
 
 def test_geometry_is_physical():

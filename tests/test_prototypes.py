@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from mmap_deploy.prototypes import KMEANS_SEED, PrototypeRule, _cluster_sums, kmeans, slide_prototypes, top_l_banks
+from mmap_deploy.model.prototypes import (
+    KMEANS_SEED,
+    PrototypeRule,
+    _cluster_sums,
+    kmeans,
+    slide_prototypes,
+    top_l_banks,
+)
 
 
 @pytest.mark.parametrize("n, k", [(1, 1), (10, 10), (31, 31), (100, 32), (300, 60), (1000, 80), (5000, 80)])

@@ -12,18 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import write_pyramid
 from PIL import Image
 
-from conftest import write_pyramid
 from mmap_deploy.errors import UserError
-from mmap_deploy.preprocess import ViewSpec, patch_region, resize
-from mmap_deploy.slide import (
+from mmap_deploy.inputs.slide import (
     ImageReader,
     OpenSlideReader,
     PatchReadError,
     _mpp_from_openslide_properties,
     open_slide,
 )
+from mmap_deploy.model.preprocess import ViewSpec, patch_region, resize
 
 W, H = 2048, 1536  # level-0 size of the test slides
 MPP = 0.25  # level-0 µm per pixel of the test slides
@@ -126,7 +126,7 @@ def test_outside_the_slide_is_white(slide, level0):
 def test_composite_blends_only_what_is_not_opaque():
     """Blending only the pixels that are not opaque gives what blending every pixel gave: every
     colour at every alpha, and strips of a band that reaches past the slide's edges."""
-    from mmap_deploy.slide import _composite_on_white
+    from mmap_deploy.inputs.slide import _composite_on_white
 
     def every_pixel(rgba):
         a = rgba[..., 3:4].astype(np.uint16)
@@ -191,7 +191,7 @@ def test_thumbnail_of_a_single_level_slide_streams(tmp_path, monkeypatch):
     """A big non-pyramidal tiled TIFF: the thumbnail is built block by block, never the whole level."""
     import tracemalloc
 
-    import mmap_deploy.slide as slide_module
+    import mmap_deploy.inputs.slide as slide_module
 
     bw, bh = 3000, 2000
     x = np.round(np.arange(bw) * 255 / (bw - 1)).astype(np.uint8)
@@ -470,8 +470,8 @@ def test_sixteen_bit_image_refused(tmp_path):
 
 
 def test_demo_sample_opens_without_mpp():
-    from mmap_deploy.coords import check_inside, read_coords
     from mmap_deploy.demo import sample_paths
+    from mmap_deploy.inputs.coords import check_inside, read_coords
 
     image, coords, mpp = sample_paths()
     assert mpp == 0.73
@@ -489,8 +489,8 @@ def test_real_tissue_as_pyramidal_jpeg_tiff_reads_like_the_jpeg(tmp_path):
     """The demo's real H&E crop re-saved as a JPEG-tiled pyramid (0.73 µm/px in its tags):
     OpenSlide's patches at every model resolution match the plain reader's, up to JPEG noise and
     the pyramid's own downsampling, and far better than a patch read 30 px (22 µm) off."""
-    from mmap_deploy.coords import read_coords
     from mmap_deploy.demo import sample_paths
+    from mmap_deploy.inputs.coords import read_coords
 
     image, coords, mpp = sample_paths()
     spots = read_coords(coords)
@@ -546,7 +546,7 @@ def test_her2st_jpeg_needs_mpp(real_data):
 
 
 def test_her2st_jpeg_patches(real_data, her2st_c2):
-    from mmap_deploy.coords import check_inside, read_coords
+    from mmap_deploy.inputs.coords import check_inside, read_coords
 
     s = her2st_c2
     assert isinstance(s, ImageReader) and (s.width, s.height) == (9274, 9911)
@@ -571,7 +571,7 @@ def test_her2st_jpeg_patches(real_data, her2st_c2):
 
 def test_runtime_modules_do_not_import_torch():
     code = (
-        "import sys, mmap_deploy.slide, mmap_deploy.coords, mmap_deploy.demo; "
+        "import sys, mmap_deploy.inputs.slide, mmap_deploy.inputs.coords, mmap_deploy.demo; "
         "bad = [m for m in ('torch', 'mmap_train', 'mmap_export') if m in sys.modules]; "
         "sys.exit(str(bad) if bad else 0)"
     )

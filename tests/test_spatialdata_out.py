@@ -121,8 +121,8 @@ def test_overwrite_never_replaces_what_is_not_a_store(tiny_bundle, tmp_path):
 
 def _adata(n: int = 50, genes: int = 7, side: int = 64):
     """A small AnnData in the .h5ad layout, without running a model."""
-    from mmap_deploy.output import build_anndata
-    from mmap_deploy.pipeline import SlidePrediction
+    from mmap_deploy.outputs.adata import build_anndata
+    from mmap_deploy.outputs.prediction import SlidePrediction
 
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 1000, (n, 2))
@@ -141,7 +141,7 @@ def test_every_image_in_uns_spatial_becomes_an_element_with_its_own_scale(tmp_pa
     """Space Ranger's hires and lowres images (as squidpy reads them) each land in full-res pixels."""
     from spatialdata.transformations import get_transformation
 
-    from mmap_deploy.spatialdata_out import write_spatialdata
+    from mmap_deploy.outputs.sdata import write_spatialdata
 
     a = _adata()
     lib = a.uns["spatial"]["S1"]
@@ -157,7 +157,7 @@ def test_every_image_in_uns_spatial_becomes_an_element_with_its_own_scale(tmp_pa
 
 
 def test_failed_write_leaves_nothing_and_keeps_the_old_store(tmp_path):
-    from mmap_deploy.spatialdata_out import write_spatialdata
+    from mmap_deploy.outputs.sdata import write_spatialdata
 
     bad = _adata()
     bad.uns["unwritable"] = object()  # fails in the table, after the image and the circles are on disk
@@ -179,7 +179,7 @@ def test_a_killed_write_leaves_no_store_and_the_next_write_cleans_up(tmp_path):
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "from test_spatialdata_out import _adata\n"
-        "from mmap_deploy.spatialdata_out import write_spatialdata\n"
+        "from mmap_deploy.outputs.sdata import write_spatialdata\n"
         "a = _adata(n=4000, genes=400, side=1500)\n"
         "print('writing', flush=True)\n"
         "write_spatialdata(a, sys.argv[2])\n"
@@ -198,7 +198,7 @@ def test_a_killed_write_leaves_no_store_and_the_next_write_cleans_up(tmp_path):
     assert not out.exists()
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith(".o.zarr.") and left[0].endswith(".tmp")
-    from mmap_deploy.spatialdata_out import write_spatialdata
+    from mmap_deploy.outputs.sdata import write_spatialdata
 
     write_spatialdata(_adata(), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.zarr"]
@@ -298,7 +298,7 @@ def test_format_and_output_arguments(tiny_bundle, tmp_path):
 def test_element_names_are_valid_for_any_library_id():
     from spatialdata._core.validation import check_valid_name
 
-    from mmap_deploy.spatialdata_out import element_name
+    from mmap_deploy.outputs.sdata import element_name
 
     for library_id in ("B4", "her2st B4/crop", ".hidden", "__x", "", "é-1.2"):
         name = element_name(library_id)

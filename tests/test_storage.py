@@ -7,7 +7,7 @@ import pytest
 from conftest import demo_output_bytes, leave_free
 from conftest import run_cli as run
 
-from mmap_deploy.storage import OutputStorageError, expected_output_bytes, output_storage_guard
+from mmap_deploy.run.storage import OutputStorageError, expected_output_bytes, output_storage_guard
 
 ad = pytest.importorskip("anndata")
 MPP = 0.6
@@ -59,7 +59,7 @@ def test_local_batch_stops_at_the_first_full_disk_and_says_what_remains(small_fi
 
 def test_a_write_that_runs_out_of_space_is_one_line_and_leaves_nothing(small_filesystem):
     """The second line of defence: the disk fills during the write (h5py's real ENOSPC)."""
-    from mmap_deploy.output import write_h5ad
+    from mmap_deploy.outputs.adata import write_h5ad
 
     out_dir = small_filesystem("2m")
     adata = ad.AnnData(X=np.random.default_rng(0).random((2000, 785), dtype=np.float32))

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import random_views
-from mmap_deploy.bundle import load_bundle, sha256_file
-from mmap_deploy.errors import BundleError, EngineMismatchError, UserError
+from mmap_export.tensorrt_build import BatchProfile, input_profiles
+
 from mmap_deploy.engines import tensorrt_importable
 from mmap_deploy.engines.tensorrt import TARGET_FIELDS, check_engine_target
-from mmap_export.tensorrt_build import BatchProfile, input_profiles
+from mmap_deploy.errors import BundleError, EngineMismatchError, UserError
+from mmap_deploy.model.bundle import load_bundle, sha256_file
 
 HAS_TENSORRT, TRT_INFO = tensorrt_importable()
 HERE = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt": "10.13.0.35"}
@@ -142,9 +142,10 @@ def test_engines_are_recorded_with_target_and_parity(engine_bundle):
 
 @needs_tensorrt
 def test_runner_matches_onnxruntime_and_splits_large_batches(engine_bundle):
+    from mmap_export.parity import cosine_rows
+
     from mmap_deploy.engines import OnnxRuntimeRunner
     from mmap_deploy.engines.tensorrt import TensorRTRunner
-    from mmap_export.parity import cosine_rows
 
     b = load_bundle(engine_bundle)
     views = random_views(11, seed=4)  # > the profile's max batch of 8
@@ -200,7 +201,6 @@ def test_uint8_input_is_cast_first_without_changing_results(tiny_bundle, tmp_pat
     """TensorRT takes uint8 only as network I/O feeding a cast: the cast moves to the front."""
     import onnx
     import onnxruntime as ort
-
     from mmap_export.precision import convert_fp16
     from mmap_export.tensorrt_build import cast_uint8_inputs_first
 

@@ -10,10 +10,10 @@ import pytest
 def manifest(real_data, tmp_path):
     """The demo sample (a real B4 crop) with its real counts as an .h5ad, listed twice as two sections."""
     import anndata as ad
-
-    from mmap_deploy.coords import read_coords
-    from mmap_deploy.demo import sample_paths
     from mmap_train.datasets import read_counts_tsv, read_genes
+
+    from mmap_deploy.demo import sample_paths
+    from mmap_deploy.inputs.coords import read_coords
 
     image, coords, mpp = sample_paths()
     genes = read_genes(real_data / "her2st" / "genes_785.txt")[:20]

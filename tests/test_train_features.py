@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from mmap_train.features import SectionFeatures, cached_sections, read_cache, read_section, write_section
 
 from mmap_deploy.errors import UserError
-from mmap_train.features import SectionFeatures, cached_sections, read_cache, read_section, write_section
 
 
 def _section(name="S1", n=5, d=8, g=3, seed=0):
@@ -60,13 +60,13 @@ def test_published_cache_reads(real_data):
 def test_compute_from_a_checkpoint(tmp_path, tiny_checkpoint):
     """The cache of the demo sample equals the encoder's output on centre-crop views of the same patches."""
     import torch
-
-    from mmap_deploy.coords import read_coords
-    from mmap_deploy.demo import sample_paths
-    from mmap_deploy.preprocess import make_views, normalise
     from mmap_train.datasets import Section, read_section_patches
     from mmap_train.features import compute_features
     from mmap_train.model import load_checkpoint
+
+    from mmap_deploy.demo import sample_paths
+    from mmap_deploy.inputs.coords import read_coords
+    from mmap_deploy.model.preprocess import make_views, normalise
 
     image, coords, mpp = sample_paths()
     sec = Section("B4crop", counts=coords, slide=image, coords=coords, mpp=mpp)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from mmap_train.config import MMAPConfig
 from mmap_train.datasets import Section, read_section_patches
 from mmap_train.model import load_checkpoint
@@ -16,8 +15,8 @@ GENES = [f"G{i}" for i in range(12)]
 
 @pytest.fixture(scope="module")
 def spots() -> SpotSet:
-    from mmap_deploy.coords import read_coords
     from mmap_deploy.demo import sample_paths
+    from mmap_deploy.inputs.coords import read_coords
 
     image, coords, mpp = sample_paths()
     cfg = MMAPConfig(genes=GENES, backbone="tiny", lora_last_blocks=0)

@@ -7,7 +7,6 @@ import socket
 import numpy as np
 import pytest
 import torch
-
 from mmap_train.config import MMAPConfig
 from mmap_train.phase1 import Phase1Recipe, SpotSet, train_phase1
 
@@ -50,9 +49,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def spots() -> SpotSet:
-    from mmap_deploy.coords import read_coords
-    from mmap_deploy.demo import sample_paths
     from mmap_train.datasets import Section, read_section_patches
+
+    from mmap_deploy.demo import sample_paths
+    from mmap_deploy.inputs.coords import read_coords
 
     image, coords, mpp = sample_paths()
     xy = read_coords(coords).xy[:N_SPOTS]

@@ -8,14 +8,21 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
-from mmap_deploy.prototypes import PrototypeRule, slide_prototypes
 from mmap_train.datasets import Targets
 from mmap_train.features import SectionFeatures
 from mmap_train.model import load_checkpoint
 from mmap_train.phase2 import (
-    BankedSpots, Phase2Recipe, config_for_cache, load_fusion, predict, predict_section, prepare, train_phase2,
+    BankedSpots,
+    Phase2Recipe,
+    config_for_cache,
+    load_fusion,
+    predict,
+    predict_section,
+    prepare,
+    train_phase2,
 )
+
+from mmap_deploy.model.prototypes import PrototypeRule, slide_prototypes
 
 GENES = [f"G{i}" for i in range(12)]
 DIM = 96  # the tiny backbone's width

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmap_deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
+from mmap_deploy.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
 
 
 @dataclass(frozen=True)

@@ -281,7 +281,7 @@ def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sec
            head_average, l_fixed, epochs, lr, weight_decay, batch_size, keep, average_last, dropout, seed,
            max_steps, threads):
     """Train the prototype-aware fusion head (phase 2) on a feature cache."""
-    from mmap_deploy.prototypes import PrototypeRule
+    from mmap_deploy.model.prototypes import PrototypeRule
 
     from .phase2 import Phase2Recipe, config_for_cache, load_init, train_phase2
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from mmap_deploy.preprocess import ViewSpec
-from mmap_deploy.prototypes import PrototypeRule
+from mmap_deploy.model.preprocess import ViewSpec
+from mmap_deploy.model.prototypes import PrototypeRule
 
 from .backbones import BACKBONES, get_backbone
 

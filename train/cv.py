@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mmap_deploy.errors import UserError
-from mmap_deploy.prototypes import PrototypeRule
+from mmap_deploy.model.prototypes import PrototypeRule
 
 from .datasets import Targets, patient_of, split_sections
 from .features import SectionFeatures

@@ -24,8 +24,8 @@ Targets: per spot, library-size normalise the counts over the target genes to
 as 0 in that section (and is reported). A spot with no counts on any target
 gene gets all-zero targets.
 
-Patches come from the runtime's own readers (`mmap_deploy.slide`,
-`mmap_deploy.coords`) and preprocessing (`mmap_deploy.preprocess`); training
+Patches come from the runtime's own readers (`mmap_deploy.inputs.slide`,
+`mmap_deploy.inputs.coords`) and preprocessing (`mmap_deploy.model.preprocess`); training
 only adds random crop positions and augmentations.
 """
 
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from mmap_deploy.errors import UserError
-from mmap_deploy.preprocess import DEFAULT_MPP, ViewSpec, make_views
+from mmap_deploy.model.preprocess import DEFAULT_MPP, ViewSpec, make_views
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,14 @@ class Section:
 
 
 def section_spots(section: Section, all_spots: bool = False):
-    """The section's spots (`mmap_deploy.coords.Spots`): in-tissue only unless `all_spots`."""
+    """The section's spots (`mmap_deploy.inputs.coords.Spots`): in-tissue only unless `all_spots`."""
     if section.coords is None:
         raise UserError(f"section {section.name}: no spot coordinates file")
     if section.positions == "h5ad":
         from .hest import read_h5ad_positions
 
         return read_h5ad_positions(section.coords, all_spots=all_spots)
-    from mmap_deploy.layouts import read_spot_input
+    from mmap_deploy.inputs.layouts import read_spot_input
 
     return read_spot_input(section.coords, all_spots=all_spots).spots
 
@@ -367,9 +367,9 @@ def resolve_section_mpp(section: Section, *, mpp_source: str | None = None,
     the spot lattice's; when the spots lie on a known lattice and the two
     differ by more than `geometry.MPP_TOLERANCE`, a UserError names both.
     """
-    from mmap_deploy.geometry import MPP_TOLERANCE, fallback_mpp, fit_lattice, resolution_problem
-    from mmap_deploy.layouts import read_spot_input
-    from mmap_deploy.slide import open_slide
+    from mmap_deploy.inputs.geometry import MPP_TOLERANCE, fallback_mpp, fit_lattice, resolution_problem
+    from mmap_deploy.inputs.layouts import read_spot_input
+    from mmap_deploy.inputs.slide import open_slide
 
     if section.positions == "h5ad":
         from .hest import h5ad_lattice
@@ -504,8 +504,8 @@ def read_section_patches(section: Section, xy: np.ndarray, spec: ViewSpec, worke
     comes from the band reader (each slide tile decoded once); a spot whose
     region cannot be decoded is an error here.
     """
-    from mmap_deploy.bands import read_spot_views
-    from mmap_deploy.slide import open_slide
+    from mmap_deploy.inputs.bands import read_spot_views
+    from mmap_deploy.inputs.slide import open_slide
 
     if section.slide is None:
         raise UserError(f"section {section.name}: no slide image; phase 1 needs the H&E image")

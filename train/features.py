@@ -110,7 +110,7 @@ def compute_features(checkpoint: str | Path, sections: list, out_dir: str | Path
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
-    from mmap_deploy.preprocess import make_views, normalise
+    from mmap_deploy.model.preprocess import make_views, normalise
 
     from .datasets import read_section_patches, section_spots
     from .model import load_checkpoint

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mmap_deploy.coords import Spots
 from mmap_deploy.errors import UserError
+from mmap_deploy.inputs.coords import Spots
 
 from .datasets import Section, resolve_section_mpp
 
@@ -91,7 +91,7 @@ def _metadata(path: Path) -> dict:
 
 def h5ad_lattice(path: str | Path):
     """(spots, lattice spec or None) of a HEST sample: Visium's lattice when its metadata says Visium."""
-    from mmap_deploy.geometry import VISIUM
+    from mmap_deploy.inputs.geometry import VISIUM
 
     path = Path(path)
     spots = read_h5ad_positions(path)

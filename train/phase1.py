@@ -15,12 +15,12 @@ pooled PCC (the last epoch without validation sections). Both load with
 from __future__ import annotations
 
 import contextlib
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 import logging
 import math
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mmap_deploy.errors import UserError
-from mmap_deploy.preprocess import ViewSpec, make_views, normalise
+from mmap_deploy.model.preprocess import ViewSpec, make_views, normalise
 
 from .config import MMAPConfig
 from .datasets import training_views

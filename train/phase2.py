@@ -1,7 +1,7 @@
 """Phase 2: prototype banks from a frozen phase-1 feature cache, and the masked fusion head.
 
 Per section: k-means on the section's `f` with the runtime's numpy k-means and
-K rule (`mmap_deploy.prototypes`), each spot's top-L centroids by cosine as its
+K rule (`mmap_deploy.model.prototypes`), each spot's top-L centroids by cosine as its
 bank, padded to the rule's longest bank and masked. The fusion head is trained
 on the training sections; validation is by section, and the checkpoint with the
 best validation score is kept.
@@ -27,7 +27,7 @@ import torch
 
 from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
-from mmap_deploy.prototypes import PrototypeRule, slide_prototypes
+from mmap_deploy.model.prototypes import PrototypeRule, slide_prototypes
 
 from .backbones import BACKBONES, backbone_of_width
 from .config import MMAPConfig

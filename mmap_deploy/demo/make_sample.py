@@ -56,8 +56,8 @@ def make_sample(data_dir: Path, out: Path = SAMPLE_DIR) -> dict:
 
     from PIL import Image, TiffImagePlugin
 
-    from mmap_deploy.coords import read_coords
-    from mmap_deploy.preprocess import DEFAULT_MPP, DEFAULT_PATCH_UM
+    from mmap_deploy.inputs.coords import read_coords
+    from mmap_deploy.model.preprocess import DEFAULT_MPP, DEFAULT_PATCH_UM
 
     image_path = data_dir / "her2st" / "images" / f"{SECTION}.jpg"
     spots_path = data_dir / "her2st" / "spots" / f"{SECTION}_selection.tsv"

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..bundle import PRECISIONS
 from ..errors import UserError
+from ..model.bundle import PRECISIONS
 from .base import Runner
 from .onnxruntime import GPU_PROVIDERS, OnnxRuntimeRunner, best_providers, resolve_providers
 from .tensorrt import TensorRTRunner, tensorrt_importable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..bundle import Bundle, ModelFile
+    from ..model.bundle import Bundle, ModelFile
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 # The most encoder calls in flight at once on the CPU (see cpu_encoder_streams).

@@ -29,7 +29,7 @@ from ..errors import BundleError, EngineMismatchError, UserError
 from .base import Runner, TensorSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..bundle import Bundle, ModelFile
+    from ..model.bundle import Bundle, ModelFile
 
 # The target fields an engine must match exactly.
 TARGET_FIELDS = ("gpu", "compute_capability", "tensorrt")

@@ -1,0 +1,1 @@
+"""What comes out: the AnnData (.h5ad) and SpatialData (.zarr) outputs, gene maps, and the prediction record they are made from."""
