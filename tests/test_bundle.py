@@ -114,3 +114,10 @@ def test_select_says_how_to_add_a_missing_precision(bundle):
     assert b.select("encoder").path == "encoder.onnx"
     with pytest.raises(BundleError, match="mmap-export --fp16"):
         b.select("encoder", "fp16")
+
+
+def test_no_dead_constants():
+    """Issue 22: QUERY_VIEWS was never read (the manifest's query_view is checked against its views)."""
+    import mmap_deploy.model.bundle as bundle_module
+
+    assert not hasattr(bundle_module, "QUERY_VIEWS")

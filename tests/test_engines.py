@@ -50,8 +50,8 @@ def test_encoder_runner_runs_a_batch(tiny_bundle):
         assert r.precision == "fp32"
         assert r.input_names == ["views"]
         assert r.output_names == ["f", "y1"]
-        out = r.run({"views": views})
-        again = r.run({"views": views})
+        out = r.infer({"views": views})
+        again = r.infer({"views": views})
     assert set(out) == {"f", "y1"}
     assert out["f"].dtype == np.float32 and out["f"].shape[0] == 3
     assert out["y1"].shape == (3, len(TINY_GENES))
@@ -66,8 +66,8 @@ def test_runner_rows_do_not_depend_on_the_batch(tiny_bundle):
     """One spot alone and inside a batch of five gives the same prediction (to float tolerance)."""
     views = random_views(5, seed=3)
     with OnnxRuntimeRunner(tiny_bundle / "encoder.onnx", threads=1) as r:
-        whole = r.run({"views": views})
-        single = r.run({"views": views[2:3]})
+        whole = r.infer({"views": views})
+        single = r.infer({"views": views[2:3]})
     np.testing.assert_allclose(single["y1"][0], whole["y1"][2], rtol=1e-5, atol=1e-6)
 
 
@@ -81,9 +81,9 @@ def test_demo_encoder_rows_are_bit_identical_over_threads_and_batches():
     path = default_bundle_path() / "encoder.onnx"
     with OnnxRuntimeRunner(path, threads=2) as two, OnnxRuntimeRunner(path, threads=1, streams=2) as halves:
         assert halves.streams == 2
-        ref = two.run({"views": views})
+        ref = two.infer({"views": views})
         for step in (1, 5, 32):
-            parts = [halves.run({"views": views[i : i + step]}) for i in range(0, 32, step)]
+            parts = [halves.infer({"views": views[i : i + step]}) for i in range(0, 32, step)]
             for name in ("f", "y1"):
                 np.testing.assert_array_equal(np.concatenate([p[name] for p in parts]), ref[name])
 
@@ -91,7 +91,7 @@ def test_demo_encoder_rows_are_bit_identical_over_threads_and_batches():
 def test_runner_reports_missing_inputs(tiny_bundle):
     with OnnxRuntimeRunner(tiny_bundle / "fusion.onnx") as r:
         with pytest.raises(ValueError, match="missing inputs"):
-            r.run({"f": np.zeros((1, 4), np.float32)})
+            r.infer({"f": np.zeros((1, 4), np.float32)})
 
 
 @pytest.mark.parametrize("feeds, message", [
@@ -131,7 +131,7 @@ def test_runner_after_close_is_an_error(tiny_bundle):
     r = OnnxRuntimeRunner(tiny_bundle / "encoder.onnx")
     r.close()
     with pytest.raises(RuntimeError, match="closed"):
-        r.run({"views": random_views(1)})
+        r.infer({"views": random_views(1)})
 
 
 def test_negative_threads_is_a_user_error(tiny_bundle):
@@ -144,6 +144,19 @@ def test_unloadable_model_file_is_a_bundle_error(tmp_path):
     bad.write_bytes(b"not an onnx model")
     with pytest.raises(BundleError, match="ONNX Runtime cannot load this model.*re-export"):
         OnnxRuntimeRunner(bad)
+
+
+def test_model_load_error_without_a_message_is_still_one_line(tiny_bundle, monkeypatch):
+    """ONNX Runtime failing with an empty message: the report names its type (it used to raise IndexError)."""
+    class Fail(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Fail()
+
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    with pytest.raises(BundleError, match=r"encoder\.onnx: ONNX Runtime cannot load this model \(Fail\); re-export"):
+        OnnxRuntimeRunner(tiny_bundle / "encoder.onnx")
 
 
 def test_providers_match_short_and_full_names():
@@ -252,9 +265,9 @@ def test_open_engines_runs_encoder_then_fusion(tiny_bundle):
     b = load_bundle(tiny_bundle)
     with open_engines("auto", b, threads=1) as engines:
         d = engines.describe()
-        enc = engines.encoder.run({"views": random_views(4)})
+        enc = engines.encoder.infer({"views": random_views(4)})
         bank = np.repeat(enc["f"][:1][None], 4, axis=0)  # (4, 1, D): every spot's bank is spot 0's f
-        out = engines.fusion.run({"f": enc["f"], "bank": bank, "mask": np.ones((4, 1), bool), "y1": enc["y1"]})
+        out = engines.fusion.infer({"f": enc["f"], "bank": bank, "mask": np.ones((4, 1), bool), "y1": enc["y1"]})
     assert out["prediction"].shape == (4, len(TINY_GENES))
     assert np.isfinite(out["prediction"]).all()
     assert all(isinstance(v, str) and v for v in d.values())  # anndata cannot store None

@@ -26,6 +26,7 @@ from mmap_deploy.engines.onnxruntime import (
     preload_gpu_libraries,
     provider_options,
 )
+from mmap_deploy.errors import first_line
 from mmap_deploy.model.bundle import load_bundle
 
 ort = pytest.importorskip("onnxruntime")
@@ -40,7 +41,7 @@ def _cuda_reason() -> str:
 
         CudaDriver().release()
     except Exception as e:
-        return f"needs an NVIDIA GPU ({str(e).splitlines()[0]})"
+        return f"needs an NVIDIA GPU ({first_line(e)})"
     return ""
 
 

@@ -305,6 +305,31 @@ def test_batch_manifest_takes_folders_and_lattice_gives_the_mpp(real_data, c2_sl
     assert m["mpp_source"].startswith("spot lattice (ST array (her2st), 200 µm pitch") and 0.67 < m["mpp"] < 0.71
 
 
+def test_a_thumbnail_error_without_a_message_still_warns(tmp_path):
+    """A slide whose thumbnail fails with an empty message: the tissue check is skipped with a warning
+    naming the error's type (the warning used to raise IndexError itself)."""
+    from mmap_deploy.inputs.layouts import check_spot_geometry, read_spot_input
+    from mmap_deploy.inputs.slide import PatchReadError
+
+    spatial = tmp_path / "outs" / "spatial"
+    spatial.mkdir(parents=True)
+    (spatial / "tissue_positions_list.csv").write_text(
+        "".join(f"B{r}{c}-1,1,{r},{2 * c + r % 2},{100 + 86.6 * r:.1f},{100 + 100 * c + 50 * (r % 2):.1f}\n"
+                for r in range(4) for c in range(4)))
+    (spatial / "scalefactors_json.json").write_text(json.dumps({"tissue_hires_scalef": 0.5}))
+
+    class Slide:  # no Space Ranger lowres image: the mask would come from the thumbnail
+        width, height, mpp = 600, 400, 0.5
+
+        def thumbnail(self, max_side):
+            raise PatchReadError("")
+
+    warned: list[str] = []
+    images, qc = check_spot_geometry(read_spot_input(tmp_path / "outs"), None, Slide(), 55.0,
+                                     spatial / "tissue_positions_list.csv", "--mpp", False, warn=warned.append)
+    assert images == {} and "warning: no tissue check: PatchReadError" in warned and qc["checks"] == "done"
+
+
 # -- folder mistakes: one line each ----------------------------------------------------------
 def test_folder_mistakes_and_images_of_another_size(tmp_path):
     from PIL import Image

@@ -73,7 +73,7 @@ def test_fp16_runs_through_the_runtime_runner(bundle_copy):
     views = random_views(5, seed=3)
     with OnnxRuntimeRunner(b.path_of(b.select("encoder")), threads=1) as r32, \
             OnnxRuntimeRunner(b.path_of(b.select("encoder", "fp16")), threads=1, precision="fp16") as r16:
-        o32, o16 = r32.run({"views": views}), r16.run({"views": views})
+        o32, o16 = r32.infer({"views": views}), r16.infer({"views": views})
     assert o16["f"].dtype == np.float32 and o16["f"].shape == o32["f"].shape
     assert cosine_rows(o32["f"], o16["f"]).min() >= 0.999
     assert not np.array_equal(o32["f"], o16["f"])  # really computed in half precision

@@ -96,6 +96,16 @@ def test_read_patch_reads_the_right_place_at_every_level(slide, model_mpp):
         np.testing.assert_allclose(patch[-1, -1].astype(float), expected_colour(x + half, y + half), atol=3.5)
 
 
+def test_region_readers_take_the_level_read_patch_chose():
+    """`read_patch` picks the level once (`patch_level`); no reader keeps an unused `out_px` (issue 22)."""
+    import inspect
+
+    from mmap_deploy.inputs.slide import SlideReader
+
+    for cls in (SlideReader, OpenSlideReader, ImageReader):
+        assert list(inspect.signature(cls._read_region).parameters) == ["self", "left", "top", "level", "size"]
+
+
 def test_read_patch_at_slide_resolution_is_exact(slide, level0):
     spec = ViewSpec(patch_um=64 * MPP, mpp=MPP, input_size=16)  # 64 px, no resampling
     x, y = 777.0, 555.0

@@ -151,7 +151,7 @@ def test_runner_matches_onnxruntime_and_splits_large_batches(engine_bundle):
     views = random_views(11, seed=4)  # > the profile's max batch of 8
     with TensorRTRunner.from_bundle(b, b.select("encoder", "fp16", "tensorrt")) as trt_runner, \
             OnnxRuntimeRunner(b.path_of(b.select("encoder"))) as ort_runner:
-        got, ref = trt_runner.run({"views": views}), ort_runner.run({"views": views})
+        got, ref = trt_runner.infer({"views": views}), ort_runner.infer({"views": views})
         assert trt_runner.name == "tensorrt" and trt_runner.precision == "fp16"
     assert got["f"].shape == ref["f"].shape and got["f"].dtype == np.float32
     assert cosine_rows(got["f"], ref["f"]).min() >= 0.999
@@ -193,7 +193,7 @@ def test_engines_listed_in_a_subfolder_run(engine_bundle, tmp_path):
     views = random_views(3, seed=2)
     with open_engines("tensorrt", load_bundle(root), "fp16") as engines:
         assert engines.encoder.name == "tensorrt" and engines.encoder.path.parent.name == "engines"
-        out = engines.encoder.run({"views": views})
+        out = engines.encoder.infer({"views": views})
     assert out["f"].shape[0] == 3 and np.isfinite(out["f"]).all()
 
 

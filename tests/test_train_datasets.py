@@ -11,7 +11,7 @@ import pytest
 from mmap_deploy.errors import UserError
 from mmap_train.datasets import (
     Section, augment_views, her2st_sections, join_spots, load_targets, log_normalise, manifest_sections,
-    read_counts_tsv, read_genes, split_sections,
+    read_counts, read_genes, split_sections,
 )
 
 
@@ -34,8 +34,9 @@ def _write_counts(path, genes, rows):
 def test_missing_gene_counts_as_zero_and_is_reported(tmp_path):
     p = tmp_path / "S1.tsv.gz"
     _write_counts(p, ["B", "A", "X"], [("1x2", [1, 2, 7]), ("3x4", [0, 4, 1])])
-    ids, counts, missing = read_counts_tsv(p, ["A", "B", "C"])
-    assert ids == ["1x2", "3x4"]
+    table = read_counts(p)
+    counts, missing = table.pick(["A", "B", "C"])
+    assert table.spot_ids == ["1x2", "3x4"]
     np.testing.assert_array_equal(counts, [[2, 1, 0], [4, 0, 0]])  # X is not a target: ignored
     assert missing == ["C"]
     t = load_targets(Section("S1", counts=p), ["A", "B", "C"])
@@ -43,17 +44,24 @@ def test_missing_gene_counts_as_zero_and_is_reported(tmp_path):
     np.testing.assert_allclose(t.values[0], np.log10(1 + 1e4 * np.array([2 / 3, 1 / 3, 0])), rtol=1e-6)
 
 
+def test_counts_are_read_by_one_reader():
+    """Issue 22: read_counts_tsv, a wrapper only tests called, is gone; read_counts(path).pick(genes) it was."""
+    import mmap_train.datasets as datasets
+
+    assert not hasattr(datasets, "read_counts_tsv")
+
+
 def test_bad_counts_and_genes_are_user_errors(tmp_path):
     p = tmp_path / "S1.tsv.gz"
     _write_counts(p, ["A"], [("1x2", [1]), ("1x2", [2])])
     with pytest.raises(UserError, match="1x2"):
-        read_counts_tsv(p, ["A"])
+        read_counts(p).pick(["A"])
     g = tmp_path / "genes.txt"
     g.write_text("A\nB\nA\n")
     with pytest.raises(UserError, match="line 3"):
         read_genes(g)
     with pytest.raises(UserError, match="not found"):
-        read_counts_tsv(tmp_path / "none.tsv.gz", ["A"])
+        read_counts(tmp_path / "none.tsv.gz")
 
 
 def test_split_by_section():

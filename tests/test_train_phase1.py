@@ -109,6 +109,81 @@ def test_prefetched_keeps_order_and_values():
         assert len(got) == 7 and all(np.array_equal(a, b) for a, b in zip(got, want))
 
 
+def _bad_weights(path, state):
+    import pickle
+
+    if state == "junk":
+        path.write_bytes(b"not a weights file")
+    elif state == "pickled code":
+        torch.save({"w": torch.zeros(1), "f": pickle.loads}, path)
+    else:
+        torch.save(state, path)
+    return path
+
+
+def _bad_weight_cases():
+    import warnings
+
+    from mmap_train.model import build_backbone
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd = build_backbone(_cfg()).state_dict()
+    wide = dict(sd, pos_embed=torch.zeros(1, 50, 64))
+    return [
+        ("missing", None, "backbone weights file not found; UNI's weights are gated"),
+        ("junk", "junk", "refused: not a file of tensors only"),
+        ("code", "pickled code", "refused: not a file of tensors only"),
+        ("list", [torch.zeros(1)], "not a state dict (names to tensors) but a list"),
+        ("strings", {"a": "b"}, "not a state dict (names to tensors) but a dict that does not map names to tensors"),
+        ("checkpoint", {"config": {}, "state_dict": {}}, "an mmap-train checkpoint, not backbone weights"),
+        ("prefix", {f"module.{k}": v for k, v in sd.items()}, "the file's keys start with 'module.'"),
+        ("block", {k: v for k, v in sd.items() if not k.startswith("blocks.3.")},
+         "do not fit the tiny backbone (vit_tiny_patch16_224: 4 blocks, width 96): "
+         "14 missing key(s) (blocks.3.norm1.weight, blocks.3.norm1.bias, blocks.3.attn.qkv.weight, ...)"),
+        ("shape", wide, "1 key(s) of another shape (pos_embed (1, 50, 64) (expected (1, 50, 96)))"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_backbone_weights_that_do_not_fit_are_one_line_user_errors(case, tmp_path):
+    """--backbone-weights: a missing file, a file that is not a state dict, or keys or shapes that do not fit
+    are one-line UserErrors naming the keys and the fix (they were FileNotFoundError, ValueError or
+    RuntimeError tracebacks)."""
+    from mmap_train.model import MMAP
+
+    from mmap_deploy.errors import UserError
+
+    name, state, message = _bad_weight_cases()[case]
+    path = tmp_path / f"{name}.pth"
+    if state is not None:
+        _bad_weights(path, state)
+    with pytest.raises(UserError) as e:
+        MMAP(_cfg(), str(path))
+    text = str(e.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text, text
+    if name != "missing":
+        assert text.endswith("or choose the --backbone the weights are for")
+
+
+def test_backbone_weights_at_224_px_are_resampled_to_the_input_grid(tmp_path):
+    """UNI's pos_embed is 14x14 (224 px); the model's is 7x7 (112 px): timm's ViT checkpoint filter resamples it."""
+    import warnings
+
+    from mmap_train.model import build_backbone
+    from timm.layers import resample_abs_pos_embed
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd = build_backbone(_cfg()).state_dict()
+    sd["pos_embed"] = torch.randn(1, 1 + 14 * 14, 96, generator=torch.Generator().manual_seed(0))
+    torch.save({"state_dict": sd}, tmp_path / "vit224.pth")
+    model = build_backbone(_cfg(), tmp_path / "vit224.pth")
+    want = resample_abs_pos_embed(sd["pos_embed"], new_size=[7, 7], num_prefix_tokens=1)
+    assert model.pos_embed.shape == (1, 50, 96) and torch.equal(model.pos_embed.data, want)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])
+
+
 def test_backbone_weights_from_a_local_file_stay_frozen_under_lora(spots, tmp_path):
     """--backbone-weights: the file's weights are loaded; with LoRA only the adapters (and heads) move."""
     import warnings

@@ -91,6 +91,23 @@ def test_loss_goes_down_and_checkpoint_loads(cache, tmp_path):
         assert torch.equal(model.fusion.state_dict()[k], v)
 
 
+def test_select_picks_by_its_metric_and_a_typo_is_a_user_error(cache, tmp_path):
+    """Phase2Recipe.select: a typo used to fall back to pcc_pooled silently; now it stops before training."""
+    from mmap_deploy.errors import UserError
+
+    feats, targets = cache
+    cfg = config_for_cache(GENES, DIM)
+    recipe = dict(epochs=4, batch_size=32, lr=3e-3, threads=1, keep="best", average_last=0)
+    with pytest.raises(UserError, match=r"select must be one of pcc_pooled, pcc_per_slide; got 'pcc_per_slid'"):
+        train_phase2(cfg, feats, targets, ["S1"], ["S2", "S3"], tmp_path / "typo",
+                     Phase2Recipe(select="pcc_per_slid", **recipe), progress=False)
+    assert not (tmp_path / "typo" / "checkpoint.pt").exists()
+    res = train_phase2(cfg, feats, targets, ["S1"], ["S2", "S3"], tmp_path / "ok",
+                       Phase2Recipe(select="pcc_per_slide", **recipe), progress=False)
+    best = max(r["val_pcc_per_slide"] for r in res["history"])
+    assert res["meta"]["metrics"]["pcc_per_slide"] == pytest.approx(best)
+
+
 def test_paper_averaging_and_fixed_l(cache, tmp_path):
     feats, targets = cache
     cfg = config_for_cache(GENES, DIM, head_average="paper", prototype_rule=PrototypeRule(l_fixed=3))

@@ -9,7 +9,9 @@ at start-up.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from mmap_deploy.errors import UserError
 from mmap_deploy.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, ViewSpec
 
 
@@ -39,12 +41,30 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
 )}
 
 
+def check_choice(what: str, value: object, known) -> None:
+    """UserError, listing the `known` values, when a string setting `what` is not one of them."""
+    if value not in known:
+        raise UserError(f"{what} must be one of {', '.join(known)}; got {value!r}")
+
+
 def get_backbone(name: str) -> Backbone:
-    """The table entry of `name`; ValueError listing the known names."""
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {name!r}") from None
+    """The table entry of `name`; UserError listing the known names."""
+    check_choice("backbone", name, BACKBONES)
+    return BACKBONES[name]
+
+
+def check_weights_file(path: str | Path) -> Path:
+    """`path` when it is a file; a UserError saying how to get UNI's weights otherwise.
+
+    Checked by the CLI before it reads any data, and again where the weights load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise UserError(f"{path}: backbone weights file {what}; UNI's weights are gated: download "
+                        "pytorch_model.bin once from hf.co/MahmoodLab/UNI, then pass that local file "
+                        "to --backbone-weights")
+    return path
 
 
 def backbone_of_width(embed_dim: int) -> Backbone | None:

@@ -205,25 +205,24 @@ def phase1(data_dir, manifest, hest_dir, sections, ids, val_sections, genes, top
 
     Data-parallel on N GPUs: torchrun --nproc_per_node N -m mmap_train.cli phase1 ... (rank 0 writes OUT).
     """
-    from .backbones import get_backbone
+    from .backbones import check_weights_file, get_backbone
     from .config import MMAPConfig
     from .phase1 import Phase1Recipe, load_spot_set, train_phase1
 
-    secs = _sections(data_dir, manifest, _names(sections, ids), with_images=True, hest_dir=hest_dir)
-    train_names, val_names = split_sections([s.name for s in secs], _csv_list(val_sections))
-    gene_list = _genes(genes, data_dir, top_genes, [s for s in secs if s.name in train_names])
-    _write_genes(Path(out) / "genes.txt", gene_list)
-    try:
-        spec = get_backbone(backbone).view_spec(input_size=input_size)
-        cfg = MMAPConfig(genes=gene_list, backbone=backbone, backbone_weights=backbone_weights or "",
-                         lora_last_blocks=lora_blocks, view_spec=spec)
-        cfg.validate()
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    if backbone_weights:  # before the slides are read: a wrong path should not cost the reading time
+        check_weights_file(backbone_weights)
     recipe = Phase1Recipe(epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr, min_lr=min_lr,
                           weight_decay=weight_decay, mag_start_epoch=mag_start_epoch, seed=seed,
                           max_steps=max_steps, threads=threads, device=device, amp=not no_amp,
                           loader_threads=loader_threads)
+    recipe.validate()
+    secs = _sections(data_dir, manifest, _names(sections, ids), with_images=True, hest_dir=hest_dir)
+    train_names, val_names = split_sections([s.name for s in secs], _csv_list(val_sections))
+    gene_list = _genes(genes, data_dir, top_genes, [s for s in secs if s.name in train_names])
+    _write_genes(Path(out) / "genes.txt", gene_list)
+    cfg = MMAPConfig(genes=gene_list, backbone=backbone, backbone_weights=backbone_weights or "",
+                     lora_last_blocks=lora_blocks, view_spec=get_backbone(backbone).view_spec(input_size=input_size))
+    cfg.validate()
     spec = cfg.view_spec
     train = load_spot_set([s for s in secs if s.name in train_names], gene_list, spec)
     val = load_spot_set([s for s in secs if s.name in val_names], gene_list, spec) if val_names else None

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from mmap_deploy.errors import UserError
+from mmap_deploy.model.bundle import HEAD_AVERAGES
 from mmap_deploy.model.preprocess import ViewSpec
 from mmap_deploy.model.prototypes import PrototypeRule
 
-from .backbones import BACKBONES, get_backbone
+from .backbones import BACKBONES, check_choice, get_backbone
 
 # Checkpoints written before the view spec and the prototype rule were nested
 # held their fields flat; from_dict moves them in.
 _FLAT_VIEW_FIELDS = ("patch_um", "mpp", "input_size", "crop_fractions")
 _FLAT_RULE_FIELDS = ("k_min", "k_max", "k_divisor", "l_ratio", "l_fixed")
+MAG_LOSSES = ("cosine", "contrastive")
 
 
 @dataclass
@@ -62,19 +66,23 @@ class MMAPConfig:
         return get_backbone(self.backbone).embed_dim
 
     def validate(self) -> None:
+        """UserError naming the first field that is wrong (string fields: with the known values)."""
         backbone = get_backbone(self.backbone)
         if not self.genes:
-            raise ValueError("genes must not be empty")
+            raise UserError("genes must not be empty")
         n = self.view_spec.n_views
         if not 0 <= self.query_view < n or not 0 <= self.ref_view < n:
-            raise ValueError(f"query_view and ref_view must index one of the {n} views")
-        if self.mag_loss not in ("cosine", "contrastive"):
-            raise ValueError(f"mag_loss must be 'cosine' or 'contrastive', got {self.mag_loss!r}")
-        if self.head_average not in ("reference", "paper"):
-            raise ValueError(f"head_average must be 'reference' or 'paper', got {self.head_average!r}")
+            raise UserError(f"query_view and ref_view must index one of the {n} views")
+        check_choice("mag_loss", self.mag_loss, MAG_LOSSES)
+        check_choice("head_average", self.head_average, HEAD_AVERAGES)
+        try:
+            re.compile(self.lora_targets)
+        except re.error as e:
+            raise UserError(f"lora_targets must be a regular expression of module names, e.g. "
+                            f"{MMAPConfig.lora_targets!r}; got {self.lora_targets!r} ({e})") from None
         size, patch = self.view_spec.input_size, backbone.patch_size
         if size % patch:
-            raise ValueError(f"input_size must be a multiple of the patch size {patch}, got {size}")
+            raise UserError(f"input_size must be a multiple of the patch size {patch}, got {size}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (dicts, lists, str, numbers): what a checkpoint stores."""
@@ -92,7 +100,8 @@ class MMAPConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+            raise UserError(f"unknown config fields {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))} "
+                            "(a checkpoint from a newer mmap-train? update mmap-train)")
         view = dict(d.get("view_spec") or {}, **flat_view)
         rule = dict(d.get("prototype_rule") or {}, **flat_rule)
         for key in ("crop_fractions", "mean", "std"):

@@ -239,13 +239,6 @@ def read_counts(path: str | Path) -> CountsTable:
     return _tsv_table(path)
 
 
-def read_counts_tsv(path: str | Path, genes: list[str]) -> tuple[list[str], np.ndarray, list[str]]:
-    """A her2st counts table (spots x genes, tab-separated) -> (spot ids, counts (N, G), missing genes)."""
-    table = read_counts(path)
-    counts, missing = table.pick(genes)
-    return table.spot_ids, counts, missing
-
-
 def load_targets(section: Section, genes: list[str]) -> Targets:
     """Read a section's counts and turn them into log-normalised targets."""
     table = read_counts(section.counts)

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmap_deploy.atomic import atomic_path
-from mmap_deploy.errors import UserError
+from mmap_deploy.errors import UserError, first_line
 
-from .backbones import get_backbone
+from .backbones import Backbone, check_weights_file, get_backbone
 from .config import MMAPConfig
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def build_backbone(cfg: MMAPConfig, weights: str | Path | None = None) -> nn.Mod
         patch_size=b.patch_size, embed_dim=b.embed_dim, depth=b.depth, num_heads=b.heads, init_values=1e-5,
     )
     if weights:
-        load_backbone_weights(model, weights)
+        load_backbone_weights(model, weights, b)
     elif cfg.backbone == "uni":
         warnings.warn(
             "UNI backbone with RANDOM weights (no --backbone-weights file given): "
@@ -59,29 +59,95 @@ def build_backbone(cfg: MMAPConfig, weights: str | Path | None = None) -> nn.Mod
     return model
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
-    """Load ViT weights (e.g. UNI's pytorch_model.bin or .safetensors) from a local file."""
-    from timm.layers import resample_abs_pos_embed
+def load_backbone_weights(model: nn.Module, path: str | Path, backbone: Backbone | None = None) -> None:
+    """Load ViT weights (e.g. UNI's pytorch_model.bin or .safetensors) from a local file.
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: backbone weights file not found (UNI weights are gated: download them once, then pass the local file)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    The state dict goes through timm's own ViT checkpoint filter, what
+    `timm.create_model(pretrained_cfg_overlay=dict(file=...))` applies: it
+    unwraps `model`/`state_dict` containers and resamples `pos_embed` (UNI's
+    224 px grid, 14x14) to the model's input grid (7x7 at 112 px). Read as
+    data only (`weights_only`). A file that is missing, unreadable, not a state
+    dict, or whose keys or shapes do not fit the backbone is a one-line
+    UserError that names the keys and the fix.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    pos = state.get("pos_embed")
-    if pos is not None and pos.shape != model.pos_embed.shape:
-        grid = model.patch_embed.grid_size
-        state["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=1)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("head")]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the backbone: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    path = check_weights_file(path)
+    arch = (f"the {backbone.name} backbone ({backbone.timm_name}: {backbone.depth} blocks, width {backbone.embed_dim})"
+            if backbone else "the backbone")
+    fix = ("pass a state dict of that ViT's weights (--backbone uni: UNI's pytorch_model.bin), "
+           "or choose the --backbone the weights are for")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's own message advises weights_only=False: not for a user
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(f"{path}: refused: not a file of tensors only (it holds pickled objects{what}, or is "
+                        f"damaged), so it is not loaded; {fix}") from None
+    except Exception as e:  # a truncated or foreign file: torch and safetensors raise many kinds
+        raise UserError(f"{path}: cannot read backbone weights ({first_line(e, with_type=True)}); {fix}") from None
+    if isinstance(state, dict) and "config" in state and "state_dict" in state:
+        raise UserError(f"{path}: an mmap-train checkpoint, not backbone weights (it goes to features "
+                        f"--checkpoint or phase2 --init); {fix}")
+    if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
+        state = state.get("state_dict", state.get("model"))
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        what = (f"a {type(state).__name__}" if not isinstance(state, dict)
+                else "a dict that does not map names to tensors")
+        raise UserError(f"{path}: not a state dict (names to tensors) but {what}; {fix}")
+    try:
+        state = checkpoint_filter_fn(state, model)
+    except Exception as e:  # e.g. a pos_embed whose token count is no square grid
+        raise UserError(f"{path}: these weights do not fit {arch} ({first_line(e, with_type=True)}); {fix}") from None
+    problem = _weights_mismatch(model, state)
+    if problem:
+        raise UserError(f"{path}: these weights do not fit {arch}: {problem}; {fix}")
+    model.load_state_dict(state, strict=False)
+
+
+def _weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """What keeps `state` from loading into `model` (missing, unexpected, reshaped keys), or ''.
+
+    The classifier (`head.*`) is neither needed nor used: the backbone gives embeddings.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith("head.")]
+    unexpected = [k for k in state if k not in own and not k.startswith("head.")]
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})"
+              for k in state if k in own and state[k].shape != own[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) ({_some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) ({_some(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} key(s) of another shape ({_some(shapes)})")
+    if missing and unexpected:
+        prefix = _common_prefix(unexpected, set(own))
+        if prefix:
+            parts.append(f"the file's keys start with {prefix!r}: save the state dict without it")
+    return ", ".join(parts)
+
+
+def _some(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def _common_prefix(keys: list[str], own: set[str]) -> str:
+    """The prefix (e.g. 'module.') that, stripped from every key in `keys`, names keys of `own`; '' if none."""
+    first = keys[0]
+    for i in range(1, len(first)):
+        if first[i - 1] == "." and first[i:] in own:
+            prefix = first[:i]
+            if all(k.startswith(prefix) for k in keys):
+                return prefix
+    return ""
 
 
 def add_lora(backbone: nn.Module, cfg: MMAPConfig) -> nn.Module:

@@ -60,6 +60,16 @@ class Phase1Recipe:
     amp: bool = True  # bfloat16 autocast on GPU (ignored on CPU)
     loader_threads: int = 1  # threads making the next batches' views while one trains; 0 = in line
 
+    def validate(self) -> None:
+        """UserError for a `device` torch cannot parse (it would fail only once the data is read)."""
+        if self.device == "auto":
+            return
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError, TypeError):
+            raise UserError(f"device must be auto or a torch device: cpu, cuda, cuda:N, mps, ...; "
+                            f"got {self.device!r}") from None
+
 
 @dataclass
 class SpotSet:
@@ -179,6 +189,7 @@ def train_phase1(cfg: MMAPConfig, train: SpotSet, val: SpotSet | None, out_dir: 
 
     # views are many small numpy matmuls: BLAS threads only fight torch's for the cores
     recipe = recipe or Phase1Recipe()
+    recipe.validate()
     dp = data_parallel(recipe.device)
     try:
         with threadpool_limits(limits=1, user_api="blas"):

@@ -29,7 +29,7 @@ from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
 from mmap_deploy.model.prototypes import PrototypeRule, slide_prototypes
 
-from .backbones import BACKBONES, backbone_of_width
+from .backbones import BACKBONES, backbone_of_width, check_choice
 from .config import MMAPConfig
 from .datasets import Targets, patient_of
 from .features import SectionFeatures
@@ -39,6 +39,9 @@ from .model import MMAP, FusionHead, alignment_loss, load_checkpoint, plain, rea
 
 log = logging.getLogger(__name__)
 
+# Validation metrics that can pick the kept checkpoint (keep="best"): higher is better.
+SELECT_METRICS = ("pcc_pooled", "pcc_per_slide")
+KEEP = ("best", "last")
 
 
 @dataclass
@@ -59,14 +62,14 @@ class Phase2Recipe:
     min_lr: float = 1e-6
     weight_decay: float = 1e-4
     seed: int = 42
-    select: str = "pcc_pooled"  # validation metric that picks the kept checkpoint (keep="best")
+    select: str = "pcc_pooled"  # validation metric that picks the kept checkpoint (keep="best"): SELECT_METRICS
     keep: str = "last"  # "best": the epoch best on validation; "last": the end of training (validation only logged)
     average_last: int = 5  # >0: the kept head averages the weights of the last N epochs (at most all; keep="last")
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
     def validate(self) -> None:
-        if self.keep not in ("best", "last"):
-            raise UserError(f"keep must be 'best' or 'last', got {self.keep!r}")
+        check_choice("keep", self.keep, KEEP)
+        check_choice("select", self.select, SELECT_METRICS)
         if self.average_last < 0:
             raise UserError(f"average_last must be 0 (no averaging) or more, got {self.average_last}")
         if self.average_last and self.keep != "last":
@@ -272,7 +275,7 @@ def fit_fusion(cfg: MMAPConfig, fusion: FusionHead, train_data: BankedSpots, val
                 best_metrics, best_epoch = m, epoch + 1
                 row["kept"] = True
         else:
-            score = (m[recipe.select] if recipe.select in m else m["pcc_pooled"]) if m is not None else float(epoch)
+            score = m[recipe.select] if m is not None else float(epoch)
             if not np.isfinite(score):  # e.g. every gene constant on validation: never "best", never kept
                 score = -np.inf
             if best_state is None or score > best_score:

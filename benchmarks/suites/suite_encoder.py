@@ -37,7 +37,7 @@ def encoder_rows(report: Report, suite: Suite, backbone: str, batches: tuple[int
             views = views_for(cfg, batch)
             fns = {("torch", "fp32"): torch_encoder_fn(model, views)}
             for p, r in runners.items():
-                fns[("onnxruntime", p)] = (lambda r=r: r.run({"views": views}))
+                fns[("onnxruntime", p)] = (lambda r=r: r.infer({"views": views}))
             times = interleaved(fns, rounds)
             for (backend, precision), ts in times.items():
                 med = statistics.median(ts)

@@ -135,7 +135,7 @@ def ort_gpu_rows(report: Report, suite: Suite, work: Path, eps: list[str]) -> No
             with OnnxRuntimeRunner(bundle.path_of(bundle.select("encoder", p)), providers=[ep], precision=p) as r:
                 for batch in suite.gpu_batches:
                     views = views_for(model.config, batch)
-                    ts = interleaved({"r": lambda: r.run({"views": views})}, suite.rounds, warmup=2)["r"]
+                    ts = interleaved({"r": lambda: r.infer({"views": views})}, suite.rounds, warmup=2)["r"]
                     report.add({"name": "encoder", "model": label, "backend": "onnxruntime", "provider": ep,
                                 "precision": p, "batch": batch,
                                 "spots_per_s": round(batch / statistics.median(ts), 1), "device": "cuda"})
@@ -160,6 +160,6 @@ def tensorrt_rows(report: Report, suite: Suite, work: Path) -> None:
     with TensorRTRunner.from_bundle(bundle, bundle.select("encoder", "fp16", "tensorrt")) as r:
         for batch in suite.gpu_batches:
             views = views_for(model.config, batch)
-            ts = interleaved({"r": lambda: r.run({"views": views})}, suite.rounds, warmup=2)["r"]
+            ts = interleaved({"r": lambda: r.infer({"views": views})}, suite.rounds, warmup=2)["r"]
             report.add({"name": "encoder", "model": label, "backend": "tensorrt", "precision": "fp16",
                         "batch": batch, "spots_per_s": round(batch / statistics.median(ts), 1), "device": "cuda"})

@@ -137,7 +137,7 @@ def _engine_rows(ctx: Context, plan: Plan, model: Any, label: str, b: Any) -> di
             for io in (False, True):
                 r = _runner(plan, path, precision, io)
                 runners.append(r)
-                fns[("onnxruntime", precision, io)] = (lambda r=r: r.run({"views": views}))
+                fns[("onnxruntime", precision, io)] = (lambda r=r: r.infer({"views": views}))
         fns[("torch", "bf16", False)] = torch_encoder_fn(model, views, plan.device, "bf16")
         times = interleaved(fns, rounds, warmup=2)
         for (backend, precision, io), ts in times.items():

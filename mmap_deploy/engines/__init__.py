@@ -1,6 +1,6 @@
 """Inference engines behind one runner interface, and backend selection.
 
-- `base`: `Runner` (load, `infer`/`run`, `close`; a context manager). Its
+- `base`: `Runner` (load, `infer`, `close`; a context manager). Its
   `infer` checks inputs and chunks batches once; each backend implements only
   `infer_impl`.
 - `onnxruntime`: `OnnxRuntimeRunner` (CPU; CUDA and TensorRT execution

@@ -32,7 +32,7 @@ class TensorSpec:
 
 
 class Runner:
-    """One loaded model: `infer(feeds)` (or `run`) by tensor name, `close()`; a context manager.
+    """One loaded model: `infer(feeds)` by tensor name, `close()`; a context manager.
 
     `.name` says which backend it is, `.providers` what it runs on,
     `.precision` the precision of the file it runs, `.path` the file.
@@ -72,7 +72,7 @@ class Runner:
         return {k: np.concatenate(v) for k, v in parts.items()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """`infer(feeds)`: the name the pipeline uses."""
+        """Deprecated alias of `infer` (issue 22): its last callers are run/pipeline.py's; then it goes."""
         return self.infer(feeds)
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

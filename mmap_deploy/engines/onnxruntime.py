@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BundleError, UserError
+from ..errors import BundleError, UserError, first_line
 from .base import Runner, TensorSpec
 
 # Short names a user may type for ONNX Runtime execution providers.
@@ -171,7 +171,7 @@ class OnnxRuntimeRunner(Runner):
                                                  provider_options=provider_options(names, device))
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BundleError(
-                f"{self.path}: ONNX Runtime cannot load this model ({str(e).splitlines()[0]}); "
+                f"{self.path}: ONNX Runtime cannot load this model ({first_line(e)}); "
                 "re-export the bundle with mmap-export"
             ) from None
         # What the session really uses: a GPU provider that failed to initialise is dropped.

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import BundleError, EngineMismatchError, UserError
+from ..errors import BundleError, EngineMismatchError, UserError, first_line
 from .base import Runner, TensorSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -132,7 +132,7 @@ def tensorrt_importable() -> tuple[bool, str]:
     try:
         import tensorrt  # noqa: F401
     except Exception as e:  # ImportError, or a CUDA library that fails to load
-        return False, f"tensorrt does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        return False, f"tensorrt does not import ({first_line(e, with_type=True)})"
     return True, str(getattr(tensorrt, "__version__", "unknown"))
 
 
@@ -142,7 +142,7 @@ def import_tensorrt() -> Any:
         import tensorrt as trt
     except Exception as e:  # ImportError, or its CUDA libraries failing to load
         raise UserError(
-            f"TensorRT is not available here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+            f"TensorRT is not available here ({first_line(e, with_type=True)}); "
             "install it with pip install 'mmap-deploy[tensorrt]' on a machine with an NVIDIA GPU, "
             "or run the ONNX models (mmap-predict --backend onnxruntime)"
         ) from None

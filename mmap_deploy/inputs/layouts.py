@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .coords import Spots, read_coords
 from .geometry import LATTICES, LatticeSpec, visium_hd_lattice
 
@@ -206,7 +206,7 @@ def check_spot_geometry(spot_input: SpotInput, lattice: Any, slide: Any, patch_u
             small, scale = slide.thumbnail(MASK_MAX_SIDE)
             mask = tissue_mask(small, scale, f"slide thumbnail, longest side {max(small.shape[:2])} px")
         except PatchReadError as e:
-            warn(f"warning: no tissue check: {str(e).splitlines()[0]}")
+            warn(f"warning: no tissue check: {first_line(e)}")
     report = check_geometry(spot_input.spots, lattice, slide, mask, patch_um, coords_path, mpp_source, skip)
     for w in report.warnings + (report.problems if skip else []):
         warn(f"warning: {w}")

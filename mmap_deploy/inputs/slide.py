@@ -145,14 +145,19 @@ class SlideReader:
         pixels; areas outside the slide are white.
         """
         left, top, side = patch_region(x, y, self.mpp, spec)
-        region = self._read_region(left, top, side, spec.patch_px)
+        level, _, size = self.patch_level(side, spec.patch_px)
+        region = self._read_region(left, top, level, size)
         patch = resize(region, spec.patch_px)
         # resize returns its input when no resampling is needed: never hand out a
         # view of the slide's own pixels.
         return patch.copy() if patch is region else patch
 
-    def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
-        return self.read_level_region(0, left, top, side, side)  # plain images; OpenSlide reads at any level
+    def _read_region(self, left: int, top: int, level: int, size: int) -> np.ndarray:
+        """The (size, size) RGB region of `level` whose top-left corner is level-0 pixel (left, top).
+
+        Plain images have level 0 only (`patch_level`), where level and level-0 pixels are one.
+        """
+        return self.read_level_region(level, left, top, size, size)
 
     def patch_level(self, side: int, out_px: int) -> tuple[int, float, int]:
         """(level, downsample, side in level px) that `read_patch` reads for a level-0 `side` -> `out_px`."""
@@ -326,8 +331,7 @@ class OpenSlideReader(SlideReader):
         # Rounded, not ceiled: the read covers the region to within half a level pixel.
         return level, d, max(1, int(round(side / d)))
 
-    def _read_region(self, left: int, top: int, side: int, out_px: int) -> np.ndarray:
-        level, _, size = self.patch_level(side, out_px)
+    def _read_region(self, left: int, top: int, level: int, size: int) -> np.ndarray:
         return _composite_on_white(self._read_rgba((left, top), level, (size, size)))
 
     def read_level_region(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:

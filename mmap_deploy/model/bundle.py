@@ -33,7 +33,6 @@ MANIFEST_NAME = "manifest.json"
 ROLES = ("encoder", "fusion")
 PRECISIONS = ("fp32", "fp16", "int8")
 FILE_FORMATS = ("onnx", "tensorrt")
-QUERY_VIEWS = (0, 1, 2)
 HEAD_AVERAGES = ("reference", "paper")
 
 
