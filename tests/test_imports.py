@@ -119,3 +119,39 @@ def test_the_runtime_never_imports_training_or_export_code():
 def test_each_module_imports_first_in_a_fresh_interpreter(module):
     proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# The runtime's parts, lowest first: a module imports its own part and the parts below it, never one
+# above (readers know no engines, writers know no pipeline; see docs/architecture.md).
+LAYERS = [("errors", "_version"), ("atomic", "messages"), ("model",), ("inputs", "outputs", "engines"), ("demo",),
+          ("run",), ("api",), ("__init__",), ("cli",)]
+RANK = {part: i for i, parts in enumerate(LAYERS) for part in parts}
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_every_part_has_a_layer():
+    assert {_part(m) for m in MODULES} <= set(RANK), sorted({_part(m) for m in MODULES} - set(RANK))
+
+
+def test_imports_go_down_the_layers():
+    upward = sorted(f"{a} -> {b}" for a, bs in _graph().items() for b in bs
+                    if _part(a) != _part(b) and RANK[_part(b)] > RANK[_part(a)])
+    assert not upward, upward
+
+
+def test_no_import_cycle_in_training():
+    """The same check over train/ (mmap_train): its modules, module- and function-level imports."""
+    import mmap_train
+
+    root = Path(mmap_train.__file__).resolve().parent
+    modules = {}
+    for path in sorted(root.glob("*.py")):
+        modules["mmap_train" + ("" if path.stem == "__init__" else "." + path.stem)] = path
+    graph = {m: {i for i in _imports(m, p) if i in modules and i != m} for m, p in modules.items()}
+    assert "mmap_train.phase2" in graph and graph["mmap_train.phase2"]
+    cycle = _find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle)

@@ -76,7 +76,7 @@ def section_spots(section: Section, all_spots: bool = False):
     if section.coords is None:
         raise UserError(f"section {section.name}: no spot coordinates file")
     if section.positions == "h5ad":
-        from .hest import read_h5ad_positions
+        from .hest_files import read_h5ad_positions
 
         return read_h5ad_positions(section.coords, all_spots=all_spots)
     from mmap_deploy.inputs.layouts import read_spot_input
@@ -365,7 +365,7 @@ def resolve_section_mpp(section: Section, *, mpp_source: str | None = None,
     from mmap_deploy.inputs.slide import open_slide
 
     if section.positions == "h5ad":
-        from .hest import h5ad_lattice
+        from .hest_files import h5ad_lattice
 
         spots, spec = h5ad_lattice(section.coords)
         hd_mpp = None
