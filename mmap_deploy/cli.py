@@ -1,8 +1,16 @@
 """`mmap-predict`: predict spatial gene expression for the spots of H&E slides.
 
     mmap-predict SLIDE COORDS -o OUT.h5ad|OUT.zarr [--model BUNDLE_DIR] [--mpp X] ...
+    mmap-predict SLIDE --grid visium|st|NUMum -o OUT.h5ad [--tissue-mask FILE] [--overview] ...
     mmap-predict --demo -o demo.h5ad
     mmap-predict --manifest slides.csv -o OUT_DIR [--format h5ad|zarr] [--shard i/n]
+
+A thin layer over the Python API (api.py): the options become a
+`RunSettings`, a `Predictor` loads the model and its engines, and each slide
+runs `run.predict.predict_to_file` (`predict_adata`, the function behind
+`Predictor.predict`, then `write_adata`, the one behind `mmap_deploy.write`).
+The library raises, warns and logs; this layer turns that into lines on
+stderr (`messages.show_on_stderr`) and exit codes.
 
 A mistake in the input is one line `error: ...` on stderr and exit code 2,
 with no output file; anything else is a bug and shows its traceback. This
@@ -12,13 +20,15 @@ onnxruntime, anndata and openslide are imported when a run needs them.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .errors import UserError
+from .messages import show_on_stderr
 from .run.batch import check_output_dir, parse_shard, read_manifest, run_batch
 from .run.predict import (  # noqa: F401  (re-exported: the names users and scripts import from cli)
     EXIT_BATCH_FAILED,
@@ -53,7 +63,22 @@ def _parse_genes(value: str | None) -> list[str]:
     return list(dict.fromkeys(genes))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Command(click.Command):
+    """A click command that keeps the arguments it was given: the run's command line, for the provenance."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["mmap_argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def _command_line() -> str:
+    """`mmap-predict ARGS` as given (also through click's test runner, or on a Ray worker: passed down)."""
+    ctx = click.get_current_context(silent=True)
+    args = ctx.meta.get("mmap_argv") if ctx is not None else None
+    return shlex.join(["mmap-predict", *(sys.argv[1:] if args is None else args)])
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("slide", required=False, type=click.Path(path_type=Path, dir_okay=True))
 @click.argument("coords", required=False, type=click.Path(path_type=Path, dir_okay=True))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
@@ -79,6 +104,19 @@ def _parse_genes(value: str | None) -> list[str]:
 @click.option("--skip-geometry-checks", is_flag=True,
               help="Run even when the coordinates look wrong for the slide (lattice vs resolution, swapped x/y, "
                    "spots off tissue); the findings become warnings.")
+@click.option("--grid", metavar="visium|st|NUMum",
+              help="No COORDS: lay spots over the slide's tissue: 'visium' (hexagonal, 100 µm apart, 55 µm "
+                   "spots), 'st' (square, 200 µm, 100 µm spots) or square bins of NUM µm (e.g. 16um; 2-1000). "
+                   "With --manifest: for the rows whose coords are empty.")
+@click.option("--tissue-mask", type=click.Path(path_type=Path, dir_okay=False),
+              help="With --grid: the tissue, in place of detection: a binary PNG/TIFF (the slide's aspect ratio, "
+                   "any size) or GeoJSON polygons in level-0 pixels (QuPath, TRIDENT).")
+@click.option("--min-tissue", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.5,
+              show_default=True, help="With --grid: keep a spot when at least this share of its area is tissue.")
+@click.option("--max-spots", type=click.IntRange(min=1), default=2_000_000, show_default=True,
+              help="With --grid: refuse a grid with more spots than this (a coarser --grid is faster).")
+@click.option("--overview", is_flag=True,
+              help="Also write OUT.overview.png: the slide's thumbnail, the tissue outline and every spot.")
 @click.option("--library-id", help="Key of uns['spatial'] (default: the slide file name without extension).")
 @click.option("--demo", is_flag=True, help="Run the built-in her2st sample with the demo model.")
 @click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
@@ -100,7 +138,8 @@ def main(slide: Path | None, coords: Path | None, output: Path, model: Path | No
          backend: str, precision: str, batch_size: int | None, threads: int, all_spots: bool, overwrite: bool,
          plot_genes: str | None, strict: bool, skip_geometry_checks: bool, library_id: str | None, demo: bool,
          manifest: Path | None, shard: str | None, ray_address: str | None, ray_workers: int | None,
-         output_format: str | None, quiet: bool) -> None:
+         output_format: str | None, quiet: bool, grid: str | None, tissue_mask: Path | None, min_tissue: float,
+         max_spots: int, overview: bool) -> None:
     """Predict spatial gene expression for the spots of an H&E slide (MMAP).
 
     SLIDE is a whole-slide image (SVS, pyramidal TIFF, NDPI, MRXS, ...) or a
@@ -108,7 +147,8 @@ def main(slide: Path | None, coords: Path | None, output: Path, model: Path | No
     a Space Ranger outs/ or spatial/ folder, a Visium HD
     binned_outputs/square_NNNum/ folder, Visium tissue_positions(.csv /
     _list.csv / .parquet), her2st *_selection.tsv, or a table with x,y and
-    optionally barcode/id. Writes an AnnData .h5ad that scanpy and squidpy
+    optionally barcode/id. A slide with no spatial assay takes --grid instead
+    of COORDS: spots are laid over the tissue found on it. Writes an AnnData .h5ad that scanpy and squidpy
     plot directly, or with -o OUT.zarr the same as a
     SpatialData store.
 
@@ -116,10 +156,12 @@ def main(slide: Path | None, coords: Path | None, output: Path, model: Path | No
     1 with --manifest when some slides failed (the others are written).
     """
     try:
-        code = _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots,
-                     overwrite, plot_genes, strict, library_id, demo, manifest, shard, quiet,
-                     ray_address=ray_address, ray_workers=ray_workers, output_format=output_format,
-                     skip_geometry_checks=skip_geometry_checks)
+        with show_on_stderr(_echo):
+            code = _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots,
+                         overwrite, plot_genes, strict, library_id, demo, manifest, shard, quiet,
+                         ray_address=ray_address, ray_workers=ray_workers, output_format=output_format,
+                         skip_geometry_checks=skip_geometry_checks, grid=grid, tissue_mask=tissue_mask,
+                         min_tissue=min_tissue, max_spots=max_spots, overview=overview)
     except UserError as e:
         _echo(f"error: {e}")
         sys.exit(EXIT_USER_ERROR)
@@ -128,14 +170,29 @@ def main(slide: Path | None, coords: Path | None, output: Path, model: Path | No
 
 def _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots, overwrite,
           plot_genes, strict, library_id, demo, manifest, shard, quiet, *, ray_address=None, ray_workers=None,
-          output_format=None, skip_geometry_checks=False) -> int:
+          output_format=None, skip_geometry_checks=False, grid=None, tissue_mask=None, min_tissue=0.5,
+          max_spots=2_000_000, overview=False) -> int:
     modes = sum([bool(manifest), bool(demo), slide is not None])
     if modes != 1:
         raise UserError(
             "give either SLIDE COORDS, or --demo, or --manifest CSV (exactly one); see mmap-predict --help"
         )
-    if slide is not None and coords is None:
-        raise UserError(f"missing COORDS after SLIDE {slide}: the spot coordinates file")
+    if slide is not None and coords is None and grid is None:
+        raise UserError(f"missing COORDS after SLIDE {slide}: the spot coordinates file (or, for a slide with "
+                        "no spatial assay, --grid visium|st|NUMum to lay spots over its tissue)")
+    if slide is not None and coords is not None and grid is not None:
+        raise UserError(f"give COORDS or --grid, not both: drop {coords} to lay a {grid} grid over the tissue, "
+                        "or drop --grid to predict at the given spots")
+    if demo and grid is not None:
+        raise UserError("--demo runs the sample's own spots; --grid needs a SLIDE (mmap-predict SLIDE --grid ...)")
+    if tissue_mask is not None and grid is None:
+        raise UserError(f"--tissue-mask {tissue_mask} only applies with --grid (it says where to lay the spots)")
+    if grid is not None:
+        from .inputs.grid import parse_grid
+
+        parse_grid(grid)  # a bad --grid is said before anything is loaded
+    if tissue_mask is not None and not tissue_mask.is_file():
+        raise UserError(f"--tissue-mask {tissue_mask}: file not found; give a PNG/TIFF mask or a GeoJSON file")
     if shard is not None and manifest is None:
         raise UserError("--shard only applies with --manifest")
     if (ray_address is not None or ray_workers is not None) and manifest is None:
@@ -156,7 +213,9 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
     settings = RunSettings(backend=backend, precision=precision, batch_size=batch_size or 0, threads=threads,
                            all_spots=all_spots, overwrite=overwrite, strict=strict,
                            plot=_parse_genes(plot_genes), progress=not quiet,
-                           output_format=output_format or "h5ad", skip_geometry_checks=skip_geometry_checks)
+                           output_format=output_format or "h5ad", skip_geometry_checks=skip_geometry_checks,
+                           command=_command_line(), grid=grid, tissue_mask=tissue_mask, min_tissue=min_tissue,
+                           max_spots=max_spots, overview=overview)
     shard_ix = parse_shard(shard)
     # check what is cheap to check before loading anything
     if manifest is None:
@@ -182,15 +241,13 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
         from .run.cohort_ray import run_batch_ray
 
         return run_batch_ray(manifest, rows, output, bundle, settings, shard_ix, ray_address, ray_workers)
-    from .engines import open_engines
+    from .api import Predictor
 
-    with open_engines(backend, bundle, precision, threads=threads) as engines:
-        engine_defaults(engines, settings)
-        settings.engines_note = (f"engines: {engines.plan.reason}; providers: {', '.join(engines.encoder.providers)}; "
-                                 f"batch size {settings.batch_size}, {settings.read_workers} patch reader thread(s)")
+    with Predictor._with_settings(bundle, settings) as predictor:
         if manifest is not None:
-            return run_batch(manifest, rows, output, bundle, engines, settings, shard_ix)
-        result = predict_to_file(slide, coords, output, bundle, engines, settings, mpp=mpp, library_id=library_id)
+            return run_batch(manifest, rows, output, bundle, predictor.engines, settings, shard_ix)
+        result = predict_to_file(slide, coords, output, bundle, predictor.engines, settings, mpp=mpp,
+                                 library_id=library_id)
     _report(result)
     return 0
 

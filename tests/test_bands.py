@@ -271,7 +271,6 @@ def test_encoder_calls_in_flight_at_once_give_the_same_predictions(her2st, tiny_
     """On the CPU two encoder batches run at once (each on half the threads); the outputs are those
     of one call at a time, bit for bit, and both calls really overlap."""
     import threading
-    import time
 
     from mmap_deploy.engines import open_engines
     from mmap_deploy.engines.select import cpu_encoder_streams
@@ -290,20 +289,25 @@ def test_encoder_calls_in_flight_at_once_give_the_same_predictions(her2st, tiny_
         with open_engines("onnxruntime", bundle, threads=2) as engines:
             assert engines.encoder.streams == 2 and engines.fusion.streams == 1
             assert engines.encoder._session.get_session_options().intra_op_num_threads == 1
-            run, lock, now, most = engines.encoder.run, threading.Lock(), [0], [0]
+            run, lock, now, most = engines.encoder.infer, threading.Lock(), [0], [0]
+            both_in = threading.Event()  # set once two calls have been in flight at the same time
 
             def counted(feeds):
                 with lock:
                     now[0] += 1
                     most[0] = max(most[0], now[0])
+                    if now[0] == 2:
+                        both_in.set()
                 try:
-                    time.sleep(0.01)  # long enough for the other call to start
+                    # the first call waits for the second to start, however fast or slow the reading is
+                    # (the timeout only bounds a failure: a second call that never comes)
+                    both_in.wait(timeout=120)
                     return run(feeds)
                 finally:
                     with lock:
                         now[0] -= 1
 
-            engines.encoder.run = counted
+            engines.encoder.infer = counted
             two = predict_slide(slide, spots, bundle, engines, batch_size=4)
     assert most[0] == 2
     assert one.spot_ids == two.spot_ids

@@ -54,7 +54,10 @@ def test_heartbeat_keeps_a_claim_fresh_and_run_claims_are_released(tmp_path):
     claim = try_claim(out, "me", heartbeat_s=0.05)
     old = time.time() - 3600
     os.utime(claim.path, (old, old))
-    time.sleep(0.3)
+    # the heartbeat (every 0.05 s) touches the claim again: wait for it, not for a guessed time
+    deadline = time.monotonic() + 120  # only bounds a failure
+    while time.time() - claim.path.stat().st_mtime > 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert time.time() - claim.path.stat().st_mtime < 5
     release_run_claims([out], "someone-else")
     assert claim.path.exists()

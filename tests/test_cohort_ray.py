@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,8 +76,10 @@ def test_ray_batch_equals_the_local_batch_and_reruns_skip(local_ray, cohort, tmp
         np.testing.assert_array_equal(x_ray.X, x_local.X)  # bit for bit
         np.testing.assert_array_equal(x_ray.obsm["mmap_embedding"], x_local.obsm["mmap_embedding"])
         assert list(x_ray.obs["mmap_cluster"]) == list(x_local.obs["mmap_cluster"])
-        # the driver's command line (here pytest's), not the Ray worker's
-        assert x_ray.uns["mmap"]["command"] == x_local.uns["mmap"]["command"]
+        # the command line given to mmap-predict (by the driver), not the Ray worker's own
+        assert x_local.uns["mmap"]["command"] == f"mmap-predict -q --manifest {cohort} -o {tmp_path / 'local'}"
+        assert x_ray.uns["mmap"]["command"] == (f"mmap-predict -q --manifest {cohort} -o {tmp_path / 'ray'} "
+                                                "--ray --ray-workers 2")
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray").iterdir()}
     r = run("--manifest", cohort, "-o", tmp_path / "ray", "--ray", expect=1)
     assert "batch: 0 done, 2 skipped (already done), 1 failed of 3" in r.stderr
@@ -122,31 +126,70 @@ def _worker_pids(title: str) -> list[int]:
     return pids
 
 
+def _open_fifo_for_writing(fifo: Path) -> int:
+    """The write end of `fifo`, once a reader has opened it (a worker, now blocked reading its coordinates)."""
+    deadline = time.monotonic() + 300  # only bounds a failure: on success this returns as soon as the reader is there
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no reader has it open
+        except OSError as e:
+            if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def _readers_of(path: Path) -> list[int]:
+    """The processes (other than this one) that hold `path` open."""
+    pids = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        pid = int(fd_dir.parent.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                pids.append(pid)
+        except OSError:  # gone meanwhile, or not ours to look at
+            pass
+    return pids
+
+
 def test_a_worker_killed_mid_slide_is_replaced_and_its_slide_retried(local_ray, tmp_path):
-    """SIGKILL the worker while it predicts the demo sample (about 2 s of work): a new worker redoes it."""
+    """SIGKILL the worker while it is inside the first slide: a new worker redoes it.
+
+    The first slide's coordinates are a FIFO, so the worker's run waits, inside the slide, until
+    the test writes them: the test kills it there, whatever the machine's speed, after putting
+    the real coordinates file in the FIFO's place for the new worker's retry.
+    """
     image, coords = SAMPLE / "B4_crop.jpg", SAMPLE / "B4_crop_selection.tsv"
+    fifo = tmp_path / "B4_crop_selection.tsv"
+    os.mkfifo(fifo)
     manifest = tmp_path / "slides.csv"
-    manifest.write_text(f"slide,coords,id\n{image},{coords},first\n{image},{coords},second\n")
+    manifest.write_text(f"slide,coords,id\n{image},{fifo},first\n{image},{coords},second\n")
     result: dict = {}
     t = threading.Thread(target=lambda: result.update(r=CliRunner().invoke(
         main, ["-q", "--manifest", str(manifest), "-o", str(tmp_path / "out"), "--ray", "--ray-workers", "1"])))
     t.start()
-    killed = None
-    deadline = time.time() + 120
-    while killed is None and t.is_alive() and time.time() < deadline:
-        pids = _worker_pids("ray::SlideWorker.predict")
-        if pids:
-            time.sleep(0.3)  # inside the slide, not at its first line
-            os.kill(pids[0], signal.SIGKILL)
-            killed = pids[0]
-        time.sleep(0.05)
-    t.join(timeout=300)
+    try:
+        fd = _open_fifo_for_writing(fifo)  # a worker is reading the first slide's coordinates ...
+        deadline = time.monotonic() + 60
+        while not (readers := _readers_of(fifo)) and time.monotonic() < deadline:
+            time.sleep(0.01)  # ... and holds the FIFO once its open() returns
+        assert len(readers) == 1, readers
+        killed = readers[0]
+        assert _worker_pids("ray::SlideWorker.predict").count(killed) == 1
+        shutil.copyfile(coords, tmp_path / "coords.tmp")
+        os.replace(tmp_path / "coords.tmp", fifo)  # the retry reads a plain file
+        os.kill(killed, signal.SIGKILL)
+        os.close(fd)
+    finally:
+        t.join(timeout=600)
     r = result["r"]
-    assert killed is not None, r.stderr
     assert r.exit_code == 0, r.stderr
     assert f"pid {killed}) died" in r.stderr and "retrying it once on a new worker" in r.stderr
     assert "batch: 2 done, 0 skipped (already done), 0 failed of 2 slide(s)" in r.stderr
-    assert ad.read_h5ad(tmp_path / "out" / "first.h5ad").n_obs == 120
+    first, second = (ad.read_h5ad(tmp_path / "out" / f"{name}.h5ad") for name in ("first", "second"))
+    assert first.n_obs == 120
+    np.testing.assert_array_equal(first.X, second.X)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["first.h5ad", "second.h5ad"]
 
 

@@ -223,12 +223,12 @@ def test_pipeline_matches_the_whole_slide_reference(pyramid, tiny_bundle, tmp_pa
             views = np.empty((len(ids), spec.n_views, spec.input_size, spec.input_size, 3), np.uint8)
             for chunk in read_spot_views(slide, spots.xy, spec, workers=1):  # the pipeline's reader, in input order
                 views[chunk.rows] = chunk.views
-        enc = engines.encoder.run({"views": views})
+        enc = engines.encoder.infer({"views": views})
         rule = bundle.manifest.prototypes  # the method by hand: K rule, k-means, L rule, top-L
         km = kmeans(enc["f"], rule.n_prototypes(len(enc["f"])), seed=KMEANS_SEED)
         bank = km.centroids[top_l_banks(enc["f"], km.centroids, rule.bank_size(len(km.centroids)))]
         mask = np.ones(bank.shape[:2], bool)
-        ref = engines.fusion.run({"f": enc["f"], "bank": bank, "mask": mask, "y1": enc["y1"]})["prediction"]
+        ref = engines.fusion.infer({"f": enc["f"], "bank": bank, "mask": mask, "y1": enc["y1"]})["prediction"]
     assert sum(done) == len(ids) and pred.spot_ids == ids
     np.testing.assert_allclose(pred.embedding, enc["f"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(pred.clusters, km.labels)

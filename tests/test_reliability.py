@@ -4,18 +4,21 @@ non-zero exit and no output; a killed run leaves no half-written file and a reru
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from test_predict_cli import assert_one_line_error, predict, tissue_like_image, write_coords, write_pyramidal_tiff
+from test_predict_cli import (
+    assert_one_line_error,
+    predict,
+    tissue_like_image,
+    write_coords,
+    write_pyramidal_tiff,
+)
 
 ad = pytest.importorskip("anndata")
 
@@ -145,6 +148,39 @@ def test_bundle_path_leaving_the_bundle(tmp_path, bundle, slide):
 
 
 # -- killed runs ------------------------------------------------------------------------
+# A run is killed at a stage the test names, never after a sleep: `_run_killed_at` starts
+# mmap-predict in a fresh interpreter whose hook SIGKILLs the process itself when the run
+# reaches that stage for the n-th time. The result does not depend on the machine's speed.
+KILL_STAGES = {
+    # all spots encoded, k-means about to run: the middle of the prediction
+    "predict": ("mmap_deploy.run.pipeline", "slide_prototypes"),
+    # the .h5ad's temporary file holds everything but the images: the middle of the write
+    "write": ("mmap_deploy.outputs.adata", "write_images_compressed"),
+}
+_KILL_HOOK = """
+import importlib, os, signal, sys
+module, name, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
+target = importlib.import_module(module)
+original, calls = getattr(target, name), [0]
+def killed_here(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(target, name, killed_here)
+from mmap_deploy.cli import main
+main(args=sys.argv[4:], prog_name="mmap-predict")
+"""
+
+
+def _run_killed_at(stage: str, nth: int, *args) -> None:
+    """mmap-predict ARGS, SIGKILLed when it reaches `stage` (see KILL_STAGES) for the `nth` time."""
+    module, name = KILL_STAGES[stage]
+    proc = subprocess.run([sys.executable, "-c", _KILL_HOOK, module, name, str(nth), *map(str, args)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600, check=False)
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed at {stage} #{nth}:\n{proc.stderr}"
+
+
 def _cli() -> list[str]:
     exe = Path(sys.executable).parent / "mmap-predict"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "mmap_deploy.cli"]
@@ -157,18 +193,20 @@ def _dense_coords(path: Path, n: int, side: int = 1400) -> Path:
     return path
 
 
-def test_killed_run_leaves_no_output(tmp_path, bundle, slide):
-    coords = _dense_coords(tmp_path / "c.csv", 1500)
+@pytest.mark.parametrize("stage", list(KILL_STAGES))
+def test_killed_run_leaves_no_output(tmp_path, bundle, slide, stage):
+    coords = _dense_coords(tmp_path / "c.csv", 40)
     out = tmp_path / "o.h5ad"
-    proc = subprocess.Popen([*_cli(), str(slide), str(coords), "-o", str(out), "--model", str(bundle),
-                             "--threads", "1", "--batch-size", "8"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    time.sleep(6)
-    assert proc.poll() is None, "the run finished before it could be killed; give it more spots"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _run_killed_at(stage, 1, slide, coords, "-o", out, "--model", bundle, "-q", "--threads", "1")
     assert not out.exists()
     assert not list(tmp_path.glob("*.h5ad"))
+    left = sorted(p.name for p in tmp_path.glob(".o.h5ad.*.tmp"))
+    assert len(left) == (1 if stage == "write" else 0), left  # killed mid-write: only the temporary file
+    # the next run replaces the leftover temporary file with the output
+    subprocess.run([*_cli(), str(slide), str(coords), "-o", str(out), "--model", str(bundle), "-q"],
+                   check=True, capture_output=True, timeout=600)
+    assert ad.read_h5ad(out).n_obs == 40
+    assert not list(tmp_path.glob(".o.h5ad.*"))
 
 
 def test_killed_batch_rerun_finishes_the_rest(tmp_path, bundle, slide):
@@ -177,34 +215,18 @@ def test_killed_batch_rerun_finishes_the_rest(tmp_path, bundle, slide):
     manifest = tmp_path / "slides.csv"
     manifest.write_text("\n".join(rows) + "\n")
     out_dir = tmp_path / "out"
-    proc = subprocess.Popen([*_cli(), "--manifest", str(manifest), "-o", str(out_dir), "--model", str(bundle),
-                             "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while not (out_dir / "s0.h5ad").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = {p.name for p in out_dir.glob("*.h5ad")}
-    assert "s0.h5ad" in done_before
-    for p in out_dir.glob("*.h5ad"):  # whatever is there is complete
-        assert ad.read_h5ad(p).n_obs == 40
+    # killed while writing the second slide: s0 is done, s1 half-written (and claimed), s2 not started
+    _run_killed_at("write", 2, "--manifest", manifest, "-o", out_dir, "--model", bundle, "-q")
+    assert sorted(p.name for p in out_dir.glob("*.h5ad")) == ["s0.h5ad"]
+    assert ad.read_h5ad(out_dir / "s0.h5ad").n_obs == 40
+    assert [p.name for p in out_dir.glob(".s1.h5ad.*.tmp")] and (out_dir / ".s1.h5ad.claim").exists()
     rerun = subprocess.run([*_cli(), "--manifest", str(manifest), "-o", str(out_dir), "--model", str(bundle), "-q"],
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600, check=False)
     assert rerun.returncode == 0, rerun.stderr
-    assert "skipped" in rerun.stderr
+    assert "[1/3] s0: skipped" in rerun.stderr
+    assert "batch: 2 done, 1 skipped (already done), 0 failed of 3" in rerun.stderr
     assert sorted(p.name for p in out_dir.glob("*.h5ad")) == ["s0.h5ad", "s1.h5ad", "s2.h5ad"]
-    assert not [p for p in out_dir.iterdir() if not p.name.endswith(".h5ad")]
+    assert not [p for p in out_dir.iterdir() if not p.name.endswith(".h5ad")]  # no temporary or claim files
     x = [ad.read_h5ad(out_dir / f"s{i}.h5ad").X for i in range(3)]
     np.testing.assert_array_equal(x[0], x[1])
     np.testing.assert_array_equal(x[0], x[2])
-
-
-def test_output_that_cannot_be_written_fails_before_any_work(tmp_path, bundle, slide):
-    coords, _, _ = write_coords(tmp_path / "c.csv", "xy")
-    blocker = tmp_path / "file"
-    blocker.write_text("a file where a folder should be")
-    for out in (blocker / "sub" / "o.h5ad", Path("/proc/mmap-nowhere/o.h5ad")):
-        r = predict(slide, coords, "-o", out, "--model", bundle, expect=2)
-        assert_one_line_error(r, str(out))
-        assert "choose another -o" in r.stderr
-        assert "engines:" not in r.stderr  # refused before loading the engines or reading the slide

@@ -71,10 +71,6 @@ class Runner:
                 parts[k].append(out[k])
         return {k: np.concatenate(v) for k, v in parts.items()}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Deprecated alias of `infer` (issue 22): its last callers are run/pipeline.py's; then it goes."""
-        return self.infer(feeds)
-
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The feeds as the model takes them, in its input order; ValueError on anything else."""
         if self._closed:

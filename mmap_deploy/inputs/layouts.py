@@ -23,7 +23,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -182,8 +182,16 @@ def spatial_scalefactors(spot_input: SpotInput, images: dict[str, np.ndarray]) -
     return out
 
 
+def _warn_line(line: str) -> None:
+    """The checks' lines come as `warning: ...`; they become `MMAPWarning`s (the CLI shows them on stderr)."""
+    from ..messages import warn
+
+    warn(line.removeprefix("warning: "))
+
+
 def check_spot_geometry(spot_input: SpotInput, lattice: Any, slide: Any, patch_um: float, coords_path: Path,
-                        mpp_source: str, skip: bool, warn: Any = print) -> tuple[dict[str, Any], dict[str, Any]]:
+                        mpp_source: str, skip: bool, warn: Callable[[str], None] = _warn_line,
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Space Ranger's images that fit the slide, and the geometry checks' qc record (see geometry.py).
 
     Refusals raise UserError; warnings (and, with `skip`, the refusals) go to `warn`.

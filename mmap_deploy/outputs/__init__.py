@@ -1,1 +1,2 @@
-"""What comes out: the AnnData (.h5ad) and SpatialData (.zarr) outputs, gene maps, and the prediction record they are made from."""
+"""What comes out: the AnnData (.h5ad) and SpatialData (.zarr) outputs, gene maps, the overview
+picture, and the prediction record they are made from."""

@@ -292,6 +292,8 @@ def write_gene_plots(adata: "anndata.AnnData", genes: list[str], out: Path, libr
     matplotlib.use("Agg", force=True)
     from matplotlib.figure import Figure
 
+    from .overview import draw_outline
+
     lib = adata.uns["spatial"][library_id]
     img = lib["images"]["hires"]
     sf = lib["scalefactors"]
@@ -311,6 +313,7 @@ def write_gene_plots(adata: "anndata.AnnData", genes: list[str], out: Path, libr
         ax = fig.add_axes((0.0, 0.0, 0.85, 0.92))
         ax.imshow(img, interpolation="antialiased")
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=marker_pt**2, cmap="viridis", linewidths=0)
+        draw_outline(ax, adata, scale)  # the tissue outline of a --grid run, if any
         ax.set_axis_off()
         ax.set_title(f"{gene} (predicted, log scale)")
         cax = fig.add_axes((0.88, 0.1, 0.025, 0.75))

@@ -10,6 +10,9 @@ reader of spatialdata-io, so notebooks written for it work unchanged:
 - shapes `{library}`: one circle per spot, centred on `obsm['spatial']`, radius
   `spot_diameter_fullres / 2`, indexed by the spot ids; `global` is the
   full-resolution pixel grid of the slide (identity);
+- shapes `{library}_tissue` (`--grid` runs): the tissue outline, one polygon
+  per tissue piece (holes kept), in full-resolution pixels, indexed by the
+  piece's id (`obs['tissue_id']`);
 - tables `table`: the AnnData itself (X, obs, var, obsm, uns, bit for bit), plus
   `obs['region']` (the shapes' name) and `obs['spot_id']` (the spot ids), which
   tie each row to its circle.
@@ -129,7 +132,42 @@ def to_spatialdata(adata: "anndata.AnnData") -> "spatialdata.SpatialData":
     table.obs[REGION_KEY] = pd.Categorical([name] * adata.n_obs, categories=[name])
     table.obs[INSTANCE_KEY] = spot_ids
     table = TableModel.parse(table, region=name, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
-    return SpatialData(images=images, shapes={name: circles}, tables={TABLE_NAME: table})
+    shapes = {name: circles}
+    tissue = _tissue_shapes(adata)
+    if tissue is not None:
+        shapes[f"{name}_tissue"] = tissue
+    return SpatialData(images=images, shapes=shapes, tables={TABLE_NAME: table})
+
+
+def _tissue_shapes(adata: "anndata.AnnData"):
+    """The tissue outline of `uns['mmap']['tissue_outline']` as polygons, one per piece; None without one."""
+    outline = adata.uns.get("mmap", {}).get("tissue_outline")
+    if not outline or len(outline["ring_piece"]) == 0:
+        return None
+    import geopandas as gpd
+    from shapely.geometry import MultiPolygon, Polygon
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Identity
+
+    xy = np.asarray(outline["xy"], dtype=np.float64)
+    start = np.asarray(outline["ring_start"], dtype=np.int64)
+    pieces: dict[int, tuple[list, list]] = {}
+    for i, (piece, hole) in enumerate(zip(np.asarray(outline["ring_piece"]), np.asarray(outline["ring_hole"]))):
+        outer, holes = pieces.setdefault(int(piece), ([], []))
+        (holes if hole else outer).append(xy[start[i]:start[i + 1]])
+    geoms = []
+    for outer, holes in pieces.values():
+        polys = [Polygon(ring, [h for h in holes if Polygon(ring).contains(Polygon(h).representative_point())])
+                 for ring in outer]
+        geoms.append(polys[0] if len(polys) == 1 else MultiPolygon(polys))
+    gdf = gpd.GeoDataFrame({"tissue_id": list(pieces)}, geometry=geoms, index=_piece_index(list(pieces)))
+    return ShapesModel.parse(gdf, transformations={COORDINATE_SYSTEM: Identity()})
+
+
+def _piece_index(ids: list[int]):
+    import pandas as pd
+
+    return pd.Index([str(i) for i in ids], dtype=object)
 
 
 def write_spatialdata(adata: "anndata.AnnData", path: str | Path, overwrite: bool = False) -> Path:

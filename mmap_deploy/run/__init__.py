@@ -1,1 +1,2 @@
-"""Running predictions: one slide through the engines, one slide end to end, batches (local, sharded, Ray), claims and disk space."""
+"""Running predictions: one slide through the engines, one slide end to end, batches (local,
+sharded, Ray), claims and disk space."""

@@ -31,13 +31,17 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
 class ManifestRow:
     line: int
     slide: Path
-    coords: Path
+    coords: Path | None  # None: an empty coords cell, for --grid
     mpp: float | None
     name: str
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:
-    """The batch manifest CSV: columns slide, coords, optional mpp and id; paths relative to the CSV."""
+    """The batch manifest CSV: columns slide, coords, optional mpp and id; paths relative to the CSV.
+
+    An empty coords cell is a slide with no spatial assay: it runs with `--grid` (and fails on its own
+    without it).
+    """
     import math
 
     if not path.is_file():
@@ -71,8 +75,8 @@ def read_manifest(path: Path) -> list[ManifestRow]:
         if len(values) != len(header):
             raise UserError(f"{path}: line {line_no}: {len(values)} fields, the header has {len(header)}")
         rec = {h: v.strip() for h, v in zip(header, values)}
-        if not rec["slide"] or not rec["coords"]:
-            raise UserError(f"{path}: line {line_no}: empty slide or coords path")
+        if not rec["slide"]:
+            raise UserError(f"{path}: line {line_no}: empty slide path")
         mpp = None
         if rec.get("mpp"):
             try:
@@ -82,9 +86,11 @@ def read_manifest(path: Path) -> list[ManifestRow]:
             if not math.isfinite(mpp) or mpp <= 0:
                 raise UserError(f"{path}: line {line_no}: mpp {rec['mpp']!r} is not a positive number (µm per pixel)")
         slide = Path(rec["slide"]).expanduser()
-        coords = Path(rec["coords"]).expanduser()
         slide = slide if slide.is_absolute() else base / slide
-        coords = coords if coords.is_absolute() else base / coords
+        coords = None
+        if rec["coords"]:
+            coords = Path(rec["coords"]).expanduser()
+            coords = coords if coords.is_absolute() else base / coords
         name = rec.get("id") or slide.stem
         if any(c in name for c in "/\\") or name in (".", ".."):
             raise UserError(f"{path}: line {line_no}: id {name!r} cannot be a file name; use letters, digits, - and _")

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 RAY_EXTRA = "pip install 'mmap-deploy[ray]'"
 LOCAL = "local"  # --ray without ADDRESS
@@ -92,7 +92,7 @@ def connect(address: str) -> bool:
     try:
         ray.init(address=address, configure_logging=False, log_to_driver=True)
     except (ConnectionError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(
             f"--ray {address}: no Ray cluster to join there ({first}); start one with `ray start --head` "
             "(or give its HOST:PORT), or use --ray without ADDRESS for a local one"
@@ -147,14 +147,17 @@ class SpotCounter:
 class SlideWorker:
     """One worker (a Ray actor): loads the bundle and its engines once, then predicts slides."""
 
-    def __init__(self, bundle_path: str, settings: Any, run_id: str, counter: Any, argv: list[str]):
+    def __init__(self, bundle_path: str, settings: Any, run_id: str, counter: Any):
         import socket
 
         from ..engines import open_engines
-        from .predict import engine_defaults
+        from ..messages import show_on_stderr
+        from .predict import _echo, engine_defaults
 
-        # provenance records the command the user typed, not the Ray worker's own
-        sys.argv = ["mmap-predict"] + list(argv)
+        # the worker's notes and warnings are lines on its stderr, which Ray forwards to the driver;
+        # the provenance's command line is the driver's (settings.command), not the worker's
+        self._messages = show_on_stderr(_echo)
+        self._messages.__enter__()  # for the worker's whole life: the process is this actor's alone
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.settings, self.run_id, self.counter = settings, run_id, counter
         self.error = ""
@@ -181,11 +184,6 @@ class SlideWorker:
                            run_id=self.run_id, spot_progress=lambda n: self.counter.add.remote(n))
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, settings: Any,
                   shard: tuple[int, int] | None, address: str, n_workers: int | None) -> int:
     """The manifest's slides on Ray workers; the same outputs, summary and exit code as `batch.run_batch`."""
@@ -207,7 +205,8 @@ def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, s
             tally.skipped.append(row.name)
             _echo(f"[{k}/{len(rows)}] {row.name}: skipped, {out} exists (pass --overwrite to redo it)")
             continue
-        row = dataclasses.replace(row, slide=row.slide.absolute(), coords=row.coords.absolute())
+        row = dataclasses.replace(row, slide=row.slide.absolute(),
+                                  coords=None if row.coords is None else row.coords.absolute())
         to_do.append((k, row, 0))
     shard_txt = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     if not to_do:
@@ -236,7 +235,7 @@ def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, s
         starting: dict[Any, int] = {}
 
         def spawn(w: int) -> None:
-            actors[w] = worker_cls.remote(str(bundle.root), worker_settings, run_id, counter, sys.argv[1:])
+            actors[w] = worker_cls.remote(str(bundle.root), worker_settings, run_id, counter)
             starting[actors[w].ready.remote()] = w
 
         for w in range(plan.n_workers):
@@ -277,7 +276,7 @@ def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, s
                     except RayActorError as e:
                         deaths_at_start += 1
                         if deaths_at_start > 2 * plan.n_workers:
-                            raise UserError(f"Ray workers die as they start: {_first_line(e)}") from None
+                            raise UserError(f"Ray workers die as they start: {first_line(e)}") from None
                         spawn(w)
                         continue
                     if info[w]["error"]:
@@ -296,7 +295,7 @@ def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, s
                 except RayActorError as e:
                     who = info.get(w, {})
                     reason = (f"its worker (host {who.get('host', '?')}, pid {who.get('pid', '?')}) died: "
-                              f"{_first_line(e)}")
+                              f"{first_line(e)}")
                     ray.kill(actors[w])
                     spawn(w)
                     if attempt == 0:
@@ -305,7 +304,7 @@ def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, s
                         continue
                     outcome = SlideOutcome(row.name, FAILED, f"{reason}, on its second try too")
                 except RayTaskError as e:  # a bug outside predict_row's own handling
-                    outcome = SlideOutcome(row.name, FAILED, f"internal error: {_first_line(e)} (traceback above)",
+                    outcome = SlideOutcome(row.name, FAILED, f"internal error: {first_line(e)} (traceback above)",
                                            traceback=str(e))
                     free.append(w)
                 tally.add(row, outcome)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..inputs.bands import read_spot_views
 from ..model.prototypes import slide_prototypes
 from ..outputs.prediction import DroppedSpot, SlidePrediction
@@ -83,7 +83,7 @@ class _EncoderCalls:
                 self._since = time.perf_counter()
             self._running += 1
         try:
-            return self.runner.run({"views": views})
+            return self.runner.infer({"views": views})
         finally:
             with self._lock:
                 self._running -= 1
@@ -121,10 +121,6 @@ class _EncoderCalls:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
-
-
-def _reader_error(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def predict_slide(
@@ -199,7 +195,7 @@ def predict_slide(
                             f"spot {ids[i]} at ({xy[i, 0]:.0f}, {xy[i, 1]:.0f}): {e} "
                             "(run without --strict to skip unreadable spots)"
                         ) from None
-                    dropped.append(DroppedSpot(ids[i], float(xy[i, 0]), float(xy[i, 1]), _reader_error(e)))
+                    dropped.append(DroppedSpot(ids[i], float(xy[i, 0]), float(xy[i, 1]), first_line(e)))
                     dropped_rows.append(i)
                     if progress is not None:
                         progress(1)
@@ -249,7 +245,7 @@ def predict_slide(
         bank = protos.centroids[protos.bank_indices(f[s:e])]
         t2 = time.perf_counter()
         timings["banks"] += t2 - t
-        out = engines.fusion.run({"f": f[s:e], "bank": bank, "mask": mask[: e - s], "y1": y1[s:e]})
+        out = engines.fusion.infer({"f": f[s:e], "bank": bank, "mask": mask[: e - s], "y1": y1[s:e]})
         timings["fusion"] += time.perf_counter() - t2
         below = out["prediction"] < PREDICTION_FLOOR
         n_clipped += int(np.count_nonzero(below))

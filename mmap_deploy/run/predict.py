@@ -1,8 +1,11 @@
-"""One slide end to end: settings, the model, `predict_to_file` (open, check, predict, write).
+"""One slide end to end: settings, the model, `predict_adata` (open, check, predict) and `write_adata`.
 
-Shared by `mmap-predict` (cli.py), the local batch (batch.py) and the Ray
-workers (cohort_ray.py). Imports only click at start-up; the heavy parts are
-imported when a slide runs.
+Shared by the Python API (api.py), `mmap-predict` (cli.py), the local batch
+(batch.py) and the Ray workers (cohort_ray.py): `predict_to_file` is
+`predict_adata` followed by `write_adata`. Nothing here prints: warnings go
+through `warnings`, notes through `logging` (see `messages`); the CLI shows
+them. Imports only click at start-up; the heavy parts are imported when a
+slide runs.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from typing import Any, Callable
 
 import click
 
-from .. import __version__
+from .._version import __version__
 from ..errors import UserError
+from ..messages import info, note, warn
 
 EXIT_USER_ERROR = 2
 EXIT_BATCH_FAILED = 1
+
 
 def _echo(msg: str) -> None:
     click.echo(msg, err=True)
@@ -42,6 +47,12 @@ class RunSettings:
     engines_note: str = ""  # the `engines:` line, said once a slide's inputs have passed their checks
     output_format: str = "h5ad"  # with --manifest: each slide's file is {id}.h5ad or {id}.zarr
     skip_geometry_checks: bool = False
+    command: str = ""  # the command line that started the run, for the provenance (the CLI's own)
+    grid: str | None = None  # --grid: lay spots over the tissue of slides given without coords
+    tissue_mask: Path | None = None  # --tissue-mask: the user's tissue, in place of detection
+    min_tissue: float = 0.5  # --min-tissue: share of a grid spot's area that must be tissue
+    max_spots: int = 2_000_000  # --max-spots: a grid with more spots is refused
+    overview: bool = False  # --overview: the picture of thumbnail, tissue outline and spots
 
 
 @dataclass
@@ -55,7 +66,7 @@ class SlideResult:
 
 
 def load_model(model: Path | None) -> Any:
-    """The bundle from --model, or the demo bundle (said plainly on stderr)."""
+    """The bundle from --model, or the demo bundle (said plainly, in a note: see `messages`)."""
     from ..model.bundle import default_bundle_path, load_bundle
 
     if model is None:
@@ -66,57 +77,161 @@ def load_model(model: Path | None) -> Any:
                 "pass --model DIR with a bundle made by mmap-export"
             )
         bundle = load_bundle(path)
-        _echo(
-            f"note: no --model given: using the built-in DEMO model ({path}); it is a tiny model for "
+        note(
+            f"no --model given: using the built-in DEMO model ({path}); it is a tiny model for "
             "trying the tool, not for real predictions; pass --model DIR for a real bundle"
         )
         return bundle
     bundle = load_bundle(model)
     if bundle.manifest.demo:
-        _echo(f"note: {model} is a DEMO model (its manifest says so); do not use its predictions for research")
+        note(f"{model} is a DEMO model (its manifest says so); do not use its predictions for research")
     return bundle
 
 
-def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any, engines: Any,
-                    settings: RunSettings, *, mpp: float | None = None, library_id: str | None = None,
-                    mpp_origin: str = "--mpp", spot_progress: Callable[[int], Any] | None = None) -> SlideResult:
-    """One slide end to end: open, read coords, predict, write the .h5ad or .zarr (and plots).
+@dataclass
+class SpotSource:
+    """The spots of one slide and what came with them: the input's layout and images, the lattice fit.
 
-    `mpp_origin` names where a given `mpp` came from, for the provenance
-    (`--mpp`, or the batch manifest's mpp column); `spot_progress(n)` is
-    told of every n spots done (a cluster-wide progress bar).
+    For a grid (no coords), `grid` and `tissue` are the lattice laid and the tissue it was laid on.
+    """
+
+    spot_input: Any  # layouts.SpotInput: spots, layout, scale factors, Space Ranger's images
+    lattice: Any  # geometry.LatticeFit, or None when the input has no array indices
+    label: Path  # what messages name as the spots' source (the COORDS path, or the slide for a grid)
+    grid: Any = None  # inputs.grid.Grid
+    tissue: Any = None  # inputs.tissue.Tissue
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def open_spots(slide_path: Path, coords: Path | None, *, mpp: float | None, all_spots: bool,
+               settings: RunSettings | None = None) -> tuple[Any, SpotSource]:
+    """The slide, opened, and its spots: the one place where the spot source is resolved.
+
+    With `coords` (a table, or a Space Ranger / Visium HD folder) the spots are
+    read from it; their lattice, when the input has array indices, gives the
+    slide a fallback resolution. Without, `settings.grid` lays a grid over the
+    slide's tissue (`settings.tissue_mask`, else detected). The caller closes
+    the slide.
+    """
+    from ..inputs.geometry import fallback_mpp, fit_lattice
+    from ..inputs.layouts import read_spot_input
+    from ..inputs.slide import open_slide
+
+    grid = settings.grid if settings is not None else None
+    if coords is not None and grid is not None:
+        raise UserError(f"{coords}: give spot coordinates or --grid {grid}, not both; drop COORDS to lay a grid "
+                        "over the tissue, or drop --grid to predict at the given spots")
+    if coords is None:
+        if grid is None:
+            raise UserError(f"{slide_path}: no spot coordinates given: pass COORDS (a coordinates table or a "
+                            "Space Ranger / Visium HD folder), or --grid visium|st|NUMum to lay spots over "
+                            "the tissue")
+        return _grid_spots(Path(slide_path), mpp, settings)
+    coords = Path(coords)
+    spot_input = read_spot_input(coords, all_spots=all_spots)
+    lattice = fit_lattice(spot_input.spots.xy, spot_input.spots.array_xy, spot_input.lattice)
+    slide = open_slide(slide_path, mpp=mpp, fallback_mpp=fallback_mpp(lattice, spot_input.hd_mpp))
+    return slide, SpotSource(spot_input, lattice, coords)
+
+
+def _grid_spots(slide_path: Path, mpp: float | None, settings: RunSettings) -> tuple[Any, SpotSource]:
+    """Open the slide, find its tissue (or read the user's mask), lay the grid over it."""
+    from ..inputs.geometry import fit_lattice
+    from ..inputs.grid import lay_grid, parse_grid
+    from ..inputs.layouts import SpotInput
+    from ..inputs.slide import open_slide
+    from ..inputs.tissue import detect_tissue, read_tissue_mask
+
+    spec = parse_grid(settings.grid)  # a bad --grid is said before the slide is opened
+    try:
+        slide = open_slide(slide_path, mpp=mpp)
+    except UserError as e:
+        if "no resolution" not in str(e):
+            raise
+        raise UserError(f"{e} (--grid lays its spots in µm: it cannot without the slide's scale)") from None
+    try:
+        t = time.perf_counter()
+        if settings.tissue_mask is not None:
+            tissue = read_tissue_mask(settings.tissue_mask, slide)
+        else:
+            tissue = detect_tissue(slide)
+        t_tissue = time.perf_counter() - t
+        t = time.perf_counter()
+        grid = lay_grid(spec, width_px=slide.width, height_px=slide.height, mpp=slide.mpp, mask=tissue.mask,
+                        scale_x=tissue.scale_x, scale_y=tissue.scale_y, labels=tissue.labels,
+                        min_tissue=settings.min_tissue, max_spots=settings.max_spots)
+        spots = grid.to_spots()
+        t_grid = time.perf_counter() - t
+        lattice = fit_lattice(spots.xy, spots.array_xy, spec.lattice)
+    except BaseException:
+        slide.close()
+        raise
+    spot_input = SpotInput(spots=spots, layout=f"grid-{spec.name}", table=slide_path, lattice=spec.lattice)
+    return slide, SpotSource(spot_input, lattice, slide_path, grid=grid, tissue=tissue,
+                             timings={"tissue": round(t_tissue, 4), "grid": round(t_grid, 4)})
+
+
+@dataclass
+class SlideRun:
+    """One slide predicted, in memory: the AnnData and what writing it needs to know."""
+
+    adata: Any  # anndata.AnnData
+    library_id: str
+    n_spots: int
+    n_dropped: int
+    timings: dict[str, float]
+    need: int  # bytes its output takes (0 when no output was named)
+    t0: float  # when the slide's run began (time.perf_counter)
+
+
+def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle: Any, engines: Any,
+                  settings: RunSettings, *, mpp: float | None = None, library_id: str | None = None,
+                  mpp_origin: str = "--mpp", spot_progress: Callable[[int], Any] | None = None,
+                  out: Path | None = None, t0: float | None = None) -> SlideRun:
+    """One slide to an AnnData in memory: open, read the spots, check, predict, assemble.
+
+    What `mmap-predict`, the local batch, the Ray workers and the Python API
+    (`mmap_deploy.Predictor.predict`) all run. `mpp_origin` names where a
+    given `mpp` came from, for the provenance (`--mpp`, or the batch
+    manifest's mpp column); `spot_progress(n)` is told of every n spots done
+    (a cluster-wide progress bar). With `out`, its folder's free space is
+    checked against the output's size before any patch is read. Warnings go
+    through `warnings` (`MMAPWarning`), notes through `logging`.
     """
     from ..inputs.coords import check_inside, scale_warning
-    from ..inputs.geometry import fallback_mpp, fit_lattice
-    from ..inputs.layouts import check_spot_geometry, read_spot_input
-    from ..inputs.slide import open_slide
+    from ..inputs.layouts import check_spot_geometry, spatial_scalefactors
     from ..model.prototypes import KMEANS_SEED
-    from ..outputs.adata import build_anndata, check_output_path, now_utc, write_gene_plots, write_output
+    from ..outputs.adata import build_anndata, now_utc
     from .pipeline import predict_slide
-    from .storage import check_free_space, output_storage_guard, slide_output_bytes
+    from .storage import check_free_space, slide_output_bytes
 
-    t0 = time.perf_counter()
-    out = check_output_path(out, settings.overwrite)
-    spot_input = read_spot_input(coords_path, all_spots=settings.all_spots)
-    spots = spot_input.spots
-    lattice = fit_lattice(spots.xy, spots.array_xy, spot_input.lattice)
-    with open_slide(slide_path, mpp=mpp, fallback_mpp=fallback_mpp(lattice, spot_input.hd_mpp)) as slide:
+    t0 = time.perf_counter() if t0 is None else t0
+    slide_path = Path(slide_path)
+    slide, source = open_spots(slide_path, None if coords_path is None else Path(coords_path), mpp=mpp,
+                               all_spots=settings.all_spots, settings=settings)
+    spot_input, spots, coords_path = source.spot_input, source.spot_input.spots, source.label
+    with slide:
         check_inside(spots, slide.width, slide.height, coords_path, slide_path)
-        # a full output folder is found now, not after the whole slide has run
-        need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height, len(settings.plot),
-                                  zarr=out.suffix == ".zarr")
-        check_free_space(out.parent, need, out.name)
+        need = 0
+        if out is not None:  # a full output folder is found now, not after the whole slide has run
+            need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height, len(settings.plot),
+                                      zarr=out.suffix == ".zarr")
+            check_free_space(out.parent, need, out.name)
         warning = scale_warning(spots, slide.width, slide.height)
         if warning:
-            _echo(f"warning: {coords_path}: {warning}")
-        mpp_warning = slide.mpp_warning() if hasattr(slide, "mpp_warning") else None
+            warn(f"{coords_path}: {warning}")
+        mpp_warning = slide.mpp_warning()
         if mpp_warning:
-            _echo(f"warning: {mpp_warning}")
+            warn(mpp_warning)
         mpp_source = mpp_origin if slide.mpp_source == "--mpp" else str(slide.mpp_source)
-        sr_images, qc = check_spot_geometry(spot_input, lattice, slide, bundle.manifest.view.patch_um, coords_path,
-                                            mpp_source, settings.skip_geometry_checks, warn=_echo)
+        if source.grid is None:
+            sr_images, qc = check_spot_geometry(spot_input, source.lattice, slide, bundle.manifest.view.patch_um,
+                                                coords_path, mpp_source, settings.skip_geometry_checks)
+        else:  # the grid was laid here, on the slide's own scale: nothing to check against
+            sr_images, qc = {}, {"geometry": f"grid laid by mmap-predict ({source.grid.spec.name})",
+                                 **({"lattice": source.lattice.record()} if source.lattice is not None else {})}
         if settings.engines_note:
-            _echo(settings.engines_note)
+            info(settings.engines_note)
             settings.engines_note = ""
         t_open = time.perf_counter() - t0
         library_id = library_id or slide_path.stem
@@ -152,7 +267,7 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
             "project": "mmap-deploy",
             "project_version": __version__,
             "created_at": now_utc(),
-            "command": " ".join(["mmap-predict"] + sys.argv[1:]),
+            "command": settings.command,
             "library_id": library_id,
             "slide": str(slide_path),
             "slide_format": str(slide.format),
@@ -181,22 +296,85 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
             "kmeans_seed": int(KMEANS_SEED),
             "thumbnail": thumb_note,
         }
+        pred.timings.update(source.timings)
         pred.timings["open"] = round(t_open, 4)
         pred.timings["thumbnail"] = round(t_thumb, 4)
         pred.timings["thumbnail_wait"] = round(t_thumb_wait, 4)
-        from ..inputs.layouts import spatial_scalefactors
-
         adata = build_anndata(pred, thumb, scale, library_id=library_id, slide_mpp=slide.mpp,
                               patch_um=m.view.patch_um, provenance=provenance, spatial_images=sr_images,
                               spatial_scalefactors=spatial_scalefactors(spot_input, sr_images))
-    t = time.perf_counter()
+        if source.grid is not None:
+            from ..outputs.tissue_out import annotate_grid
+
+            annotate_grid(adata, source.grid, source.tissue, library_id)
+    return SlideRun(adata, library_id, len(pred.spot_ids), len(pred.dropped), dict(pred.timings), need, t0)
+
+
+def write_adata(adata: Any, out: Path, *, overwrite: bool = False, need: int | None = None,
+                plot: list[str] | None = None, library_id: str | None = None, overview: bool = False) -> list[Path]:
+    """Write one slide's AnnData to `out` (.h5ad, or SpatialData for .zarr) atomically, and its `plot` maps.
+
+    What `mmap-predict` and `mmap_deploy.write` both run. A full or
+    unwritable folder is one line (`OutputStorageError`) and leaves nothing
+    behind; `need` is the output's expected size in bytes (estimated from
+    `adata` when not given). With `overview`, the overview picture (thumbnail,
+    tissue outline, spots) is written beside it. Returns the PNGs written.
+    """
+    from ..outputs.adata import check_output_path, write_gene_plots, write_output
+    from .storage import output_storage_guard
+
+    out = check_output_path(out, overwrite)
+    if need is None:
+        need = _expected_bytes(adata, zarr=out.suffix == ".zarr", n_plots=len(plot or []))
     with output_storage_guard(out.parent, need, out.name):
-        write_output(adata, out, overwrite=settings.overwrite)
-        plots = write_gene_plots(adata, settings.plot, out, library_id) if settings.plot else []
-    timings = dict(pred.timings, write=round(time.perf_counter() - t, 4))
+        write_output(adata, out, overwrite=overwrite)
+        if not plot and not overview:
+            return []
+        if library_id is None:
+            library_id = next(iter(adata.uns["spatial"]))
+        pictures = write_gene_plots(adata, plot, out, library_id) if plot else []
+        if overview:
+            from ..outputs.overview import overview_path, overview_title, write_overview
+
+            pictures.append(write_overview(adata, overview_path(out), library_id, overview_title(adata)))
+        return pictures
+
+
+def _expected_bytes(adata: Any, *, zarr: bool, n_plots: int) -> int:
+    """`storage.expected_output_bytes` for an AnnData made by `predict_adata` (or one like it)."""
+    from .storage import expected_output_bytes
+
+    shape = (0, 0)
+    for lib in (adata.uns.get("spatial") or {}).values():
+        hires = (lib.get("images") or {}).get("hires") if isinstance(lib, dict) else None
+        if hires is not None:
+            shape = tuple(hires.shape[:2])
+    embedding = adata.obsm.get("mmap_embedding")
+    embed_dim = embedding.shape[1] if embedding is not None else 0
+    return expected_output_bytes(adata.n_obs, adata.n_vars, embed_dim, shape, n_plots, zarr)
+
+
+def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any, engines: Any,
+                    settings: RunSettings, *, mpp: float | None = None, library_id: str | None = None,
+                    mpp_origin: str = "--mpp", spot_progress: Callable[[int], Any] | None = None) -> SlideResult:
+    """One slide end to end: `predict_adata`, then `write_adata` (the .h5ad or .zarr, and the plots).
+
+    The output path is checked before anything is read, its folder's free
+    space before any patch is (see `predict_adata`).
+    """
+    from ..outputs.adata import check_output_path
+
+    t0 = time.perf_counter()
+    out = check_output_path(out, settings.overwrite)
+    run = predict_adata(slide_path, coords_path, bundle, engines, settings, mpp=mpp, library_id=library_id,
+                        mpp_origin=mpp_origin, spot_progress=spot_progress, out=out, t0=t0)
+    t = time.perf_counter()
+    plots = write_adata(run.adata, out, overwrite=settings.overwrite, need=run.need, plot=settings.plot,
+                        library_id=run.library_id, overview=settings.overview)
+    timings = dict(run.timings, write=round(time.perf_counter() - t, 4))
     seconds = time.perf_counter() - t0
     timings["wall"] = round(seconds, 4)
-    return SlideResult(out, len(pred.spot_ids), len(pred.dropped), seconds, timings, plots)
+    return SlideResult(out, run.n_spots, run.n_dropped, seconds, timings, plots)
 
 
 def engine_defaults(engines: Any, settings: RunSettings) -> RunSettings:
@@ -217,6 +395,26 @@ def engine_defaults(engines: Any, settings: RunSettings) -> RunSettings:
     return settings
 
 
+def open_run_engines(bundle: Any, settings: RunSettings) -> Any:
+    """The bundle's engines for `settings` (backend, precision, threads), loaded once for many slides.
+
+    Sets the batch size and reader threads for them (`engine_defaults`) and
+    the `engines:` line that the first slide says once its inputs have passed
+    their checks. The caller closes the engines.
+    """
+    from ..engines import open_engines
+
+    engines = open_engines(settings.backend, bundle, settings.precision, threads=settings.threads)
+    try:
+        engine_defaults(engines, settings)
+        settings.engines_note = (f"engines: {engines.plan.reason}; providers: {', '.join(engines.encoder.providers)}; "
+                                 f"batch size {settings.batch_size}, {settings.read_workers} patch reader thread(s)")
+    except BaseException:
+        engines.close()
+        raise
+    return engines
+
+
 def _thumbnail(slide: Any) -> tuple[Any, float, str, float]:
     """The hires image, its scale, a note, and the seconds it took.
 
@@ -235,7 +433,7 @@ def _thumbnail(slide: Any) -> tuple[Any, float, str, float]:
             return image, scale, f"longest side {max(image.shape[:2])} px", time.perf_counter() - t
         except PatchReadError as e:
             reason = str(e)
-    _echo(f"warning: {reason}; the output's hires image is left blank")
+    warn(f"{reason}; the output's hires image is left blank")
     scale = min(1.0, THUMBNAIL_MAX_SIDE / max(slide.width, slide.height))
     shape = (max(1, round(slide.height * scale)), max(1, round(slide.width * scale)), 3)
     note = f"blank: the slide could not be read for it ({reason})"

@@ -1,0 +1,449 @@
+"""The Python API: predict a slide's spots into an `anndata.AnnData`, in memory.
+
+>>> import mmap_deploy as mm
+>>> with mm.Predictor(model="bundle/") as predictor:              # doctest: +SKIP
+...     adata = predictor.predict("slide.svs", "spaceranger/outs/")
+>>> mm.write(adata, "slide.h5ad")                                  # doctest: +SKIP
+
+`mmap-predict` runs the same code: `Predictor.predict` is
+`run.predict.predict_adata`, which the CLI, the local batch and the Ray
+workers call too (followed there by `run.predict.write_adata`, which is
+`write` here), so the AnnData returned is the one `mmap-predict` writes, bit
+for bit in `X`, `obs` and `obsm`.
+
+Nothing here prints or exits: bad input raises `UserError` (or a subclass)
+with the CLI's one-line message; findings the run goes on with are
+`MMAPWarning`s (`warnings`); notes go to the `mmap_deploy` logger;
+`progress=True` shows tqdm's progress bar on stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Self, Union
+
+from .errors import UserError
+from .run.predict import (
+    RunSettings,
+    load_model,
+    open_run_engines,
+    predict_adata,
+    write_adata,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import anndata
+    import pandas
+
+    from .model.bundle import Bundle
+
+PathLike = Union[str, "os.PathLike[str]"]
+API_COMMAND = "mmap_deploy.Predictor.predict (Python API)"
+
+
+def _path(value: Any, what: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise UserError(f"{what} must be a path (str or pathlib.Path), got {type(value).__name__}")
+    return Path(value)
+
+
+def _check_int(value: Any, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{what} must be a whole number of at least {minimum}, got {value!r}")
+    return int(value)
+
+
+class DemoPaths(NamedTuple):
+    """The built-in demo: a crop of her2st section B4 with its 120 spots, and the demo model.
+
+    Attributes
+    ----------
+    slide
+        The H&E image (JPEG; its resolution is in its EXIF tags).
+    coords
+        Its spots, a her2st ``*_selection.tsv``.
+    model
+        The demo model bundle (a tiny model for trying the tool, not for research).
+    """
+
+    slide: Path
+    coords: Path
+    model: Path
+
+
+def demo_paths() -> DemoPaths:
+    """Where the built-in demo sample and the demo model are.
+
+    Returns
+    -------
+    DemoPaths
+        ``(slide, coords, model)``; ``predict(slide, coords)`` runs the demo.
+
+    Raises
+    ------
+    UserError
+        When the demo files are not installed with this copy of mmap-deploy.
+    """
+    from .demo import sample_paths
+    from .model.bundle import default_bundle_path
+
+    slide, coords, _ = sample_paths()
+    return DemoPaths(Path(slide), Path(coords), default_bundle_path())
+
+
+class Predictor:
+    """A model bundle and its engines, loaded once, to predict many slides.
+
+    Parameters
+    ----------
+    model
+        A model bundle directory made by ``mmap-export``. ``None``: the
+        built-in demo model (a tiny model for trying the tool; a note says so
+        on the ``mmap_deploy`` logger).
+    backend
+        ``"auto"`` (the fastest available: native TensorRT, ONNX Runtime on a
+        GPU, else on the CPU), ``"onnxruntime"`` or ``"tensorrt"``.
+    precision
+        Which of the bundle's model files to run: ``"fp32"``, ``"fp16"`` or
+        ``"int8"``.
+    threads
+        CPU threads for ONNX Runtime; 0: all cores.
+    batch_size
+        Spots per engine call; ``None``: 32 on the CPU, 128 on a GPU.
+    progress
+        Show a progress bar (tqdm, on stderr) while a slide runs.
+
+    Raises
+    ------
+    UserError
+        A bundle that is missing or damaged (`BundleError`), an engine built
+        for another GPU (`EngineMismatchError`), an unknown backend or
+        precision; the message is ``mmap-predict``'s one line.
+
+    See Also
+    --------
+    predict : One call for one slide.
+    write : Write the AnnData as ``mmap-predict`` does.
+
+    Notes
+    -----
+    A `Predictor` holds the engines (and, on a GPU, its memory) until
+    `close` is called or its ``with`` block ends. One slide runs at a time:
+    calls of `predict` from several threads take turns.
+
+    Examples
+    --------
+    >>> import mmap_deploy as mm
+    >>> demo = mm.demo_paths()
+    >>> with mm.Predictor(threads=1) as predictor:
+    ...     adata = predictor.predict(demo.slide, demo.coords)
+    >>> adata.n_obs
+    120
+    """
+
+    def __init__(self, model: PathLike | None = None, backend: str = "auto", precision: str = "fp32",
+                 threads: int = 0, *, batch_size: int | None = None, progress: bool = False) -> None:
+        self._engines: Any = None  # set before anything can fail: close() and __del__ rely on it
+        self._lock = threading.Lock()
+        threads = _check_int(threads, "threads", 0)
+        if batch_size is not None:
+            batch_size = _check_int(batch_size, "batch_size", 1)
+        settings = RunSettings(backend=backend, precision=precision, batch_size=batch_size or 0, threads=threads,
+                               progress=bool(progress), command=API_COMMAND)
+        self._open(load_model(None if model is None else _path(model, "model")), settings)
+
+    @classmethod
+    def _with_settings(cls, bundle: Bundle, settings: RunSettings) -> Predictor:
+        """A Predictor for `mmap-predict`: the bundle it has loaded, and the settings of its options."""
+        self = cls.__new__(cls)
+        self._engines = None
+        self._lock = threading.Lock()
+        self._open(bundle, settings)
+        return self
+
+    def _open(self, bundle: Bundle, settings: RunSettings) -> None:
+        self.bundle = bundle
+        self._settings = settings
+        self._engines = open_run_engines(bundle, settings)
+
+    # -- what it holds --------------------------------------------------------------
+    @property
+    def genes(self) -> list[str]:
+        """The genes the model predicts, in the order of ``adata.var_names``."""
+        return list(self.bundle.manifest.genes)
+
+    @property
+    def model_path(self) -> Path:
+        """The model bundle's directory."""
+        return Path(self.bundle.root)
+
+    @property
+    def engines(self) -> Any:
+        """The loaded encoder and fusion engines (`mmap_deploy.engines.Engines`)."""
+        self._check_open()
+        return self._engines
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs the engines: ``"onnxruntime"`` or ``"tensorrt"``."""
+        return str(self.engines.plan.backend)
+
+    @property
+    def closed(self) -> bool:
+        """True once `close` has run."""
+        return self._engines is None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.backend}, {self._settings.precision}"
+        return f"Predictor(model={str(self.model_path)!r}, {state})"
+
+    # -- predicting -----------------------------------------------------------------
+    def predict(self, slide: PathLike, coords: PathLike | None = None, *, mpp: float | None = None,
+                library_id: str | None = None, all_spots: bool = False, strict: bool = False,
+                skip_geometry_checks: bool = False, grid: str | None = None, tissue_mask: PathLike | None = None,
+                min_tissue: float = 0.5, max_spots: int = 2_000_000) -> anndata.AnnData:
+        """Predict the expression of every spot of one slide (given, or laid over its tissue with `grid`).
+
+        Parameters
+        ----------
+        slide
+            A whole-slide image (SVS, pyramidal TIFF, NDPI, MRXS, ...) or a
+            plain JPEG/PNG/TIFF.
+        coords
+            The spots, in full-resolution pixels: a Space Ranger ``outs/`` or
+            ``spatial/`` folder, a Visium HD ``binned_outputs/square_NNNum/``
+            folder, a Visium ``tissue_positions`` file, a her2st
+            ``*_selection.tsv``, or a table with ``x,y`` and optionally
+            ``barcode``/``id``.
+        mpp
+            The slide's resolution in µm per pixel; ``None``: from its
+            metadata (or, failing that, from the spot lattice).
+        library_id
+            Key of ``uns['spatial']``; ``None``: the slide's file name
+            without its extension.
+        all_spots
+            Keep spots marked outside the tissue (``in_tissue``/``selected`` = 0).
+        strict
+            Raise on a spot that cannot be read instead of dropping it (and
+            listing it in ``uns['mmap']['dropped_spots']``).
+        skip_geometry_checks
+            Run even when the coordinates look wrong for the slide; the
+            findings become warnings.
+        grid
+            For a slide with no spatial assay (``coords`` left out): lay spots
+            over its tissue: ``"visium"`` (hexagonal, 100 µm apart, 55 µm
+            spots), ``"st"`` (square, 200 µm, 100 µm spots) or ``"NUMum"``
+            (square bins of NUM µm, e.g. ``"16um"``). The slide needs a
+            resolution (metadata or ``mpp``).
+        tissue_mask
+            With ``grid``: the tissue, in place of detection: a binary
+            PNG/TIFF with the slide's aspect ratio, or GeoJSON polygons in
+            level-0 pixels (QuPath, TRIDENT).
+        min_tissue
+            With ``grid``: keep a spot when at least this share of its area is
+            tissue.
+        max_spots
+            With ``grid``: refuse a grid of more spots than this.
+
+        Returns
+        -------
+        anndata.AnnData
+            What ``mmap-predict`` writes: ``X`` the predictions (float32, the
+            training log scale), ``var_names`` the genes, ``obs_names`` the
+            spot ids, ``obs['mmap_cluster']``, ``obsm['spatial']`` and
+            ``obsm['mmap_embedding']``, ``uns['spatial']`` (a thumbnail and
+            its scale factors, for ``scanpy.pl.spatial``) and
+            ``uns['mmap']`` (provenance).
+
+        Raises
+        ------
+        UserError
+            Bad input (a missing or unreadable slide or table, a resolution
+            that is unknown or contradicts the spot lattice, spots outside the
+            slide, ...), with ``mmap-predict``'s one-line message.
+
+        Warns
+        -----
+        MMAPWarning
+            A finding the run went on with (``mpp`` contradicts the slide's
+            metadata, few spots on tissue, a Space Ranger image that does not
+            fit the slide).
+        """
+        slide_path = _path(slide, "slide")
+        coords_path = None if coords is None else _path(coords, "coords")
+        if mpp is not None:
+            try:
+                mpp = float(mpp)
+            except (TypeError, ValueError):
+                raise UserError(f"mpp must be a number of µm per pixel, got {mpp!r}") from None
+            if not math.isfinite(mpp):
+                raise UserError(f"mpp must be a number of µm per pixel, got {mpp!r}")
+        if library_id is not None:
+            library_id = str(library_id)
+            if "/" in library_id:  # a key of uns['spatial']: HDF5 and zarr read a '/' as a sub-group
+                raise UserError(f"library_id {library_id!r}: cannot contain '/'; use letters, digits, - and _")
+        with self._lock:
+            self._check_open()
+            settings = dataclasses.replace(self._settings, all_spots=bool(all_spots),
+                                           strict=bool(strict), skip_geometry_checks=bool(skip_geometry_checks),
+                                           plot=[], grid=grid, min_tissue=float(min_tissue), max_spots=int(max_spots),
+                                           tissue_mask=None if tissue_mask is None else _path(tissue_mask,
+                                                                                               "tissue_mask"))
+            try:
+                run = predict_adata(slide_path, coords_path, self.bundle, self._engines, settings, mpp=mpp,
+                                    library_id=library_id)
+            finally:
+                self._settings.engines_note = settings.engines_note  # said once, by the first slide
+        return run.adata
+
+    # -- closing --------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the engines (and their GPU memory). Calling it again does nothing."""
+        with self._lock:
+            engines, self._engines = self._engines, None
+        if engines is not None:
+            engines.close()
+
+    def _check_open(self) -> None:
+        if self._engines is None:
+            raise ValueError("this Predictor is closed; make a new one to predict more slides")
+
+    def __enter__(self) -> Self:
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110  # pragma: no cover (interpreter shutdown)
+            pass
+
+
+def predict(slide: PathLike, coords: PathLike | None = None, *, model: PathLike | None = None,
+            backend: str = "auto", precision: str = "fp32", threads: int = 0, batch_size: int | None = None,
+            progress: bool = False, mpp: float | None = None, library_id: str | None = None,
+            all_spots: bool = False, strict: bool = False, skip_geometry_checks: bool = False,
+            grid: str | None = None, tissue_mask: PathLike | None = None, min_tissue: float = 0.5,
+            max_spots: int = 2_000_000) -> anndata.AnnData:
+    """Predict one slide in one call: a `Predictor` that lives for this slide only.
+
+    For several slides, make one `Predictor` and call its `Predictor.predict`:
+    the model and its engines are then loaded once.
+
+    Parameters
+    ----------
+    slide, coords, mpp, library_id, all_spots, strict, skip_geometry_checks, grid, tissue_mask, min_tissue, max_spots
+        As for `Predictor.predict`.
+    model, backend, precision, threads, batch_size, progress
+        As for `Predictor`.
+
+    Returns
+    -------
+    anndata.AnnData
+        What ``mmap-predict`` writes for this slide (see `Predictor.predict`).
+
+    Raises
+    ------
+    UserError
+        Bad input, with ``mmap-predict``'s one-line message.
+
+    Examples
+    --------
+    >>> import mmap_deploy as mm
+    >>> demo = mm.demo_paths()
+    >>> adata = mm.predict(demo.slide, demo.coords, threads=1)
+    >>> adata.X.shape
+    (120, 785)
+    """
+    with Predictor(model, backend, precision, threads, batch_size=batch_size, progress=progress) as predictor:
+        return predictor.predict(slide, coords, mpp=mpp, library_id=library_id, all_spots=all_spots, strict=strict,
+                                 skip_geometry_checks=skip_geometry_checks, grid=grid, tissue_mask=tissue_mask,
+                                 min_tissue=min_tissue, max_spots=max_spots)
+
+
+def write(adata: anndata.AnnData, path: PathLike, *, overwrite: bool = False) -> Path:
+    """Write a prediction as ``mmap-predict`` does: ``.h5ad``, or SpatialData for ``.zarr``, atomically.
+
+    The file is written to a temporary file beside `path` and renamed into
+    place: a reader, or a run killed half-way, never sees half a file.
+
+    Parameters
+    ----------
+    adata
+        An AnnData from `predict` or `Predictor.predict`.
+    path
+        The output: ``*.h5ad`` (AnnData, its images gzip-compressed) or
+        ``*.zarr`` (a SpatialData store; needs the ``[spatialdata]`` extra).
+    overwrite
+        Replace an existing output.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+
+    Raises
+    ------
+    UserError
+        A path with another suffix, an existing output without `overwrite`,
+        a missing ``spatialdata`` for ``.zarr``; `OutputStorageError` for a
+        folder that is full or cannot be written (nothing is left behind).
+    """
+    out = _path(path, "path")
+    write_adata(adata, out, overwrite=bool(overwrite))
+    return out
+
+
+def read_spots(coords: PathLike, *, all_spots: bool = False) -> pandas.DataFrame:
+    """Read spot coordinates as ``mmap-predict`` reads them: a table, or a Space Ranger / Visium HD folder.
+
+    Parameters
+    ----------
+    coords
+        A Space Ranger ``outs/`` or ``spatial/`` folder, a Visium HD
+        ``binned_outputs/square_NNNum/`` folder, a Visium
+        ``tissue_positions`` file (``.csv``, ``_list.csv``, ``.parquet``), a
+        her2st ``*_selection.tsv``, or a table with ``x,y`` and optionally
+        ``barcode``/``id``.
+    all_spots
+        Keep spots marked outside the tissue (``in_tissue``/``selected`` = 0).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per spot in the file's order, indexed by the spot ids: ``x``
+        and ``y`` (the centre in full-resolution pixels: x the column, y the
+        row) and, when the input has them, the array indices ``array_col``
+        and ``array_row``. ``attrs`` holds ``layout`` (``"table"``,
+        ``"spaceranger-spatial"``, ``"visium-hd-bins"``), ``format`` (the
+        table's layout, e.g. ``"visium"``, ``"her2st"``, ``"xy"``),
+        ``table`` (the file read) and ``scalefactors`` (Space Ranger's).
+
+    Raises
+    ------
+    UserError
+        A missing or malformed input, with ``mmap-predict``'s one-line message.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from .inputs.layouts import read_spot_input
+
+    spot_input = read_spot_input(_path(coords, "coords"), all_spots=bool(all_spots))
+    spots = spot_input.spots
+    xy = np.asarray(spots.xy, dtype=np.float64)
+    columns: dict[str, np.ndarray] = {"x": xy[:, 0], "y": xy[:, 1]}
+    if spots.array_xy is not None:
+        columns["array_col"] = np.asarray(spots.array_xy)[:, 0]
+        columns["array_row"] = np.asarray(spots.array_xy)[:, 1]
+    frame = pd.DataFrame(columns, index=pd.Index(np.asarray(spots.ids, dtype=object), dtype=object))
+    frame.attrs.update(layout=spot_input.layout, format=spots.source_format, table=str(spot_input.table),
+                       scalefactors=dict(spot_input.scalefactors))
+    return frame
