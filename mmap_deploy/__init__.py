@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__ as __version__
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import DemoPaths, Predictor, demo_paths, predict, read_spots, write
+    from .api import DemoPaths, Predictor, demo_paths, detect_tissue, make_grid, predict, read_spots, write
     from .errors import (
         BundleError,
         EngineMismatchError,
@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
         OutputStorageError,
         UserError,
     )
+    from .inputs.tissue import Tissue
 
 # public name -> the module that defines it
 _LAZY = {
@@ -34,6 +35,9 @@ _LAZY = {
     "write": "api",
     "read_spots": "api",
     "demo_paths": "api",
+    "detect_tissue": "api",
+    "make_grid": "api",
+    "Tissue": "inputs.tissue",
     "DemoPaths": "api",
     "UserError": "errors",
     "BundleError": "errors",
@@ -49,8 +53,11 @@ __all__ = [
     "MMAPWarning",
     "OutputStorageError",
     "Predictor",
+    "Tissue",
     "UserError",
     "demo_paths",
+    "detect_tissue",
+    "make_grid",
     "predict",
     "read_spots",
     "write",

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import anndata
     import pandas
 
+    from .inputs.tissue import Tissue
     from .model.bundle import Bundle
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -446,4 +447,91 @@ def read_spots(coords: PathLike, *, all_spots: bool = False) -> pandas.DataFrame
     frame = pd.DataFrame(columns, index=pd.Index(np.asarray(spots.ids, dtype=object), dtype=object))
     frame.attrs.update(layout=spot_input.layout, format=spots.source_format, table=str(spot_input.table),
                        scalefactors=dict(spot_input.scalefactors))
+    return frame
+
+
+def detect_tissue(slide: PathLike, *, mpp: float | None = None, tissue_mask: PathLike | None = None) -> Tissue:
+    """Find the tissue of a slide as ``mmap-predict --grid`` does (or read the user's mask).
+
+    Parameters
+    ----------
+    slide
+        A whole-slide image or a plain JPEG/PNG/TIFF.
+    mpp
+        The slide's resolution in µm per pixel; ``None``: from its metadata.
+    tissue_mask
+        The user's tissue instead of detection: a binary PNG/TIFF with the
+        slide's aspect ratio, or GeoJSON polygons in level-0 pixels.
+
+    Returns
+    -------
+    Tissue
+        ``mask`` (bool, about 8 µm per pixel), ``labels`` (pieces 1..n),
+        ``scale_x``/``scale_y`` (mask pixels per level-0 pixel), ``area_mm2``,
+        ``pieces``, ``polygons()`` (outlines in level-0 pixels),
+        ``to_geojson()`` and ``record()`` (what ``uns['mmap']['tissue']`` holds).
+
+    Raises
+    ------
+    UserError
+        No tissue found (the message says what share looked like tissue), a
+        slide without a resolution, or a bad mask.
+    """
+    from .inputs.slide import open_slide
+    from .inputs.tissue import detect_tissue as _detect
+    from .inputs.tissue import read_tissue_mask
+
+    with open_slide(_path(slide, "slide"), mpp=mpp) as reader:
+        if tissue_mask is not None:
+            return read_tissue_mask(_path(tissue_mask, "tissue_mask"), reader)
+        return _detect(reader)
+
+
+def make_grid(slide: PathLike, grid: str, *, mpp: float | None = None, tissue: Tissue | None = None,
+              tissue_mask: PathLike | None = None, min_tissue: float = 0.5,
+              max_spots: int = 2_000_000) -> pandas.DataFrame:
+    """The spots ``mmap-predict --grid`` lays over a slide's tissue, without predicting.
+
+    Parameters
+    ----------
+    slide
+        A whole-slide image or a plain JPEG/PNG/TIFF.
+    grid
+        ``"visium"``, ``"st"`` or ``"NUMum"`` (square bins of NUM µm).
+    mpp
+        The slide's resolution in µm per pixel; ``None``: from its metadata.
+    tissue
+        A `Tissue` from `detect_tissue`; ``None``: detected here (or read
+        from ``tissue_mask``).
+    tissue_mask, min_tissue, max_spots
+        As for `Predictor.predict`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per spot, indexed by the spot ids: ``x``, ``y`` (level-0
+        pixels), ``array_row``, ``array_col``, ``tissue_fraction`` and
+        ``tissue_id``; ``attrs['grid']`` is the grid's record
+        (``uns['mmap']['grid']`` of a prediction).
+    """
+    import numpy as np
+    import pandas as pd
+
+    from .inputs.grid import lay_grid, parse_grid
+    from .inputs.slide import open_slide
+    from .inputs.tissue import detect_tissue as _detect
+    from .inputs.tissue import read_tissue_mask
+
+    spec = parse_grid(grid)
+    with open_slide(_path(slide, "slide"), mpp=mpp) as reader:
+        if tissue is None:
+            tissue = (read_tissue_mask(_path(tissue_mask, "tissue_mask"), reader) if tissue_mask is not None
+                      else _detect(reader))
+        g = lay_grid(spec, width_px=reader.width, height_px=reader.height, mpp=reader.mpp, mask=tissue.mask,
+                     scale_x=tissue.scale_x, scale_y=tissue.scale_y, labels=tissue.labels,
+                     min_tissue=float(min_tissue), max_spots=int(max_spots))
+    frame = pd.DataFrame({"x": g.xy[:, 0], "y": g.xy[:, 1], "array_row": g.array_row, "array_col": g.array_col,
+                          "tissue_fraction": g.tissue_fraction, "tissue_id": g.tissue_id},
+                         index=pd.Index(np.asarray(g.ids, dtype=object), dtype=object))
+    frame.attrs["grid"] = g.record()
     return frame
