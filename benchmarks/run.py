@@ -5,6 +5,7 @@
     python benchmarks/run.py --suite gpu-ort --json $OUT/gpu_ort.json   # via benchmarks/gpu/gpu_ort_suite.sh
     python benchmarks/run.py --suite smoke --json /tmp/smoke.json   # tiny sizes, for the tests
     python benchmarks/run.py --suite read --json benchmarks/results/read.json   # per-spot vs band reader
+    python benchmarks/run.py --suite grid --json benchmarks/results/grid_cpu.json   # slides with no assay
 
 Writes `{"machine": {...}, "results": [...], "targets": [...]}` (after every
 step, so a run cut short keeps what it measured) and a markdown summary next
@@ -113,6 +114,13 @@ def read_suite(ctx: Context) -> None:
         run_read_suite(None, ctx.report, ctx.work, ctx.data_dir)
 
 
+def grid_suite(ctx: Context) -> None:
+    """Tissue detection by slide size, grid building, and `--grid` end to end at two resolutions."""
+    from suite_grid import grid_suite as run
+
+    run(ctx)
+
+
 def gpu_ort_suite(ctx: Context) -> None:
     """mmap-predict on ONNX Runtime CUDA end to end, its engines alone, torch, and the readers' share."""
     from suite_gpu_ort import gpu_ort_suite as run
@@ -131,6 +139,8 @@ SUITES: dict[str, tuple[Suite, Callable[[Context], None]]] = {
                   tile_patches=2000, tile_threads=(1, 2, 4, 8, 16), overhead_spots=(), rss_spots=(), gpu_batches=(16, 64, 256),
                   time_budget_s=420.0), gpu_suite),
     "read": (Suite("read", uni=False), read_suite),
+    "grid": (Suite("grid", uni=False, time_budget_s=3600.0), grid_suite),
+    "grid-smoke": (Suite("grid-smoke", uni=False, time_budget_s=600.0), grid_suite),
     "gpu-ort": (Suite("gpu-ort", rounds=10, time_budget_s=480.0), gpu_ort_suite),
     "gpu-ort-check": (Suite("gpu-ort-check", rounds=2, time_budget_s=300.0), gpu_ort_suite),
 }
@@ -147,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny-bundle", type=Path, help="its exported bundle (skips the export)")
     ap.add_argument("--read-rounds", type=int, default=3,
                     help="--suite read: alternating rounds of both readers; each row keeps the best")
-    ap.add_argument("--only", default="", help="comma-separated steps: encoder,uni,kmeans,tiles,pipeline,rss,gpu")
+    ap.add_argument("--only", default="", help="comma-separated steps: encoder,uni,kmeans,tiles,pipeline,rss,gpu; grid: detect,build,e2e")
     args = ap.parse_args(argv)
     suite, run_suite = SUITES[args.suite]
     data_dir = args.data_dir or (Path(os.environ["MMAP_DATA_DIR"]) if os.environ.get("MMAP_DATA_DIR") else None)

@@ -21,6 +21,8 @@ from typing import Any, Callable
 import numpy as np
 from summary import markdown, targets
 
+from mmap_deploy.errors import first_line
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -99,7 +101,7 @@ def step(report: Report, name: str):
     try:
         yield
     except Exception as e:  # a benchmark step must not lose the others
-        report.add({"name": "error", "step": name, "error": f"{type(e).__name__}: {e}".splitlines()[0],
+        report.add({"name": "error", "step": name, "error": first_line(e, with_type=True),
                     "traceback": traceback.format_exc()[-2000:]})
     finally:
         print(f"== {name}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
@@ -219,11 +221,14 @@ def grid_coords(path: Path, width: int, height: int, n: int, margin: float) -> P
     return path
 
 
-def run_predict(slide: Path, coords: Path, bundle: Path, out: Path, mpp: float | None,
+def run_predict(slide: Path, coords: Path | None, bundle: Path, out: Path, mpp: float | None,
                 extra: list[str] | None = None) -> dict[str, Any]:
-    """`mmap-predict` in a fresh process (with `extra` options): wall time, peak RSS, and its own timings."""
-    cmd = [sys.executable, "-m", "mmap_deploy.cli", str(slide), str(coords), "-o", str(out), "--model",
-           str(bundle), "-q", "--overwrite", *(extra or [])]
+    """`mmap-predict` in a fresh process (with `extra` options): wall time, peak RSS, and its own timings.
+
+    `coords` None: no COORDS (a `--grid` run; give it in `extra`).
+    """
+    cmd = [sys.executable, "-m", "mmap_deploy.cli", str(slide), *([str(coords)] if coords else []), "-o", str(out),
+           "--model", str(bundle), "-q", "--overwrite", *(extra or [])]
     if mpp is not None:
         cmd += ["--mpp", str(mpp)]
     # A launcher measures its one child's peak RSS (ru_maxrss of RUSAGE_CHILDREN, KiB on Linux).
