@@ -100,7 +100,7 @@ def e2e_rows(ctx: Context, grids: tuple[str, ...], mpps: tuple[float, ...]) -> N
             ctx.report.add({"name": "grid_e2e", "grid": g, "mpp": mpp, "spots": res["spots"],
                             "wall_s": round(res["wall"], 2), "spots_per_s": round(res["spots"] / res["wall"], 1),
                             "peak_rss_mib": round(res["maxrss_mib"], 1),
-                            "tissue_s": round(t.get("tissue_s", -1.0), 3), "grid_s": round(t.get("grid_s", -1.0), 3),
+                            "tissue_s": round(t.get("tissue", -1.0), 3), "grid_s": round(t.get("grid", -1.0), 3),
                             "timings": {k: round(v, 3) for k, v in t.items()}})
         slide.unlink()
 

@@ -88,6 +88,11 @@ def markdown(data: dict) -> str:
         ("mmap-predict outside the engines", "pipeline_overhead",
          ["slide", "coords", "spots", "ms_per_spot", "wall_s", "engines_s"]),
         ("Peak RSS of mmap-predict", "rss", ["slide", "spots", "peak_rss_mib", "wall_s"]),
+        ("Tissue detection by slide size (0.25 µm/px pyramids, levels 1/4/16/64)", "tissue_detect",
+         ["slide_mm", "level0_px", "level_read", "seconds_best_of_3", "tissue_mm2", "pieces"]),
+        ("Grid building", "grid_build", ["grid", "spots", "tissue_mm2", "seconds_best_of_3"]),
+        ("--grid end to end (same tissue at two resolutions)", "grid_e2e",
+         ["grid", "mpp", "spots", "wall_s", "spots_per_s", "peak_rss_mib", "tissue_s", "grid_s"]),
     ]
     for title, name, cols in sections:
         picked = [r for r in res if r.get("name") == name]
