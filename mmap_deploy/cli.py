@@ -63,6 +63,17 @@ def _parse_genes(value: str | None) -> list[str]:
     return list(dict.fromkeys(genes))
 
 
+def _grid_options_given() -> list[str]:
+    """The --grid-only options with a default that the command line set (a default cannot be told apart)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return []
+    return [flag for name, flag in (("min_tissue", "--min-tissue"), ("max_spots", "--max-spots"))
+            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+
+
 class _Command(click.Command):
     """A click command that keeps the arguments it was given: the run's command line, for the provenance."""
 
@@ -187,6 +198,10 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
         raise UserError("--demo runs the sample's own spots; --grid needs a SLIDE (mmap-predict SLIDE --grid ...)")
     if tissue_mask is not None and grid is None:
         raise UserError(f"--tissue-mask {tissue_mask} only applies with --grid (it says where to lay the spots)")
+    if grid is None and _grid_options_given():
+        given = _grid_options_given()
+        raise UserError(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --grid, "
+                        "to the spots it lays over the tissue")
     if grid is not None:
         from .inputs.grid import parse_grid
 

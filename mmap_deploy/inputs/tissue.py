@@ -662,9 +662,54 @@ def _ring_array(ring: Any) -> np.ndarray | None:
     return a[:, :2]
 
 
-def _geojson_mask(path: Path, slide, um_per_px: float) -> tuple[np.ndarray, float, float, dict]:
-    from PIL import Image, ImageDraw
+def _fill_rings(rings: list[np.ndarray], h: int, w: int) -> np.ndarray:
+    """(h, w) bool: the pixels whose centres lie inside `rings` (even-odd rule: a hole's ring cuts it out).
 
+    Rings are (n, 2) x, y in pixel units, pixel (i, j) spanning [j, j+1) x [i, i+1); closed or
+    not. A scanline fill: every edge crossing a row's centre line (half-open in y, so a vertex on
+    it counts once) gives an x; each row's sorted crossings pair up into the spans [x_a, x_b),
+    and a pixel is inside when its centre j + 0.5 lies in one. Exact, and symmetric on every
+    side (Pillow's polygon fill takes every pixel an edge passes through on its left and top
+    edges and not on the others: half a pixel up and left, and larger by that).
+    """
+    rows_all, xs_all = [], []
+    for ring in rings:
+        x1, y1 = ring[:, 0], ring[:, 1]
+        x2, y2 = np.roll(x1, -1), np.roll(y1, -1)
+        # rows i whose centre line y = i + 0.5 lies in [min(y1, y2), max(y1, y2))
+        i0 = np.clip(np.ceil(np.minimum(y1, y2) - 0.5), 0, h).astype(np.int64)
+        i1 = np.clip(np.ceil(np.maximum(y1, y2) - 0.5), 0, h).astype(np.int64)
+        n = i1 - i0
+        edges = np.flatnonzero(n > 0)
+        if not len(edges):
+            continue
+        counts = n[edges]
+        e = np.repeat(edges, counts)
+        rows = i0[e] + (np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))
+        t = (rows + 0.5 - y1[e]) / (y2[e] - y1[e])
+        rows_all.append(rows)
+        xs_all.append(x1[e] + t * (x2[e] - x1[e]))
+    mask = np.zeros((h, w), bool)
+    if not rows_all:
+        return mask
+    rows, xs = np.concatenate(rows_all), np.concatenate(xs_all)
+    order = np.lexsort((xs, rows))
+    rows, xs = rows[order], xs[order]
+    # crossings of a row pair up (closed rings cross every row an even number of times)
+    if len(rows) % 2 or np.any(rows[0::2] != rows[1::2]):
+        raise AssertionError("unpaired ring crossings")  # pragma: no cover (closed rings cannot give these)
+    r = rows[0::2]
+    j0 = np.clip(np.ceil(xs[0::2] - 0.5), 0, w).astype(np.int64)  # first pixel with centre >= x_a
+    j1 = np.clip(np.ceil(xs[1::2] - 0.5), 0, w).astype(np.int64)  # first pixel with centre >= x_b
+    spans = j1 > j0
+    diff = np.zeros((h, w + 1), np.int8)
+    np.add.at(diff, (r[spans], j0[spans]), 1)
+    np.add.at(diff, (r[spans], j1[spans]), -1)
+    np.cumsum(diff, axis=1, out=diff)
+    return diff[:, :w] > 0
+
+
+def _geojson_mask(path: Path, slide, um_per_px: float) -> tuple[np.ndarray, float, float, dict]:
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -686,17 +731,20 @@ def _geojson_mask(path: Path, slide, um_per_px: float) -> tuple[np.ndarray, floa
     mask = np.zeros((h, w), bool)
     for rings in polygons:
         # Each polygon in its own bounding box: its holes cut only itself, never another polygon.
-        pts = [np.column_stack([r[:, 0] * sx - 0.5, r[:, 1] * sy - 0.5]) for r in rings]
+        pts = [np.column_stack([r[:, 0] * sx, r[:, 1] * sy]) for r in rings]  # mask pixel units
         x0, y0 = np.floor(pts[0].min(axis=0)).astype(int) - 1
         x1, y1 = np.ceil(pts[0].max(axis=0)).astype(int) + 2
         cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
         if cx1 <= cx0 or cy1 <= cy0:
             continue  # outside the slide
-        canvas = Image.new("L", (int(cx1 - cx0), int(cy1 - cy0)), 0)
-        draw = ImageDraw.Draw(canvas)
-        for i, p in enumerate(pts):
-            draw.polygon([(float(x - cx0), float(y - cy0)) for x, y in p], fill=0 if i else 1, outline=0 if i else 1)
-        mask[cy0:cy1, cx0:cx1] |= np.asarray(canvas, dtype=bool)
+        local = [p - np.array([cx0, cy0], dtype=np.float64) for p in pts]
+        fill = _fill_rings(local, int(cy1 - cy0), int(cx1 - cx0))
+        if not fill.any():  # narrower than a mask pixel: the pixel under its middle, if on the slide
+            mx, my = (pts[0].min(axis=0) + pts[0].max(axis=0)) / 2.0
+            if 0 <= mx < w and 0 <= my < h:
+                mask[int(my), int(mx)] = True
+            continue
+        mask[cy0:cy1, cx0:cx1] |= fill
     if not mask.any():
         raise UserError(
             f"{path}: the GeoJSON polygons cover no part of the {slide.width}x{slide.height} px slide; "

@@ -145,6 +145,7 @@ def _tissue_shapes(adata: "anndata.AnnData"):
     if not outline or len(outline["ring_piece"]) == 0:
         return None
     import geopandas as gpd
+    from shapely import make_valid
     from shapely.geometry import MultiPolygon, Polygon
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import Identity
@@ -159,7 +160,10 @@ def _tissue_shapes(adata: "anndata.AnnData"):
     for outer, holes in pieces.values():
         polys = [Polygon(ring, [h for h in holes if Polygon(ring).contains(Polygon(h).representative_point())])
                  for ring in outer]
-        geoms.append(polys[0] if len(polys) == 1 else MultiPolygon(polys))
+        geom = polys[0] if len(polys) == 1 else MultiPolygon(polys)
+        # an outline traced along pixel edges may pass through one corner twice (two lobes touching
+        # at a corner): a valid geometry of the same area for GIS tools
+        geoms.append(geom if geom.is_valid else make_valid(geom))
     gdf = gpd.GeoDataFrame({"tissue_id": list(pieces)}, geometry=geoms, index=_piece_index(list(pieces)))
     return ShapesModel.parse(gdf, transformations={COORDINATE_SYSTEM: Identity()})
 

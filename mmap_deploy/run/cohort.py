@@ -10,6 +10,7 @@ the same way), a bug is `failed` with its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -50,9 +51,14 @@ def predict_row(row: Any, out: Path, bundle: Any, engines: Any, settings: Any, *
     if isinstance(claim, ClaimHolder):
         return SlideOutcome(row.name, CLAIMED, f"claimed by another run ({claim.describe()}; "
                                                f"{claim_path(out)})")
+    run_settings = settings
+    if getattr(row, "coords", None) is not None and getattr(settings, "grid", None) is not None:
+        # --grid (and --tissue-mask) lay spots for the rows whose coords cell is empty; a row with
+        # coords is predicted at its own spots (given both, predict_adata would refuse it)
+        run_settings = dataclasses.replace(settings, grid=None, tissue_mask=None)
     with claim:
         try:
-            result = predict_to_file(row.slide, row.coords, out, bundle, engines, settings, mpp=row.mpp,
+            result = predict_to_file(row.slide, row.coords, out, bundle, engines, run_settings, mpp=row.mpp,
                                      library_id=row.name, mpp_origin=f"{manifest_name} mpp column",
                                      spot_progress=spot_progress)
         except OutputStorageError as e:
@@ -62,6 +68,8 @@ def predict_row(row: Any, out: Path, bundle: Any, engines: Any, settings: Any, *
         except Exception as e:  # a bug: keep its traceback for the driver to show, finish the other slides
             return SlideOutcome(row.name, FAILED, f"internal error {type(e).__name__}: {e} (traceback above)",
                                 traceback=traceback.format_exc(), seconds=time.perf_counter() - t0)
+        finally:
+            settings.engines_note = run_settings.engines_note  # said once, by the first slide
     return SlideOutcome(row.name, DONE, _summary_line(result), n_spots=result.n_spots, seconds=result.seconds)
 
 

@@ -214,10 +214,11 @@ def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle
         check_inside(spots, slide.width, slide.height, coords_path, slide_path)
         need = 0
         if out is not None:  # a full output folder is found now, not after the whole slide has run
-            need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height, len(settings.plot),
-                                      zarr=out.suffix == ".zarr")
+            need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height,
+                                      len(settings.plot) + int(settings.overview), zarr=out.suffix == ".zarr")
             check_free_space(out.parent, need, out.name)
-        warning = scale_warning(spots, slide.width, slide.height)
+        # A grid is laid on the slide's own pixels: its spots crowd into a corner only where the tissue does.
+        warning = scale_warning(spots, slide.width, slide.height) if source.grid is None else None
         if warning:
             warn(f"{coords_path}: {warning}")
         mpp_warning = slide.mpp_warning()
@@ -325,7 +326,7 @@ def write_adata(adata: Any, out: Path, *, overwrite: bool = False, need: int | N
 
     out = check_output_path(out, overwrite)
     if need is None:
-        need = _expected_bytes(adata, zarr=out.suffix == ".zarr", n_plots=len(plot or []))
+        need = _expected_bytes(adata, zarr=out.suffix == ".zarr", n_plots=len(plot or []) + int(overview))
     with output_storage_guard(out.parent, need, out.name):
         write_output(adata, out, overwrite=overwrite)
         if not plot and not overview:
