@@ -247,6 +247,10 @@ def _main(slide, coords, output, model, mpp, backend, precision, batch_size, thr
     if demo:
         # the sample's mpp is in its EXIF tags: open_slide finds it (and records the source)
         slide, coords, _ = _demo_paths()
+    if overview:
+        from .outputs.overview import require_matplotlib
+
+        require_matplotlib()
     bundle = load_model(model)
     if settings.plot:
         from .outputs.adata import check_plot_genes

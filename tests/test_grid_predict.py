@@ -366,6 +366,17 @@ def test_bad_input_is_one_error_line(case, small_dir, tmp_path):
         assert 50 < int(m.group(1)) < 200 and 0.5 < float(m.group(2)) < 1.2
 
 
+def test_overview_without_matplotlib_is_one_line_before_any_work(small_dir, tmp_path, monkeypatch):
+    """--overview in a runtime-only install (no [plot] extra): said before the slide runs, nothing written."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "out" / "o.h5ad"
+    out.parent.mkdir()
+    r = run_cli(small_dir / "small.jpg", "--grid", "visium", "--mpp", "0.69", "--overview", "-o", out, expect=2)
+    assert "--overview needs matplotlib" in error_line(r) and list(out.parent.iterdir()) == []
+
+
 # -- 6. the user's tissue mask ---------------------------------------------------------------------
 def test_png_mask_replaces_detection(small_dir, tmp_path):
     """A 500 x 500 px mask of the 1 500 x 1 500 px slide: tissue only in its left 40%."""

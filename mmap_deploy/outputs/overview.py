@@ -16,12 +16,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..atomic import atomic_path
+from ..errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
 
 MAX_SIDE = 1400  # figure pixels on the longest side
 OUTLINE_COLOUR = "#00c8ff"  # cyan: visible on pink, purple and white
+
+
+def require_matplotlib(flag: str = "--overview") -> None:
+    """A one-line error, before any work, when matplotlib (the [plot] extra) is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError(f"{flag} needs matplotlib: pip install 'mmap-deploy[plot]'") from None
 
 
 def overview_path(out: Path) -> Path:

@@ -325,6 +325,10 @@ def write_adata(adata: Any, out: Path, *, overwrite: bool = False, need: int | N
     from .storage import output_storage_guard
 
     out = check_output_path(out, overwrite)
+    if overview:
+        from ..outputs.overview import require_matplotlib
+
+        require_matplotlib()  # said before the output is written, not after
     if need is None:
         need = _expected_bytes(adata, zarr=out.suffix == ".zarr", n_plots=len(plot or []) + int(overview))
     with output_storage_guard(out.parent, need, out.name):
