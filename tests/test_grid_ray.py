@@ -8,22 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run_cli as run
+from test_cohort_ray import local_ray  # noqa: F401  (the module's private local Ray, a fixture)
 
 ad = pytest.importorskip("anndata")
 SAMPLE = Path(__file__).resolve().parents[1] / "mmap_deploy" / "demo" / "sample"
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    from mmap_deploy.run.cohort_ray import start_local_ray
-
-    start_local_ray(num_cpus=2)
-    yield ray
-    ray.shutdown()
-
-
-def test_grid_rows_on_ray_equal_the_local_batch(local_ray, tmp_path):
+def test_grid_rows_on_ray_equal_the_local_batch(local_ray, tmp_path):  # noqa: F811  (the imported fixture)
     """The demo sample twice: once at its own spots, once with an empty coords cell (a --grid visium row)."""
     shutil.copy(SAMPLE / "B4_crop.jpg", tmp_path / "b4.jpg")  # its resolution is in its EXIF tags
     shutil.copy(SAMPLE / "B4_crop_selection.tsv", tmp_path / "b4.tsv")
