@@ -6,14 +6,11 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
-EXIT_USER_ERROR = 2
-
-
-def _echo(msg: str) -> None:
-    click.echo(msg, err=True)
+from mmap_deploy.messages import echo, run_cli
 
 
 def _default_parity_data() -> Path | None:
@@ -44,9 +41,7 @@ def _default_parity_data() -> Path | None:
                    "Default: $MMAP_DATA_DIR; without it, random views (the manifest says which).")
 @click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), default=None,
               help="Smallest accepted output cosine vs fp32 (default: 0.999 for fp16, 0.99 for int8).")
-def main(checkpoint: Path | None, out_dir: Path, overwrite: bool, demo: bool, fp16: bool, int8: bool,
-         tensorrt: bool, trt_precision: str, trt_batch: str, trt_workspace_gib: float,
-         trt_timing_cache: Path | None, parity_data: Path | None, min_cosine: float | None) -> None:
+def main(**options: Any) -> None:
     """Export CHECKPOINT (from mmap-train) as encoder.onnx + fusion.onnx + manifest.json.
 
     LoRA adapters are merged into plain weights and LayerScale is folded, so the
@@ -57,24 +52,12 @@ def main(checkpoint: Path | None, out_dir: Path, overwrite: bool, demo: bool, fp
     """
     from mmap_train import missing_train_extra
 
-    from mmap_deploy.errors import UserError
-
-    try:
-        _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precision, trt_batch,
-              trt_workspace_gib, trt_timing_cache, parity_data, min_cosine)
-    except UserError as e:
-        _echo(f"error: {e}")
-        sys.exit(EXIT_USER_ERROR)
-    except ModuleNotFoundError as e:
-        message = missing_train_extra(e)
-        if message is None:
-            raise
-        _echo(f"error: {message}")
-        sys.exit(EXIT_USER_ERROR)
+    run_cli(lambda: _main(**options), missing_extra=missing_train_extra)
 
 
-def _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precision, trt_batch,
-          trt_workspace_gib, trt_timing_cache, parity_data, min_cosine) -> None:
+def _main(*, checkpoint: Path | None, out_dir: Path, overwrite: bool, demo: bool, fp16: bool, int8: bool,
+          tensorrt: bool, trt_precision: str, trt_batch: str, trt_workspace_gib: float,
+          trt_timing_cache: Path | None, parity_data: Path | None, min_cosine: float | None) -> None:
     from mmap_deploy.errors import UserError
 
     t0 = time.perf_counter()
@@ -110,7 +93,7 @@ def _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precis
         from .bundle_writer import export_bundle
 
         export_bundle(checkpoint, out_dir, demo=demo, overwrite=overwrite)
-        _echo(f"exported {out_dir} in {time.perf_counter() - t0:.1f} s")
+        echo(f"exported {out_dir} in {time.perf_counter() - t0:.1f} s")
     from mmap_deploy.model.bundle import load_bundle
 
     # One bundle object through every step: each model file is hashed once, when first used.
@@ -130,7 +113,7 @@ def _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precis
         t = time.perf_counter()
         res = add_fp16(bundle, min_cosine=FP16_MIN_COSINE if min_cosine is None else min_cosine,
                        reference=reference)
-        _echo(f"fp16: encoder cosine {res['encoder']['cosine_min']:.6f}, fusion cosine "
+        echo(f"fp16: encoder cosine {res['encoder']['cosine_min']:.6f}, fusion cosine "
               f"{res['fusion']['cosine_min']:.6f} vs fp32 ({time.perf_counter() - t:.1f} s)")
     if int8:
         from .parity import INT8_MIN_COSINE
@@ -139,18 +122,18 @@ def _main(checkpoint, out_dir, overwrite, demo, fp16, int8, tensorrt, trt_precis
         t = time.perf_counter()
         res8 = add_int8(bundle, min_cosine=INT8_MIN_COSINE if min_cosine is None else min_cosine,
                         reference=reference)
-        _echo(f"int8: encoder cosine {res8['cosine_min']:.6f} vs fp32 ({time.perf_counter() - t:.1f} s)")
+        echo(f"int8: encoder cosine {res8['cosine_min']:.6f} vs fp32 ({time.perf_counter() - t:.1f} s)")
     if tensorrt:
         from .tensorrt_build import add_tensorrt
 
         res_trt = add_tensorrt(bundle, precision=trt_precision, batch=batch, workspace_gib=trt_workspace_gib,
                                timing_cache=trt_timing_cache, reference=reference)
         for role, r in res_trt.items():
-            _echo(f"tensorrt {trt_precision} {role}: built in {r['seconds']:.1f} s for {r['target']['gpu']} "
+            echo(f"tensorrt {trt_precision} {role}: built in {r['seconds']:.1f} s for {r['target']['gpu']} "
                   f"(sm {r['target']['compute_capability']}, TensorRT {r['target']['tensorrt']}), "
                   f"cosine {r['parity']['cosine_min']:.6f} vs fp32")
     sizes = ", ".join(f"{f.path} {(out_dir / f.path).stat().st_size / 1e6:.1f} MB" for f in bundle.manifest.files)
-    _echo(f"wrote {out_dir} ({sizes}) in {time.perf_counter() - t0:.1f} s")
+    echo(f"wrote {out_dir} ({sizes}) in {time.perf_counter() - t0:.1f} s")
 
 if __name__ == "__main__":
     sys.exit(main())

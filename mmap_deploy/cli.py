@@ -13,7 +13,9 @@ The library raises, warns and logs; this layer turns that into lines on
 stderr (`messages.show_on_stderr`) and exit codes.
 
 A mistake in the input is one line `error: ...` on stderr and exit code 2,
-with no output file; anything else is a bug and shows its traceback. This
+with no output file (`messages.run_cli`, as in mmap-train and mmap-export);
+anything else is a bug and shows its traceback. The options arrive by name
+as a `PredictOptions`. This
 module imports only click at start-up, so `mmap-predict --help` is instant;
 onnxruntime, anndata and openslide are imported when a run needs them.
 """
@@ -22,20 +24,27 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ._version import __version__
 from .errors import UserError
-from .messages import show_on_stderr
-from .run.batch import check_output_dir, parse_shard, read_manifest, run_batch
-from .run.predict import (  # noqa: F401  (re-exported: the names users and scripts import from cli)
+from .messages import (  # noqa: F401  (the exit codes are re-exported for scripts)
     EXIT_BATCH_FAILED,
+    EXIT_OK,
     EXIT_USER_ERROR,
+    echo,
+    run_cli,
+    show_on_stderr,
+)
+from .run.batch import run_batch
+from .run.manifest import check_output_dir, parse_shard, read_manifest
+from .run.predict import (  # noqa: F401  (re-exported: the names users and scripts import from cli)
     RunSettings,
     SlideResult,
-    _echo,
     _report,
     engine_defaults,
     load_model,
@@ -145,12 +154,7 @@ def _command_line() -> str:
               help="With --manifest: write each slide as {id}.h5ad (default) or {id}.zarr (SpatialData).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.version_option(__version__, prog_name="mmap-predict")
-def main(slide: Path | None, coords: Path | None, output: Path, model: Path | None, mpp: float | None,
-         backend: str, precision: str, batch_size: int | None, threads: int, all_spots: bool, overwrite: bool,
-         plot_genes: str | None, strict: bool, skip_geometry_checks: bool, library_id: str | None, demo: bool,
-         manifest: Path | None, shard: str | None, ray_address: str | None, ray_workers: int | None,
-         output_format: str | None, quiet: bool, grid: str | None, tissue_mask: Path | None, min_tissue: float,
-         max_spots: int, overview: bool) -> None:
+def main(**options: Any) -> None:
     """Predict spatial gene expression for the spots of an H&E slide (MMAP).
 
     SLIDE is a whole-slide image (SVS, pyramidal TIFF, NDPI, MRXS, ...) or a
@@ -166,109 +170,157 @@ def main(slide: Path | None, coords: Path | None, output: Path, model: Path | No
     Exit codes: 0 done; 2 bad input (one-line error, no output written);
     1 with --manifest when some slides failed (the others are written).
     """
-    try:
-        with show_on_stderr(_echo):
-            code = _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots,
-                         overwrite, plot_genes, strict, library_id, demo, manifest, shard, quiet,
-                         ray_address=ray_address, ray_workers=ray_workers, output_format=output_format,
-                         skip_geometry_checks=skip_geometry_checks, grid=grid, tissue_mask=tissue_mask,
-                         min_tissue=min_tissue, max_spots=max_spots, overview=overview)
-    except UserError as e:
-        _echo(f"error: {e}")
-        sys.exit(EXIT_USER_ERROR)
-    sys.exit(code)
+    opts = PredictOptions(**options)
+
+    def body() -> int:
+        with show_on_stderr(echo):
+            return _run(opts)
+
+    sys.exit(run_cli(body))
 
 
-def _main(slide, coords, output, model, mpp, backend, precision, batch_size, threads, all_spots, overwrite,
-          plot_genes, strict, library_id, demo, manifest, shard, quiet, *, ray_address=None, ray_workers=None,
-          output_format=None, skip_geometry_checks=False, grid=None, tissue_mask=None, min_tissue=0.5,
-          max_spots=2_000_000, overview=False) -> int:
-    modes = sum([bool(manifest), bool(demo), slide is not None])
+@dataclass(frozen=True)
+class PredictOptions:
+    """mmap-predict's command line, by name (the parameters of `main`)."""
+
+    output: Path
+    slide: Path | None = None
+    coords: Path | None = None
+    model: Path | None = None
+    mpp: float | None = None
+    backend: str = "auto"
+    precision: str = "fp32"
+    batch_size: int | None = None
+    threads: int = 0
+    all_spots: bool = False
+    overwrite: bool = False
+    plot_genes: str | None = None
+    strict: bool = False
+    skip_geometry_checks: bool = False
+    grid: str | None = None
+    tissue_mask: Path | None = None
+    min_tissue: float = 0.5
+    max_spots: int = 2_000_000
+    overview: bool = False
+    library_id: str | None = None
+    demo: bool = False
+    manifest: Path | None = None
+    shard: str | None = None
+    ray_address: str | None = None
+    ray_workers: int | None = None
+    output_format: str | None = None
+    quiet: bool = False
+
+    def settings(self) -> RunSettings:
+        """What every slide of the run shares."""
+        return RunSettings(backend=self.backend, precision=self.precision, batch_size=self.batch_size or 0,
+                           threads=self.threads, all_spots=self.all_spots, overwrite=self.overwrite,
+                           strict=self.strict, plot=_parse_genes(self.plot_genes), progress=not self.quiet,
+                           output_format=self.output_format or "h5ad",
+                           skip_geometry_checks=self.skip_geometry_checks, command=_command_line(), grid=self.grid,
+                           tissue_mask=self.tissue_mask, min_tissue=self.min_tissue, max_spots=self.max_spots,
+                           overview=self.overview)
+
+
+def _check_inputs(o: PredictOptions) -> None:
+    """One input mode (SLIDE COORDS, SLIDE --grid, --demo, --manifest), and the --grid options with it."""
+    modes = sum([bool(o.manifest), bool(o.demo), o.slide is not None])
     if modes != 1:
         raise UserError(
             "give either SLIDE COORDS, or --demo, or --manifest CSV (exactly one); see mmap-predict --help"
         )
-    if slide is not None and coords is None and grid is None:
-        raise UserError(f"missing COORDS after SLIDE {slide}: the spot coordinates file (or, for a slide with "
+    if o.slide is not None and o.coords is None and o.grid is None:
+        raise UserError(f"missing COORDS after SLIDE {o.slide}: the spot coordinates file (or, for a slide with "
                         "no spatial assay, --grid visium|st|NUMum to lay spots over its tissue)")
-    if slide is not None and coords is not None and grid is not None:
-        raise UserError(f"give COORDS or --grid, not both: drop {coords} to lay a {grid} grid over the tissue, "
+    if o.slide is not None and o.coords is not None and o.grid is not None:
+        raise UserError(f"give COORDS or --grid, not both: drop {o.coords} to lay a {o.grid} grid over the tissue, "
                         "or drop --grid to predict at the given spots")
-    if demo and grid is not None:
+    if o.demo and o.grid is not None:
         raise UserError("--demo runs the sample's own spots; --grid needs a SLIDE (mmap-predict SLIDE --grid ...)")
-    if tissue_mask is not None and grid is None:
-        raise UserError(f"--tissue-mask {tissue_mask} only applies with --grid (it says where to lay the spots)")
-    if grid is None and _grid_options_given():
+    if o.tissue_mask is not None and o.grid is None:
+        raise UserError(f"--tissue-mask {o.tissue_mask} only applies with --grid (it says where to lay the spots)")
+    if o.grid is None and _grid_options_given():
         given = _grid_options_given()
         raise UserError(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --grid, "
                         "to the spots it lays over the tissue")
-    if grid is not None:
+    if o.grid is not None:
         from .inputs.grid import parse_grid
 
-        parse_grid(grid)  # a bad --grid is said before anything is loaded
-    if tissue_mask is not None and not tissue_mask.is_file():
-        raise UserError(f"--tissue-mask {tissue_mask}: file not found; give a PNG/TIFF mask or a GeoJSON file")
-    if shard is not None and manifest is None:
+        parse_grid(o.grid)  # a bad --grid is said before anything is loaded
+    if o.tissue_mask is not None and not o.tissue_mask.is_file():
+        raise UserError(f"--tissue-mask {o.tissue_mask}: file not found; give a PNG/TIFF mask or a GeoJSON file")
+
+
+def _check_batch_options(o: PredictOptions) -> None:
+    """The options that only a batch (--manifest, --shard, --ray, --format) or only one slide takes."""
+    if o.shard is not None and o.manifest is None:
         raise UserError("--shard only applies with --manifest")
-    if (ray_address is not None or ray_workers is not None) and manifest is None:
+    if (o.ray_address is not None or o.ray_workers is not None) and o.manifest is None:
         raise UserError("--ray and --ray-workers only apply with --manifest")
-    if ray_address is None and ray_workers is not None:
+    if o.ray_address is None and o.ray_workers is not None:
         raise UserError("--ray-workers needs --ray")
-    if ray_address is not None:
-        from .run.cohort_ray import import_ray
+    if o.ray_address is not None:
+        from .run.batch_ray import import_ray
 
         import_ray()  # a missing extra is said now, before anything is loaded
-    if output_format is not None and manifest is None:
+    if o.output_format is not None and o.manifest is None:
         raise UserError("--format only applies with --manifest; for one slide, -o's suffix (.h5ad or .zarr) decides")
-    if manifest is not None and (mpp is not None or library_id):
+    if o.manifest is not None and (o.mpp is not None or o.library_id):
         raise UserError("with --manifest, give mpp and id per slide in the manifest's mpp and id columns")
-    if library_id is not None and "/" in library_id:
+    if o.library_id is not None and "/" in o.library_id:
         # a key of uns['spatial']: HDF5 and zarr read a '/' as a sub-group
-        raise UserError(f"--library-id {library_id!r}: cannot contain '/'; use letters, digits, - and _")
-    settings = RunSettings(backend=backend, precision=precision, batch_size=batch_size or 0, threads=threads,
-                           all_spots=all_spots, overwrite=overwrite, strict=strict,
-                           plot=_parse_genes(plot_genes), progress=not quiet,
-                           output_format=output_format or "h5ad", skip_geometry_checks=skip_geometry_checks,
-                           command=_command_line(), grid=grid, tissue_mask=tissue_mask, min_tissue=min_tissue,
-                           max_spots=max_spots, overview=overview)
-    shard_ix = parse_shard(shard)
-    # check what is cheap to check before loading anything
-    if manifest is None:
+        raise UserError(f"--library-id {o.library_id!r}: cannot contain '/'; use letters, digits, - and _")
+
+
+def _check_outputs(o: PredictOptions, settings: RunSettings) -> list[Any] | None:
+    """What is cheap to check before loading anything: the output path, or the manifest and its folder."""
+    if o.manifest is None:
         from .outputs.adata import check_output_path
 
-        check_output_path(output, overwrite)
-    else:
-        rows = read_manifest(manifest)
-        check_output_dir(output)
-        if settings.output_format == "zarr":
-            from .outputs.sdata import require_spatialdata
+        check_output_path(o.output, o.overwrite)
+        return None
+    rows = read_manifest(o.manifest)
+    check_output_dir(o.output)
+    if settings.output_format == "zarr":
+        from .outputs.sdata import require_spatialdata
 
-            require_spatialdata("--format zarr")
-    if demo:
+        require_spatialdata("--format zarr")
+    return rows
+
+
+def _run(o: PredictOptions) -> int:
+    """The run the options ask for; its exit code."""
+    _check_inputs(o)
+    _check_batch_options(o)
+    settings = o.settings()
+    shard = parse_shard(o.shard)
+    rows = _check_outputs(o, settings)
+    slide, coords = o.slide, o.coords
+    if o.demo:
         # the sample's mpp is in its EXIF tags: open_slide finds it (and records the source)
         slide, coords, _ = _demo_paths()
-    if overview:
+    if o.overview:
         from .outputs.overview import require_matplotlib
 
         require_matplotlib()
-    bundle = load_model(model)
+    bundle = load_model(o.model)
     if settings.plot:
         from .outputs.adata import check_plot_genes
 
         check_plot_genes(settings.plot, bundle.manifest.genes, bundle.root)
-    if ray_address is not None:  # the workers load the engines; the driver only hands out slides
-        from .run.cohort_ray import run_batch_ray
+    if o.ray_address is not None:  # the workers load the engines; the driver only hands out slides
+        from .run.batch_ray import run_batch_ray
 
-        return run_batch_ray(manifest, rows, output, bundle, settings, shard_ix, ray_address, ray_workers)
+        return run_batch_ray(o.manifest, rows, o.output, bundle, settings, shard, o.ray_address, o.ray_workers)
     from .api import Predictor
 
     with Predictor._with_settings(bundle, settings) as predictor:
-        if manifest is not None:
-            return run_batch(manifest, rows, output, bundle, predictor.engines, settings, shard_ix)
-        result = predict_to_file(slide, coords, output, bundle, predictor.engines, settings, mpp=mpp,
-                                 library_id=library_id)
+        if o.manifest is not None:
+            return run_batch(o.manifest, rows, o.output, bundle, predictor.engines, settings, shard)
+        result = predict_to_file(slide, coords, o.output, bundle, predictor.engines, settings, mpp=o.mpp,
+                                 library_id=o.library_id)
     _report(result)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,9 @@
   runs inside: every warning as one line `warning: ...` and every note as
   its line (`note: ...`, `engines: ...`) on stderr, as the CLI has always
   written them.
+- The three CLIs speak through `echo` (one line on stderr), exit with
+  `EXIT_*`, and turn a `UserError` into their one-line `error: ...` with
+  `run_cli`.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from .errors import MMAPWarning
+from .errors import MMAPWarning, UserError
 
 LOGGER_NAME = "mmap_deploy"
 logger = logging.getLogger(LOGGER_NAME)
@@ -89,3 +93,37 @@ def show_on_stderr(echo: Callable[[str], None] = _stderr) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+# The console and exit policy of the three CLIs (mmap-predict, mmap-train, mmap-export).
+EXIT_OK = 0
+EXIT_BATCH_FAILED = 1  # mmap-predict --manifest: some slides failed (the others are written)
+EXIT_USER_ERROR = 2  # a mistake in the input: one line `error: ...`, no output
+
+
+def echo(msg: str) -> None:
+    """One line for the user, on stderr (stdout stays free for data)."""
+    import click
+
+    click.echo(msg, err=True)
+
+
+def run_cli(body: Callable[[], Any], *, prefix: str = "",
+            missing_extra: Callable[[ModuleNotFoundError], str | None] | None = None) -> Any:
+    """Run a CLI's `body`; a UserError is one line `{prefix}error: ...` on stderr and exit code 2.
+
+    So is a missing optional extra, when `missing_extra` turns the
+    ModuleNotFoundError into a message (None: a bug, it propagates with its
+    traceback, as does any other exception). Returns what `body` returns.
+    """
+    try:
+        return body()
+    except UserError as e:
+        message = str(e)
+    except ModuleNotFoundError as e:
+        found = missing_extra(e) if missing_extra is not None else None
+        if found is None:
+            raise
+        message = found
+    echo(f"{prefix}error: {message}")
+    sys.exit(EXIT_USER_ERROR)

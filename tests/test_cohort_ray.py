@@ -31,7 +31,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "mmap_deploy" / "demo" / "sample"
 def local_ray():
     """One private local Ray for the whole module (the runs below join it instead of starting their own)."""
     ray = pytest.importorskip("ray")
-    from mmap_deploy.run.cohort_ray import start_local_ray
+    from mmap_deploy.run.batch_ray import start_local_ray
 
     start_local_ray(num_cpus=2)
     yield ray

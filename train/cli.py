@@ -12,10 +12,17 @@ import numpy as np
 
 from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
+from mmap_deploy.messages import run_cli
 
 from . import missing_train_extra
 from .backbones import BACKBONES
-from .datasets import Section, her2st_sections, manifest_sections, read_genes, split_sections
+from .datasets import (
+    Section,
+    her2st_sections,
+    manifest_sections,
+    read_genes,
+    split_sections,
+)
 
 log = logging.getLogger("mmap_train")
 
@@ -406,16 +413,8 @@ def cv(features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, se
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: a UserError prints one line and exits 2; anything else keeps its traceback."""
     try:
-        cli.main(args=argv, prog_name="mmap-train", standalone_mode=False)
-    except UserError as e:
-        click.echo(f"mmap-train: error: {e}", err=True)
-        sys.exit(2)
-    except ModuleNotFoundError as e:
-        message = missing_train_extra(e)
-        if message is None:
-            raise
-        click.echo(f"mmap-train: error: {message}", err=True)
-        sys.exit(2)
+        run_cli(lambda: cli.main(args=argv, prog_name="mmap-train", standalone_mode=False), prefix="mmap-train: ",
+                missing_extra=missing_train_extra)
     except click.exceptions.Abort:
         click.echo("mmap-train: aborted", err=True)
         sys.exit(130)

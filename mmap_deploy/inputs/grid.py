@@ -384,6 +384,156 @@ def _format_ids(prefix: str, suffix: str, rows: np.ndarray, cols: np.ndarray) ->
     return raw.view(f"S{width}").ravel().astype(f"U{width}")
 
 
+@dataclass(frozen=True)
+class _Lattice:
+    """Where a grid's spots can go on one slide: µm positions, index limits, mask pixels per µm."""
+
+    ox: float
+    oy: float
+    sx_um: float
+    sy_um: float
+    rad_um: float
+    col_step: int
+    row_max: int
+    col_max: int
+    um_to_mx: float
+    um_to_my: float
+    rx_m: float  # footprint radius in mask pixels
+    ry_m: float
+
+    @classmethod
+    def on_slide(cls, spec: GridSpec, width_px: int, height_px: int, mpp: float, scale_x: float,
+                 scale_y: float) -> _Lattice:
+        ox, oy = spec.origin_um
+        sx_um, sy_um = spec.um_per_col, spec.um_per_row
+        rad_um = spec.spot_um / 2.0
+        w_um, h_um = width_px * mpp, height_px * mpp
+        eps = 1e-9 * max(w_um, h_um, 1.0)
+        # lattice indices whose footprint lies on the slide
+        row_max = int(math.floor((h_um - rad_um - oy + eps) / sy_um))
+        col_max = int(math.floor((w_um - rad_um - ox + eps) / sx_um))
+        um_to_mx, um_to_my = scale_x / mpp, scale_y / mpp  # mask pixels per µm
+        return cls(ox, oy, sx_um, sy_um, rad_um, 2 if spec.kind == "visium" else 1, row_max, col_max,
+                   um_to_mx, um_to_my, rad_um * um_to_mx, rad_um * um_to_my)
+
+    def row_columns(self, r: int, occ: np.ndarray, c0: int) -> np.ndarray | None:
+        """Lattice row `r`'s columns whose footprint may touch a run of `occ` (tissue columns from `c0`)."""
+        starts, ends = _runs(occ)
+        # columns whose footprint may touch a run, in units of the row's column step
+        s_um = (starts + c0) / self.um_to_mx
+        e_um = (ends + c0) / self.um_to_mx
+        step = self.col_step
+        parity = r % 2 if step == 2 else 0
+        lo = np.floor(((s_um - self.rad_um - self.ox) / self.sx_um - parity) / step).astype(np.int64)
+        hi = np.ceil(((e_um + self.rad_um - self.ox) / self.sx_um - parity) / step).astype(np.int64)
+        lo = np.maximum(lo, 0)
+        hi = np.minimum(hi, (self.col_max - parity) // step)
+        ok = lo <= hi
+        if not ok.any():
+            return None
+        lo, hi = lo[ok], hi[ok]
+        hi = np.maximum.accumulate(hi)
+        brk = np.concatenate(([True], lo[1:] > hi[:-1] + 1))
+        lo_m = lo[brk]
+        hi_m = np.concatenate((hi[np.flatnonzero(brk)[1:] - 1], hi[-1:]))
+        lengths = hi_m - lo_m + 1
+        total = int(lengths.sum())
+        m = np.repeat(lo_m - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) + np.arange(total)
+        return m * step + parity
+
+    def tissue_share(self, strip: np.ndarray, rows: np.ndarray, cols: np.ndarray, c0: int, s_top: int,
+                     slabs: Any) -> np.ndarray:
+        """Tissue share over each footprint, from the strip's summed-area table."""
+        rx_m, ry_m = self.rx_m, self.ry_m
+        big = strip.size >= (1 << 31)
+        sat = np.zeros((strip.shape[0] + 1, strip.shape[1] + 1), dtype=np.int64 if big else np.int32)
+        np.cumsum(strip, axis=0, dtype=sat.dtype, out=sat[1:, 1:])
+        np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
+        cx = (self.ox + cols * self.sx_um) * self.um_to_mx - c0
+        cy = (self.oy + rows * self.sy_um) * self.um_to_my - s_top
+        if slabs is None:
+            return _box_integral(sat, cx - rx_m, cx + rx_m, cy - ry_m, cy + ry_m) / (4.0 * rx_m * ry_m)
+        tops, bots, half = slabs
+        tissue = np.zeros(len(cx))
+        for t, b, hw in zip(tops, bots, half):
+            tissue += _box_integral(sat, cx - hw * rx_m, cx + hw * rx_m, cy + t * ry_m, cy + b * ry_m)
+        return tissue / (float((half * (bots - tops)).sum()) * 2.0 * rx_m * ry_m)
+
+
+def _check_grid_args(mpp: float, mask: Any, labels: Any, scale_x: float, scale_y: float, width_px: int,
+                     height_px: int, min_tissue: float, max_spots: int) -> tuple[np.ndarray, Any]:
+    """The arguments of `lay_grid` checked; the mask as bool, the labels as an array (or None)."""
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise UserError(f"µm per pixel {mpp!r} must be a positive number; pass --mpp")
+    if not (0.0 < float(min_tissue) <= 1.0):
+        raise UserError(f"min_tissue {min_tissue!r} must be above 0 and at most 1 (a share of the spot's area)")
+    if int(max_spots) < 1:
+        raise UserError(f"--max-spots {max_spots!r} must be a positive number of spots")
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    if mask.dtype != bool:
+        mask = mask != 0
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != mask.shape:
+            raise ValueError(f"labels shape {labels.shape} differs from mask shape {mask.shape}")
+    if not (scale_x > 0 and scale_y > 0 and width_px > 0 and height_px > 0):
+        raise ValueError("scale_x, scale_y, width_px and height_px must be positive")
+    return mask, labels
+
+
+def _scan(spec: GridSpec, geo: _Lattice, mask: np.ndarray, min_tissue: float,
+          max_spots: int) -> tuple[int, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """The spots kept (their count; rows, columns, tissue shares unless over `max_spots`), block by block."""
+    rows_kept: list[np.ndarray] = []
+    cols_kept: list[np.ndarray] = []
+    frac_kept: list[np.ndarray] = []
+    count = 0
+    mh = mask.shape[0]
+    row_any = mask.any(axis=1)
+    cum_rows = np.concatenate(([0], np.cumsum(row_any)))
+    cols_any = np.flatnonzero(mask.any(axis=0))
+    c0, c1 = int(cols_any[0]), int(cols_any[-1]) + 1  # tissue's column extent
+    r_all = np.arange(geo.row_max + 1)
+    cy_all = (geo.oy + r_all * geo.sy_um) * geo.um_to_my
+    top = np.clip(np.floor(cy_all - geo.ry_m).astype(np.int64), 0, mh)
+    bottom = np.clip(np.ceil(cy_all + geo.ry_m).astype(np.int64), 0, mh)
+    has = cum_rows[bottom] - cum_rows[top] > 0
+    live = np.flatnonzero(has)
+    slabs = _disc_slabs() if spec.shape == "circle" else None
+    k = 0
+    while k < len(live):
+        # one block of lattice rows whose mask strip stays within STRIP_PIXELS
+        first = k
+        s_top = int(top[live[k]])
+        while k < len(live) and (k == first or (int(bottom[live[k]]) - s_top) * (c1 - c0) <= STRIP_PIXELS):
+            k += 1
+        block = live[first:k]
+        s_bot = int(bottom[block].max())
+        strip = mask[s_top:s_bot, c0:c1]
+        b_rows, b_cols = [], []
+        for r in block.tolist():
+            cols = geo.row_columns(r, strip[top[r] - s_top : bottom[r] - s_top].any(axis=0), c0)
+            if cols is not None:
+                b_cols.append(cols)
+                b_rows.append(np.full(len(cols), r, dtype=np.int64))
+        if not b_cols:
+            continue
+        rows = np.concatenate(b_rows)
+        cols = np.concatenate(b_cols)
+        share = geo.tissue_share(strip, rows, cols, c0, s_top, slabs)
+        keep = share >= min_tissue - 1e-9
+        count += int(keep.sum())
+        if count <= max_spots:
+            rows_kept.append(rows[keep])
+            cols_kept.append(cols[keep])
+            frac_kept.append(np.minimum(share[keep], 1.0).astype(np.float32))
+        else:
+            rows_kept, cols_kept, frac_kept = [], [], []  # only the count matters now
+    return count, rows_kept, cols_kept, frac_kept
+
+
 def lay_grid(
     spec: GridSpec,
     *,
@@ -404,123 +554,19 @@ def lay_grid(
     `min_tissue` (0 < min_tissue <= 1) of it is tissue. Raises UserError when more than `max_spots`
     spots would be kept, or none is.
     """
-    if not (math.isfinite(mpp) and mpp > 0):
-        raise UserError(f"µm per pixel {mpp!r} must be a positive number; pass --mpp")
-    if not (0.0 < float(min_tissue) <= 1.0):
-        raise UserError(f"min_tissue {min_tissue!r} must be above 0 and at most 1 (a share of the spot's area)")
-    if int(max_spots) < 1:
-        raise UserError(f"--max-spots {max_spots!r} must be a positive number of spots")
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
-    if mask.dtype != bool:
-        mask = mask != 0
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != mask.shape:
-            raise ValueError(f"labels shape {labels.shape} differs from mask shape {mask.shape}")
-    if not (scale_x > 0 and scale_y > 0 and width_px > 0 and height_px > 0):
-        raise ValueError("scale_x, scale_y, width_px and height_px must be positive")
+    mask, labels = _check_grid_args(mpp, mask, labels, scale_x, scale_y, width_px, height_px, min_tissue,
+                                     max_spots)
     min_tissue, max_spots = float(min_tissue), int(max_spots)
-
-    mh = mask.shape[0]
     n_tissue = int(np.count_nonzero(mask))
     area_um2 = n_tissue / (scale_x * scale_y) * mpp * mpp
     area_mm2 = area_um2 / 1e6
     estimate = int(round(area_um2 / spec.area_per_spot_um2))
     if estimate > ESTIMATE_MARGIN * max_spots:
         raise _too_many(spec, estimate, True, area_mm2, max_spots, min_tissue)
-
-    ox, oy = spec.origin_um
-    sx_um, sy_um = spec.um_per_col, spec.um_per_row
-    rad_um = spec.spot_um / 2.0
-    col_step = 2 if spec.kind == "visium" else 1
-    w_um, h_um = width_px * mpp, height_px * mpp
-    eps = 1e-9 * max(w_um, h_um, 1.0)
-    # lattice indices whose footprint lies on the slide
-    row_max = int(math.floor((h_um - rad_um - oy + eps) / sy_um))
-    col_max = int(math.floor((w_um - rad_um - ox + eps) / sx_um))
-    um_to_mx, um_to_my = scale_x / mpp, scale_y / mpp  # mask pixels per µm
-    rx_m, ry_m = rad_um * um_to_mx, rad_um * um_to_my  # footprint radius in mask pixels
-
-    rows_kept, cols_kept, frac_kept = [], [], []
-    count = 0
-    if n_tissue and row_max >= 0 and col_max >= 0:
-        row_any = mask.any(axis=1)
-        cum_rows = np.concatenate(([0], np.cumsum(row_any)))
-        cols_any = np.flatnonzero(mask.any(axis=0))
-        c0, c1 = int(cols_any[0]), int(cols_any[-1]) + 1  # tissue's column extent
-        r_all = np.arange(row_max + 1)
-        cy_all = (oy + r_all * sy_um) * um_to_my
-        top = np.clip(np.floor(cy_all - ry_m).astype(np.int64), 0, mh)
-        bottom = np.clip(np.ceil(cy_all + ry_m).astype(np.int64), 0, mh)
-        has = cum_rows[bottom] - cum_rows[top] > 0
-        live = np.flatnonzero(has)
-        slabs = _disc_slabs() if spec.shape == "circle" else None
-
-        k = 0
-        while k < len(live):
-            # one block of lattice rows whose mask strip stays within STRIP_PIXELS
-            first = k
-            s_top = int(top[live[k]])
-            while k < len(live) and (k == first or (int(bottom[live[k]]) - s_top) * (c1 - c0) <= STRIP_PIXELS):
-                k += 1
-            block = live[first:k]
-            s_bot = int(bottom[block].max())
-            strip = mask[s_top:s_bot, c0:c1]
-            b_rows, b_cols = [], []
-            for r in block.tolist():
-                occ = strip[top[r] - s_top : bottom[r] - s_top].any(axis=0)
-                starts, ends = _runs(occ)
-                # columns whose footprint may touch a run, in units of the row's column step
-                s_um = (starts + c0) / um_to_mx
-                e_um = (ends + c0) / um_to_mx
-                parity = r % 2 if col_step == 2 else 0
-                lo = np.floor(((s_um - rad_um - ox) / sx_um - parity) / col_step).astype(np.int64)
-                hi = np.ceil(((e_um + rad_um - ox) / sx_um - parity) / col_step).astype(np.int64)
-                lo = np.maximum(lo, 0)
-                hi = np.minimum(hi, (col_max - parity) // col_step)
-                ok = lo <= hi
-                if not ok.any():
-                    continue
-                lo, hi = lo[ok], hi[ok]
-                hi = np.maximum.accumulate(hi)
-                brk = np.concatenate(([True], lo[1:] > hi[:-1] + 1))
-                lo_m = lo[brk]
-                hi_m = np.concatenate((hi[np.flatnonzero(brk)[1:] - 1], hi[-1:]))
-                lengths = hi_m - lo_m + 1
-                total = int(lengths.sum())
-                m = np.repeat(lo_m - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) + np.arange(total)
-                b_cols.append(m * col_step + parity)
-                b_rows.append(np.full(total, r, dtype=np.int64))
-            if not b_cols:
-                continue
-            rows = np.concatenate(b_rows)
-            cols = np.concatenate(b_cols)
-            # tissue share over each footprint, from the strip's summed-area table
-            big = strip.size >= (1 << 31)
-            sat = np.zeros((strip.shape[0] + 1, strip.shape[1] + 1), dtype=np.int64 if big else np.int32)
-            np.cumsum(strip, axis=0, dtype=sat.dtype, out=sat[1:, 1:])
-            np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
-            cx = (ox + cols * sx_um) * um_to_mx - c0
-            cy = (oy + rows * sy_um) * um_to_my - s_top
-            if slabs is None:
-                share = _box_integral(sat, cx - rx_m, cx + rx_m, cy - ry_m, cy + ry_m) / (4.0 * rx_m * ry_m)
-            else:
-                tops, bots, half = slabs
-                tissue = np.zeros(len(cx))
-                for t, b, hw in zip(tops, bots, half):
-                    tissue += _box_integral(sat, cx - hw * rx_m, cx + hw * rx_m, cy + t * ry_m, cy + b * ry_m)
-                share = tissue / (float((half * (bots - tops)).sum()) * 2.0 * rx_m * ry_m)
-            keep = share >= min_tissue - 1e-9
-            n_keep = int(keep.sum())
-            count += n_keep
-            if count <= max_spots:
-                rows_kept.append(rows[keep])
-                cols_kept.append(cols[keep])
-                frac_kept.append(np.minimum(share[keep], 1.0).astype(np.float32))
-            else:
-                rows_kept, cols_kept, frac_kept = [], [], []  # only the count matters now
+    geo = _Lattice.on_slide(spec, width_px, height_px, mpp, scale_x, scale_y)
+    count, rows_kept, cols_kept, frac_kept = 0, [], [], []
+    if n_tissue and geo.row_max >= 0 and geo.col_max >= 0:
+        count, rows_kept, cols_kept, frac_kept = _scan(spec, geo, mask, min_tissue, max_spots)
     if count > max_spots:
         raise _too_many(spec, count, False, area_mm2, max_spots, min_tissue)
     if count == 0:
@@ -531,18 +577,17 @@ def lay_grid(
         )
     array_row = np.concatenate(rows_kept)
     array_col = np.concatenate(cols_kept)
-    tissue_fraction = np.concatenate(frac_kept)
-    x_um = ox + array_col * sx_um
-    y_um = oy + array_row * sy_um
+    x_um = geo.ox + array_col * geo.sx_um
+    y_um = geo.oy + array_row * geo.sy_um
     xy = np.stack([x_um / mpp, y_um / mpp], axis=1)
     if labels is None:
         tissue_id = np.ones(len(array_row), dtype=np.int32)
     else:
-        tissue_id = _tissue_ids(spec, labels, x_um * um_to_mx, y_um * um_to_my, rx_m, ry_m)
+        tissue_id = _tissue_ids(spec, labels, x_um * geo.um_to_mx, y_um * geo.um_to_my, geo.rx_m, geo.ry_m)
     if spec.kind == "bins":
         ids = _format_ids(f"s_{_bin_label(spec.pitch_um)}um_", "-1", array_row, array_col)
     else:
         ids = _format_ids(f"{spec.kind}_", "", array_row, array_col)
     return Grid(spec=spec, ids=ids, xy=xy, array_row=array_row, array_col=array_col,
-                tissue_fraction=tissue_fraction, tissue_id=tissue_id, spot_diameter_px=spec.spot_um / mpp,
+                tissue_fraction=np.concatenate(frac_kept), tissue_id=tissue_id, spot_diameter_px=spec.spot_um / mpp,
                 origin_um=spec.origin_um, mpp=float(mpp), min_tissue=min_tissue, tissue_area_mm2=area_mm2)

@@ -154,6 +154,86 @@ class _Reader:
         return value
 
 
+def _read_view(r: _Reader) -> ViewSpec:
+    """The views' crop fractions, the normalisation and the patch geometry."""
+    views = r.get("views", list)
+    if not 1 <= len(views) <= 8 or not all(isinstance(v, dict) for v in views):
+        r.fail("'views' must be a list of 1 to 8 objects")
+    fractions = tuple(r.number("crop_fraction", v, f"views[{i}].") for i, v in enumerate(views))
+    if any(c > 1 for c in fractions):
+        r.fail("each 'views[].crop_fraction' must be in (0, 1]")
+    norm = r.get("normalisation", dict)
+    mean = r.get("mean", list, norm, "normalisation.")
+    std = r.get("std", list, norm, "normalisation.")
+    for name, vals in (("mean", mean), ("std", std)):
+        if len(vals) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+            r.fail(f"'normalisation.{name}' must be three numbers")
+    if any(s <= 0 for s in std):
+        r.fail("'normalisation.std' must be positive")
+    return ViewSpec(
+        patch_um=r.number("patch_um"),
+        mpp=r.number("mpp"),
+        input_size=r.integer("input_size", minimum=8),
+        crop_fractions=fractions,
+        mean=tuple(float(x) for x in mean),
+        std=tuple(float(x) for x in std),
+    )
+
+
+def _read_prototypes(r: _Reader) -> PrototypeRule:
+    """The K rule (min, max, divisor) and L (ratio or fixed)."""
+    p = r.get("prototypes", dict)
+    rule = PrototypeRule(
+        k_min=r.integer("k_min", p, "prototypes."),
+        k_max=r.integer("k_max", p, "prototypes."),
+        k_divisor=r.integer("k_divisor", p, "prototypes."),
+        l_ratio=r.number("l_ratio", p, "prototypes."),
+        l_fixed=r.integer("l_fixed", p, "prototypes.", minimum=0),
+    )
+    if rule.k_min > rule.k_max:
+        r.fail("'prototypes.k_min' is larger than 'prototypes.k_max'")
+    return rule
+
+
+def _read_file(r: _Reader, i: int, entry: Any) -> ModelFile:
+    """One entry of 'files': a model file, its hash, precision and format."""
+    where = f"files[{i}]."
+    if not isinstance(entry, dict):
+        r.fail(f"'files[{i}]' must be an object")
+    mf = ModelFile(
+        role=r.get("role", str, entry, where),
+        path=r.get("path", str, entry, where),
+        sha256=r.get("sha256", str, entry, where),
+        precision=r.get("precision", str, entry, where),
+        format=r.get("format", str, entry, where),
+        target={str(k): str(v) for k, v in r.get("target", dict, entry, where).items()},
+        parity={str(k): float(v) for k, v in r.get("parity", dict, entry, where).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        external_data=r.get("external_data", str, entry, where) if "external_data" in entry else "",
+        external_sha256=r.get("external_sha256", str, entry, where) if "external_sha256" in entry else "",
+    )
+    if mf.role not in ROLES:
+        r.fail(f"'{where}role' must be one of {', '.join(ROLES)}, got {mf.role!r}")
+    if mf.precision not in PRECISIONS:
+        r.fail(f"'{where}precision' must be one of {', '.join(PRECISIONS)}, got {mf.precision!r}")
+    if mf.format not in FILE_FORMATS:
+        r.fail(f"'{where}format' must be one of {', '.join(FILE_FORMATS)}, got {mf.format!r}")
+    for key in ("sha256", "external_sha256") if mf.external_data else ("sha256",):
+        digest = getattr(mf, key)
+        if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
+            r.fail(f"'{where}{key}' is not a sha256 hex digest")
+    return mf
+
+
+def _read_files(r: _Reader) -> list[ModelFile]:
+    """The model files; an fp32 ONNX file of each role must be among them."""
+    files = [_read_file(r, i, entry) for i, entry in enumerate(r.get("files", list))]
+    for role in ROLES:
+        if not any(f.role == role and f.format == "onnx" and f.precision == "fp32" for f in files):
+            r.fail(f"no fp32 ONNX '{role}' file is listed")
+    return files
+
+
 def parse_manifest(data: Any, source: Path) -> Manifest:
     """Validate a decoded manifest and build a `Manifest`; raise BundleError naming the problem."""
     r = _Reader(data, source)
@@ -170,75 +250,16 @@ def parse_manifest(data: Any, source: Path) -> Manifest:
         r.fail("'genes' must be a non-empty list of gene names")
     if len(set(genes)) != len(genes):
         r.fail("'genes' has duplicate names")
-    views = r.get("views", list)
-    if not 1 <= len(views) <= 8 or not all(isinstance(v, dict) for v in views):
-        r.fail("'views' must be a list of 1 to 8 objects")
-    fractions = tuple(r.number("crop_fraction", v, f"views[{i}].") for i, v in enumerate(views))
-    if any(c > 1 for c in fractions):
-        r.fail("each 'views[].crop_fraction' must be in (0, 1]")
-    norm = r.get("normalisation", dict)
-    mean = r.get("mean", list, norm, "normalisation.")
-    std = r.get("std", list, norm, "normalisation.")
-    for name, vals in (("mean", mean), ("std", std)):
-        if len(vals) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
-            r.fail(f"'normalisation.{name}' must be three numbers")
-    if any(s <= 0 for s in std):
-        r.fail("'normalisation.std' must be positive")
-    view = ViewSpec(
-        patch_um=r.number("patch_um"),
-        mpp=r.number("mpp"),
-        input_size=r.integer("input_size", minimum=8),
-        crop_fractions=fractions,
-        mean=tuple(float(x) for x in mean),
-        std=tuple(float(x) for x in std),
-    )
-    p = r.get("prototypes", dict)
-    rule = PrototypeRule(
-        k_min=r.integer("k_min", p, "prototypes."),
-        k_max=r.integer("k_max", p, "prototypes."),
-        k_divisor=r.integer("k_divisor", p, "prototypes."),
-        l_ratio=r.number("l_ratio", p, "prototypes."),
-        l_fixed=r.integer("l_fixed", p, "prototypes.", minimum=0),
-    )
-    if rule.k_min > rule.k_max:
-        r.fail("'prototypes.k_min' is larger than 'prototypes.k_max'")
+    view = _read_view(r)
+    rule = _read_prototypes(r)
+    fractions = view.crop_fractions
     query_view = r.get("query_view", int)
     if not 0 <= query_view < len(fractions):
         r.fail(f"'query_view' must index one of the {len(fractions)} views, got {query_view}")
     head_average = r.get("head_average", str)
     if head_average not in HEAD_AVERAGES:
         r.fail(f"'head_average' must be one of {', '.join(HEAD_AVERAGES)}, got {head_average!r}")
-    files = []
-    for i, entry in enumerate(r.get("files", list)):
-        where = f"files[{i}]."
-        if not isinstance(entry, dict):
-            r.fail(f"'files[{i}]' must be an object")
-        mf = ModelFile(
-            role=r.get("role", str, entry, where),
-            path=r.get("path", str, entry, where),
-            sha256=r.get("sha256", str, entry, where),
-            precision=r.get("precision", str, entry, where),
-            format=r.get("format", str, entry, where),
-            target={str(k): str(v) for k, v in r.get("target", dict, entry, where).items()},
-            parity={str(k): float(v) for k, v in r.get("parity", dict, entry, where).items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)},
-            external_data=r.get("external_data", str, entry, where) if "external_data" in entry else "",
-            external_sha256=r.get("external_sha256", str, entry, where) if "external_sha256" in entry else "",
-        )
-        if mf.role not in ROLES:
-            r.fail(f"'{where}role' must be one of {', '.join(ROLES)}, got {mf.role!r}")
-        if mf.precision not in PRECISIONS:
-            r.fail(f"'{where}precision' must be one of {', '.join(PRECISIONS)}, got {mf.precision!r}")
-        if mf.format not in FILE_FORMATS:
-            r.fail(f"'{where}format' must be one of {', '.join(FILE_FORMATS)}, got {mf.format!r}")
-        for key in ("sha256", "external_sha256") if mf.external_data else ("sha256",):
-            digest = getattr(mf, key)
-            if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
-                r.fail(f"'{where}{key}' is not a sha256 hex digest")
-        files.append(mf)
-    for role in ROLES:
-        if not any(f.role == role and f.format == "onnx" and f.precision == "fp32" for f in files):
-            r.fail(f"no fp32 ONNX '{role}' file is listed")
+    files = _read_files(r)
     provenance = r.get("provenance", dict)
     return Manifest(
         genes=list(genes),

@@ -1,156 +1,217 @@
-"""The batch manifest (`--manifest slides.csv`) and the local batch over its slides (`--shard`)."""
+"""A batch of slides: the plan, one slide's turn, the finish; and the local loop over them.
+
+`plan_batch` turns the manifest's rows into jobs: the --shard filter, each
+slide's output path (`{id}.h5ad` or `{id}.zarr` in the output folder), the
+slides already done (`BatchPlan.skip_existing`). `predict_row` is what
+happens to a row once it is someone's turn: claim it (see `claims`),
+predict and write it (`predict.predict_to_file`), and classify the result as
+an outcome. It never raises for a slide: a bad slide is `failed` (the others
+go on), a full or unwritable output folder is `stop` (the batch stops: every
+further slide would fail the same way), a bug is `failed` with its
+traceback. `BatchPlan.finish` says the summary and gives the exit code.
+
+The jobs run here one after the other (`run_batch`), or on Ray workers
+(`batch_ray.run_batch_ray`): the same plan, outcomes and finish.
+"""
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass
+import dataclasses
+import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import UserError
-from .predict import EXIT_BATCH_FAILED, RunSettings, _echo
+from ..messages import EXIT_BATCH_FAILED, EXIT_OK, echo
+from .manifest import check_output_dir
 
-MANIFEST_COLUMNS = ("slide", "coords")
-MANIFEST_OPTIONAL = ("mpp", "id")
-
-def parse_shard(value: str | None) -> tuple[int, int] | None:
-    """'i/n' -> (i, n) with 0 <= i < n."""
-    if value is None:
-        return None
-    try:
-        i_s, n_s = value.split("/")
-        i, n = int(i_s), int(n_s)
-    except ValueError:
-        raise UserError(f"--shard must look like i/n (e.g. 0/4), got {value!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise UserError(f"--shard {value}: need 0 <= i < n (shards are numbered 0 to n-1)")
-    return i, n
+DONE, CLAIMED, FAILED, STOP = "done", "claimed", "failed", "stop"
 
 
 @dataclass
-class ManifestRow:
-    line: int
-    slide: Path
-    coords: Path | None  # None: an empty coords cell, for --grid
-    mpp: float | None
+class SlideOutcome:
+    """What became of one slide (plain data: it travels back from a Ray worker)."""
+
     name: str
+    status: str  # DONE | CLAIMED | FAILED | STOP
+    message: str  # the summary line, the error, or who holds the claim
+    traceback: str = ""  # an internal error's traceback
+    n_spots: int = 0
+    seconds: float = 0.0
 
 
-def read_manifest(path: Path) -> list[ManifestRow]:
-    """The batch manifest CSV: columns slide, coords, optional mpp and id; paths relative to the CSV.
+def predict_row(row: Any, out: Path, bundle: Any, engines: Any, settings: Any, *, manifest_name: str,
+                run_id: str, spot_progress: Callable[[int], Any] | None = None) -> SlideOutcome:
+    """Claim, predict and write one manifest row; never raises for the slide's own problems."""
+    from ..errors import UserError
+    from .claims import ClaimHolder, claim_path, try_claim
+    from .predict import _summary_line, predict_to_file
+    from .storage import OutputStorageError, storage_error
 
-    An empty coords cell is a slide with no spatial assay: it runs with `--grid` (and fails on its own
-    without it).
-    """
-    import math
-
-    if not path.is_file():
-        raise UserError(f"{path}: manifest file not found; check the --manifest path")
+    t0 = time.perf_counter()
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file; the manifest must be a CSV with columns slide,coords") from None
-    reader = csv.reader(text.splitlines())
-    header = next(reader, None)
-    if not header or not any(h.strip() for h in header):
-        raise UserError(f"{path}: empty manifest; it needs a header line 'slide,coords[,mpp][,id]' and one row per slide")
-    header = [h.strip().lower() for h in header]
-    missing = [c for c in MANIFEST_COLUMNS if c not in header]
-    unknown = [c for c in header if c not in MANIFEST_COLUMNS + MANIFEST_OPTIONAL]
-    if missing or unknown or len(set(header)) != len(header):
-        what = []
-        if missing:
-            what.append(f"missing column(s) {', '.join(missing)}")
-        if unknown:
-            what.append(f"unknown column(s) {', '.join(unknown)}")
-        if len(set(header)) != len(header):
-            what.append("a repeated column")
-        raise UserError(f"{path}: line 1: {'; '.join(what)}; the header must be slide,coords with optional mpp,id")
-    rows: list[ManifestRow] = []
-    names: dict[str, int] = {}
-    base = path.parent
-    for line_no, values in enumerate(reader, start=2):
-        if not values or all(not v.strip() for v in values):
-            continue
-        if len(values) != len(header):
-            raise UserError(f"{path}: line {line_no}: {len(values)} fields, the header has {len(header)}")
-        rec = {h: v.strip() for h, v in zip(header, values)}
-        if not rec["slide"]:
-            raise UserError(f"{path}: line {line_no}: empty slide path")
-        mpp = None
-        if rec.get("mpp"):
-            try:
-                mpp = float(rec["mpp"])
-            except ValueError:
-                mpp = math.nan
-            if not math.isfinite(mpp) or mpp <= 0:
-                raise UserError(f"{path}: line {line_no}: mpp {rec['mpp']!r} is not a positive number (µm per pixel)")
-        slide = Path(rec["slide"]).expanduser()
-        slide = slide if slide.is_absolute() else base / slide
-        coords = None
-        if rec["coords"]:
-            coords = Path(rec["coords"]).expanduser()
-            coords = coords if coords.is_absolute() else base / coords
-        name = rec.get("id") or slide.stem
-        if any(c in name for c in "/\\") or name in (".", ".."):
-            raise UserError(f"{path}: line {line_no}: id {name!r} cannot be a file name; use letters, digits, - and _")
-        if name in names:
-            raise UserError(
-                f"{path}: line {line_no}: output name {name!r} is already used on line {names[name]}; "
-                "give the slides distinct 'id' values"
-            )
-        names[name] = line_no
-        rows.append(ManifestRow(line_no, slide, coords, mpp, name))
-    if not rows:
-        raise UserError(f"{path}: the manifest lists no slides; add one row per slide under the header")
-    return rows
+        claim = try_claim(out, run_id)
+    except OSError as e:
+        err = storage_error(e, out.parent, 4096, f"the claim file {claim_path(out).name}")
+        if err is None:
+            raise
+        return SlideOutcome(row.name, STOP, str(err))
+    if isinstance(claim, ClaimHolder):
+        return SlideOutcome(row.name, CLAIMED, f"claimed by another run ({claim.describe()}; "
+                                               f"{claim_path(out)})")
+    run_settings = settings
+    if getattr(row, "coords", None) is not None and getattr(settings, "grid", None) is not None:
+        # --grid (and --tissue-mask) lay spots for the rows whose coords cell is empty; a row with
+        # coords is predicted at its own spots (given both, predict_adata would refuse it)
+        run_settings = dataclasses.replace(settings, grid=None, tissue_mask=None)
+    with claim:
+        try:
+            result = predict_to_file(row.slide, row.coords, out, bundle, engines, run_settings, mpp=row.mpp,
+                                     library_id=row.name, mpp_origin=f"{manifest_name} mpp column",
+                                     spot_progress=spot_progress)
+        except OutputStorageError as e:
+            return SlideOutcome(row.name, STOP, str(e), seconds=time.perf_counter() - t0)
+        except UserError as e:
+            return SlideOutcome(row.name, FAILED, str(e), seconds=time.perf_counter() - t0)
+        except Exception as e:  # a bug: keep its traceback for the driver to show, finish the other slides
+            return SlideOutcome(row.name, FAILED, f"internal error {type(e).__name__}: {e} (traceback above)",
+                                traceback=traceback.format_exc(), seconds=time.perf_counter() - t0)
+        finally:
+            settings.engines_note = run_settings.engines_note  # said once, by the first slide
+    return SlideOutcome(row.name, DONE, _summary_line(result), n_spots=result.n_spots, seconds=result.seconds)
 
 
-def check_output_dir(out_dir: Path) -> None:
-    if out_dir.suffix in (".h5ad", ".zarr") or (out_dir.exists() and not out_dir.is_dir()):
-        raise UserError(f"{out_dir}: with --manifest, -o is an output folder (one .h5ad per slide, "
-                        "or one .zarr with --format zarr)")
+@dataclass
+class BatchTally:
+    """The counts behind a batch's summary line."""
+
+    total: int
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    claimed: list[str] = field(default_factory=list)
+    failed: list[tuple[Any, str]] = field(default_factory=list)
+    stopped: str = ""
+    not_started: int = 0
+
+    def add(self, row: Any, outcome: SlideOutcome) -> None:
+        if outcome.status == DONE:
+            self.done.append(row.name)
+        elif outcome.status == CLAIMED:
+            self.claimed.append(row.name)
+        elif outcome.status == STOP:
+            self.failed.append((row, outcome.message))
+            self.stopped = self.stopped or outcome.message
+        else:
+            self.failed.append((row, outcome.message))
+
+    def summary_lines(self, manifest: Path, shard_txt: str = "") -> list[str]:
+        """The summary at the end of a batch, one line and one per failed slide."""
+        line = (f"batch{shard_txt}: {len(self.done)} done, {len(self.skipped)} skipped (already done), "
+                f"{len(self.failed)} failed of {self.total} slide(s) in {manifest}")
+        if self.claimed:
+            line += f"; {len(self.claimed)} left to another run that holds them ({', '.join(self.claimed)})"
+        lines = [line]
+        if self.stopped:
+            lines.append(f"batch stopped at the first output-folder failure: {self.not_started} slide(s) not "
+                         "started; make room and rerun the same command (finished slides are skipped)")
+        lines += [f"  failed: {row.name} ({manifest} line {row.line}): {msg}" for row, msg in self.failed]
+        return lines
 
 
-def run_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: Any, engines: Any,
-              settings: RunSettings, shard: tuple[int, int] | None) -> int:
-    """Every slide of the manifest's `rows` (or of one shard); returns the exit code."""
+@dataclass
+class BatchJob:
+    """One slide of a batch: its place in the (shard's) rows, its row, its output; the try it is on."""
+
+    k: int
+    total: int
+    row: Any  # manifest.ManifestRow
+    out: Path
+    attempt: int = 0
+
+    @property
+    def prefix(self) -> str:
+        """What the slide's lines start with: `[k/total] id`."""
+        return f"[{self.k}/{self.total}] {self.row.name}"
+
+
+@dataclass
+class BatchPlan:
+    """The jobs of one batch, its tally, and the summary and exit code at its end."""
+
+    manifest: Path
+    out_dir: Path
+    shard: tuple[int, int] | None
+    overwrite: bool
+    jobs: list[BatchJob]
+    tally: BatchTally
+
+    def skip_existing(self, job: BatchJob, say: Callable[[str], None] = echo) -> bool:
+        """True (said, and counted) when the job's output is already there and --overwrite is not given."""
+        if job.out.exists() and not self.overwrite:
+            self.tally.skipped.append(job.row.name)
+            say(f"{job.prefix}: skipped, {job.out} exists (pass --overwrite to redo it)")
+            return True
+        return False
+
+    def record(self, job: BatchJob, outcome: SlideOutcome, say: Callable[[str], None] = echo) -> None:
+        """Count the job's outcome and say its line."""
+        self.tally.add(job.row, outcome)
+        echo_outcome(job.prefix, outcome, echo=say)
+
+    def finish(self) -> int:
+        """Say the summary; the batch's exit code."""
+        shard_txt = f" (shard {self.shard[0]}/{self.shard[1]})" if self.shard else ""
+        for line in self.tally.summary_lines(self.manifest, shard_txt):
+            echo(line)
+        return EXIT_BATCH_FAILED if self.tally.failed else EXIT_OK
+
+
+def plan_batch(manifest: Path, rows: list[Any], out_dir: Path, settings: Any, shard: tuple[int, int] | None, *,
+               absolute: bool = False) -> BatchPlan:
+    """The jobs for the manifest's `rows` (or one shard of them); `absolute`: every path made absolute.
+
+    Ray's workers run elsewhere, so no path they are given may depend on the driver's cwd.
+    """
     check_output_dir(out_dir)
     if shard is not None:
         i, n = shard
         rows = [r for k, r in enumerate(rows) if k % n == i]
+    if absolute:
+        out_dir = out_dir.absolute()
+        rows = [dataclasses.replace(r, slide=r.slide.absolute(),
+                                    coords=None if r.coords is None else r.coords.absolute()) for r in rows]
+    jobs = [BatchJob(k, len(rows), row, out_dir / f"{row.name}.{settings.output_format}")
+            for k, row in enumerate(rows, start=1)]
+    return BatchPlan(manifest, out_dir, shard, settings.overwrite, jobs, BatchTally(len(rows)))
+
+
+def run_batch(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, engines: Any,
+              settings: Any, shard: tuple[int, int] | None) -> int:
+    """Every slide of the manifest's `rows` (or of one shard), one after the other; returns the exit code."""
     from .claims import new_run_id
-    from .cohort import STOP, BatchTally, predict_row
     from .storage import make_output_dir
 
-    make_output_dir(out_dir)
-
-    run_id, tally = new_run_id(), BatchTally(len(rows))
-    for k, row in enumerate(rows, start=1):
-        out = out_dir / f"{row.name}.{settings.output_format}"
-        prefix = f"[{k}/{len(rows)}] {row.name}"
-        if out.exists() and not settings.overwrite:
-            tally.skipped.append(row.name)
-            _echo(f"{prefix}: skipped, {out} exists (pass --overwrite to redo it)")
+    plan = plan_batch(manifest, rows, out_dir, settings, shard)
+    make_output_dir(plan.out_dir)
+    run_id = new_run_id()
+    for job in plan.jobs:
+        if plan.skip_existing(job):
             continue
-        outcome = predict_row(row, out, bundle, engines, settings, manifest_name=manifest.name, run_id=run_id)
-        tally.add(row, outcome)
-        echo_outcome(prefix, outcome)
+        outcome = predict_row(job.row, job.out, bundle, engines, settings, manifest_name=manifest.name, run_id=run_id)
+        plan.record(job, outcome)
         if outcome.status == STOP:
-            tally.not_started = len(rows) - k
+            plan.tally.not_started = job.total - job.k
             break
-    shard_txt = f" (shard {shard[0]}/{shard[1]})" if shard else ""
-    for line in tally.summary_lines(manifest, shard_txt):
-        _echo(line)
-    return EXIT_BATCH_FAILED if tally.failed else 0
+    return plan.finish()
 
 
-def echo_outcome(prefix: str, outcome: Any, echo: Callable[[str], None] = _echo) -> None:
+def echo_outcome(prefix: str, outcome: Any, echo: Callable[[str], None] = echo) -> None:
     """One slide's line of a batch (a bug's traceback first)."""
     if outcome.traceback:
         echo(f"{prefix}: internal error; traceback follows")
         echo(outcome.traceback.rstrip())
-    elif outcome.status in ("failed", "stop"):
+    elif outcome.status in (FAILED, STOP):
         echo(f"{prefix}: error: {outcome.message}")
     else:
-        echo(f"{prefix}: {'skipped, ' if outcome.status == 'claimed' else ''}{outcome.message}")
+        echo(f"{prefix}: {'skipped, ' if outcome.status == CLAIMED else ''}{outcome.message}")

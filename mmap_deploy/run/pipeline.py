@@ -123,6 +123,30 @@ class _EncoderCalls:
         self._pending.clear()
 
 
+class _Timer:
+    """Seconds per step of one slide, summed over the step's calls: `with timer("fusion"): ...`."""
+
+    def __init__(self, *steps: str):
+        self.start = time.perf_counter()
+        self.seconds = dict.fromkeys(steps, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, step: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - t
+
+    def finish(self) -> dict[str, float]:
+        """The timings, with the total and the time spent inside and outside the engines (rounded)."""
+        s = self.seconds
+        s["total"] = time.perf_counter() - self.start
+        s["engines"] = s["encoder"] + s["fusion"]
+        s["outside_engines"] = s["total"] - s["engines"]
+        return {key: round(v, 4) for key, v in s.items()}
+
+
 def predict_slide(
     slide: Any,
     spots: Any,
@@ -135,7 +159,7 @@ def predict_slide(
     progress: Callable[[int], Any] | None = None,
     reader: str = "auto",
 ) -> SlidePrediction:
-    """Predict every spot of one slide.
+    """Predict every spot of one slide: encode -> prototypes -> fuse.
 
     `slide` is a `SlideReader` (`read_patch(x, y, spec)`), `spots` a `Spots`
     (`ids`, `xy`), `engines` the loaded encoder and fusion runners
@@ -151,22 +175,58 @@ def predict_slide(
     if batch_size < 1:
         raise UserError(f"--batch-size must be a positive number, got {batch_size}")
     m = bundle.manifest
-    spec = m.view
     ids = spots.ids  # a list, or a numpy string array (no per-spot objects for Visium HD)
     xy = np.asarray(spots.xy, dtype=np.float64)
     n = len(ids)
     if n == 0:
         raise UserError("no spots to predict: the coordinates file has no (in-tissue) spots")
-    t_start = time.perf_counter()
-    timings = {"read_wait": 0.0, "encoder": 0.0, "kmeans": 0.0, "banks": 0.0, "fusion": 0.0}
+    timer = _Timer("read_wait", "encoder", "kmeans", "banks", "fusion")
+    f, y1, ok, dropped = _encode(slide, ids, xy, m, engines.encoder, timer, batch_size=batch_size,
+                                 read_workers=read_workers, strict=strict, progress=progress, reader=reader)
+    if not ok.any():
+        first = dropped[0]
+        raise UserError(
+            f"{slide.path}: none of the {n} spots could be read (first: spot {first.spot_id}: {first.error}); "
+            "check that the file is a complete, readable slide"
+        )
+    keep = np.flatnonzero(ok)
+    if len(keep) < n:
+        f, y1 = f[keep], y1[keep]
+    if len(keep) == n:
+        kept_ids = ids
+    else:
+        kept_ids = ids[keep] if isinstance(ids, np.ndarray) else [ids[i] for i in keep]
+    with timer("kmeans"), _kmeans_blas(len(keep)):
+        protos = slide_prototypes(f, m.prototypes)
+    pred, n_clipped = _fuse(engines.fusion, f, y1, protos, batch_size, timer)
+    return SlidePrediction(
+        spot_ids=kept_ids,
+        xy=xy[keep],
+        prediction=pred,
+        embedding=f,
+        clusters=protos.labels,
+        n_prototypes=protos.k,
+        bank_size=protos.l,
+        genes=list(m.genes),
+        dropped=dropped,
+        timings=timer.finish(),
+        engines=engines.describe(),
+        n_clipped=n_clipped,
+    )
 
+
+def _encode(slide: Any, ids: Any, xy: np.ndarray, m: Any, runner: Any, timer: _Timer, *, batch_size: int,
+            read_workers: int, strict: bool, progress: Callable[[int], Any] | None,
+            reader: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[DroppedSpot]]:
+    """Every readable spot's `f` and `y1` (rows where `ok`), and the dropped spots in input order."""
+    n, spec = len(ids), m.view
     f = np.empty((n, m.embed_dim), dtype=np.float32)
     y1 = np.empty((n, len(m.genes)), dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     dropped: list[DroppedSpot] = []
     dropped_rows: list[int] = []
     views_shape = (spec.n_views, spec.input_size, spec.input_size, 3)
-    encoder = _EncoderCalls(engines.encoder, f, y1, ok, progress)
+    encoder = _EncoderCalls(runner, f, y1, ok, progress)
     batch = encoder.buffer(batch_size, views_shape)
     batch_rows: list[int] = []
 
@@ -184,9 +244,8 @@ def predict_slide(
         chunks = read_spot_views(slide, xy, spec, workers=read_workers, reader=reader, spent=read_spent)
         try:
             while True:
-                t = time.perf_counter()
-                chunk = next(chunks, None)
-                timings["read_wait"] += time.perf_counter() - t
+                with timer("read_wait"):
+                    chunk = next(chunks, None)
                 if chunk is None:
                     break
                 for i, e in chunk.failed:
@@ -210,61 +269,29 @@ def predict_slide(
         finally:
             encoder.close()
             chunks.close()
-    timings["encoder"] = encoder.busy
+    timer.seconds["encoder"] = encoder.busy
+    timer.seconds["read_threads"] = float(sum(read_spent))
     # the record lists dropped spots in input order, whatever order they were read in
-    dropped = [dropped[j] for j in np.argsort(dropped_rows, kind="stable")]
+    return f, y1, ok, [dropped[j] for j in np.argsort(dropped_rows, kind="stable")]
 
-    timings["read_threads"] = float(sum(read_spent))
-    if not ok.any():
-        first = dropped[0]
-        raise UserError(
-            f"{slide.path}: none of the {n} spots could be read (first: spot {first.spot_id}: {first.error}); "
-            "check that the file is a complete, readable slide"
-        )
-    keep = np.flatnonzero(ok)
-    if len(keep) < n:
-        f, y1 = f[keep], y1[keep]
-    if len(keep) == n:
-        kept_ids = ids
-    else:
-        kept_ids = ids[keep] if isinstance(ids, np.ndarray) else [ids[i] for i in keep]
 
-    t = time.perf_counter()
-    with _kmeans_blas(len(keep)):
-        protos = slide_prototypes(f, m.prototypes)
-    timings["kmeans"] = time.perf_counter() - t
+def _fuse(runner: Any, f: np.ndarray, y1: np.ndarray, protos: Any, batch_size: int,
+          timer: _Timer) -> tuple[np.ndarray, int]:
+    """The predictions, batch by batch with each spot's top-L prototype bank; and how many were clipped.
 
-    # Each fusion batch's predictions overwrite its own y1 rows once that batch
-    # has run: one (N, G) array instead of two (a Visium HD slide has 10^5-10^6 bins).
+    Each fusion batch's predictions overwrite its own y1 rows once that batch
+    has run: one (N, G) array instead of two (a Visium HD slide has 10^5-10^6 bins).
+    """
     pred = y1
     n_clipped = 0
     mask = np.ones((batch_size, protos.l), dtype=bool)
-    for s in range(0, len(keep), batch_size):
-        e = min(s + batch_size, len(keep))
-        t = time.perf_counter()
-        bank = protos.centroids[protos.bank_indices(f[s:e])]
-        t2 = time.perf_counter()
-        timings["banks"] += t2 - t
-        out = engines.fusion.infer({"f": f[s:e], "bank": bank, "mask": mask[: e - s], "y1": y1[s:e]})
-        timings["fusion"] += time.perf_counter() - t2
+    for s in range(0, len(f), batch_size):
+        e = min(s + batch_size, len(f))
+        with timer("banks"):
+            bank = protos.centroids[protos.bank_indices(f[s:e])]
+        with timer("fusion"):
+            out = runner.infer({"f": f[s:e], "bank": bank, "mask": mask[: e - s], "y1": y1[s:e]})
         below = out["prediction"] < PREDICTION_FLOOR
         n_clipped += int(np.count_nonzero(below))
         pred[s:e] = np.where(below, np.float32(PREDICTION_FLOOR), out["prediction"])
-
-    timings["total"] = time.perf_counter() - t_start
-    timings["engines"] = timings["encoder"] + timings["fusion"]
-    timings["outside_engines"] = timings["total"] - timings["engines"]
-    return SlidePrediction(
-        spot_ids=kept_ids,
-        xy=xy[keep],
-        prediction=pred,
-        embedding=f,
-        clusters=protos.labels,
-        n_prototypes=protos.k,
-        bank_size=protos.l,
-        genes=list(m.genes),
-        dropped=dropped,
-        timings={key: round(v, 4) for key, v in timings.items()},
-        engines=engines.describe(),
-        n_clipped=n_clipped,
-    )
+    return pred, n_clipped

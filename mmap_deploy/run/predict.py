@@ -1,10 +1,10 @@
 """One slide end to end: settings, the model, `predict_adata` (open, check, predict) and `write_adata`.
 
 Shared by the Python API (api.py), `mmap-predict` (cli.py), the local batch
-(batch.py) and the Ray workers (cohort_ray.py): `predict_to_file` is
+(batch.py) and the Ray workers (batch_ray.py): `predict_to_file` is
 `predict_adata` followed by `write_adata`. Nothing here prints: warnings go
 through `warnings`, notes through `logging` (see `messages`); the CLI shows
-them. Imports only click at start-up; the heavy parts are imported when a
+them. The heavy parts are imported when a
 slide runs.
 """
 
@@ -16,18 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import click
-
 from .._version import __version__
 from ..errors import UserError
-from ..messages import info, note, warn
-
-EXIT_USER_ERROR = 2
-EXIT_BATCH_FAILED = 1
-
-
-def _echo(msg: str) -> None:
-    click.echo(msg, err=True)
+from ..messages import echo, info, note, warn
 
 
 @dataclass
@@ -198,117 +189,166 @@ def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle
     checked against the output's size before any patch is read. Warnings go
     through `warnings` (`MMAPWarning`), notes through `logging`.
     """
-    from ..inputs.coords import check_inside, scale_warning
-    from ..inputs.layouts import check_spot_geometry, spatial_scalefactors
-    from ..model.prototypes import KMEANS_SEED
-    from ..outputs.adata import build_anndata, now_utc
-    from .pipeline import predict_slide
-    from .storage import check_free_space, slide_output_bytes
+    from ..inputs.layouts import spatial_scalefactors
+    from ..outputs.adata import build_anndata
 
     t0 = time.perf_counter() if t0 is None else t0
     slide_path = Path(slide_path)
     slide, source = open_spots(slide_path, None if coords_path is None else Path(coords_path), mpp=mpp,
                                all_spots=settings.all_spots, settings=settings)
-    spot_input, spots, coords_path = source.spot_input, source.spot_input.spots, source.label
     with slide:
-        check_inside(spots, slide.width, slide.height, coords_path, slide_path)
-        need = 0
-        if out is not None:  # a full output folder is found now, not after the whole slide has run
-            need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height,
-                                      len(settings.plot) + int(settings.overview), zarr=out.suffix == ".zarr")
-            check_free_space(out.parent, need, out.name)
-        # A grid is laid on the slide's own pixels: its spots crowd into a corner only where the tissue does.
-        warning = scale_warning(spots, slide.width, slide.height) if source.grid is None else None
-        if warning:
-            warn(f"{coords_path}: {warning}")
-        mpp_warning = slide.mpp_warning()
-        if mpp_warning:
-            warn(mpp_warning)
-        mpp_source = mpp_origin if slide.mpp_source == "--mpp" else str(slide.mpp_source)
-        if source.grid is None:
-            sr_images, qc = check_spot_geometry(spot_input, source.lattice, slide, bundle.manifest.view.patch_um,
-                                                coords_path, mpp_source, settings.skip_geometry_checks)
-        else:  # the grid was laid here, on the slide's own scale: nothing to check against
-            sr_images, qc = {}, {"geometry": f"grid laid by mmap-predict ({source.grid.spec.name})",
-                                 **({"lattice": source.lattice.record()} if source.lattice is not None else {})}
+        checked = _check_slide(slide, slide_path, source, bundle, settings, out=out, mpp_origin=mpp_origin)
         if settings.engines_note:
             info(settings.engines_note)
             settings.engines_note = ""
         t_open = time.perf_counter() - t0
         library_id = library_id or slide_path.stem
-        from concurrent.futures import ThreadPoolExecutor
-
-        from tqdm import tqdm
-
-        # The thumbnail (seconds for a 90 Mpx JPEG) is made while the engines run;
-        # Space Ranger's own hires image, when it fits the slide, takes its place.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmap-thumbnail") as background:
-            thumb_job = background.submit(_thumbnail, slide) if "hires" not in sr_images else None
-            with tqdm(total=len(spots), unit="spot", desc=slide_path.name, file=sys.stderr,
-                      disable=not settings.progress, leave=False, dynamic_ncols=True) as bar:
-                def on_spots(n: int) -> None:
-                    bar.update(n)
-                    if spot_progress is not None:
-                        spot_progress(n)
-
-                pred = predict_slide(
-                    slide, spots, bundle, engines, batch_size=settings.batch_size,
-                    read_workers=settings.read_workers, strict=settings.strict, progress=on_spots,
-                )
-            t = time.perf_counter()
-            if thumb_job is not None:
-                thumb, scale, thumb_note, t_thumb = thumb_job.result()
-            else:
-                hires = sr_images["hires"]
-                thumb, scale, t_thumb = hires, spot_input.scalefactors["tissue_hires_scalef"], 0.0
-                thumb_note = f"Space Ranger's tissue_hires_image.png ({hires.shape[1]}x{hires.shape[0]} px)"
-            t_thumb_wait = time.perf_counter() - t
-        m = bundle.manifest
-        provenance = {
-            "project": "mmap-deploy",
-            "project_version": __version__,
-            "created_at": now_utc(),
-            "command": settings.command,
-            "library_id": library_id,
-            "slide": str(slide_path),
-            "slide_format": str(slide.format),
-            "slide_width": int(slide.width),
-            "slide_height": int(slide.height),
-            "mpp": float(slide.mpp),
-            "mpp_source": mpp_source,
-            "coords": str(coords_path),
-            "coords_format": str(spots.source_format),
-            "coords_layout": spot_input.layout,
-            "qc": qc,
-            "all_spots": bool(settings.all_spots),
-            "bundle": str(bundle.root),
-            "bundle_sha256": bundle.sha256(),
-            "bundle_demo": bool(m.demo),
-            "backbone": m.backbone,
-            "model_mpp": float(m.view.mpp),
-            "patch_um": float(m.view.patch_um),
-            "input_size": int(m.view.input_size),
-            "backend": engines.plan.backend,
-            "providers": ",".join(engines.encoder.providers),
-            "precision": engines.encoder.precision,
-            "batch_size": int(settings.batch_size),
-            "threads": int(settings.threads),
-            "strict": bool(settings.strict),
-            "kmeans_seed": int(KMEANS_SEED),
-            "thumbnail": thumb_note,
-        }
+        pred, thumb = _predict_with_thumbnail(slide, slide_path.name, source, checked.sr_images, bundle, engines,
+                                              settings, spot_progress)
+        provenance = _provenance(slide, slide_path, source, checked, bundle, engines, settings, library_id, thumb.note)
         pred.timings.update(source.timings)
         pred.timings["open"] = round(t_open, 4)
-        pred.timings["thumbnail"] = round(t_thumb, 4)
-        pred.timings["thumbnail_wait"] = round(t_thumb_wait, 4)
-        adata = build_anndata(pred, thumb, scale, library_id=library_id, slide_mpp=slide.mpp,
-                              patch_um=m.view.patch_um, provenance=provenance, spatial_images=sr_images,
-                              spatial_scalefactors=spatial_scalefactors(spot_input, sr_images))
+        pred.timings["thumbnail"] = round(thumb.seconds, 4)
+        pred.timings["thumbnail_wait"] = round(thumb.wait, 4)
+        adata = build_anndata(pred, thumb.image, thumb.scale, library_id=library_id, slide_mpp=slide.mpp,
+                              patch_um=bundle.manifest.view.patch_um, provenance=provenance,
+                              spatial_images=checked.sr_images,
+                              spatial_scalefactors=spatial_scalefactors(source.spot_input, checked.sr_images))
         if source.grid is not None:
             from ..outputs.tissue_out import annotate_grid
 
             annotate_grid(adata, source.grid, source.tissue, library_id)
-    return SlideRun(adata, library_id, len(pred.spot_ids), len(pred.dropped), dict(pred.timings), need, t0)
+    return SlideRun(adata, library_id, len(pred.spot_ids), len(pred.dropped), dict(pred.timings), checked.need, t0)
+
+
+@dataclass
+class _Checked:
+    """What the checks of one slide found: the output's size, the mpp's source, Space Ranger's images, the QC."""
+
+    need: int
+    mpp_source: str
+    sr_images: dict[str, Any]
+    qc: dict[str, Any]
+
+
+def _check_slide(slide: Any, slide_path: Path, source: SpotSource, bundle: Any, settings: RunSettings, *,
+                 out: Path | None, mpp_origin: str) -> _Checked:
+    """The spots against the slide, the output folder's room, the resolution and the spot geometry."""
+    from ..inputs.coords import check_inside, scale_warning
+    from ..inputs.layouts import check_spot_geometry
+    from .storage import check_free_space, slide_output_bytes
+
+    spots, label = source.spot_input.spots, source.label
+    check_inside(spots, slide.width, slide.height, label, slide_path)
+    need = 0
+    if out is not None:  # a full output folder is found now, not after the whole slide has run
+        need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height,
+                                  len(settings.plot) + int(settings.overview), zarr=out.suffix == ".zarr")
+        check_free_space(out.parent, need, out.name)
+    # A grid is laid on the slide's own pixels: its spots crowd into a corner only where the tissue does.
+    warning = scale_warning(spots, slide.width, slide.height) if source.grid is None else None
+    if warning:
+        warn(f"{label}: {warning}")
+    mpp_warning = slide.mpp_warning()
+    if mpp_warning:
+        warn(mpp_warning)
+    mpp_source = mpp_origin if slide.mpp_source == "--mpp" else str(slide.mpp_source)
+    if source.grid is None:
+        sr_images, qc = check_spot_geometry(source.spot_input, source.lattice, slide, bundle.manifest.view.patch_um,
+                                            label, mpp_source, settings.skip_geometry_checks)
+    else:  # the grid was laid here, on the slide's own scale: nothing to check against
+        sr_images, qc = {}, {"geometry": f"grid laid by mmap-predict ({source.grid.spec.name})",
+                             **({"lattice": source.lattice.record()} if source.lattice is not None else {})}
+    return _Checked(need, mpp_source, sr_images, qc)
+
+
+@dataclass
+class _Thumbnail:
+    image: Any  # RGB uint8
+    scale: float
+    note: str
+    seconds: float  # making it
+    wait: float  # waiting for it once the engines were done
+
+
+def _predict_with_thumbnail(slide: Any, desc: str, source: SpotSource, sr_images: dict[str, Any], bundle: Any,
+                            engines: Any, settings: RunSettings,
+                            spot_progress: Callable[[int], Any] | None) -> tuple[Any, _Thumbnail]:
+    """The slide's predictions (`pipeline.predict_slide`), with the thumbnail made while the engines run.
+
+    The thumbnail takes seconds for a 90 Mpx JPEG; Space Ranger's own hires
+    image, when it fits the slide, takes its place.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from .pipeline import predict_slide
+
+    spots = source.spot_input.spots
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmap-thumbnail") as background:
+        thumb_job = background.submit(_thumbnail, slide) if "hires" not in sr_images else None
+        with tqdm(total=len(spots), unit="spot", desc=desc, file=sys.stderr,
+                  disable=not settings.progress, leave=False, dynamic_ncols=True) as bar:
+            def on_spots(n: int) -> None:
+                bar.update(n)
+                if spot_progress is not None:
+                    spot_progress(n)
+
+            pred = predict_slide(
+                slide, spots, bundle, engines, batch_size=settings.batch_size,
+                read_workers=settings.read_workers, strict=settings.strict, progress=on_spots,
+            )
+        t = time.perf_counter()
+        if thumb_job is not None:
+            thumb, scale, thumb_note, t_thumb = thumb_job.result()
+        else:
+            hires = sr_images["hires"]
+            thumb, scale, t_thumb = hires, source.spot_input.scalefactors["tissue_hires_scalef"], 0.0
+            thumb_note = f"Space Ranger's tissue_hires_image.png ({hires.shape[1]}x{hires.shape[0]} px)"
+        return pred, _Thumbnail(thumb, scale, thumb_note, t_thumb, time.perf_counter() - t)
+
+
+def _provenance(slide: Any, slide_path: Path, source: SpotSource, checked: _Checked, bundle: Any, engines: Any,
+                settings: RunSettings, library_id: str, thumbnail_note: str) -> dict[str, Any]:
+    """`uns['mmap']`'s record of the run: versions, inputs, checks, model, engines."""
+    from ..model.prototypes import KMEANS_SEED
+    from ..outputs.adata import now_utc
+
+    m, spot_input = bundle.manifest, source.spot_input
+    return {
+        "project": "mmap-deploy",
+        "project_version": __version__,
+        "created_at": now_utc(),
+        "command": settings.command,
+        "library_id": library_id,
+        "slide": str(slide_path),
+        "slide_format": str(slide.format),
+        "slide_width": int(slide.width),
+        "slide_height": int(slide.height),
+        "mpp": float(slide.mpp),
+        "mpp_source": checked.mpp_source,
+        "coords": str(source.label),
+        "coords_format": str(spot_input.spots.source_format),
+        "coords_layout": spot_input.layout,
+        "qc": checked.qc,
+        "all_spots": bool(settings.all_spots),
+        "bundle": str(bundle.root),
+        "bundle_sha256": bundle.sha256(),
+        "bundle_demo": bool(m.demo),
+        "backbone": m.backbone,
+        "model_mpp": float(m.view.mpp),
+        "patch_um": float(m.view.patch_um),
+        "input_size": int(m.view.input_size),
+        "backend": engines.plan.backend,
+        "providers": ",".join(engines.encoder.providers),
+        "precision": engines.encoder.precision,
+        "batch_size": int(settings.batch_size),
+        "threads": int(settings.threads),
+        "strict": bool(settings.strict),
+        "kmeans_seed": int(KMEANS_SEED),
+        "thumbnail": thumbnail_note,
+    }
 
 
 def write_adata(adata: Any, out: Path, *, overwrite: bool = False, need: int | None = None,
@@ -450,9 +490,9 @@ def _report(result: SlideResult) -> None:
     msg = f"wrote {result.output}: {result.n_spots} spots in {result.seconds:.1f} s ({rate:.1f} spots/s)"
     if result.n_dropped:
         msg += f"; {result.n_dropped} unreadable spot(s) dropped (listed in uns['mmap']['dropped_spots'])"
-    _echo(msg)
+    echo(msg)
     for p in result.plots:
-        _echo(f"wrote {p}")
+        echo(f"wrote {p}")
 
 
 def _summary_line(result: SlideResult) -> str:

@@ -3,7 +3,7 @@
 Workers are Ray Core actors, one per GPU (`num_gpus=1`) or, on a CPU-only
 cluster, one per group of cores of a node. Each loads the bundle once, keeps
 its engines, and predicts whole slides with the same code as the local batch
-(`cohort.predict_row` -> `predict.predict_to_file`); the driver hands the next
+(`batch.predict_row` -> `predict.predict_to_file`); the driver hands the next
 slide to whichever worker is free (`ray.wait`), so a slow slide never holds
 up the others.
 
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, first_line
+from ..messages import echo
 
 RAY_EXTRA = "pip install 'mmap-deploy[ray]'"
 LOCAL = "local"  # --ray without ADDRESS
@@ -151,12 +152,12 @@ class SlideWorker:
         import socket
 
         from ..engines import open_engines
-        from ..messages import show_on_stderr
-        from .predict import _echo, engine_defaults
+        from ..messages import echo, show_on_stderr
+        from .predict import engine_defaults
 
         # the worker's notes and warnings are lines on its stderr, which Ray forwards to the driver;
         # the provenance's command line is the driver's (settings.command), not the worker's
-        self._messages = show_on_stderr(_echo)
+        self._messages = show_on_stderr(echo)
         self._messages.__enter__()  # for the worker's whole life: the process is this actor's alone
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.settings, self.run_id, self.counter = settings, run_id, counter
@@ -178,153 +179,174 @@ class SlideWorker:
         return info
 
     def predict(self, row: Any, out: str, manifest_name: str) -> Any:
-        from .cohort import predict_row
+        from .batch import predict_row
 
         return predict_row(row, Path(out), self.bundle, self.engines, self.settings, manifest_name=manifest_name,
                            run_id=self.run_id, spot_progress=lambda n: self.counter.add.remote(n))
 
 
-def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, settings: Any,
-                  shard: tuple[int, int] | None, address: str, n_workers: int | None) -> int:
-    """The manifest's slides on Ray workers; the same outputs, summary and exit code as `batch.run_batch`."""
-    from .batch import check_output_dir, echo_outcome
-    from .claims import new_run_id, release_run_claims
-    from .cohort import FAILED, STOP, BatchTally, SlideOutcome
-    from .predict import EXIT_BATCH_FAILED, _echo
-    from .storage import make_output_dir
+class _RayBatch:
+    """The driver's side of a Ray batch: hands slides to free workers, and acts on what comes back.
 
-    check_output_dir(out_dir)
-    if shard is not None:
-        i, n = shard
-        rows = [r for k, r in enumerate(rows) if k % n == i]
-    out_dir = out_dir.absolute()  # workers run elsewhere: no path may depend on the driver's cwd
-    tally, to_do = BatchTally(len(rows)), deque()
-    for k, row in enumerate(rows, start=1):
-        out = out_dir / f"{row.name}.{settings.output_format}"
-        if out.exists() and not settings.overwrite:
-            tally.skipped.append(row.name)
-            _echo(f"[{k}/{len(rows)}] {row.name}: skipped, {out} exists (pass --overwrite to redo it)")
-            continue
-        row = dataclasses.replace(row, slide=row.slide.absolute(),
-                                  coords=None if row.coords is None else row.coords.absolute())
-        to_do.append((k, row, 0))
-    shard_txt = f" (shard {shard[0]}/{shard[1]})" if shard else ""
-    if not to_do:
-        for line in tally.summary_lines(manifest, shard_txt):
-            _echo(line)
-        return 0
+    One method each for a worker that is ready (`on_ready`), a slide's result
+    (`on_result`) and a worker's death (`on_death`: its slide is retried once
+    on a new worker).
+    """
 
-    ray = import_ray()
-    from ray.exceptions import RayActorError, RayTaskError
+    def __init__(self, ray: Any, plan: Any, to_do: deque, bundle: Any, settings: Any, run_id: str):
+        self.ray, self.plan, self.to_do, self.bundle, self.settings, self.run_id = ray, plan, to_do, bundle, settings, run_id
+        self.actors: dict[int, Any] = {}
+        self.info: dict[int, dict[str, Any]] = {}
+        self.in_flight: dict[Any, tuple[int, Any]] = {}  # ref -> (worker, job)
+        self.starting: dict[Any, int] = {}  # ready() ref -> worker
+        self.free: deque[int] = deque()
+        self.stopped, self.announced, self.deaths_at_start = False, False, 0
 
-    started = connect(address)
-    run_id = new_run_id()
-    actors: dict[int, Any] = {}
-    info: dict[int, dict[str, Any]] = {}
-    in_flight: dict[Any, tuple[int, int, Any, int]] = {}
-    try:
-        make_output_dir(out_dir)  # once Ray is there: a wrong ADDRESS leaves nothing behind
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        plan = plan_workers(nodes, n_workers, settings.threads)
-        plan.n_workers = min(plan.n_workers, len(to_do))
-        where = "a local Ray on 127.0.0.1" if started else f"the Ray cluster at {address}"
-        _echo(f"ray: {plan.describe()} on {len(nodes)} node(s) of {where}; {len(to_do)} slide(s) to predict")
-        worker_settings = dataclasses.replace(settings, threads=plan.num_cpus, progress=False, plot=list(settings.plot))
-        counter = ray.remote(SpotCounter).options(num_cpus=0).remote()
-        worker_cls = ray.remote(SlideWorker).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=0)
-        starting: dict[Any, int] = {}
-
-        def spawn(w: int) -> None:
-            actors[w] = worker_cls.remote(str(bundle.root), worker_settings, run_id, counter)
-            starting[actors[w].ready.remote()] = w
-
-        for w in range(plan.n_workers):
-            spawn(w)
-        free: deque[int] = deque()
-        stopped = False
+    def start(self, n_workers: int | None, where: str) -> None:
+        """Plan the workers on the cluster's nodes, say so, and start them."""
         from tqdm import tqdm
 
+        ray, settings = self.ray, self.settings
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        self.workers = plan_workers(nodes, n_workers, settings.threads)
+        self.workers.n_workers = min(self.workers.n_workers, len(self.to_do))
+        echo(f"ray: {self.workers.describe()} on {len(nodes)} node(s) of {where}; {len(self.to_do)} slide(s) to predict")
+        self.worker_settings = dataclasses.replace(settings, threads=self.workers.num_cpus, progress=False,
+                                                   plot=list(settings.plot))
+        self.counter = ray.remote(SpotCounter).options(num_cpus=0).remote()
+        self.worker_cls = ray.remote(SlideWorker).options(num_cpus=self.workers.num_cpus,
+                                                          num_gpus=self.workers.num_gpus, max_restarts=0)
+        for w in range(self.workers.n_workers):
+            self.spawn(w)
         quiet = not settings.progress
-        slides_bar = tqdm(total=len(to_do), unit="slide", desc="slides", file=sys.stderr, disable=quiet,
-                          position=0, dynamic_ncols=True)
-        spots_bar = tqdm(unit="spot", desc="spots (all workers)", file=sys.stderr, disable=quiet, position=1,
-                         dynamic_ncols=True)
+        self.slides_bar = tqdm(total=len(self.to_do), unit="slide", desc="slides", file=sys.stderr, disable=quiet,
+                               position=0, dynamic_ncols=True)
+        self.spots_bar = tqdm(unit="spot", desc="spots (all workers)", file=sys.stderr, disable=quiet, position=1,
+                              dynamic_ncols=True)
 
-        def say(msg: str) -> None:
-            if settings.progress:
-                tqdm.write(msg, file=sys.stderr)
-            else:
-                _echo(msg)
+    def spawn(self, w: int) -> None:
+        self.actors[w] = self.worker_cls.remote(str(self.bundle.root), self.worker_settings, self.run_id, self.counter)
+        self.starting[self.actors[w].ready.remote()] = w
 
-        deaths_at_start, announced = 0, False
-        while in_flight or (to_do and not stopped):
-            while free and to_do and not stopped:
-                w = free.popleft()
-                k, row, attempt = to_do.popleft()
-                out = out_dir / f"{row.name}.{settings.output_format}"
-                ref = actors[w].predict.remote(row, str(out), manifest.name)
-                in_flight[ref] = (w, k, row, attempt)
-            if not in_flight and not starting:
+    def say(self, msg: str) -> None:
+        if self.settings.progress:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+        else:
+            echo(msg)
+
+    def run(self) -> None:
+        """Until every slide is done (or the batch stopped and the slides in flight are back)."""
+        while self.in_flight or (self.to_do and not self.stopped):
+            while self.free and self.to_do and not self.stopped:
+                w, job = self.free.popleft(), self.to_do.popleft()
+                self.in_flight[self.actors[w].predict.remote(job.row, str(job.out), self.plan.manifest.name)] = (w, job)
+            if not self.in_flight and not self.starting:
                 raise UserError("no Ray worker could be started; see the messages above")
-            done, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=POLL_S)
-            spots_bar.update(ray.get(counter.read.remote()) - spots_bar.n)
+            done, _ = self.ray.wait(list(self.in_flight) + list(self.starting), num_returns=1, timeout=POLL_S)
+            self._count_spots()
             for ref in done:
-                if ref in starting:
-                    w = starting.pop(ref)
-                    try:
-                        info[w] = ray.get(ref)
-                    except RayActorError as e:
-                        deaths_at_start += 1
-                        if deaths_at_start > 2 * plan.n_workers:
-                            raise UserError(f"Ray workers die as they start: {first_line(e)}") from None
-                        spawn(w)
-                        continue
-                    if info[w]["error"]:
-                        raise UserError(f"worker on {info[w]['host']}: {info[w]['error']}")
-                    if not announced:
-                        announced = True
-                        say(f"engines (each worker): {info[w]['reason']}; providers: {info[w]['providers']}; "
-                            f"batch size {info[w]['batch_size']}, {info[w]['readers']} patch reader thread(s)")
-                    free.append(w)
-                    continue
-                w, k, row, attempt = in_flight.pop(ref)
-                prefix = f"[{k}/{len(rows)}] {row.name}"
-                try:
-                    outcome = ray.get(ref)
-                    free.append(w)
-                except RayActorError as e:
-                    who = info.get(w, {})
-                    reason = (f"its worker (host {who.get('host', '?')}, pid {who.get('pid', '?')}) died: "
-                              f"{first_line(e)}")
-                    ray.kill(actors[w])
-                    spawn(w)
-                    if attempt == 0:
-                        say(f"{prefix}: {reason}; retrying it once on a new worker")
-                        to_do.appendleft((k, row, 1))
-                        continue
-                    outcome = SlideOutcome(row.name, FAILED, f"{reason}, on its second try too")
-                except RayTaskError as e:  # a bug outside predict_row's own handling
-                    outcome = SlideOutcome(row.name, FAILED, f"internal error: {first_line(e)} (traceback above)",
-                                           traceback=str(e))
-                    free.append(w)
-                tally.add(row, outcome)
-                echo_outcome(prefix, outcome, echo=say)
-                slides_bar.update(1)
-                if outcome.status == STOP and not stopped:
-                    stopped = True
-            if stopped:
-                tally.not_started = len(to_do)
-        spots_bar.update(ray.get(counter.read.remote()) - spots_bar.n)
-        slides_bar.close()
-        spots_bar.close()
+                if ref in self.starting:
+                    self.on_ready(ref)
+                else:
+                    self.on_result(ref)
+            if self.stopped:
+                self.plan.tally.not_started = len(self.to_do)
+        self._count_spots()
+        self.slides_bar.close()
+        self.spots_bar.close()
+
+    def _count_spots(self) -> None:
+        self.spots_bar.update(self.ray.get(self.counter.read.remote()) - self.spots_bar.n)
+
+    def on_ready(self, ref: Any) -> None:
+        """A worker has started (or died starting: a new one takes its place, within limits)."""
+        from ray.exceptions import RayActorError
+
+        w = self.starting.pop(ref)
+        try:
+            info = self.info[w] = self.ray.get(ref)
+        except RayActorError as e:
+            self.deaths_at_start += 1
+            if self.deaths_at_start > 2 * self.workers.n_workers:
+                raise UserError(f"Ray workers die as they start: {first_line(e)}") from None
+            self.spawn(w)
+            return
+        if info["error"]:
+            raise UserError(f"worker on {info['host']}: {info['error']}")
+        if not self.announced:
+            self.announced = True
+            self.say(f"engines (each worker): {info['reason']}; providers: {info['providers']}; "
+                     f"batch size {info['batch_size']}, {info['readers']} patch reader thread(s)")
+        self.free.append(w)
+
+    def on_result(self, ref: Any) -> None:
+        """A slide is back: its outcome, a bug outside `predict_row`'s own handling, or its worker's death."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        from .batch import FAILED, STOP, SlideOutcome
+
+        w, job = self.in_flight.pop(ref)
+        try:
+            outcome = self.ray.get(ref)
+            self.free.append(w)
+        except RayActorError as e:
+            outcome = self.on_death(w, job, e)
+            if outcome is None:
+                return
+        except RayTaskError as e:
+            outcome = SlideOutcome(job.row.name, FAILED, f"internal error: {first_line(e)} (traceback above)",
+                                   traceback=str(e))
+            self.free.append(w)
+        self.plan.record(job, outcome, say=self.say)
+        self.slides_bar.update(1)
+        if outcome.status == STOP:
+            self.stopped = True
+
+    def on_death(self, w: int, job: Any, e: Exception) -> Any:
+        """Replace the dead worker; retry its slide once (None), or its failed outcome on the second try."""
+        from .batch import FAILED, SlideOutcome
+
+        who = self.info.get(w, {})
+        reason = f"its worker (host {who.get('host', '?')}, pid {who.get('pid', '?')}) died: {first_line(e)}"
+        self.ray.kill(self.actors[w])
+        self.spawn(w)
+        if job.attempt == 0:
+            self.say(f"{job.prefix}: {reason}; retrying it once on a new worker")
+            self.to_do.appendleft(dataclasses.replace(job, attempt=1))
+            return None
+        return SlideOutcome(job.row.name, FAILED, f"{reason}, on its second try too")
+
+    def close(self) -> None:
+        """Stop the workers; release the claims of slides stopped mid-way (Ctrl-C, an error) at once."""
+        from .claims import release_run_claims
+
+        for a in self.actors.values():
+            self.ray.kill(a)
+        release_run_claims([job.out for _, job in self.in_flight.values()], self.run_id)
+
+
+def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, settings: Any,
+                  shard: tuple[int, int] | None, address: str, n_workers: int | None) -> int:
+    """The manifest's slides on Ray workers; the same plan, outputs, summary and exit code as `batch.run_batch`."""
+    from .batch import plan_batch
+    from .claims import new_run_id
+    from .storage import make_output_dir
+
+    plan = plan_batch(manifest, rows, out_dir, settings, shard, absolute=True)
+    to_do = deque(job for job in plan.jobs if not plan.skip_existing(job))
+    if not to_do:
+        return plan.finish()
+    ray = import_ray()
+    started = connect(address)
+    driver = _RayBatch(ray, plan, to_do, bundle, settings, new_run_id())
+    try:
+        make_output_dir(plan.out_dir)  # once Ray is there: a wrong ADDRESS leaves nothing behind
+        driver.start(n_workers, "a local Ray on 127.0.0.1" if started else f"the Ray cluster at {address}")
+        driver.run()
     finally:
-        for a in actors.values():
-            ray.kill(a)
-        # claims of slides whose workers were stopped mid-way (Ctrl-C, an error) must not wait to go stale
-        fmt = settings.output_format
-        release_run_claims([out_dir / f"{row.name}.{fmt}" for _, _, row, _ in in_flight.values()], run_id)
+        driver.close()
         if started:
             ray.shutdown()
-    for line in tally.summary_lines(manifest, shard_txt):
-        _echo(line)
-    return EXIT_BATCH_FAILED if tally.failed else 0
+    return plan.finish()
