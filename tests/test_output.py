@@ -184,3 +184,14 @@ def test_gene_maps_are_pngs_next_to_the_output(tmp_path):
             colours = np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)
             assert len(colours) > 10  # spots in a colour map over the grey thumbnail, plus a colour bar
     assert plot_paths(tmp_path / "x.h5ad", ["HLA-A/B"]) == [tmp_path / "x.HLA-A_B.png"]
+
+
+def test_gene_maps_say_demo_model_and_their_unit(tmp_path):
+    """A map from the demo model says so in its title; the colour bar names the training scale."""
+    from mmap_deploy.outputs.adata import COLOUR_BAR_UNIT, gene_map_title
+
+    adata = type("A", (), {"uns": {"mmap": {"bundle_demo": True}}})()
+    assert gene_map_title(adata, "FASN") == "FASN (predicted) · DEMO model, not biology"
+    adata.uns["mmap"]["bundle_demo"] = False
+    assert gene_map_title(adata, "FASN") == "FASN (predicted)"
+    assert COLOUR_BAR_UNIT.startswith("log10(1 + ")

@@ -40,6 +40,7 @@ IMAGE_CHUNK_ROWS = 128
 SPOT_DIAMETER_PITCH_RATIO = 0.5
 _PITCH_SAMPLE = 256
 PLOT_MAX_SIDE = 1000
+COLOUR_BAR_UNIT = "log10(1 + 10⁴ · count / library size)"  # the training target's scale
 # -o's suffix decides what is written
 OUTPUT_FORMATS = {".h5ad": "AnnData", ".zarr": "SpatialData"}
 
@@ -285,6 +286,12 @@ def check_plot_genes(genes: list[str], bundle_genes: list[str], bundle_root: Pat
         raise UserError("--plot needs matplotlib: pip install 'mmap-deploy[plot]'") from None
 
 
+def gene_map_title(adata: "anndata.AnnData", gene: str) -> str:
+    """A gene map's title: the gene, and that the model is a demo when it is one."""
+    demo = " · DEMO model, not biology" if adata.uns.get("mmap", {}).get("bundle_demo") else ""
+    return f"{gene} (predicted){demo}"
+
+
 def write_gene_plots(adata: "anndata.AnnData", genes: list[str], out: Path, library_id: str) -> list[Path]:
     """One PNG per gene: its predicted value per spot over the hires thumbnail (headless)."""
     import matplotlib
@@ -315,9 +322,9 @@ def write_gene_plots(adata: "anndata.AnnData", genes: list[str], out: Path, libr
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=marker_pt**2, cmap="viridis", linewidths=0)
         draw_outline(ax, adata, scale)  # the tissue outline of a --grid run, if any
         ax.set_axis_off()
-        ax.set_title(f"{gene} (predicted, log scale)")
+        ax.set_title(gene_map_title(adata, gene))
         cax = fig.add_axes((0.88, 0.1, 0.025, 0.75))
-        fig.colorbar(sc, cax=cax)
+        fig.colorbar(sc, cax=cax).set_label(COLOUR_BAR_UNIT)
         _atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
         written.append(png)
     return written
