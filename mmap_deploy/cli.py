@@ -4,6 +4,7 @@
     mmap-predict SLIDE --grid visium|st|NUMum -o OUT.h5ad [--tissue-mask FILE] [--overview] ...
     mmap-predict --demo -o demo.h5ad
     mmap-predict --manifest slides.csv -o OUT_DIR [--format h5ad|zarr] [--shard i/n]
+    mmap-predict --list-genes [--model BUNDLE_DIR]
 
 A thin layer over the Python API (api.py): the options become a
 `RunSettings`, a `Predictor` loads the model and its engines, and each slide
@@ -41,7 +42,7 @@ from .messages import (  # noqa: F401  (the exit codes are re-exported for scrip
     show_on_stderr,
 )
 from .run.batch import run_batch
-from .run.manifest import check_output_dir, parse_shard, read_manifest
+from .run.manifest import check_output_dir, check_rows_exist, parse_shard, read_manifest
 from .run.predict import (  # noqa: F401  (re-exported: the names users and scripts import from cli)
     RunSettings,
     SlideResult,
@@ -101,7 +102,7 @@ def _command_line() -> str:
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("slide", required=False, type=click.Path(path_type=Path, dir_okay=True))
 @click.argument("coords", required=False, type=click.Path(path_type=Path, dir_okay=True))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output file: .h5ad (AnnData) or .zarr (SpatialData, needs the [spatialdata] extra). "
                    "With --manifest: an output folder, one file per slide (see --format).")
 @click.option("--model", type=click.Path(path_type=Path),
@@ -139,6 +140,8 @@ def _command_line() -> str:
               help="Also write OUT.overview.png: the slide's thumbnail, the tissue outline and every spot.")
 @click.option("--library-id", help="Key of uns['spatial'] (default: the slide file name without extension).")
 @click.option("--demo", is_flag=True, help="Run the built-in her2st sample with the demo model.")
+@click.option("--list-genes", is_flag=True,
+              help="Print the genes the model (--model, or the demo model) predicts, one a line on stdout, and exit.")
 @click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
               help="Batch mode: CSV with columns slide,coords and optional mpp,id (paths relative to the CSV).")
 @click.option("--shard", metavar="I/N",
@@ -170,6 +173,10 @@ def main(**options: Any) -> None:
     Exit codes: 0 done; 2 bad input (one-line error, no output written);
     1 with --manifest when some slides failed (the others are written).
     """
+    if options.get("output") is None and not options.get("list_genes"):
+        ctx = click.get_current_context()
+        param = next(p for p in ctx.command.params if p.name == "output")
+        raise click.MissingParameter(ctx=ctx, param=param)  # -o is required, except with --list-genes
     opts = PredictOptions(**options)
 
     def body() -> int:
@@ -183,7 +190,7 @@ def main(**options: Any) -> None:
 class PredictOptions:
     """mmap-predict's command line, by name (the parameters of `main`)."""
 
-    output: Path
+    output: Path | None
     slide: Path | None = None
     coords: Path | None = None
     model: Path | None = None
@@ -204,6 +211,7 @@ class PredictOptions:
     overview: bool = False
     library_id: str | None = None
     demo: bool = False
+    list_genes: bool = False
     manifest: Path | None = None
     shard: str | None = None
     ray_address: str | None = None
@@ -288,13 +296,30 @@ def _check_outputs(o: PredictOptions, settings: RunSettings) -> list[Any] | None
     return rows
 
 
+def _list_genes(o: PredictOptions) -> int:
+    """`--list-genes`: the bundle's genes, one a line on stdout (the data; notes stay on stderr)."""
+    given = [flag for flag, on in (("SLIDE", o.slide is not None), ("--demo", o.demo), ("--manifest", o.manifest),
+                                   ("--plot", o.plot_genes)) if on]
+    if given:
+        raise UserError(f"--list-genes only reads the model (--model DIR, or the demo model); drop {', '.join(given)}")
+    bundle = load_model(o.model)
+    genes = bundle.manifest.genes
+    click.echo("\n".join(genes))
+    echo(f"{len(genes)} genes predicted by the model {bundle.root}")
+    return EXIT_OK
+
+
 def _run(o: PredictOptions) -> int:
     """The run the options ask for; its exit code."""
+    if o.list_genes:
+        return _list_genes(o)
     _check_inputs(o)
     _check_batch_options(o)
     settings = o.settings()
     shard = parse_shard(o.shard)
     rows = _check_outputs(o, settings)
+    if rows is not None:
+        check_rows_exist(o.manifest, rows, shard)
     slide, coords = o.slide, o.coords
     if o.demo:
         # the sample's mpp is in its EXIF tags: open_slide finds it (and records the source)
@@ -307,7 +332,7 @@ def _run(o: PredictOptions) -> int:
     if settings.plot:
         from .outputs.adata import check_plot_genes
 
-        check_plot_genes(settings.plot, bundle.manifest.genes, bundle.root)
+        settings.plot = check_plot_genes(settings.plot, bundle.manifest.genes, bundle.root)
     if o.ray_address is not None:  # the workers load the engines; the driver only hands out slides
         from .run.batch_ray import run_batch_ray
 

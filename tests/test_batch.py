@@ -37,7 +37,8 @@ def write_spots(path, n_side: int = 4, offset: float = 0.0):
 
 @pytest.fixture()
 def cohort(tmp_path):
-    """Four slides in slides/, a manifest with relative paths, one row pointing at a missing file."""
+    """Four slides in slides/, a manifest with relative paths, one row pointing at a missing file
+    (a batch refuses it before any slide starts: the tests that run the batch put a file there)."""
     d = tmp_path / "slides"
     d.mkdir()
     for i in range(3):
@@ -56,12 +57,31 @@ def cohort(tmp_path):
 
 
 
+def test_missing_paths_are_listed_in_one_go_before_any_slide_starts(cohort, tiny_bundle, tmp_path):
+    slides = cohort.parent / "slides"
+    (slides / "s2.csv").unlink()
+    cohort.write_text(cohort.read_text() + "slides/s0.png,,,gridrow\n")  # an empty coords cell: a --grid row
+    out = tmp_path / "out"
+    r = batch("--manifest", cohort, "-o", out, "--model", tiny_bundle, expect=2)
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {cohort}: 2 path(s) not found, no slide was started: "), line
+    assert f"line 3: slide {slides / 'missing.png'}; line 5: coords {slides / 's2.csv'}" in line
+    assert "gridrow" not in line and "line 6" not in line and "Traceback" not in r.stderr
+    assert not out.exists()
+    # --shard checks only its own rows: shard 0/2 runs lines 2 and 4 (first, s1), whose paths are there
+    cohort.write_text("".join(cohort.read_text().splitlines(keepends=True)[:-1]))
+    r = batch("--manifest", cohort, "-o", out, "--model", tiny_bundle, "--shard", "0/2", expect=0)
+    assert "[1/2] first: wrote first.h5ad, 16 spots" in r.stderr
+    assert "0.600 µm/px from slides.csv mpp column, engine onnxruntime (CPUExecutionProvider, fp32)" in r.stderr
+
+
 def test_one_bad_slide_does_not_stop_the_others_and_reruns_skip_finished(cohort, tiny_bundle, tmp_path):
+    (cohort.parent / "slides" / "missing.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # there, but damaged
     out = tmp_path / "out"
     r = batch("--manifest", cohort, "-o", out, "--model", tiny_bundle, expect=1)
     assert sorted(p.name for p in out.iterdir()) == ["first.h5ad", "s1.h5ad", "third.h5ad"]
     assert f"batch: 3 done, 0 skipped (already done), 1 failed of 4 slide(s) in {cohort}" in r.stderr
-    assert f"failed: missing ({cohort} line 3):" in r.stderr and "slide file not found" in r.stderr
+    assert f"failed: missing ({cohort} line 3):" in r.stderr
     a = ad.read_h5ad(out / "first.h5ad")
     assert a.n_obs == 16 and "first" in a.uns["spatial"]
     assert a.uns["mmap"]["mpp"] == MPP and a.uns["mmap"]["mpp_source"] == "slides.csv mpp column"

@@ -40,4 +40,6 @@ def test_the_documented_merge_runs_on_a_batch(tmp_path, monkeypatch):
         rows = cohort[cohort.obs.library_id == name]
         np.testing.assert_array_equal(rows.X, a.X)
     spots_rows = cohort.obs.library_id == "spots"
-    assert "tissue_fraction" in cohort.obs and cohort.obs.loc[spots_rows, "tissue_fraction"].isna().all()
+    assert "array_row" in cohort.obs and cohort.obs.loc[spots_rows, "array_row"].isna().all()  # --grid rows only
+    fraction = cohort.obs.loc[spots_rows, "tissue_fraction"]  # every run has it (COORDS runs too)
+    assert fraction.notna().all() and fraction.between(0, 1).all()

@@ -50,6 +50,8 @@ from ..errors import UserError
 SKIP_FLAG = "--skip-geometry-checks"
 # The slide's (or --mpp's) resolution may differ this much from the lattice's.
 MPP_TOLERANCE = 0.10
+# Beyond this (and within MPP_TOLERANCE), the run goes on with a warning.
+MPP_WARN_TOLERANCE = 0.05
 # Tissue check: a spot is on tissue if at least this share of its patch is tissue.
 PATCH_TISSUE_SHARE = 0.05
 # Fewer spots than this share on tissue is "few".
@@ -212,6 +214,20 @@ def resolution_problem(fit: LatticeFit, mpp: float, mpp_source: str, coords_path
     )
 
 
+def resolution_warning(fit: LatticeFit, mpp: float, mpp_source: str, coords_path: Path) -> str | None:
+    """A warning line when the run's mpp is more than MPP_WARN_TOLERANCE (but at most MPP_TOLERANCE)
+    from the lattice's, else None."""
+    off = mpp / fit.mpp - 1.0
+    if abs(off) <= MPP_WARN_TOLERANCE or abs(off) > MPP_TOLERANCE:
+        return None
+    return (
+        f"{coords_path}: the run's resolution, {mpp:.3f} µm per pixel from {mpp_source}, is {abs(off):.1%} "
+        f"{'above' if off > 0 else 'below'} the spot lattice's {fit.mpp:.3f} ({fit.spec.describe()} = "
+        f"{fit.pitch_px:.1f} px); the run goes on with {mpp:.3f}; check {mpp_source} (over "
+        f"{MPP_TOLERANCE:.0%} off is refused)"
+    )
+
+
 def transposed_problem(fit: LatticeFit, coords_path: Path) -> str:
     return (
         f"{coords_path}: x and y look swapped: the spot array's columns run along the image's rows and its rows "
@@ -323,6 +339,10 @@ def check_geometry(spots: Any, fit: LatticeFit | None, slide: Any, mask: TissueM
             qc["mpp_vs_lattice"] = round(float(slide.mpp) / fit.mpp, 4)
             if problem:
                 report.problems.append(problem)
+            else:
+                warning = resolution_warning(fit, float(slide.mpp), mpp_source, coords_path)
+                if warning:
+                    report.warnings.append(warning)
         if abs(fit.mpp_col / fit.mpp_row - 1.0) > MPP_TOLERANCE:
             report.warnings.append(
                 f"{coords_path}: the lattice's two axes disagree ({fit.mpp_col:.3f} vs {fit.mpp_row:.3f} µm "

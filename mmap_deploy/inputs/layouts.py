@@ -96,6 +96,41 @@ def _read_scalefactors(path: Path) -> dict[str, float]:
     return out
 
 
+# What a spot table's name ends with, and what a slide's file starts with (TIFF/SVS/NDPI, JPEG, PNG, BMP, JPEG 2000).
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".csv.gz", ".tsv.gz", ".txt.gz")
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
+                  ".jpg", ".jpeg", ".png", ".bmp", ".jp2")
+_IMAGE_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"\xff\xd8\xff", b"\x89PNG", b"BM",
+                b"\x00\x00\x00\x0cjP")
+
+
+def _looks_like_slide(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    if path.suffix.lower() in SLIDE_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head.startswith(_IMAGE_MAGIC)
+
+
+def _looks_like_spots(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_dir() or name.endswith(TABLE_SUFFIXES)
+
+
+def swapped_arguments_problem(slide: str | Path, coords: str | Path) -> str | None:
+    """The line to say when SLIDE names a spot table (or folder) and COORDS an image: the wrong way round."""
+    slide, coords = Path(slide), Path(coords)
+    if not (_looks_like_slide(coords) and _looks_like_spots(slide)):
+        return None
+    return (f"SLIDE and COORDS are the wrong way round: {slide} is a spot table and {coords} a slide image; "
+            f"the order is mmap-predict SLIDE COORDS -o OUT, here: mmap-predict {coords} {slide} -o OUT")
+
+
 def read_spot_input(path: str | Path, all_spots: bool = False) -> SpotInput:
     """Read COORDS, a table or a Space Ranger / Visium HD folder (see the module docstring)."""
     path = Path(path)

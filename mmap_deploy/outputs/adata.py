@@ -270,20 +270,44 @@ def plot_paths(out: Path, genes: list[str]) -> list[Path]:
     return [out.with_name(f"{out.stem}.{re.sub(r'[^A-Za-z0-9._-]+', '_', g)}.png") for g in genes]
 
 
-def check_plot_genes(genes: list[str], bundle_genes: list[str], bundle_root: Path) -> None:
-    """Before any work: every --plot gene is predicted by the bundle, and matplotlib imports."""
+def check_plot_genes(genes: list[str], bundle_genes: list[str], bundle_root: Path) -> list[str]:
+    """Before any work: every --plot gene is predicted by the bundle, and matplotlib imports.
+
+    Names match case-insensitively (`erbb2` is `ERBB2`); returns them as the
+    bundle spells them. A miss names the bundle's nearest genes.
+    """
+    import difflib
+
     known = set(bundle_genes)
-    unknown = [g for g in genes if g not in known]
+    by_fold: dict[str, str] = {}
+    for g in bundle_genes:
+        by_fold.setdefault(g.casefold(), g)
+    resolved, unknown = [], []
+    for g in genes:
+        name = g if g in known else by_fold.get(g.casefold())
+        if name is None:
+            unknown.append(g)
+        else:
+            resolved.append(name)
     if unknown:
         shown = ", ".join(bundle_genes[:5]) + (", ..." if len(bundle_genes) > 5 else "")
+        folded = list(by_fold)
+        near = []
+        for g in unknown:
+            close = [by_fold[c] for c in difflib.get_close_matches(g.casefold(), folded, n=3, cutoff=0.6)]
+            if close:
+                near.append(f"{g}: did you mean {' or '.join(close)}?")
+        hint = f"; {'; '.join(near)}" if near else ""
         raise UserError(
             f"--plot: gene(s) {', '.join(unknown)} not predicted by the model {bundle_root} "
-            f"(it predicts {len(bundle_genes)} genes: {shown}); check the spelling"
+            f"(it predicts {len(bundle_genes)} genes: {shown}){hint}; check the spelling "
+            "(mmap-predict --list-genes prints them all)"
         )
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'mmap-deploy[plot]'") from None
+    return list(dict.fromkeys(resolved))
 
 
 def gene_map_title(adata: "anndata.AnnData", gene: str) -> str:

@@ -15,6 +15,12 @@
   one after another, `ring_start` (r + 1) where each ring starts, `ring_piece`
   (r) its piece and `ring_hole` (r) whether it is a hole.
 
+A run at given spots (COORDS) adds `obs['tissue_fraction']` too
+(`annotate_spot_tissue`): the share of each spot's disc (`spot_diameter_fullres`)
+that the detected tissue covers, so background spots go with
+`adata[adata.obs.tissue_fraction >= 0.5]`; `uns['mmap']['spot_tissue']` says
+how (footprint, diameter, the tissue's record).
+
 The grid may have more spots than the output: a spot whose patch could not be
 read is dropped (and listed in `uns['mmap']['dropped_spots']`); the columns
 follow the output's rows.
@@ -63,3 +69,23 @@ def annotate_grid(adata: "anndata.AnnData", grid: "Grid", tissue: "Tissue", libr
     mmap["tissue"] = tissue.record()
     mmap["tissue_outline"] = outline_arrays(tissue)
     mmap["spot_diameter_rule"] = f"the grid's spot size: {grid.spec.spot_um:g} um"
+
+
+def annotate_spot_tissue(adata: "anndata.AnnData", tissue: "Tissue | None", library_id: str, note: str = "") -> None:
+    """`obs['tissue_fraction']` for a run at given spots: the share of each spot's disc that is tissue.
+
+    `tissue` None (detection failed: `note` says why): the column is NaN. No tissue found: 0.
+    """
+    from ..inputs.grid import spot_tissue_fraction
+
+    diameter = float(adata.uns["spatial"][library_id]["scalefactors"]["spot_diameter_fullres"])
+    record = {"footprint": "disc of spot_diameter_fullres", "spot_diameter_fullres": diameter}
+    if tissue is None:
+        adata.obs["tissue_fraction"] = np.full(adata.n_obs, np.nan, dtype=np.float32)
+    else:
+        xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+        adata.obs["tissue_fraction"] = spot_tissue_fraction(tissue.mask, tissue.scale_x, tissue.scale_y, xy, diameter)
+        record["tissue"] = tissue.record()
+    if note:
+        record["note"] = note
+    adata.uns["mmap"]["spot_tissue"] = record

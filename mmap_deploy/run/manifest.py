@@ -105,6 +105,25 @@ def read_manifest(path: Path) -> list[ManifestRow]:
     return rows
 
 
+def check_rows_exist(manifest: Path, rows: list[ManifestRow], shard: tuple[int, int] | None = None) -> None:
+    """Before the first slide starts: every row's slide and coords path (of this shard) exists.
+
+    The missing ones are said in one error, one `line N: slide|coords PATH` each. An empty coords
+    cell (a row for --grid) is not a missing path.
+    """
+    if shard is not None:
+        i, n = shard
+        rows = [r for k, r in enumerate(rows) if k % n == i]
+    missing = []
+    for row in rows:
+        for what, p in (("slide", row.slide), ("coords", row.coords)):
+            if p is not None and not p.exists():
+                missing.append(f"line {row.line}: {what} {p}")
+    if missing:
+        raise UserError(f"{manifest}: {len(missing)} path(s) not found, no slide was started: "
+                        f"{'; '.join(missing)}; fix the manifest (paths are relative to its folder)")
+
+
 def check_output_dir(out_dir: Path) -> None:
     if out_dir.suffix in (".h5ad", ".zarr") or (out_dir.exists() and not out_dir.is_dir()):
         raise UserError(f"{out_dir}: with --manifest, -o is an output folder (one .h5ad per slide, "

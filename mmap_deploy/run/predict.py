@@ -54,6 +54,13 @@ class SlideResult:
     seconds: float
     timings: dict[str, float]
     plots: list[Path]
+    mpp: float = 0.0  # the resolution the run used, µm per pixel
+    mpp_source: str = ""  # where it came from: a metadata key, --mpp, the manifest's mpp column, the spot lattice
+    engine: str = ""  # backend, execution provider and precision, e.g. "onnxruntime (CPUExecutionProvider, fp32)"
+
+    def resolution_text(self) -> str:
+        """`0.500 µm/px from SOURCE`: the resolution used and its source (empty when not known)."""
+        return f"{self.mpp:.3f} µm/px from {self.mpp_source}" if self.mpp > 0 else ""
 
 
 def load_model(model: Path | None) -> Any:
@@ -105,7 +112,7 @@ def open_spots(slide_path: Path, coords: Path | None, *, mpp: float | None, all_
     the slide.
     """
     from ..inputs.geometry import fallback_mpp, fit_lattice
-    from ..inputs.layouts import read_spot_input
+    from ..inputs.layouts import read_spot_input, swapped_arguments_problem
     from ..inputs.slide import open_slide
 
     grid = settings.grid if settings is not None else None
@@ -119,6 +126,9 @@ def open_spots(slide_path: Path, coords: Path | None, *, mpp: float | None, all_
                             "the tissue")
         return _grid_spots(Path(slide_path), mpp, settings)
     coords = Path(coords)
+    swapped = swapped_arguments_problem(slide_path, coords)
+    if swapped:
+        raise UserError(swapped)
     spot_input = read_spot_input(coords, all_spots=all_spots)
     lattice = fit_lattice(spot_input.spots.xy, spot_input.spots.array_xy, spot_input.lattice)
     slide = open_slide(slide_path, mpp=mpp, fallback_mpp=fallback_mpp(lattice, spot_input.hd_mpp))
@@ -207,6 +217,7 @@ def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle
                                               settings, spot_progress)
         provenance = _provenance(slide, slide_path, source, checked, bundle, engines, settings, library_id, thumb.note)
         pred.timings.update(source.timings)
+        spot_tissue = _spot_tissue(slide, pred.timings) if source.grid is None else None
         pred.timings["open"] = round(t_open, 4)
         pred.timings["thumbnail"] = round(thumb.seconds, 4)
         pred.timings["thumbnail_wait"] = round(thumb.wait, 4)
@@ -218,7 +229,39 @@ def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle
             from ..outputs.tissue_out import annotate_grid
 
             annotate_grid(adata, source.grid, source.tissue, library_id)
+        else:
+            from ..outputs.tissue_out import annotate_spot_tissue
+
+            annotate_spot_tissue(adata, spot_tissue[0], library_id, spot_tissue[1])
     return SlideRun(adata, library_id, len(pred.spot_ids), len(pred.dropped), dict(pred.timings), checked.need, t0)
+
+
+def _spot_tissue(slide: Any, timings: dict[str, float]) -> tuple[Any, str]:
+    """The slide's tissue (`detect_tissue`, a coarse level) for a COORDS run's `tissue_fraction`, and a note.
+
+    Never fails the run: no tissue found is an empty mask; a slide that cannot be read for it gives
+    None (the column is NaN) and a warning. Its time goes to `timings['tissue']`.
+    """
+    import numpy as np
+
+    from ..inputs.slide import PatchReadError
+    from ..inputs.tissue import NoTissueError, detect_tissue
+
+    t = time.perf_counter()
+    try:
+        tissue, why = detect_tissue(slide), ""
+    except NoTissueError as e:
+        tissue, why = None, f"no tissue found: {e}"
+    except (PatchReadError, OSError, UserError) as e:
+        tissue, why = None, f"tissue detection failed: {e}"
+        warn(f"{slide.path}: no tissue_fraction ({why}); obs['tissue_fraction'] is NaN")
+    timings["tissue"] = round(time.perf_counter() - t, 4)
+    if tissue is None and why.startswith("no tissue found"):
+        from types import SimpleNamespace
+
+        tissue = SimpleNamespace(mask=np.zeros((1, 1), bool), scale_x=1.0 / max(slide.width, 1),
+                                 scale_y=1.0 / max(slide.height, 1), record=lambda: {"method": "detected", "pieces": 0})
+    return tissue, why
 
 
 @dataclass
@@ -419,7 +462,19 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any,
     timings = dict(run.timings, write=round(time.perf_counter() - t, 4))
     seconds = time.perf_counter() - t0
     timings["wall"] = round(seconds, 4)
-    return SlideResult(out, run.n_spots, run.n_dropped, seconds, timings, plots)
+    record = run.adata.uns.get("mmap", {})
+    return SlideResult(out, run.n_spots, run.n_dropped, seconds, timings, plots, mpp=float(record.get("mpp", 0.0)),
+                       mpp_source=str(record.get("mpp_source", "")), engine=_engine_text(record))
+
+
+def _engine_text(record: dict[str, Any]) -> str:
+    """`backend (first provider, precision)` from a run's `uns['mmap']`."""
+    backend = str(record.get("backend", ""))
+    if not backend:
+        return ""
+    provider = str(record.get("providers", "")).split(",")[0]
+    detail = ", ".join(x for x in (provider, str(record.get("precision", ""))) if x)
+    return f"{backend} ({detail})" if detail else backend
 
 
 def engine_defaults(engines: Any, settings: RunSettings) -> RunSettings:
@@ -486,8 +541,13 @@ def _thumbnail(slide: Any) -> tuple[Any, float, str, float]:
 
 
 def _report(result: SlideResult) -> None:
+    """The run's line: output, spots, time, the resolution and its source, the engine; then the pictures."""
     rate = result.n_spots / result.seconds if result.seconds > 0 else 0.0
     msg = f"wrote {result.output}: {result.n_spots} spots in {result.seconds:.1f} s ({rate:.1f} spots/s)"
+    if result.mpp > 0:
+        msg += f"; {result.resolution_text()}"
+    if result.engine:
+        msg += f"; engine {result.engine}"
     if result.n_dropped:
         msg += f"; {result.n_dropped} unreadable spot(s) dropped (listed in uns['mmap']['dropped_spots'])"
     echo(msg)
@@ -498,6 +558,10 @@ def _report(result: SlideResult) -> None:
 def _summary_line(result: SlideResult) -> str:
     rate = result.n_spots / result.seconds if result.seconds > 0 else 0.0
     msg = f"wrote {result.output.name}, {result.n_spots} spots, {rate:.1f} spots/s"
+    if result.mpp > 0:
+        msg += f", {result.resolution_text()}"
+    if result.engine:
+        msg += f", engine {result.engine}"
     if result.n_dropped:
         msg += f", {result.n_dropped} unreadable spot(s) dropped"
     return msg
