@@ -540,28 +540,28 @@ def _thumbnail(slide: Any) -> tuple[Any, float, str, float]:
     return np.full(shape, 255, np.uint8), scale, note, time.perf_counter() - t
 
 
+def _details(result: SlideResult) -> list[str]:
+    """What both lines say after the spots: the resolution and its source, the engine."""
+    parts = [result.resolution_text()] if result.mpp > 0 else []
+    return parts + ([f"engine {result.engine}"] if result.engine else [])
+
+
 def _report(result: SlideResult) -> None:
     """The run's line: output, spots, time, the resolution and its source, the engine; then the pictures."""
     rate = result.n_spots / result.seconds if result.seconds > 0 else 0.0
-    msg = f"wrote {result.output}: {result.n_spots} spots in {result.seconds:.1f} s ({rate:.1f} spots/s)"
-    if result.mpp > 0:
-        msg += f"; {result.resolution_text()}"
-    if result.engine:
-        msg += f"; engine {result.engine}"
+    parts = [f"wrote {result.output}: {result.n_spots} spots in {result.seconds:.1f} s ({rate:.1f} spots/s)",
+             *_details(result)]
     if result.n_dropped:
-        msg += f"; {result.n_dropped} unreadable spot(s) dropped (listed in uns['mmap']['dropped_spots'])"
-    echo(msg)
+        parts.append(f"{result.n_dropped} unreadable spot(s) dropped (listed in uns['mmap']['dropped_spots'])")
+    echo("; ".join(parts))
     for p in result.plots:
         echo(f"wrote {p}")
 
 
 def _summary_line(result: SlideResult) -> str:
+    """A batch row's line: the same facts, shorter."""
     rate = result.n_spots / result.seconds if result.seconds > 0 else 0.0
-    msg = f"wrote {result.output.name}, {result.n_spots} spots, {rate:.1f} spots/s"
-    if result.mpp > 0:
-        msg += f", {result.resolution_text()}"
-    if result.engine:
-        msg += f", engine {result.engine}"
+    parts = [f"wrote {result.output.name}", f"{result.n_spots} spots", f"{rate:.1f} spots/s", *_details(result)]
     if result.n_dropped:
-        msg += f", {result.n_dropped} unreadable spot(s) dropped"
-    return msg
+        parts.append(f"{result.n_dropped} unreadable spot(s) dropped")
+    return ", ".join(parts)
