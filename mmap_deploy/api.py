@@ -24,7 +24,7 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Self, Union
+from typing import TYPE_CHECKING, NamedTuple, Self, Union
 
 from .errors import UserError
 from .run.predict import (
@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import anndata
     import pandas
 
+    from .engines import Engines
     from .inputs.tissue import Tissue
     from .model.bundle import Bundle
 
@@ -46,13 +47,13 @@ PathLike = Union[str, "os.PathLike[str]"]
 API_COMMAND = "mmap_deploy.Predictor.predict (Python API)"
 
 
-def _path(value: Any, what: str) -> Path:
+def _path(value: object, what: str) -> Path:
     if not isinstance(value, (str, os.PathLike)):
         raise UserError(f"{what} must be a path (str or pathlib.Path), got {type(value).__name__}")
     return Path(value)
 
 
-def _check_int(value: Any, what: str, minimum: int) -> int:
+def _check_int(value: object, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UserError(f"{what} must be a whole number of at least {minimum}, got {value!r}")
     return int(value)
@@ -148,7 +149,7 @@ class Predictor:
 
     def __init__(self, model: PathLike | None = None, backend: str = "auto", precision: str = "fp32",
                  threads: int = 0, *, batch_size: int | None = None, progress: bool = False) -> None:
-        self._engines: Any = None  # set before anything can fail: close() and __del__ rely on it
+        self._engines: Engines | None = None  # set before anything can fail: close() and __del__ rely on it
         self._lock = threading.Lock()
         threads = _check_int(threads, "threads", 0)
         if batch_size is not None:
@@ -183,7 +184,7 @@ class Predictor:
         return Path(self.bundle.root)
 
     @property
-    def engines(self) -> Any:
+    def engines(self) -> Engines:
         """The loaded encoder and fusion engines (`mmap_deploy.engines.Engines`)."""
         self._check_open()
         return self._engines
@@ -476,6 +477,17 @@ def detect_tissue(slide: PathLike, *, mpp: float | None = None, tissue_mask: Pat
     UserError
         No tissue found (the message says what share looked like tissue), a
         slide without a resolution, or a bad mask.
+
+    Examples
+    --------
+    The outline as GeoJSON, to check in QuPath or to edit and pass back as
+    ``tissue_mask``:
+
+    >>> import json
+    >>> import mmap_deploy as mm
+    >>> tissue = mm.detect_tissue("slide.svs")                          # doctest: +SKIP
+    >>> with open("slide.geojson", "w") as f:                           # doctest: +SKIP
+    ...     json.dump(tissue.to_geojson(), f)
     """
     from .inputs.slide import open_slide
     from .inputs.tissue import detect_tissue as _detect
@@ -513,6 +525,14 @@ def make_grid(slide: PathLike, grid: str, *, mpp: float | None = None, tissue: T
         pixels), ``array_row``, ``array_col``, ``tissue_fraction`` and
         ``tissue_id``; ``attrs['grid']`` is the grid's record
         (``uns['mmap']['grid']`` of a prediction).
+
+    Raises
+    ------
+    UserError
+        An unknown `grid`, a slide without a resolution, no tissue found, a
+        bad mask, a `min_tissue` outside (0, 1], or a grid with no spot on
+        tissue or with more than `max_spots` (the message names the count
+        and the fixes).
     """
     import numpy as np
     import pandas as pd

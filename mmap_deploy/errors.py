@@ -4,9 +4,23 @@
 non-zero without a traceback. Anything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
 
 class UserError(Exception):
-    """A problem with the user's input (file, row, value), with the fix in the message."""
+    """A problem with the user's input (file, row, value), with the fix in the message.
+
+    The message is one line, the one ``mmap-predict`` prints; `BundleError`,
+    `EngineMismatchError` and `OutputStorageError` are kinds of it.
+
+    Examples
+    --------
+    >>> import mmap_deploy as mm
+    >>> try:                                                            # doctest: +SKIP
+    ...     adata = mm.predict("slide.svs", "spots.csv")
+    ... except mm.UserError as e:
+    ...     print(f"skipped: {e}")
+    """
 
 
 class BundleError(UserError):
@@ -41,4 +55,15 @@ def first_line(exc: BaseException, *, with_type: bool = False) -> str:
 
 class MMAPWarning(UserWarning):
     """A finding about the input that the run went on with (a resolution that contradicts the slide,
-    spots off tissue, a Space Ranger image that does not fit): raised through `warnings.warn`."""
+    spots off tissue, a Space Ranger image that does not fit): raised through `warnings.warn`.
+
+    Examples
+    --------
+    Stop on every finding instead of going on:
+
+    >>> import warnings
+    >>> import mmap_deploy as mm
+    >>> with warnings.catch_warnings():                                 # doctest: +SKIP
+    ...     warnings.simplefilter("error", mm.MMAPWarning)
+    ...     adata = mm.predict("slide.svs", "spots.csv")
+    """

@@ -23,9 +23,11 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TypeVar
 
 from .errors import MMAPWarning, UserError
+
+_T = TypeVar("_T")
 
 LOGGER_NAME = "mmap_deploy"
 logger = logging.getLogger(LOGGER_NAME)
@@ -108,8 +110,8 @@ def echo(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def run_cli(body: Callable[[], Any], *, prefix: str = "",
-            missing_extra: Callable[[ModuleNotFoundError], str | None] | None = None) -> Any:
+def run_cli(body: Callable[[], _T], *, prefix: str = "",
+            missing_extra: Callable[[ModuleNotFoundError], str | None] | None = None) -> _T:
     """Run a CLI's `body`; a UserError is one line `{prefix}error: ...` on stderr and exit code 2.
 
     So is a missing optional extra, when `missing_extra` turns the

@@ -32,3 +32,16 @@ def test_runtime_dependencies_have_no_torch():
     assert any(d.startswith("torch==") for d in project["optional-dependencies"]["train"])
     scripts = project["scripts"]
     assert scripts["mmap-train"].startswith("mmap_train.") and scripts["mmap-export"].startswith("mmap_export.")
+
+
+def test_plot_extra_installs_what_the_package_draws_with():
+    """[plot] is matplotlib, what --plot and --overview draw with; no package code imports scanpy,
+    so it is not in [plot] (the tests, which read the output with it, install it through [test])."""
+    import re
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [re.split(r"[<>=\[]", d)[0] for d in extras["plot"]] == ["matplotlib"]
+    assert any(d.startswith("scanpy") for d in extras["test"])
+    importing = [str(f.relative_to(REPO)) for pkg in ("mmap_deploy", "train", "export") for f in (REPO / pkg).rglob("*.py")
+                 if re.search(r"^\s*(import|from)\s+scanpy\b", f.read_text(), re.M)]
+    assert importing == []

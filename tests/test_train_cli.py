@@ -78,7 +78,7 @@ def test_phase1_backbone_weights_not_found_is_one_line(manifest, tmp_path, capsy
     err = _one_line_exit(capsys, [
         "phase1", "--manifest", str(manifest), "--genes", str(tmp_path / "genes.txt"), "--backbone", "tiny",
         "--out", str(tmp_path / "p1"), "--backbone-weights", "/path/that/does/not/exist"])
-    assert err.startswith("mmap-train: error: /path/that/does/not/exist: backbone weights file not found;")
+    assert err.startswith("error: /path/that/does/not/exist: backbone weights file not found;")  # as mmap-predict says it
     assert "--backbone-weights" in err and not (tmp_path / "p1").exists()
 
 
@@ -94,7 +94,7 @@ def test_phase1_config_errors_are_user_errors(manifest, tmp_path, capsys):
     err = _one_line_exit(capsys, [
         "phase1", "--manifest", str(manifest), "--genes", str(tmp_path / "genes.txt"), "--backbone", "tiny",
         "--out", str(tmp_path / "p1"), "--input-size", "100"])
-    assert err == "mmap-train: error: input_size must be a multiple of the patch size 16, got 100"
+    assert err == "error: input_size must be a multiple of the patch size 16, got 100"
 
 
 def _settings():

@@ -70,6 +70,12 @@ def load_backbone_weights(model: nn.Module, path: str | Path, backbone: Backbone
     dict, or whose keys or shapes do not fit the backbone is a one-line
     UserError that names the keys and the fix.
     """
+    # Not `create_model(pretrained=True, pretrained_cfg_overlay=dict(file=path))` itself (timm 1.0.31):
+    # with num_classes=0, unlike the pretrained config's 1000, timm loads non-strictly and only logs
+    # missing and unexpected keys, so a file for another depth or an mmap-train checkpoint would
+    # "load" and leave random blocks; and a list, a shape mismatch or a pickled object come out as
+    # AttributeError, a two-line RuntimeError or advice to pass weights_only=False. Its filter is used
+    # here as it is; the checks and messages are ours.
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     path = check_weights_file(path)

@@ -199,6 +199,23 @@ def train_phase1(cfg: MMAPConfig, train: SpotSet, val: SpotSet | None, out_dir: 
         dp.close()
 
 
+@dataclass
+class _Run:
+    """What a phase-1 run carries from one epoch to the next."""
+
+    model: MMAP
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    global_batch: int  # spots per micro-batch over all processes
+    total: int  # optimiser steps the schedule spans
+    encoder: torch.nn.Module | None = None  # model.encoder, under DDP when distributed
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    step: int = 0
+    best: float = -math.inf
+
+
 def _train_phase1(cfg, train, val, out_dir, recipe, dp, *, backbone_weights, resume, progress, extra,
                   stop_after_epoch):
     from tqdm import tqdm
@@ -209,12 +226,37 @@ def _train_phase1(cfg, train, val, out_dir, recipe, dp, *, backbone_weights, res
         torch.set_num_threads(recipe.threads)
     if len(train) == 0:
         raise UserError("no training spots (check the sections and their counts)")
+    run = _start(cfg, train, recipe, dp, backbone_weights)
+    last_path, best_path = out_dir / "last.pt", out_dir / "checkpoint.pt"
+    if resume:
+        _resume(run, last_path)
+    run.encoder = dp.wrap(run.model.encoder, run.device)  # after loading: DDP starts from rank 0's weights
+    meta = _meta(train, val, recipe, dp, run.global_batch, extra)
+    bar = tqdm(total=run.total, initial=run.step, desc="phase 1", unit="step", disable=not (progress and dp.main))
+    t0 = time.perf_counter()
+    for epoch in range(run.start_epoch, recipe.epochs):
+        if (recipe.max_steps and run.step >= recipe.max_steps) or (stop_after_epoch and epoch >= stop_after_epoch):
+            break
+        losses, mag_on = _train_epoch(run, cfg, train, recipe, dp, epoch, bar)
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": run.step, "train_loss": float(np.mean(losses)),
+                               "lr": run.opt.param_groups[0]["lr"], "mag_loss_on": mag_on,
+                               "seconds": round(time.perf_counter() - t0, 1)}
+        if not dp.main:  # rank 0 validates and writes; the others go on to the next epoch
+            run.history.append(row)
+            continue
+        _end_epoch(run, cfg, train, val, epoch, row, out_dir, meta)
+    bar.close()
+    if dp.main and not best_path.is_file():  # stopped before the first epoch ended (max_steps)
+        save_checkpoint(best_path, run.model, epoch=0, encoder_trained=True, **meta)
+    return {"checkpoint": str(best_path), "history": run.history, "best": run.best}
+
+
+def _start(cfg: MMAPConfig, train: SpotSet, recipe: Phase1Recipe, dp, backbone_weights: str | None) -> _Run:
+    """The model (seeded), its optimiser and the cosine schedule over the whole run."""
     device = _device(recipe, dp.local_rank, dp.world)
-    spec = cfg.view_spec
     torch.manual_seed(recipe.seed)
     model = MMAP(cfg, backbone_weights or cfg.backbone_weights or None).to(device)
-    params = trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=recipe.lr, weight_decay=recipe.weight_decay)
     # under torchrun a micro-batch is batch_size spots per process: batch_size * world in all
     global_batch = recipe.batch_size * dp.world
     steps_per_epoch = math.ceil(len(train) / (global_batch * recipe.accumulate))
@@ -222,23 +264,25 @@ def _train_phase1(cfg, train, val, out_dir, recipe, dp, *, backbone_weights, res
     if recipe.max_steps:
         total = min(total, recipe.max_steps)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total), eta_min=recipe.min_lr)
-    history: list[dict[str, Any]] = []
-    start_epoch, step, best = 0, 0, -math.inf
-    last_path, best_path = out_dir / "last.pt", out_dir / "checkpoint.pt"
-    if resume:
-        if not last_path.is_file():
-            raise UserError(f"{last_path}: nothing to resume; run without --resume first")
-        state = read_checkpoint(last_path, map_location=device)
-        model.load_state_dict(state["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        history, start_epoch, step = state["history"], state["epoch"], state["step"]
-        best = state.get("best_score", -math.inf)
-    encoder = dp.wrap(model.encoder, device)  # after loading: DDP starts from rank 0's weights
-    use_amp = recipe.amp and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
-    baseline = train.targets.mean(axis=0, keepdims=True)
+    return _Run(model, opt, sched, device, global_batch, total)
+
+
+def _resume(run: _Run, last_path: Path) -> None:
+    """Model, optimiser, schedule, torch's RNG and history as `last_path` left them."""
+    if not last_path.is_file():
+        raise UserError(f"{last_path}: nothing to resume; run without --resume first")
+    state = read_checkpoint(last_path, map_location=run.device)
+    run.model.load_state_dict(state["state_dict"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    run.history, run.start_epoch, run.step = state["history"], state["epoch"], state["step"]
+    run.best = state.get("best_score", -math.inf)
+
+
+def _meta(train: SpotSet, val: SpotSet | None, recipe: Phase1Recipe, dp, global_batch: int,
+          extra: dict[str, Any] | None) -> dict[str, Any]:
+    """What every checkpoint of the run records besides the weights."""
     meta = {"phase": 1, "recipe": asdict(recipe),
             "training_data": {"train_sections": sorted(set(train.sections.tolist())),
                               "val_sections": sorted(set(val.sections.tolist())) if val is not None else [],
@@ -246,73 +290,71 @@ def _train_phase1(cfg, train, val, out_dir, recipe, dp, *, backbone_weights, res
             **(extra or {})}
     if dp.world > 1:
         meta["data_parallel"] = {"processes": dp.world, "global_batch": global_batch}
-    bar = tqdm(total=total, initial=step, desc="phase 1", unit="step", disable=not (progress and dp.main))
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, recipe.epochs):
-        if (recipe.max_steps and step >= recipe.max_steps) or (stop_after_epoch and epoch >= stop_after_epoch):
+    return meta
+
+
+def _train_epoch(run: _Run, cfg: MMAPConfig, train: SpotSet, recipe: Phase1Recipe, dp, epoch: int,
+                 bar) -> tuple[list[float], bool]:
+    """One epoch's optimiser steps (until `max_steps`); returns each step's loss and whether L_mag was on."""
+    use_amp = recipe.amp and run.device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+    run.model.train()
+    order = np.random.default_rng([recipe.seed, epoch]).permutation(len(train))
+    micro = [order[i:i + run.global_batch] for i in range(0, len(order), run.global_batch)]
+    # a process whose share of a (last, short) batch is empty still steps with DDP: one spot, weight 0
+    mine = [dp.share(rows) if len(dp.share(rows)) else rows[:1] for rows in micro]
+    views = prefetched(lambda rows: batch_views(train, rows, cfg.view_spec, epoch=epoch, seed=recipe.seed,
+                                                augment=recipe.augment), mine, recipe.loader_threads)
+    losses, mag_on = [], epoch >= recipe.mag_start_epoch and cfg.mag_weight > 0
+    for j in range(0, len(micro), recipe.accumulate):
+        group = micro[j:j + recipe.accumulate]
+        run.opt.zero_grad(set_to_none=True)
+        n_group = sum(len(g) for g in group)
+        total_loss = 0.0
+        for k, rows in enumerate(group):
+            x = next(views).to(run.device)
+            own = len(dp.share(rows))
+            t = torch.from_numpy(train.targets[mine[j + k]]).to(run.device)
+            # DDP averages over processes: weighting by share * world makes the step the global batch's
+            # (the contrastive term's negatives are the process's own share of the batch)
+            with dp.no_sync(run.encoder, sync=k == len(group) - 1):
+                with autocast():
+                    f, y1, cls = run.encoder(x)
+                    loss = torch.mean((y1.float() - t) ** 2)
+                    if mag_on:
+                        loss = loss + cfg.mag_weight * alignment_loss(cfg, f.float(), cls[:, cfg.ref_view].float())
+                (loss * (own * dp.world / n_group)).backward()
+            total_loss += loss.item() * own / n_group
+        total_loss = dp.sum(total_loss, run.device)
+        run.opt.step()
+        run.sched.step()
+        run.step += 1
+        losses.append(total_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total_loss:.4f}")
+        if recipe.max_steps and run.step >= recipe.max_steps:
             break
-        model.train()
-        order = np.random.default_rng([recipe.seed, epoch]).permutation(len(train))
-        micro = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
-        # a process whose share of a (last, short) batch is empty still steps with DDP: one spot, weight 0
-        mine = [dp.share(rows) if len(dp.share(rows)) else rows[:1] for rows in micro]
-        views = prefetched(lambda rows, e=epoch: batch_views(train, rows, spec, epoch=e, seed=recipe.seed,
-                                                             augment=recipe.augment), mine, recipe.loader_threads)
-        losses, mag_on = [], epoch >= recipe.mag_start_epoch and cfg.mag_weight > 0
-        for j in range(0, len(micro), recipe.accumulate):
-            group = micro[j:j + recipe.accumulate]
-            opt.zero_grad(set_to_none=True)
-            n_group = sum(len(g) for g in group)
-            total_loss = 0.0
-            for k, rows in enumerate(group):
-                x = next(views).to(device)
-                own = len(dp.share(rows))
-                t = torch.from_numpy(train.targets[mine[j + k]]).to(device)
-                # DDP averages over processes: weighting by share * world makes the step the global batch's
-                # (the contrastive term's negatives are the process's own share of the batch)
-                with dp.no_sync(encoder, sync=k == len(group) - 1):
-                    with autocast():
-                        f, y1, cls = encoder(x)
-                        loss = torch.mean((y1.float() - t) ** 2)
-                        if mag_on:
-                            loss = loss + cfg.mag_weight * alignment_loss(cfg, f.float(),
-                                                                          cls[:, cfg.ref_view].float())
-                    (loss * (own * dp.world / n_group)).backward()
-                total_loss += loss.item() * own / n_group
-            total_loss = dp.sum(total_loss, device)
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(total_loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total_loss:.4f}")
-            if recipe.max_steps and step >= recipe.max_steps:
-                break
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
-                               "lr": opt.param_groups[0]["lr"], "mag_loss_on": mag_on,
-                               "seconds": round(time.perf_counter() - t0, 1)}
-        score = float(epoch)
-        if not dp.main:  # rank 0 validates and writes; the others go on to the next epoch
-            history.append(row)
-            continue
-        if val is not None and len(val):
-            _, y1v = predict_spots(model, val, spec, device=device)
-            m = evaluate(y1v, val.targets, val.sections)
-            row.update({f"val_{k}": m[k] for k in ("pcc_pooled", "pcc_per_slide", "mse", "mae")})
-            b = val.targets - baseline
-            row.update({"val_train_mean_mse": float((b ** 2).mean()), "val_train_mean_mae": float(np.abs(b).mean())})
-            score = m["pcc_pooled"] if np.isfinite(m["pcc_pooled"]) else -math.inf
-        history.append(row)
-        if score > best:
-            best = score
-            row["kept"] = True
-            save_checkpoint(best_path, model, epoch=epoch + 1, encoder_trained=True,
-                            metrics={k: v for k, v in row.items() if k.startswith("val_")}, **meta)
-        save_checkpoint(last_path, model, epoch=epoch + 1, step=step, history=history, best_score=best,
-                        optimizer=opt.state_dict(), scheduler=sched.state_dict(), torch_rng=torch.get_rng_state(),
-                        encoder_trained=True, **meta)
-        write_training_log(out_dir, history)
-    bar.close()
-    if dp.main and not best_path.is_file():  # stopped before the first epoch ended (max_steps)
-        save_checkpoint(best_path, model, epoch=0, encoder_trained=True, **meta)
-    return {"checkpoint": str(best_path), "history": history, "best": best}
+    return losses, mag_on
+
+
+def _end_epoch(run: _Run, cfg: MMAPConfig, train: SpotSet, val: SpotSet | None, epoch: int, row: dict[str, Any],
+               out_dir: Path, meta: dict[str, Any]) -> None:
+    """Rank 0 after an epoch: validate, keep the best checkpoint, write `last.pt` and the log."""
+    score = float(epoch)
+    if val is not None and len(val):
+        _, y1v = predict_spots(run.model, val, cfg.view_spec, device=run.device)
+        m = evaluate(y1v, val.targets, val.sections)
+        row.update({f"val_{k}": m[k] for k in ("pcc_pooled", "pcc_per_slide", "mse", "mae")})
+        b = val.targets - train.targets.mean(axis=0, keepdims=True)  # the training mean as a baseline
+        row.update({"val_train_mean_mse": float((b ** 2).mean()), "val_train_mean_mae": float(np.abs(b).mean())})
+        score = m["pcc_pooled"] if np.isfinite(m["pcc_pooled"]) else -math.inf
+    run.history.append(row)
+    if score > run.best:
+        run.best = score
+        row["kept"] = True
+        save_checkpoint(out_dir / "checkpoint.pt", run.model, epoch=epoch + 1, encoder_trained=True,
+                        metrics={k: v for k, v in row.items() if k.startswith("val_")}, **meta)
+    save_checkpoint(out_dir / "last.pt", run.model, epoch=epoch + 1, step=run.step, history=run.history,
+                    best_score=run.best, optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
+                    torch_rng=torch.get_rng_state(), encoder_trained=True, **meta)
+    write_training_log(out_dir, run.history)

@@ -2,7 +2,7 @@
 
     python docs/examples/predict_demo.py [OUT.png]
 
-Needs scanpy and matplotlib (`pip install "mmap-deploy[plot]"`); runs offline
+Needs scanpy (`pip install scanpy`, which brings matplotlib); runs offline
 in well under a minute on 2 cores. tests/test_api.py runs this script and
 checks that its predictions are those `mmap-predict --demo` writes, bit for bit.
 """

@@ -163,8 +163,8 @@ class OnnxRuntimeRunner(Runner):
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3  # warnings about unused initialisers etc. are noise to a user
-        # Idle intra-op threads must not spin: the patch readers share the cores
-        # (2-core box, 600 spots: encoder 11-12 s spinning, 6-8 s without).
+        # Idle intra-op threads must not spin: the patch readers share the cores,
+        # and a spinning thread holds one the readers need (benchmarks/RESULTS.md).
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(self.path), sess_options=so, providers=names,

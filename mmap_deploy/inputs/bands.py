@@ -44,31 +44,29 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from ..model.preprocess import ViewSpec, make_views, patch_region, resize_weights
-from .slide import PatchReadError
+from .slide import PatchReadError, SlideReader
 
 # Level pixels of one band (rows x the spots' x-extent), beyond one patch of
 # overlap: 16 Mpx is 48 MiB of RGB (64 MiB while OpenSlide hands out RGBA).
 BAND_PIXELS = 16 * 2**20
 # Spots resampled together: a chunk's float32 planes (224 x 224 x 3 per spot
-# at the demo geometry, 0.6 MB) should stay near the core's L2 cache. Measured
-# on the 2-core Xeon (2 MB L2 a core; band views of a 16 µm grid over her2st
-# C6, CPU seconds, no decoding): 2 spots 794/s, 4 807/s, 6 920/s, 8 884/s,
-# 16 789/s, 32 554/s, 64 462/s. The views do not depend on it (bit-identical).
+# at the demo geometry, 0.6 MB) should stay near the core's L2 cache: chunks of
+# a few spots read fastest, larger ones spill out of it (benchmarks/RESULTS.md,
+# "Chunks of 8 spots"). The views do not depend on it (bit-identical).
 CHUNK_SPOTS = 8
 # Spots in flight per reader slot (2 * workers + 1 slots run ahead of the consumer).
 WINDOW_SPOTS = 32
 # A band of a tiled slide is decoded whole only where its spots' patches cover
 # at least this share of its area (patch area x spots / band area); sparser
-# bands go spot by spot. Measured by `benchmarks/run.py --suite read`
-# (tile_read_coverage rows, her2st C6 through OpenSlide, one thread): the band
-# reader ran at 0.35x the per-spot one at coverage 0.25, 0.44x at 0.5, 1.0x at
-# 1, 2.2x at 2 (OpenSlide paints ~16 Mpx/s of CPU, so decoding area no spot
-# needs costs more than the resampling saves). Visium's 100 µm grid is ~3, a
+# bands go spot by spot: OpenSlide's decoding is slow, so decoding area no
+# spot needs costs more than the resampling saves; at coverage 1 the two paths
+# break even (`benchmarks/run.py --suite read`, tile_read_coverage rows:
+# benchmarks/RESULTS.md, "Coverage sweep"). Visium's 100 µm grid is ~3, a
 # 16 µm grid ~100. A plain image is in memory already: always whole bands.
 MIN_COVERAGE = 1.0
 # Output rows resampled per matrix product: A is banded, so a block of rows
@@ -197,7 +195,7 @@ class ReadPlan:
         return sum(len(b.spots) for b in whole) * self.n**2 / area if area else 0.0
 
 
-def plan_reads(slide: Any, xy: np.ndarray, spec: ViewSpec, *, reader: str = "auto",
+def plan_reads(slide: SlideReader, xy: np.ndarray, spec: ViewSpec, *, reader: str = "auto",
                min_coverage: float | None = None, band_pixels: int | None = None) -> ReadPlan:
     """Sort spots into horizontal bands of the level `read_patch` reads, and choose per band
     whether to decode it whole (`reader`: "auto" by `min_coverage`, or forced)."""
@@ -264,7 +262,7 @@ class _BandSource:
     band is read in one piece there, as before.
     """
 
-    def __init__(self, slide: Any, plan: ReadPlan, decoders: int = 1):
+    def __init__(self, slide: SlideReader, plan: ReadPlan, decoders: int = 1):
         self.slide, self.plan = slide, plan
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmap-band")
         self._tail: tuple[int, np.ndarray] | None = None  # (first row, pixels) of the last band read
@@ -365,7 +363,7 @@ def _band_views(pixels: np.ndarray, plan: ReadPlan, spots: np.ndarray, r0: int, 
     return views
 
 
-def _spot_views(slide: Any, spots: np.ndarray, xy: np.ndarray, spec: ViewSpec, patches: bool) -> ViewChunk:
+def _spot_views(slide: SlideReader, spots: np.ndarray, xy: np.ndarray, spec: ViewSpec, patches: bool) -> ViewChunk:
     """The per-spot path: read_patch (with its own retry) and make_views, spot by spot."""
     shape = (spec.patch_px, spec.patch_px, 3) if patches else (spec.n_views, spec.input_size, spec.input_size, 3)
     views = np.empty((len(spots),) + shape, np.uint8)
@@ -380,7 +378,7 @@ def _spot_views(slide: Any, spots: np.ndarray, xy: np.ndarray, spec: ViewSpec, p
     return ViewChunk(np.asarray(ok, np.int64), views[: len(ok)], failed)
 
 
-def read_spot_views(slide: Any, xy: np.ndarray, spec: ViewSpec, *, workers: int = 2, reader: str = "auto",
+def read_spot_views(slide: SlideReader, xy: np.ndarray, spec: ViewSpec, *, workers: int = 2, reader: str = "auto",
                     patches: bool = False, chunk: int = CHUNK_SPOTS,
                     spent: list[float] | None = None) -> Iterator[ViewChunk]:
     """Every spot's views (`patches=True`: its patch), in chunks, in a fixed reading order.

@@ -117,6 +117,13 @@ def _read_text(path: Path) -> str:
     return text
 
 
+# Why not pandas.read_csv (checked with pandas 2.3): sep=None (csv.Sniffer) splits a table
+# aligned with a mix of tabs and runs of spaces into the wrong columns, with no error, and
+# takes a headerless Visium list's first spot as its header. A row with too few fields is
+# padded with NaN without a word. Blank lines are skipped, so a row's index no longer gives
+# its line for "line N, column 'x'". Parsed as floats, "nan", "NA", "" and "inf" pass as
+# numbers, and "abc" fails with neither line nor column. The delimiter, the split and the
+# line numbers below are what pandas would still leave to write.
 def _sniff_delimiter(lines: list[str]) -> str | None:
     """The delimiter of a table: tab, comma or semicolon if the first line has one
     and the following lines agree on the field count; None means runs of whitespace."""

@@ -41,11 +41,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .coords import Spots
+    from .slide import SlideReader
 
 SKIP_FLAG = "--skip-geometry-checks"
 # The slide's (or --mpp's) resolution may differ this much from the lattice's.
@@ -322,7 +326,7 @@ class GeometryReport:
     problems: list[str] = field(default_factory=list)  # refusals (warnings when skipped)
 
 
-def check_geometry(spots: Any, fit: LatticeFit | None, slide: Any, mask: TissueMask | None, patch_um: float,
+def check_geometry(spots: Spots, fit: LatticeFit | None, slide: SlideReader, mask: TissueMask | None, patch_um: float,
                    coords_path: Path, mpp_source: str, skip: bool = False) -> GeometryReport:
     """Run every check; raise UserError on the first problem unless `skip`.
 

@@ -442,7 +442,7 @@ class _Lattice:
         return m * step + parity
 
     def tissue_share(self, strip: np.ndarray, rows: np.ndarray, cols: np.ndarray, c0: int, s_top: int,
-                     slabs: Any) -> np.ndarray:
+                     slabs: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> np.ndarray:
         """Tissue share over each footprint, from the strip's summed-area table."""
         rx_m, ry_m = self.rx_m, self.ry_m
         big = strip.size >= (1 << 31)
@@ -455,7 +455,7 @@ class _Lattice:
 
 
 def _footprint_share(sat: np.ndarray, cx: np.ndarray, cy: np.ndarray, rx_m: float, ry_m: float,
-                     slabs: Any) -> np.ndarray:
+                     slabs: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> np.ndarray:
     """Tissue share over footprints centred at (cx, cy) (mask pixels): boxes of half-sides rx_m, ry_m
     (`slabs` None), else discs of those radii as `_disc_slabs` slabs; `sat` the mask's summed-area table."""
     if slabs is None:
@@ -486,8 +486,9 @@ def spot_tissue_fraction(mask: np.ndarray, scale_x: float, scale_y: float, xy: n
     return np.clip(share, 0.0, 1.0).astype(np.float32)
 
 
-def _check_grid_args(mpp: float, mask: Any, labels: Any, scale_x: float, scale_y: float, width_px: int,
-                     height_px: int, min_tissue: float, max_spots: int) -> tuple[np.ndarray, Any]:
+def _check_grid_args(mpp: float, mask: np.ndarray, labels: np.ndarray | None, scale_x: float, scale_y: float,
+                     width_px: int, height_px: int, min_tissue: float,
+                     max_spots: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The arguments of `lay_grid` checked; the mask as bool, the labels as an array (or None)."""
     if not (math.isfinite(mpp) and mpp > 0):
         raise UserError(f"µm per pixel {mpp!r} must be a positive number; pass --mpp")

@@ -23,13 +23,17 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ..errors import UserError, first_line
 from .coords import Spots, read_coords
 from .geometry import LATTICES, LatticeSpec, visium_hd_lattice
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .geometry import LatticeFit
+    from .slide import SlideReader
 
 POSITION_FILES = ("tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv")
 SCALEFACTORS_FILE = "scalefactors_json.json"
@@ -224,8 +228,8 @@ def _warn_line(line: str) -> None:
     warn(line.removeprefix("warning: "))
 
 
-def check_spot_geometry(spot_input: SpotInput, lattice: Any, slide: Any, patch_um: float, coords_path: Path,
-                        mpp_source: str, skip: bool, warn: Callable[[str], None] = _warn_line,
+def check_spot_geometry(spot_input: SpotInput, lattice: LatticeFit | None, slide: SlideReader, patch_um: float,
+                        coords_path: Path, mpp_source: str, skip: bool, warn: Callable[[str], None] = _warn_line,
                         ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Space Ranger's images that fit the slide, and the geometry checks' qc record (see geometry.py).
 

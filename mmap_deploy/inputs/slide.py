@@ -205,8 +205,8 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     Only runs of columns that hold a pixel that is not opaque are blended,
     block by block of rows: an opaque pixel blends to itself
     ((c * 255 + 127) // 255 == c), and a band that reaches past the slide's
-    edges is opaque but for a strip on either side (blending all of it took
-    half of its read).
+    edges is opaque but for a strip on either side (blending all of it costs
+    a large share of the band's read: benchmarks/RESULTS.md).
     """
     rgb = rgba[..., :3]
     alpha = rgba[..., 3]

@@ -21,10 +21,15 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..messages import EXIT_BATCH_FAILED, EXIT_OK, echo
-from .manifest import check_output_dir
+from .manifest import ManifestRow, check_output_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engines import Engines
+    from ..model.bundle import Bundle
+    from .predict import RunSettings
 
 DONE, CLAIMED, FAILED, STOP = "done", "claimed", "failed", "stop"
 
@@ -41,8 +46,8 @@ class SlideOutcome:
     seconds: float = 0.0
 
 
-def predict_row(row: Any, out: Path, bundle: Any, engines: Any, settings: Any, *, manifest_name: str,
-                run_id: str, spot_progress: Callable[[int], Any] | None = None) -> SlideOutcome:
+def predict_row(row: ManifestRow, out: Path, bundle: Bundle, engines: Engines, settings: RunSettings, *,
+                manifest_name: str, run_id: str, spot_progress: Callable[[int], Any] | None = None) -> SlideOutcome:
     """Claim, predict and write one manifest row; never raises for the slide's own problems."""
     from ..errors import UserError
     from .claims import ClaimHolder, claim_path, try_claim
@@ -90,11 +95,11 @@ class BatchTally:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     claimed: list[str] = field(default_factory=list)
-    failed: list[tuple[Any, str]] = field(default_factory=list)
+    failed: list[tuple[ManifestRow, str]] = field(default_factory=list)
     stopped: str = ""
     not_started: int = 0
 
-    def add(self, row: Any, outcome: SlideOutcome) -> None:
+    def add(self, row: ManifestRow, outcome: SlideOutcome) -> None:
         if outcome.status == DONE:
             self.done.append(row.name)
         elif outcome.status == CLAIMED:
@@ -125,7 +130,7 @@ class BatchJob:
 
     k: int
     total: int
-    row: Any  # manifest.ManifestRow
+    row: ManifestRow
     out: Path
     attempt: int = 0
 
@@ -167,8 +172,8 @@ class BatchPlan:
         return EXIT_BATCH_FAILED if self.tally.failed else EXIT_OK
 
 
-def plan_batch(manifest: Path, rows: list[Any], out_dir: Path, settings: Any, shard: tuple[int, int] | None, *,
-               absolute: bool = False) -> BatchPlan:
+def plan_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, settings: RunSettings,
+               shard: tuple[int, int] | None, *, absolute: bool = False) -> BatchPlan:
     """The jobs for the manifest's `rows` (or one shard of them); `absolute`: every path made absolute.
 
     Ray's workers run elsewhere, so no path they are given may depend on the driver's cwd.
@@ -186,8 +191,8 @@ def plan_batch(manifest: Path, rows: list[Any], out_dir: Path, settings: Any, sh
     return BatchPlan(manifest, out_dir, shard, settings.overwrite, jobs, BatchTally(len(rows)))
 
 
-def run_batch(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, engines: Any,
-              settings: Any, shard: tuple[int, int] | None) -> int:
+def run_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: Bundle, engines: Engines,
+              settings: RunSettings, shard: tuple[int, int] | None) -> int:
     """Every slide of the manifest's `rows` (or of one shard), one after the other; returns the exit code."""
     from .claims import new_run_id
     from .storage import make_output_dir
@@ -206,7 +211,7 @@ def run_batch(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, engin
     return plan.finish()
 
 
-def echo_outcome(prefix: str, outcome: Any, echo: Callable[[str], None] = echo) -> None:
+def echo_outcome(prefix: str, outcome: SlideOutcome, echo: Callable[[str], None] = echo) -> None:
     """One slide's line of a batch (a bug's traceback first)."""
     if outcome.traceback:
         echo(f"{prefix}: internal error; traceback follows")

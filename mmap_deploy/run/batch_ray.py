@@ -44,10 +44,16 @@ import sys
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError, first_line
 from ..messages import echo
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..model.bundle import Bundle
+    from .batch import BatchJob, BatchPlan, SlideOutcome
+    from .manifest import ManifestRow
+    from .predict import RunSettings
 
 RAY_EXTRA = "pip install 'mmap-deploy[ray]'"
 LOCAL = "local"  # --ray without ADDRESS
@@ -148,7 +154,7 @@ class SpotCounter:
 class SlideWorker:
     """One worker (a Ray actor): loads the bundle and its engines once, then predicts slides."""
 
-    def __init__(self, bundle_path: str, settings: Any, run_id: str, counter: Any):
+    def __init__(self, bundle_path: str, settings: RunSettings, run_id: str, counter: Any):
         import socket
 
         from ..engines import open_engines
@@ -178,7 +184,7 @@ class SlideWorker:
                         batch_size=self.settings.batch_size, readers=self.settings.read_workers)
         return info
 
-    def predict(self, row: Any, out: str, manifest_name: str) -> Any:
+    def predict(self, row: ManifestRow, out: str, manifest_name: str) -> SlideOutcome:
         from .batch import predict_row
 
         return predict_row(row, Path(out), self.bundle, self.engines, self.settings, manifest_name=manifest_name,
@@ -193,11 +199,12 @@ class _RayBatch:
     on a new worker).
     """
 
-    def __init__(self, ray: Any, plan: Any, to_do: deque, bundle: Any, settings: Any, run_id: str):
+    def __init__(self, ray: Any, plan: BatchPlan, to_do: deque[BatchJob], bundle: Bundle, settings: RunSettings,
+                 run_id: str):
         self.ray, self.plan, self.to_do, self.bundle, self.settings, self.run_id = ray, plan, to_do, bundle, settings, run_id
         self.actors: dict[int, Any] = {}
         self.info: dict[int, dict[str, Any]] = {}
-        self.in_flight: dict[Any, tuple[int, Any]] = {}  # ref -> (worker, job)
+        self.in_flight: dict[Any, tuple[int, BatchJob]] = {}  # ref -> (worker, job)
         self.starting: dict[Any, int] = {}  # ready() ref -> worker
         self.free: deque[int] = deque()
         self.stopped, self.announced, self.deaths_at_start = False, False, 0
@@ -304,7 +311,7 @@ class _RayBatch:
         if outcome.status == STOP:
             self.stopped = True
 
-    def on_death(self, w: int, job: Any, e: Exception) -> Any:
+    def on_death(self, w: int, job: BatchJob, e: Exception) -> SlideOutcome | None:
         """Replace the dead worker; retry its slide once (None), or its failed outcome on the second try."""
         from .batch import FAILED, SlideOutcome
 
@@ -327,7 +334,7 @@ class _RayBatch:
         release_run_claims([job.out for _, job in self.in_flight.values()], self.run_id)
 
 
-def run_batch_ray(manifest: Path, rows: list[Any], out_dir: Path, bundle: Any, settings: Any,
+def run_batch_ray(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: Bundle, settings: RunSettings,
                   shard: tuple[int, int] | None, address: str, n_workers: int | None) -> int:
     """The manifest's slides on Ray workers; the same plan, outputs, summary and exit code as `batch.run_batch`."""
     from .batch import plan_batch

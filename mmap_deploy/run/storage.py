@@ -47,8 +47,8 @@ def expected_output_bytes(n_spots: int, n_genes: int, embed_dim: int, thumbnail_
     """At most how many bytes one slide's output takes, with a margin.
 
     X (spots × genes float32) + the embedding (spots × D float32) + the hires
-    thumbnail (uint8 RGB, counted uncompressed: gzip saves from nothing on a
-    tissue-filled crop to 60% on a whole section) + a little per spot and per
+    thumbnail (uint8 RGB, counted uncompressed: what gzip saves depends on how
+    much of it is bare glass; benchmarks/RESULTS.md) + a little per spot and per
     file, and the --plot PNGs. A SpatialData `.zarr` holds the thumbnail twice
     (the image element, and the table's `uns['spatial']`).
     """
