@@ -28,6 +28,8 @@ def merge(paths: list[Path]) -> dict:
             out["folds"].setdefault(patient, {}).update(fold)
         out["runs"] += r.get("runs") or [{"command": r.get("command"), "folds": list(r["folds"]),
                                           "machine": r.get("machine")}]
+        if "smoothing_all_patients" in r:
+            out["smoothing_all_patients"] = r["smoothing_all_patients"]
     out["folds"] = dict(sorted(out["folds"].items()))
     return summarise(out)
 

@@ -87,7 +87,7 @@ def manifest_for(model: MMAP, provenance: dict[str, Any], demo: bool = False) ->
     return Manifest(
         genes=list(cfg.genes), embed_dim=model.embed_dim, view=cfg.view_spec,
         prototypes=cfg.prototype_rule, query_view=cfg.query_view, head_average=cfg.head_average,
-        backbone=cfg.backbone, provenance=provenance, demo=demo,
+        backbone=cfg.backbone, provenance=provenance, demo=demo, neighbours=cfg.neighbour_smoothing,
     )
 
 

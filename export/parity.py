@@ -26,9 +26,6 @@ INT8_MIN_COSINE = 0.99
 PARITY_SPOTS = 24
 # Spots per engine call while measuring: a UNI-sized encoder on the CPU stays within memory.
 PARITY_BATCH = 8
-# Resolution of the her2st full-resolution images (200 µm spot pitch = ~273 px);
-# the JPEGs carry no mpp metadata.
-HER2ST_MPP = 0.73
 
 
 class ParityError(UserError):
@@ -51,7 +48,8 @@ def her2st_parity_views(data_dir: Path, spec: ViewSpec, n: int = PARITY_SPOTS) -
     `her2st/spots/{section}_selection.tsv` (the layout of the project's data
     folder). Spots are taken evenly along the spot table: deterministic.
     """
-    from mmap_deploy.inputs.coords import read_coords
+    from mmap_deploy.inputs.geometry import fallback_mpp, fit_lattice
+    from mmap_deploy.inputs.layouts import read_spot_input
     from mmap_deploy.inputs.slide import open_slide
 
     root = Path(data_dir)
@@ -67,9 +65,12 @@ def her2st_parity_views(data_dir: Path, spec: ViewSpec, n: int = PARITY_SPOTS) -
     coords_path = her2st / "spots" / f"{section}_selection.tsv"
     if not coords_path.is_file():
         raise UserError(f"{coords_path}: spot table for {image.name} not found; the her2st folder is incomplete")
-    spots = read_coords(coords_path)
+    spot_input = read_spot_input(coords_path)
+    spots = spot_input.spots
     pick = np.linspace(0, len(spots) - 1, num=min(n, len(spots))).round().astype(int)
-    slide = open_slide(image, mpp=HER2ST_MPP)
+    # the JPEGs carry no resolution: the spot lattice's, as mmap-predict finds it
+    fit = fit_lattice(spots.xy, spots.array_xy, spot_input.lattice)
+    slide = open_slide(image, fallback_mpp=fallback_mpp(fit, None))
     try:
         views = np.stack([make_views(slide.read_patch(*spots.xy[i], spec), spec) for i in pick])
     finally:

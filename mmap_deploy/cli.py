@@ -42,7 +42,7 @@ from .messages import (  # noqa: F401  (the exit codes are re-exported for scrip
     show_on_stderr,
 )
 from .run.batch import run_batch
-from .run.manifest import check_output_dir, check_rows_exist, parse_shard, read_manifest
+from .run.manifest import ManifestRow, check_output_dir, check_rows_exist, parse_shard, read_manifest
 from .run.predict import (  # noqa: F401  (re-exported: the names users and scripts import from cli)
     RunSettings,
     SlideResult,
@@ -280,7 +280,7 @@ def _check_batch_options(o: PredictOptions) -> None:
         raise UserError(f"--library-id {o.library_id!r}: cannot contain '/'; use letters, digits, - and _")
 
 
-def _check_outputs(o: PredictOptions, settings: RunSettings) -> list[Any] | None:
+def _check_outputs(o: PredictOptions, settings: RunSettings) -> list[ManifestRow] | None:
     """What is cheap to check before loading anything: the output path, or the manifest and its folder."""
     if o.manifest is None:
         from .outputs.adata import check_output_path

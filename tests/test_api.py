@@ -107,9 +107,7 @@ def test_close_without_a_with_block(demo):
 
 def test_nothing_is_printed_and_notes_go_to_logging(demo, capfd, caplog):
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the demo gives no warning either, but the one finding about its EXIF mpp:
-        # 0.73 µm/px (nearest-neighbour pitch) is 6.2% above the lattice fit's 0.687, over the 5% that warns
-        warnings.filterwarnings("ignore", message=r".*6\.2% above the spot lattice's 0\.687", category=mm.MMAPWarning)
+        warnings.simplefilter("error")  # the demo gives no warning: its EXIF mpp is B4's lattice
         with caplog.at_level(logging.INFO, logger="mmap_deploy"):
             adata = mm.predict(demo.slide, demo.coords, threads=1)
     out, err = capfd.readouterr()
@@ -121,10 +119,10 @@ def test_nothing_is_printed_and_notes_go_to_logging(demo, capfd, caplog):
 
 
 def test_a_finding_the_run_goes_on_with_is_a_warning(demo, capfd):
-    # the EXIF says 0.73 µm per pixel: 0.68 (7% less) is used, with a warning; the lattice (0.687) agrees
-    with pytest.warns(mm.MMAPWarning, match=r"--mpp 0\.68 overrides the slide's own 0\.73"):
-        adata = mm.predict(demo.slide, demo.coords, mpp=0.68, threads=1)
-    assert adata.uns["mmap"]["mpp"] == 0.68
+    # the EXIF says 0.6876 µm per pixel: 0.66 (4% less) is used, with a warning; the lattice (0.687) agrees
+    with pytest.warns(mm.MMAPWarning, match=r"--mpp 0\.66 overrides the slide's own 0\.6876"):
+        adata = mm.predict(demo.slide, demo.coords, mpp=0.66, threads=1)
+    assert adata.uns["mmap"]["mpp"] == 0.66
     assert capfd.readouterr() == ("", "")
 
 

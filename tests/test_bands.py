@@ -17,8 +17,8 @@ from mmap_deploy.inputs.bands import plan_reads, read_spot_views
 from mmap_deploy.inputs.slide import open_slide
 from mmap_deploy.model.preprocess import ViewSpec, make_views, patch_region
 
-SPEC = ViewSpec(patch_um=163.52, mpp=0.73)  # the demo bundle's geometry
-HER2ST_MPP = 0.69  # B4's lattice: ~290 px per 200 µm step; not the model's 0.73, so patches are resampled
+SPEC = ViewSpec(patch_um=154.0, mpp=0.6875)  # the demo bundle's geometry
+HER2ST_MPP = 0.69  # about B4's lattice (~290 px per 200 µm step); not the model's 0.6875, so patches are resampled
 CROP = (2000, 3300, 3400, 4700)  # left, top, right, bottom in B4.jpg
 
 

@@ -30,7 +30,7 @@ def test_the_run_says_resolution_source_spots_engine_and_output(pyramid, tiny_bu
 
 def test_the_demo_says_its_exif_resolution(tiny_bundle, tmp_path):
     r = run_cli("--demo", "--model", tiny_bundle, "-o", tmp_path / "d.h5ad", expect=0)
-    assert "120 spots in " in r.stderr and "; 0.730 µm/px from exif.XResolution; engine onnxruntime" in r.stderr
+    assert "120 spots in " in r.stderr and "; 0.688 µm/px from exif.XResolution; engine onnxruntime" in r.stderr
 
 
 # -- the resolution against the spot lattice ----------------------------------------------------

@@ -244,7 +244,7 @@ def test_pipeline_matches_the_whole_slide_reference(pyramid, tiny_bundle, tmp_pa
 def her2st_output(her2st_crop, tiny_bundle, tmp_path_factory) -> Path:
     image, coords = her2st_crop
     out = tmp_path_factory.mktemp("her2st_out") / "B4_crop.h5ad"
-    predict(image, coords, "-o", out, "--model", tiny_bundle, "--mpp", "0.73", "--library-id", "B4",
+    predict(image, coords, "-o", out, "--model", tiny_bundle, "--mpp", "0.69", "--library-id", "B4",
             "--batch-size", "16")
     return out
 
@@ -277,14 +277,14 @@ def test_her2st_output_has_every_field(her2st_output, her2st_crop, tiny_bundle):
     assert hires.dtype == np.uint8 and hires.shape == (1600, 1600, 3)
     sf = lib["scalefactors"]
     assert sf["tissue_hires_scalef"] == pytest.approx(1.0)
-    # her2st: 200 µm pitch at 0.73 µm/px -> about 274 px; half of it is the plotting diameter (100 µm spots)
-    assert 125 < sf["spot_diameter_fullres"] < 150
+    # her2st: 200 µm pitch at 0.69 µm/px -> about 290 px; half of it is the plotting diameter (100 µm spots)
+    assert 135 < sf["spot_diameter_fullres"] < 155
     m = a.uns["mmap"]
     assert m["project"] == "mmap-deploy" and m["project_version"]
     assert m["bundle_sha256"] == load_bundle(tiny_bundle).sha256()
     assert m["backend"] == "onnxruntime" and "CPUExecutionProvider" in m["providers"]
     assert m["precision"] == "fp32"
-    assert m["mpp"] == 0.73 and m["mpp_source"] == "--mpp"
+    assert m["mpp"] == 0.69 and m["mpp_source"] == "--mpp"
     assert m["coords_format"] == "her2st" and m["slide_format"] == "image:JPEG"
     assert m["n_dropped"] == 0 and len(m["dropped_spots"]) == 0
     t = m["timings"]
@@ -314,7 +314,7 @@ def test_same_run_twice_and_other_batch_sizes_give_identical_x(her2st_output, he
     ref = ad.read_h5ad(her2st_output)
     for bs in ("16", "5"):
         out = tmp_path / f"bs{bs}.h5ad"
-        predict(image, coords, "-o", out, "--model", tiny_bundle, "--mpp", "0.73", "--library-id", "B4",
+        predict(image, coords, "-o", out, "--model", tiny_bundle, "--mpp", "0.69", "--library-id", "B4",
                 "--batch-size", bs)
         a = ad.read_h5ad(out)
         # bit-identical on CPU (ONNX Runtime's CPU kernels here do not depend on the batch size)
@@ -327,10 +327,10 @@ def test_existing_output_is_refused_without_overwrite(her2st_crop, tiny_bundle, 
     image, coords = her2st_crop
     out = tmp_path / "o.h5ad"
     out.write_bytes(b"finished work")
-    r = predict(image, coords, "-o", out, "--model", tiny_bundle, "--mpp", "0.73", expect=2)
+    r = predict(image, coords, "-o", out, "--model", tiny_bundle, "--mpp", "0.69", expect=2)
     assert_one_line_error(r, f"{out}: already exists; pass --overwrite")
     assert out.read_bytes() == b"finished work"
-    predict(image, coords, "-o", out, "--model", tiny_bundle, "--mpp", "0.73", "--overwrite")
+    predict(image, coords, "-o", out, "--model", tiny_bundle, "--mpp", "0.69", "--overwrite")
     assert ad.read_h5ad(out).n_obs > 0
 
 
@@ -414,7 +414,7 @@ def test_demo_sample_runs(tiny_bundle, tmp_path):
 
 # -- faults: unreadable tiles ------------------------------------------------------
 def _spots_touching_tile0(xy: np.ndarray, ids: list[str]) -> list[str]:
-    spec = ViewSpec(patch_um=163.52, mpp=0.73)
+    spec = ViewSpec()  # the tiny bundle's geometry (the defaults)
     out = []
     for (x, y), i in zip(xy, ids):
         left, top, side = patch_region(x, y, TIFF_MPP, spec)

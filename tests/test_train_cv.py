@@ -63,12 +63,12 @@ def test_choice_needs_per_slide_wins_over_ridge():
 
 
 class _RecordingHead(FusionHead):
-    """A fusion head that remembers its weights each time the training loop reads them."""
+    """A fusion head that remembers its weights each time it is switched to evaluation (to validate an epoch)."""
 
-    def state_dict(self, *args, **kwargs):
-        state = super().state_dict(*args, **kwargs)
-        self.seen = getattr(self, "seen", []) + [{k: v.clone() for k, v in state.items()}]
-        return state
+    def train(self, mode: bool = True):
+        if not mode:
+            self.seen = getattr(self, "seen", []) + [{k: v.detach().clone() for k, v in super().state_dict().items()}]
+        return super().train(mode)
 
 
 def _sections():
@@ -98,10 +98,13 @@ def test_weight_averaging_is_the_mean_of_the_last_epochs_and_one_onnx_graph(tmp_
     torch.manual_seed(0)
     head = _RecordingHead(cfg, DIM)
     recipe = Phase2Recipe(epochs=4, batch_size=16, lr=1e-2, keep="last", average_last=3)
-    history, _, kept = fit_fusion(cfg, head, data, None, recipe, progress=False)
+    history, _, kept = fit_fusion(cfg, head, data, data, recipe, progress=False)
     assert kept == 4 and history[-1]["averaged_epochs"] == 3
-    epochs = head.seen[:3]  # the weights after epochs 2, 3 and 4 (then one read to load the mean)
+    # validated after each of the 4 epochs, then once more with the mean: the weights after epochs 2, 3 and 4
+    assert len(head.seen) == 5
+    epochs = head.seen[1:4]
     assert not torch.equal(epochs[0]["head_h.weight"], epochs[2]["head_h.weight"])
+    assert torch.equal(head.seen[4]["head_h.weight"], head.state_dict()["head_h.weight"])
     for k, v in head.state_dict().items():
         mean = sum(e[k].double() for e in epochs) / 3
         torch.testing.assert_close(v, mean.float(), rtol=0, atol=1e-6)
@@ -164,10 +167,14 @@ def test_cli_cv_on_three_patients(real_data, tmp_path, capsys):
           "--candidates", "early-stop,e10-L32-avg5", "--epochs", "2", "--max-steps", "2", "--jobs", "2"])
     res = json.loads(out.read_text())
     assert list(res["folds"]) == ["A", "B", "C"] and res["patients"]["C"] == ["C2", "C3"]
-    assert set(res["summary"]) == {"y1", "ridge", "early-stop", "e10-L32-avg5", "e10-L32-avg5:last"}
+    plain = {"y1", "ridge", "early-stop", "e10-L32-avg5"}
+    assert set(res["summary"]) == plain | {f"{m}+smooth" for m in plain} | {"e10-L32-avg5:last"}
     for fold in res["folds"].values():
         assert fold["ridge"]["alpha"] in (10.0, 100.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0)
         assert len(fold["e10-L32-avg5"]["curve_pcc_per_slide"]) == 1  # 2 steps: one (partial) epoch
+        # the smoothing is chosen on the training patients' grid: 3 radii x 5 weights
+        assert len(fold["smoothing"]["inner_pcc_per_slide"]) == 15
+        assert fold["smoothing"]["radius_um"] in (250.0, 300.0, 450.0)
     # y1 on the held-out patient C, scored independently
     genes = read_genes(her2st / "genes_785.txt")
     feats = read_cache(cache, ["C2", "C3"])
@@ -177,6 +184,16 @@ def test_cli_cv_on_three_patients(real_data, tmp_path, capsys):
     m = evaluate(y1, tgt, ["C2"] * len(feats["C2"].spot_ids) + ["C3"] * len(feats["C3"].spot_ids))
     assert res["folds"]["C"]["y1"]["pcc_per_slide"] == pytest.approx(m["pcc_per_slide"])
     assert res["folds"]["C"]["y1"]["n_spots"] == res["folds"]["C"]["e10-L32-avg5"]["n_spots"] == len(y1)
+    # y1 smoothed with fold C's choice, recomputed here from the spot tables (µm from the spot lattice)
+    from mmap_train.spatial import NeighbourSmoothing, section_positions, smooth_sections
+
+    pos = {s.name: section_positions(s) for s in her2st_sections(real_data, ["C2", "C3"])}
+    assert 0.68 < pos["C2"].mpp < 0.70
+    xy = np.concatenate([pos[s].xy_for(feats[s].spot_ids) for s in ("C2", "C3")])
+    labels = ["C2"] * len(feats["C2"].spot_ids) + ["C3"] * len(feats["C3"].spot_ids)
+    choice = res["folds"]["C"]["smoothing"]
+    ys = smooth_sections(y1, np.array(labels), xy, NeighbourSmoothing(choice["radius_um"], choice["weight"]))
+    assert res["folds"]["C"]["y1+smooth"]["pcc_per_slide"] == pytest.approx(evaluate(ys, tgt, labels)["pcc_per_slide"])
     means = [res["folds"][p]["ridge"]["pcc_pooled"] for p in "ABC"]
     assert res["summary"]["ridge"]["pcc_pooled"]["mean"] == pytest.approx(np.mean(means))
     assert res["choice"]["candidate"] in res["summary"] and res["choice"]["n_folds"] == 3

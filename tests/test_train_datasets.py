@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from mmap_deploy.errors import UserError
+from mmap_deploy.model.preprocess import ViewSpec
 from mmap_train.datasets import (
     Section, augment_views, her2st_sections, join_spots, load_targets, log_normalise, manifest_sections,
-    read_counts, read_genes, split_sections,
+    read_counts, read_genes, resolve_section_mpp, split_sections,
 )
 
 
@@ -78,7 +79,7 @@ def test_split_by_section():
 def test_her2st_join_of_counts_and_spots(real_data):
     genes = read_genes(real_data / "her2st" / "genes_785.txt")
     sec = her2st_sections(real_data, ["B4"])[0]
-    assert sec.has_image and sec.mpp == pytest.approx(0.73)
+    assert sec.has_image and sec.mpp == pytest.approx(0.6876, abs=1e-4)
     targets = load_targets(sec, genes)
     table = join_spots(sec, targets)
     # the spot table, parsed here independently: id "{x}x{y}" -> (pixel_x, pixel_y)
@@ -140,3 +141,22 @@ def test_augment_views_keeps_shape_and_is_seeded():
     # the dihedral part alone (no jitter) only permutes pixels
     c = augment_views(v, np.random.default_rng(2), jitter=0.0)
     np.testing.assert_array_equal(np.sort(c.reshape(3, -1), axis=1), np.sort(v.reshape(3, -1), axis=1))
+
+
+def test_her2st_resolution_is_the_runtimes(real_data):
+    """Training reads a her2st image at the resolution mmap-predict finds for it (one rule)."""
+    sections = her2st_sections(real_data, ["A2", "B4", "C6", "H3"])
+    for sec in sections:
+        # the runtime's rule for a slide without its own resolution: the spot lattice's
+        runtime = resolve_section_mpp(Section(sec.name, counts=sec.counts, slide=sec.slide, coords=sec.coords)) \
+            if sec.has_image else None
+        if runtime is not None:
+            assert sec.mpp == runtime
+    mpp = {s.name: s.mpp for s in sections}
+    # A was imaged at another scale (~218 px per 200 µm step); B-H at ~290 px
+    assert mpp["A2"] == pytest.approx(0.919, abs=0.002)
+    assert all(m == pytest.approx(0.6875, abs=0.002) for n, m in mpp.items() if n != "A2")
+    # the reference protocol's patch: 224 px at the images' true resolution, ~154 µm
+    spec = ViewSpec()
+    assert spec.patch_px == 224 and spec.patch_um == pytest.approx(154.0)
+    assert 224 * min(mpp.values()) < spec.patch_um < 224 * max(m for n, m in mpp.items() if n != "A2")

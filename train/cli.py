@@ -23,6 +23,7 @@ from .datasets import (
     read_genes,
     split_sections,
 )
+from .spatial import DEFAULT_SMOOTHING
 
 log = logging.getLogger("mmap_train")
 
@@ -126,6 +127,19 @@ def _load_cache_and_targets(features: str, genes_file: str, names: list[str] | N
     _check_spots(secs, feats)
     targets = {s.name: load_targets(s, genes) for s in secs}
     return genes, feats, targets, {s.name: s.patient for s in secs if s.patient}
+
+
+def _section_positions(counts, spots, manifest, hest_dir, cached: list[str]):
+    """Section -> its spots in µm (`spatial.section_positions`); None (said why) when a section has no spot table."""
+    from .spatial import section_positions
+
+    secs = _label_sources(counts, spots, manifest, hest_dir, cached)
+    bare = [s.name for s in secs if s.coords is None]
+    if bare:
+        click.echo(f"no spot table for section(s) {', '.join(bare)} (pass --spots): models are scored without "
+                   "neighbour smoothing", err=True)
+        return None
+    return {s.name: section_positions(s) for s in secs}
 
 
 def _finite_or_null(value):
@@ -280,16 +294,25 @@ def features(data_dir, manifest, hest_dir, sections, ids, checkpoint, out, batch
 @click.option("--average-last", type=int, default=None,
               help="With --keep last: average the head's weights over the last N epochs (default: the recipe's, 5).")
 @click.option("--dropout", type=float, default=None, help="Dropout of the head's attention (default: 0.2).")
+@click.option("--smooth-radius-um", type=float, default=DEFAULT_SMOOTHING.radius_um, show_default=True,
+              help="Predictions are smoothed over each spot's neighbours within this radius, in µm (at run time, "
+                   "written into the bundle; 250 µm: the 4 nearest ST spots).")
+@click.option("--smooth-weight", type=float, default=DEFAULT_SMOOTHING.weight, show_default=True,
+              help="The neighbours' mean's weight against the spot's own prediction's 1 (0: no smoothing).")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the head's initialisation and order.")
 @click.option("--max-steps", type=int, default=0, help="Stop after this many optimiser steps (smoke runs).")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice).")
 def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sections, val_sections, init_ckpt,
-           head_average, l_fixed, epochs, lr, weight_decay, batch_size, keep, average_last, dropout, seed,
-           max_steps, threads):
+           head_average, l_fixed, epochs, lr, weight_decay, batch_size, keep, average_last, dropout, smooth_radius_um,
+           smooth_weight, seed, max_steps, threads):
     """Train the prototype-aware fusion head (phase 2) on a feature cache."""
+    from mmap_deploy.model.neighbours import NeighbourSmoothing
     from mmap_deploy.model.prototypes import PrototypeRule
 
     from .phase2 import Phase2Recipe, config_for_cache, load_init, train_phase2
+
+    smoothing = NeighbourSmoothing(smooth_radius_um, smooth_weight)
+    smoothing.validate()
 
     gene_list, feats, targets, _ = _load_cache_and_targets(features_dir, genes, _names(sections, ids), counts=counts,
                                                            spots=spots, manifest=manifest, hest_dir=hest_dir)
@@ -310,6 +333,7 @@ def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sec
     # the cache's width and --genes, not the checkpoint's: train_phase2 checks that they agree with --init
     cfg = config_for_cache(gene_list, next(iter(feats.values())).f.shape[1], base=init.config if init else None,
                            head_average=head_average, prototype_rule=PrototypeRule(l_fixed=l_fixed),
+                           neighbour_smoothing=smoothing if smoothing.active else None,
                            **({"dropout": dropout} if dropout is not None else {}))
     res = train_phase2(cfg, feats, targets, train_names, val_names, out, recipe, init=init, max_steps=max_steps,
                        extra={"command": " ".join(sys.argv), "features": str(features_dir)})
@@ -326,13 +350,23 @@ def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sec
 @click.option("--genes", required=True, type=click.Path(dir_okay=False), help="Target genes, one a line (the checkpoint's).")
 @click.option("--json", "json_out", required=True, type=click.Path(dir_okay=False), help="Where to write the metrics.")
 @click.option("--sections", help="Comma-separated sections of the cache to evaluate (default: all).")
-def evaluate(checkpoint, features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, sections):
-    """Predict every cached section (k-means per section, as at run time) and write the metrics as JSON."""
-    from .phase2 import evaluate_checkpoint
+@click.option("--no-smoothing", is_flag=True,
+              help="Score the fusion head's predictions without the checkpoint's neighbour smoothing.")
+def evaluate(checkpoint, features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, sections, no_smoothing):
+    """Predict every cached section (k-means per section, as at run time) and write the metrics as JSON.
+
+    With the checkpoint's neighbour smoothing (as the bundle exported from it runs) when the sections'
+    spot positions are given (--spots, a manifest or --hest-dir), over each section's cached spots.
+    """
+    from .phase2 import evaluate_checkpoint, load_fusion
 
     gene_list, feats, targets, patients = _load_cache_and_targets(
         features_dir, genes, _names(sections, ids), counts=counts, spots=spots, manifest=manifest, hest_dir=hest_dir)
-    m = evaluate_checkpoint(checkpoint, feats, targets, patients=patients)
+    positions = None
+    if not no_smoothing and load_fusion(checkpoint)[0].neighbour_smoothing is not None:
+        positions = _section_positions(counts, spots, manifest, hest_dir, list(feats))
+    m = evaluate_checkpoint(checkpoint, feats, targets, patients=patients, positions=positions,
+                            smoothing=not no_smoothing)
     m["checkpoint"] = str(checkpoint)
     m["sections"] = sorted(m["per_section"])
     with atomic_path(Path(json_out)) as tmp:
@@ -383,6 +417,7 @@ def cv(features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, se
         torch.set_num_threads(threads)
     gene_list, feats, targets, patient_map = _load_cache_and_targets(
         features_dir, genes, _names(sections, ids), counts=counts, spots=spots, manifest=manifest, hest_dir=hest_dir)
+    positions = _section_positions(counts, spots, manifest, hest_dir, list(feats))
     out = Path(json_out)
 
     import os
@@ -401,22 +436,27 @@ def cv(features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, se
 
     res = cross_validate(gene_list, feats, targets, {n: CANDIDATES[n] for n in names}, epochs=epochs,
                          max_steps=max_steps, patients=_csv_list(patients), jobs=jobs, on_fold=write,
-                         patient_of=patient_map)
+                         patient_of=patient_map, positions=positions)
     write(res)
     click.echo(table(res), err=True)
     c = res["choice"]
     click.echo(f"chosen: {c['candidate']} ({'beats' if c['meets_rule'] else 'does NOT beat'} ridge per slide in "
                f"{res['summary'][c['candidate']]['wins_per_slide_vs_ridge']} of {c['n_folds']} folds; "
                f"needed {c['min_wins_per_slide_vs_ridge']})", err=True)
+    if "smoothing_all_patients" in res:
+        a = res["smoothing_all_patients"]
+        click.echo(f"neighbour smoothing chosen with every patient training: radius {a['radius_um']:g} µm, "
+                   f"weight {a['weight']:g} (ridge alpha {a['ridge_alpha']:g})", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: a UserError prints one line and exits 2; anything else keeps its traceback."""
+    """Console entry point: a UserError prints one line `error: ...` (as mmap-predict and mmap-export do)
+    and exits 2; anything else keeps its traceback."""
     try:
-        run_cli(lambda: cli.main(args=argv, prog_name="mmap-train", standalone_mode=False), prefix="mmap-train: ",
+        run_cli(lambda: cli.main(args=argv, prog_name="mmap-train", standalone_mode=False),
                 missing_extra=missing_train_extra)
     except click.exceptions.Abort:
-        click.echo("mmap-train: aborted", err=True)
+        click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()

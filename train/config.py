@@ -8,6 +8,7 @@ from typing import Any
 
 from mmap_deploy.errors import UserError
 from mmap_deploy.model.bundle import HEAD_AVERAGES
+from mmap_deploy.model.neighbours import NeighbourSmoothing
 from mmap_deploy.model.preprocess import ViewSpec
 from mmap_deploy.model.prototypes import PrototypeRule
 
@@ -28,7 +29,9 @@ class MMAPConfig:
     x20 CLS) and head averaging, a shared encoder, LoRA rank 16 / alpha 32 on
     the last 9 blocks, 112 px views. `view_spec` (patch geometry, views,
     normalisation) defaults to the backbone's (`backbones.BACKBONES`);
-    `prototype_rule` is phase 2's K and L rule.
+    `prototype_rule` is phase 2's K and L rule. `neighbour_smoothing`: the
+    smoothing of the predictions over each spot's neighbours that export writes
+    into the bundle's manifest (None: none; it changes no weights).
     """
 
     genes: list[str] = field(default_factory=list)
@@ -50,6 +53,7 @@ class MMAPConfig:
     mag_weight: float = 0.1
     mag_margin: float = 0.2
     head_average: str = "reference"  # "reference": (y1 + MLP3(h))/2, "paper": Eq. 9
+    neighbour_smoothing: NeighbourSmoothing | None = None
 
     def __post_init__(self) -> None:
         if self.view_spec is None:
@@ -75,6 +79,8 @@ class MMAPConfig:
             raise UserError(f"query_view and ref_view must index one of the {n} views")
         check_choice("mag_loss", self.mag_loss, MAG_LOSSES)
         check_choice("head_average", self.head_average, HEAD_AVERAGES)
+        if self.neighbour_smoothing is not None:
+            self.neighbour_smoothing.validate()
         try:
             re.compile(self.lora_targets)
         except re.error as e:
@@ -110,6 +116,8 @@ class MMAPConfig:
         backbone = get_backbone(d.get("backbone", cls.backbone))
         d["view_spec"] = backbone.view_spec(**view)
         d["prototype_rule"] = PrototypeRule(**rule)
+        if isinstance(d.get("neighbour_smoothing"), dict):
+            d["neighbour_smoothing"] = NeighbourSmoothing(**d["neighbour_smoothing"])
         cfg = cls(**d)
         cfg.validate()
         return cfg

@@ -8,6 +8,13 @@ two references on the same spots: the cached phase-1 `y1`, and a ridge
 regression on `f` whose alpha is chosen inside the training folds (an inner
 leave-one-patient-out over the training patients, never on the held-out one).
 
+With the sections' spot positions, every model is also scored after the
+runtime's neighbour smoothing (`NAME+smooth`, `mmap_deploy.model.neighbours`),
+with the radius and weight chosen inside the training folds: on the ridge
+probe's inner out-of-fold predictions (the alpha it chose) over the training
+patients (`spatial.choose_smoothing`), then applied to the held-out patient's
+predictions of every model.
+
 Counts and features are read once; k-means banks are built once per section
 and prototype rule and reused by every fold and candidate.
 """
@@ -28,11 +35,15 @@ from mmap_deploy.model.prototypes import PrototypeRule
 from .datasets import Targets, patient_of, split_sections
 from .features import SectionFeatures
 from .metrics import evaluate
+from .spatial import SectionPositions, choose_smoothing, smooth_sections
 
 log = logging.getLogger(__name__)
 
 METRICS = ("pcc_pooled", "pcc_per_slide", "mse")
 RIDGE_ALPHAS = (10.0, 100.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0)
+# The model that is phase 2's default (Phase2Recipe, the CLI's --l-fixed, --head-average and its neighbour
+# smoothing, --smooth-radius-um and --smooth-weight; issue 21 replaced "e10-L32-paper-avg5").
+CURRENT_DEFAULT = "e10-L32-paper-avg5+smooth"
 
 
 @dataclass
@@ -42,12 +53,15 @@ class Candidate:
     `early_stop`: hold out the default seeded 20% of the training sections and
     keep the epoch best on them (the recipe's keep="best"); otherwise train on
     every training section and keep the end of training (keep="last").
+    `neighbour_um` > 0: each spot's bank ends with the mean `f` of its neighbours
+    within that radius (`phase2.NeighbourBankedSpots`), in training and scoring.
     """
 
     recipe: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     l_fixed: int = 0
     early_stop: bool = False
+    neighbour_um: float = 0.0
 
 
 # What a candidate's recipe starts from: the phase-2 recipe before cross-validation (fixed here, so
@@ -69,6 +83,9 @@ CANDIDATES: dict[str, Candidate] = {
                                              {"dropout": 0.1}, l_fixed=32),
     "e10-L32-paper-avg5": Candidate({"epochs": 10, "keep": "last", "average_last": 5}, {"head_average": "paper"},
                                     l_fixed=32),
+    # the default recipe whose fusion head also attends to the mean f of the spot's neighbours (issue 21)
+    "e10-L32-paper-avg5-nbr300": Candidate({"epochs": 10, "keep": "last", "average_last": 5},
+                                           {"head_average": "paper"}, l_fixed=32, neighbour_um=300.0),
 }
 
 
@@ -100,6 +117,20 @@ def _stack(feats: dict[str, SectionFeatures], targets: dict[str, Targets], names
     t = np.concatenate([targets[n].values[targets[n].rows_for(feats[n].spot_ids, f"section {n}")] for n in names])
     labels = np.concatenate([[n] * len(feats[n].spot_ids) for n in names])
     return f, y1, t, labels
+
+
+def _inner_ridge_predictions(feats, targets, folds: dict[str, list[str]], alpha: float, xy_of):
+    """The ridge probe's out-of-fold predictions over `folds` (the training patients) at `alpha`:
+    [(pred, target, labels, xy_um)] per inner fold, what the smoothing is chosen on."""
+    out = []
+    for patient, held in folds.items():
+        tr = _stack(feats, targets, [n for p, ns in folds.items() if p != patient for n in ns])
+        te = _stack(feats, targets, held)
+        if tr is None or te is None:
+            continue
+        w, b = ridge_fit(tr[0], tr[2], [alpha])[alpha]
+        out.append(((te[0] @ w + b).astype(np.float32), te[2], te[3], xy_of(held)))
+    return out
 
 
 def _summary(m: dict[str, Any]) -> dict[str, Any]:
@@ -143,8 +174,10 @@ def ridge_alpha(feats, targets, folds: dict[str, list[str]], alphas=RIDGE_ALPHAS
 class _Folds:
     """What every fold needs, built once: data, candidates, and k-means banks per section and rule."""
 
-    def __init__(self, genes, feats, targets, candidates, epochs, max_steps, progress, patient_of=None):
+    def __init__(self, genes, feats, targets, candidates, epochs, max_steps, progress, patient_of=None,
+                 positions: dict[str, SectionPositions] | None = None):
         self.genes, self.feats, self.targets, self.candidates = genes, feats, targets, candidates
+        self.positions = positions
         self.epochs, self.max_steps, self.progress = epochs, max_steps, progress
         self.folds = patient_folds(list(feats), patient_of)
         self.dim = next(iter(feats.values())).f.shape[1]
@@ -161,12 +194,41 @@ class _Folds:
                 cache[n] = got[0] if got else None
         return [cache[n] for n in names if cache[n] is not None], rule
 
+    def xy_of(self, names: list[str]) -> np.ndarray:
+        """Positions (µm) of `_stack`'s rows for `names`: sections with cached spots, in cache order."""
+        names = [n for n in names if len(self.feats[n].spot_ids)]
+        return np.concatenate([self.positions[n].xy_for(self.feats[n].spot_ids) for n in names])
+
+    def banked(self, secs, max_bank: int, cand: Candidate):
+        """The spots of `secs` for a candidate: with its neighbour slot when it has one."""
+        from .phase2 import BankedSpots, NeighbourBankedSpots
+
+        if not cand.neighbour_um:
+            return BankedSpots(secs, max_bank)
+        if self.positions is None:
+            raise UserError("a candidate with neighbours needs the sections' spot positions (pass --spots)")
+        xy = [self.positions[s.name].xy_for(s.spot_ids) for s in secs]
+        return NeighbourBankedSpots(secs, max_bank, xy, cand.neighbour_um)
+
+    def smoothing_on_all_patients(self) -> dict[str, Any]:
+        """The smoothing that the fold's rule chooses with every patient of the cache as training patients:
+        what a model trained on all of them (the default recipe's) should ship with."""
+        from threadpoolctl import threadpool_limits
+
+        t0 = time.perf_counter()
+        with threadpool_limits(limits=1, user_api="blas"):
+            alpha, _ = ridge_alpha(self.feats, self.targets, self.folds)
+            smoothing, scores = choose_smoothing(_inner_ridge_predictions(self.feats, self.targets, self.folds,
+                                                                          alpha, self.xy_of))
+        return {**smoothing.to_dict(), "ridge_alpha": alpha, "pcc_per_slide": scores,
+                "seconds": round(time.perf_counter() - t0, 1)}
+
     def run(self, patient: str) -> dict[str, Any] | None:
         """Every model of one fold: train on the other patients, score on `patient`."""
         import torch
         from threadpoolctl import threadpool_limits
 
-        from .phase2 import BankedSpots, FusionHead, Phase2Recipe, config_for_cache, fit_fusion, predict
+        from .phase2 import FusionHead, Phase2Recipe, config_for_cache, fit_fusion, predict
 
         feats, targets, held = self.feats, self.targets, self.folds[patient]
         train_names = [n for p, ns in self.folds.items() if p != patient for n in ns]
@@ -181,9 +243,22 @@ class _Folds:
             alpha, means = ridge_alpha(feats, targets, {p: ns for p, ns in self.folds.items() if p != patient})
             tr = _stack(feats, targets, train_names)
             w, b = ridge_fit(tr[0], tr[2], [alpha])[alpha]
-            fold["ridge"] = {**_summary(evaluate(te[0] @ w + b, te[2], te[3])), "alpha": alpha,
+            ridge_pred = te[0] @ w + b
+            fold["ridge"] = {**_summary(evaluate(ridge_pred, te[2], te[3])), "alpha": alpha,
                              "inner_pcc_per_slide": {str(a): v for a, v in means.items()},
                              "seconds": round(time.perf_counter() - t0, 1)}
+            smoothing = None
+            if self.positions is not None:
+                t0 = time.perf_counter()
+                inner = {p: ns for p, ns in self.folds.items() if p != patient}
+                smoothing, scores = choose_smoothing(_inner_ridge_predictions(feats, targets, inner, alpha,
+                                                                              self.xy_of))
+                fold["smoothing"] = {**smoothing.to_dict(), "inner_pcc_per_slide": scores,
+                                     "seconds": round(time.perf_counter() - t0, 1)}
+                te_xy = self.xy_of(held)
+                for model, pred in (("y1", te[1]), ("ridge", ridge_pred)):
+                    fold[f"{model}+smooth"] = _summary(evaluate(smooth_sections(pred, te[3], te_xy, smoothing),
+                                                                te[2], te[3]))
         for name, cand in self.candidates.items():
             t0 = time.perf_counter()
             recipe = Phase2Recipe(**{**BASE_RECIPE, **cand.recipe})
@@ -195,15 +270,23 @@ class _Folds:
             cfg = config_for_cache(self.genes, self.dim, prototype_rule=PrototypeRule(l_fixed=cand.l_fixed),
                                    **cand.config)
             train_secs, rule = self.sections(cand.l_fixed, fit_names)
-            test_data = BankedSpots(self.sections(cand.l_fixed, held)[0], rule.max_bank)
+            test_data = self.banked(self.sections(cand.l_fixed, held)[0], rule.max_bank, cand)
             # keep="last": the held-out patient is only logged per epoch (the curve), never used to choose
             val_secs = self.sections(cand.l_fixed, val_names)[0]
-            monitor = (BankedSpots(val_secs, rule.max_bank) if val_secs else None) if cand.early_stop else test_data
+            if cand.early_stop:
+                monitor = self.banked(val_secs, rule.max_bank, cand) if val_secs else None
+            else:
+                monitor = test_data
             torch.manual_seed(recipe.seed)
             fusion = FusionHead(cfg, self.dim)
-            history, _, kept = fit_fusion(cfg, fusion, BankedSpots(train_secs, rule.max_bank), monitor, recipe,
+            history, _, kept = fit_fusion(cfg, fusion, self.banked(train_secs, rule.max_bank, cand), monitor, recipe,
                                           self.max_steps, self.progress)
-            m = _summary(evaluate(predict(fusion, test_data), test_data.target.numpy(), test_data.names))
+            pred = predict(fusion, test_data)
+            m = _summary(evaluate(pred, test_data.target.numpy(), test_data.names))
+            if smoothing is not None:
+                xy = np.concatenate([self.positions[s.name].xy_for(s.spot_ids) for s in test_data.sections])
+                fold[f"{name}+smooth"] = _summary(evaluate(smooth_sections(pred, test_data.names, xy, smoothing),
+                                                           test_data.target.numpy(), test_data.names))
             m.update({"kept_epoch": kept, "seconds": round(time.perf_counter() - t0, 1)})
             if not cand.early_stop:
                 m["curve_pcc_pooled"] = [r.get("val_pcc_pooled") for r in history]
@@ -234,24 +317,27 @@ def _run_in_worker(patient: str):
 def cross_validate(genes: list[str], feats: dict[str, SectionFeatures], targets: dict[str, Targets],
                    candidates: dict[str, Candidate], *, epochs: int | None = None, max_steps: int = 0,
                    patients: list[str] | None = None, jobs: int = 1, progress: bool = False,
-                   on_fold=None, patient_of: dict[str, str] | None = None) -> dict[str, Any]:
+                   on_fold=None, patient_of: dict[str, str] | None = None,
+                   positions: dict[str, SectionPositions] | None = None) -> dict[str, Any]:
     """Leave-one-patient-out scores of y1, ridge on f and every candidate; see the module docstring.
 
     `patient_of` maps sections to their patients where the data gives them (see `patient_folds`).
+    `positions` (section -> its spots in µm, `spatial.section_positions`) adds the smoothed models.
 
     `epochs` overrides every candidate's epochs (smoke runs); `patients` runs
     only those folds; `jobs` > 1 runs folds in that many worker processes (one
     torch thread each; each gets a copy of the data once). `on_fold(results)` is called after each fold with the
     results so far (e.g. to write them).
     """
-    work = _Folds(genes, feats, targets, candidates, epochs, max_steps, progress, patient_of)
+    work = _Folds(genes, feats, targets, candidates, epochs, max_steps, progress, patient_of, positions)
     todo = patients or list(work.folds)
     unknown = [p for p in todo if p not in work.folds]
     if unknown:
         raise UserError(f"patient(s) {', '.join(unknown)} not in the cache (it has {', '.join(work.folds)})")
     results: dict[str, Any] = {"patients": dict(work.folds), "folds": {},
                                "candidates": {n: {"recipe": c.recipe, "config": c.config, "l_fixed": c.l_fixed,
-                                                  "early_stop": c.early_stop} for n, c in candidates.items()}}
+                                                  "early_stop": c.early_stop, "neighbour_um": c.neighbour_um}
+                                              for n, c in candidates.items()}}
 
     def done(patient, fold):
         if fold is not None:
@@ -271,21 +357,26 @@ def cross_validate(genes: list[str], feats: dict[str, SectionFeatures], targets:
     else:
         for patient in todo:
             done(patient, work.run(patient))
+    if positions is not None:
+        results["smoothing_all_patients"] = work.smoothing_on_all_patients()
     return summarise(results)
 
 
-def summarise(results: dict[str, Any], min_wins: int | None = None) -> dict[str, Any]:
+def summarise(results: dict[str, Any], min_wins: int | None = None,
+              default: str | None = CURRENT_DEFAULT) -> dict[str, Any]:
     """Mean ± sd (ddof 1) over folds per model, per-slide wins over ridge, and the chosen candidate.
 
     The choice: the candidate with the best mean per-slide PCC among those
     beating ridge per slide in at least `min_wins` folds (default: 6 of 8,
     i.e. three quarters of the folds, rounded up); if none does, the best mean
-    anyway, flagged `meets_rule: False`.
+    anyway, flagged `meets_rule: False`. `replaces_default`: the choice meets
+    the rule and beats the current `default` (when it ran) in mean per-slide PCC.
     """
     folds = results["folds"]
-    cand_names = [c for name in results["candidates"] for c in (name, f"{name}:last")
+    cand_names = [c for name in results["candidates"] for c in (name, f"{name}:last", f"{name}+smooth")
                   if any(c in f for f in folds.values())]
-    models = ["y1", "ridge", *cand_names]
+    models = [m for m in ("y1", "y1+smooth", "ridge", "ridge+smooth") if any(m in f for f in folds.values())]
+    models += cand_names
     n = len(folds)
     need = min_wins if min_wins is not None else int(np.ceil(0.75 * n))
     summary: dict[str, Any] = {}
@@ -301,6 +392,9 @@ def summarise(results: dict[str, Any], min_wins: int | None = None) -> dict[str,
                                                for f in folds.values() if model in f))
         s["wins_per_slide_vs_y1"] = int(sum(f[model]["pcc_per_slide"] > f["y1"]["pcc_per_slide"]
                                             for f in folds.values() if model in f))
+        if all("ridge+smooth" in f for f in folds.values() if model in f):  # the smoothed probe: a stronger reference
+            s["wins_per_slide_vs_ridge+smooth"] = int(sum(
+                f[model]["pcc_per_slide"] > f["ridge+smooth"]["pcc_per_slide"] for f in folds.values() if model in f))
         summary[model] = s
     cands = [c for c in cand_names if c in summary]
     chosen, meets = None, False
@@ -309,21 +403,33 @@ def summarise(results: dict[str, Any], min_wins: int | None = None) -> dict[str,
         pool = ok or cands
         chosen = max(pool, key=lambda c: summary[c]["pcc_per_slide"]["mean"])
         meets = bool(ok)
+    current = default if default in summary else None
+    replaces = bool(meets and chosen != current and (
+        current is None or summary[chosen]["pcc_per_slide"]["mean"] > summary[current]["pcc_per_slide"]["mean"]))
     return {**results, "summary": summary, "choice": {"candidate": chosen, "meets_rule": meets,
                                                        "min_wins_per_slide_vs_ridge": need, "n_folds": n,
-                                                       "ranked_by": "mean pcc_per_slide"}}
+                                                       "ranked_by": "mean pcc_per_slide",
+                                                       "current_default": current, "replaces_default": replaces}}
 
 
 def table(results: dict[str, Any]) -> str:
     """Markdown tables: mean ± sd per model, then each metric per fold."""
     s, folds = results["summary"], results["folds"]
-    lines = ["| model | pcc_pooled | pcc_per_slide | mse | per-slide wins vs ridge |", "|---|---|---|---|---|"]
+    smoothed = any("wins_per_slide_vs_ridge+smooth" in v for v in s.values())
+    lines = ["| model | pcc_pooled | pcc_per_slide | mse | per-slide wins vs ridge |"
+             + (" vs ridge+smooth |" if smoothed else ""), "|---|---|---|---|---|" + ("---|" if smoothed else "")]
     for model, v in s.items():
         cells = [f"{v[k]['mean']:.4f} ± {v[k]['sd']:.4f}" for k in METRICS]
-        lines.append(f"| {model} | {' | '.join(cells)} | {v['wins_per_slide_vs_ridge']}/{v['n_folds']} |")
+        extra = f" {v.get('wins_per_slide_vs_ridge+smooth', '–')}/{v['n_folds']} |" if smoothed else ""
+        lines.append(f"| {model} | {' | '.join(cells)} | {v['wins_per_slide_vs_ridge']}/{v['n_folds']} |{extra}")
     for metric in METRICS:
         lines += ["", f"| {metric}, held-out patient | " + " | ".join(folds) + " |", "|---|" + "---|" * len(folds)]
         for model in s:
             cells = [f"{f[model][metric]:.4f}" if model in f else "–" for f in folds.values()]
             lines.append(f"| {model} | {' | '.join(cells)} |")
+    if any("smoothing" in f for f in folds.values()):
+        cells = [f"{f['smoothing']['radius_um']:g} µm, {f['smoothing']['weight']:g}" if "smoothing" in f else "–"
+                 for f in folds.values()]
+        lines += ["", "| chosen smoothing, held-out patient | " + " | ".join(folds) + " |",
+                  "|---|" + "---|" * len(folds), f"| radius, weight | {' | '.join(cells)} |"]
     return "\n".join(lines)

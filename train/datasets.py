@@ -15,6 +15,8 @@ Three layouts:
 - HEST-1k (`--hest-dir DIR`): `wsis/{id}.tif`, `st/{id}.h5ad`,
   `metadata/{id}.json` (see `train.hest`).
 
+her2st's JPEGs carry no resolution: a section's is its spot lattice's
+(`lattice_mpp`, 0.686-0.689 µm/px for B1-H3), as `mmap-predict` finds it.
 Spot positions and resolution of Space Ranger and HEST sections are checked
 as at run time: the spot lattice's µm per pixel against the slide's (or the
 metadata's), more than 10% apart is an error (`resolve_section_mpp`).
@@ -41,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from mmap_deploy.errors import UserError
-from mmap_deploy.model.preprocess import DEFAULT_MPP, ViewSpec, make_views
+from mmap_deploy.model.preprocess import ViewSpec, make_views
 
 log = logging.getLogger(__name__)
 
@@ -270,10 +272,11 @@ def her2st_sections(data_dir: str | Path, names: list[str] | None = None,
     out = []
     for n in found:
         image = root / "images" / f"{n}.jpg"
+        coords = root / "spots" / f"{n}_selection.tsv"
+        # The JPEGs carry no resolution, so the section's is its spot lattice's, by the rule
+        # mmap-predict applies to the same image: one resolution at training and at run time.
         s = Section(n, counts=root / "counts" / f"{n}.tsv.gz", slide=image if image.is_file() else None,
-                    coords=root / "spots" / f"{n}_selection.tsv",
-                    # the JPEGs carry no resolution; 200 µm spot pitch measured at 271-274 px
-                    mpp=DEFAULT_MPP)
+                    coords=coords, mpp=lattice_mpp(coords))
         if with_images and not s.has_image:
             continue
         out.append(s)
@@ -350,6 +353,19 @@ def manifest_sections(path: str | Path) -> list[Section]:
             sec.mpp = resolve_section_mpp(sec, mpp_source=f"{path} row {i} mpp column" if mpp else None)
         out.append(sec)
     return out
+
+
+def lattice_mpp(coords: Path) -> float | None:
+    """µm per pixel of a spot table's lattice (`geometry.fit_lattice`), None where it has none.
+
+    What `mmap-predict` uses for a slide that carries no resolution of its own.
+    """
+    from mmap_deploy.inputs.geometry import fit_lattice
+    from mmap_deploy.inputs.layouts import read_spot_input
+
+    si = read_spot_input(coords)
+    fit = fit_lattice(si.spots.xy, si.spots.array_xy, si.lattice)
+    return None if fit is None else float(fit.mpp)
 
 
 def resolve_section_mpp(section: Section, *, mpp_source: str | None = None,

@@ -19,6 +19,7 @@ import logging
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -40,6 +41,7 @@ def make_demo(data_dir: str | Path, out: str | Path, work: str | Path, *, epochs
     from .features import compute_features, read_cache
     from .phase1 import Phase1Recipe, load_spot_set, train_phase1
     from .phase2 import Phase2Recipe, load_init, train_phase2
+    from .spatial import DEFAULT_SMOOTHING
 
     work = Path(work)
     genes = read_genes(Path(data_dir) / "her2st" / "genes_785.txt")
@@ -60,7 +62,9 @@ def make_demo(data_dir: str | Path, out: str | Path, work: str | Path, *, epochs
     targets = {s.name: load_targets(s, genes) for s in sections}
     # the demo's own recipe (a 6-section tiny model, best epoch on the validation section)
     recipe2 = Phase2Recipe(epochs=phase2_epochs, lr=1e-3, batch_size=64, keep="best", average_last=0, threads=threads)
-    p2 = train_phase2(load_init(p1["checkpoint"]).config, feats, targets, train_names, val_names, work / "phase2",
+    # the runtime's default neighbour smoothing goes into the bundle as it does for `mmap-train phase2`
+    cfg2 = replace(load_init(p1["checkpoint"]).config, neighbour_smoothing=DEFAULT_SMOOTHING)
+    p2 = train_phase2(cfg2, feats, targets, train_names, val_names, work / "phase2",
                       recipe2, init=load_init(p1["checkpoint"]), max_steps=max_steps,
                       extra={"command": command, "dataset": "her2st (Andersson et al. 2021)",
                              "phase1_history": p1["history"]})

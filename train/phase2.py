@@ -148,6 +148,31 @@ class BankedSpots:
         return (self.f[rows], self.centroids[self.bank_idx[rows]], self.mask[rows], self.y1[rows], self.target[rows])
 
 
+class NeighbourBankedSpots(BankedSpots):
+    """BankedSpots whose banks end with one more slot: the mean `f` of the spot's neighbours within
+    `radius_um` (masked for a spot without any), so the fusion head attends over its neighbourhood
+    as over one more prototype. `xy_um`: each section's spot positions, in the section's spot order.
+    """
+
+    def __init__(self, sections: list[PreparedSection], pad_to: int, xy_um: list[np.ndarray], radius_um: float):
+        from mmap_deploy.model.neighbours import Neighbours
+
+        super().__init__(sections, pad_to)
+        means, has = [], []
+        for s, xy in zip(sections, xy_um):
+            nb = Neighbours(xy, radius_um)
+            ok = nb.counts > 0
+            m = np.zeros_like(s.f)
+            m[ok] = (nb.sums(s.f)[ok] / nb.counts[ok, None]).astype(np.float32)
+            means.append(m)
+            has.append(ok)
+        base = len(self.centroids)
+        self.centroids = torch.cat([self.centroids, torch.from_numpy(np.concatenate(means))])
+        slot = torch.arange(base, base + len(self.f), dtype=torch.int64)[:, None]
+        self.bank_idx = torch.cat([self.bank_idx, slot], dim=1)
+        self.mask = torch.cat([self.mask, torch.from_numpy(np.concatenate(has))[:, None]], dim=1)
+
+
 def prepare(feats: dict[str, SectionFeatures], targets: dict[str, Targets], names: list[str],
             rule: PrototypeRule) -> list[PreparedSection]:
     out = []
@@ -216,10 +241,12 @@ def fit_fusion(cfg: MMAPConfig, fusion: FusionHead, train_data: BankedSpots, val
 
     keep="best": the epoch with the best validation score (the last epoch
     without validation). keep="last": the last epoch, or with `average_last`
-    the mean of the weights after each of the last N epochs (one head, one
-    graph); validation is then only logged, never used to choose.
+    the mean of the weights after each of the last N epochs (torch's
+    `AveragedModel`, equal weights: one head, one graph); validation is then
+    only logged, never used to choose.
     Returns (history, validation metrics of the kept weights or None, kept epoch).
     """
+    from torch.optim.swa_utils import AveragedModel
     from tqdm import tqdm
 
     recipe.validate()
@@ -230,8 +257,9 @@ def fit_fusion(cfg: MMAPConfig, fusion: FusionHead, train_data: BankedSpots, val
     gen = torch.Generator().manual_seed(recipe.seed)
     history: list[dict[str, Any]] = []
     best_score, best_state, best_metrics, best_epoch, step = -math.inf, None, None, 0, 0
-    averaged: dict[str, torch.Tensor] | None = None
-    n_averaged = 0
+    # the default average is the equal mean of every update: one update after each of the last N epochs
+    averaged = AveragedModel(fusion) if recipe.keep == "last" and recipe.average_last else None
+    first_averaged = recipe.epochs - min(recipe.average_last, recipe.epochs)  # epochs before the averaged ones
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc="phase 2", unit="step", disable=not progress)
     for epoch in range(recipe.epochs):
@@ -263,14 +291,8 @@ def fit_fusion(cfg: MMAPConfig, fusion: FusionHead, train_data: BankedSpots, val
             row.update({f"val_{k}": m[k] for k in ("pcc_pooled", "pcc_per_slide", "mse", "mae")})
         history.append(row)
         if recipe.keep == "last":
-            if recipe.average_last and epoch + 1 > recipe.epochs - min(recipe.average_last, recipe.epochs):
-                state = fusion.state_dict()
-                if averaged is None:
-                    averaged = {k: v.detach().clone().double() for k, v in state.items()}
-                else:
-                    for k, v in state.items():
-                        averaged[k] += v.detach().double()
-                n_averaged += 1
+            if averaged is not None and epoch >= first_averaged:
+                averaged.update_parameters(fusion)
             if last:
                 best_metrics, best_epoch = m, epoch + 1
                 row["kept"] = True
@@ -287,10 +309,9 @@ def fit_fusion(cfg: MMAPConfig, fusion: FusionHead, train_data: BankedSpots, val
     bar.close()
     if recipe.keep == "best":
         fusion.load_state_dict(best_state)
-    elif averaged is not None:
-        state = fusion.state_dict()
-        fusion.load_state_dict({k: (v / n_averaged).to(state[k].dtype) for k, v in averaged.items()})
-        history[-1]["averaged_epochs"] = n_averaged
+    elif averaged is not None and averaged.n_averaged > 0:  # max_steps may end training before the last N epochs
+        fusion.load_state_dict(averaged.module.state_dict())
+        history[-1]["averaged_epochs"] = int(averaged.n_averaged)
         if val_data is not None:
             best_metrics = evaluate(predict(fusion, val_data), val_data.target.numpy(), val_data.names)
             history[-1].update({f"val_averaged_{k}": best_metrics[k]
@@ -392,14 +413,21 @@ def predict_section(cfg: MMAPConfig, fusion: FusionHead, feats: SectionFeatures)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures],
-                        targets: dict[str, Targets], patients: dict[str, str] | None = None) -> dict[str, Any]:
+                        targets: dict[str, Targets], patients: dict[str, str] | None = None,
+                        positions: dict[str, Any] | None = None, smoothing: bool = True) -> dict[str, Any]:
     """Predict every cached section (k-means per section, as at run time) and score against the targets.
 
     Besides the pooled metrics: `per_section` and `per_patient` (sections
     grouped by `patients`, section -> patient, else by their name's leading
-    letters, see `datasets.patient_of`).
+    letters, see `datasets.patient_of`). The checkpoint's neighbour smoothing
+    (`MMAPConfig.neighbour_smoothing`) is applied per section, as at run time,
+    over the section's cached spots, when `smoothing` and `positions` (section ->
+    `spatial.SectionPositions`) are given; `neighbour_smoothing` records what ran.
     """
     cfg, fusion, _ = load_fusion(checkpoint)
+    smooth = cfg.neighbour_smoothing if smoothing and positions is not None else None
+    if smooth is not None and not smooth.active:
+        smooth = None
     preds, tgts, labels = [], [], []
     for name, sf in feats.items():
         if len(sf.spot_ids) == 0:
@@ -408,7 +436,12 @@ def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures
             raise UserError(f"section {name}: cached f/y1 are {sf.f.shape[1]}/{sf.y1.shape[1]} wide, the checkpoint "
                             f"expects {cfg.embed_dim}/{cfg.n_genes}")
         rows = targets[name].rows_for(sf.spot_ids, f"section {name}")
-        preds.append(predict_section(cfg, fusion, sf))
+        pred = predict_section(cfg, fusion, sf)
+        if smooth is not None:
+            from mmap_deploy.model.neighbours import smooth_predictions
+
+            pred = smooth_predictions(pred, positions[name].xy_for(sf.spot_ids), smooth)
+        preds.append(pred)
         tgts.append(targets[name].values[rows])
         labels += [name] * len(sf.spot_ids)
     if not preds:
@@ -417,6 +450,7 @@ def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures
     m = evaluate(pred, target, labels)
     given = patients or {}
     m["per_patient"] = by_group(pred, target, labels, lambda s: given.get(s) or patient_of(s))
+    m["neighbour_smoothing"] = smooth.to_dict() if smooth is not None else None
     return m
 
 

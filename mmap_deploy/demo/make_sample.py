@@ -44,10 +44,18 @@ def _fmt(v: float) -> str:
     return "0" if s == "-0" else s
 
 
-def _median_pitch_px(xy: np.ndarray) -> float:
-    d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1))
-    np.fill_diagonal(d, np.inf)
-    return float(np.median(d.min(axis=1)))
+def section_mpp(spots_path: Path) -> tuple[float, int]:
+    """The whole section's µm per pixel from its spot lattice, to 4 decimals, and the spots fitted.
+
+    The rule `mmap-predict` applies to a slide without a resolution of its own
+    (`geometry.fit_lattice`); the whole section's lattice, not the crop's, pins it best.
+    """
+    from mmap_deploy.inputs.geometry import fit_lattice
+    from mmap_deploy.inputs.layouts import read_spot_input
+
+    si = read_spot_input(spots_path)
+    fit = fit_lattice(si.spots.xy, si.spots.array_xy, si.lattice)
+    return round(fit.mpp, 4), fit.n_spots
 
 
 def make_sample(data_dir: Path, out: Path = SAMPLE_DIR) -> dict:
@@ -57,7 +65,7 @@ def make_sample(data_dir: Path, out: Path = SAMPLE_DIR) -> dict:
     from PIL import Image, TiffImagePlugin
 
     from mmap_deploy.inputs.coords import read_coords
-    from mmap_deploy.model.preprocess import DEFAULT_MPP, DEFAULT_PATCH_UM
+    from mmap_deploy.model.preprocess import DEFAULT_PATCH_UM
 
     image_path = data_dir / "her2st" / "images" / f"{SECTION}.jpg"
     spots_path = data_dir / "her2st" / "spots" / f"{SECTION}_selection.tsv"
@@ -65,7 +73,8 @@ def make_sample(data_dir: Path, out: Path = SAMPLE_DIR) -> dict:
         if not p.is_file():
             raise SystemExit(f"{p}: not found; pass --data-dir, the folder holding her2st/")
     left, top, width, height = CROP
-    margin = int(np.ceil(DEFAULT_PATCH_UM / DEFAULT_MPP / 2))
+    mpp, n_fitted = section_mpp(spots_path)
+    margin = int(np.ceil(DEFAULT_PATCH_UM / mpp / 2))
 
     lines = spots_path.read_text().splitlines()
     header = lines[0].split("\t")
@@ -92,8 +101,8 @@ def make_sample(data_dir: Path, out: Path = SAMPLE_DIR) -> dict:
     finally:
         Image.MAX_IMAGE_PIXELS = saved_limit
     exif = Image.Exif()
-    # Pixels per centimetre as an exact rational: 1e4 / 0.73 = 1 000 000 / 73.
-    ppcm = Fraction(10_000) / Fraction(str(DEFAULT_MPP))
+    # Pixels per centimetre as an exact rational: 1e4 / 0.6876 = 25 000 000 / 1 719.
+    ppcm = Fraction(10_000) / Fraction(str(mpp))
     exif[282] = exif[283] = TiffImagePlugin.IFDRational(ppcm.numerator, ppcm.denominator)
     exif[296] = 3  # ResolutionUnit: centimetre
     exif[270] = f"her2st section {SECTION}, crop {CROP}; {CITATION}; CC-BY 4.0"
@@ -103,10 +112,10 @@ def make_sample(data_dir: Path, out: Path = SAMPLE_DIR) -> dict:
     info = {
         "image": image_name,
         "coords": coords_name,
-        "mpp": DEFAULT_MPP,
+        "mpp": mpp,
         "mpp_note": (
-            f"from the {SPOT_PITCH_UM:g} µm spot pitch: median nearest-neighbour distance "
-            f"{_median_pitch_px(spots.xy):.1f} px in this crop"
+            f"section {SECTION}'s spot lattice ({SPOT_PITCH_UM:g} µm pitch): least-squares fit of pixel "
+            f"position on array index over its {n_fitted} spots, as mmap-predict fits it"
         ),
         "section": SECTION,
         "crop": {"left": left, "top": top, "width": width, "height": height},

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..atomic import atomic_path
 from ..errors import BundleError
+from .neighbours import NeighbourSmoothing
 from .preprocess import ViewSpec
 from .prototypes import PrototypeRule
 
@@ -71,10 +72,14 @@ class Manifest:
     files: list[ModelFile] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
     demo: bool = False
+    # the smoothing of predictions over each spot's neighbours; None (no manifest entry): none
+    neighbours: NeighbourSmoothing | None = None
 
     # -- writing -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         v = self.view
+        # written only when there is one: a bundle without it reads as before
+        smoothing = {"neighbour_smoothing": self.neighbours.to_dict()} if self.neighbours is not None else {}
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -90,6 +95,7 @@ class Manifest:
             "prototypes": asdict(self.prototypes),
             "query_view": self.query_view,
             "head_average": self.head_average,
+            **smoothing,
             "files": [asdict(f) for f in self.files],
             "provenance": self.provenance,
         }
@@ -195,6 +201,17 @@ def _read_prototypes(r: _Reader) -> PrototypeRule:
     return rule
 
 
+def _read_neighbours(r: _Reader) -> NeighbourSmoothing | None:
+    """The neighbour smoothing (radius in µm, weight), or None for a manifest without one."""
+    if "neighbour_smoothing" not in r.data:
+        return None
+    p = r.get("neighbour_smoothing", dict)
+    weight = r.number("weight", p, "neighbour_smoothing.", positive=False)
+    if weight < 0:
+        r.fail(f"field 'neighbour_smoothing.weight' must be 0 (no smoothing) or more, got {weight}")
+    return NeighbourSmoothing(radius_um=r.number("radius_um", p, "neighbour_smoothing."), weight=weight)
+
+
 def _read_file(r: _Reader, i: int, entry: Any) -> ModelFile:
     """One entry of 'files': a model file, its hash, precision and format."""
     where = f"files[{i}]."
@@ -272,6 +289,7 @@ def parse_manifest(data: Any, source: Path) -> Manifest:
         files=files,
         provenance=provenance,
         demo=r.get("demo", bool),
+        neighbours=_read_neighbours(r),
     )
 
 

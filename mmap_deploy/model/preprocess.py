@@ -20,10 +20,13 @@ import numpy as np
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_FRACTIONS = (1.0, 0.5, 0.25)
-# The one default resolution: the her2st images' (200 µm spot pitch measured at
-# 271-274 px; they carry none of their own), at which the reference protocol's
-# 224 px patches were cut. The model's mpp unless a config says otherwise.
-DEFAULT_MPP = 0.73
+# The one default resolution: the her2st images' true resolution, at which the
+# reference protocol cut its 224 px patches. The images carry none of their own;
+# the runtime's spot-lattice fit (`geometry.fit_lattice`, 200 µm pitch) gives
+# 0.6857-0.6892 µm/px over the 30 sections B1-H3, median 0.6875 (HEST-1k
+# estimates 0.689-0.698). So the default patch is 224 px x 0.6875 = 154.0 µm.
+# The model's mpp unless a config says otherwise.
+DEFAULT_MPP = 0.6875
 DEFAULT_PATCH_UM = round(224 * DEFAULT_MPP, 2)
 
 

@@ -1,4 +1,4 @@
-"""One slide through the engines: patches -> views -> encoder -> prototypes -> fusion.
+"""One slide through the engines: patches -> views -> encoder -> prototypes -> fusion -> neighbours.
 
 Views come from the band reader (`bands.read_spot_views`): a thread pool
 that runs ahead of the encoder, decodes each needed slide tile once and keeps
@@ -8,6 +8,8 @@ in the spot's own row, so the output keeps the input order. The encoder's
 outputs stream into preallocated arrays. The K rule needs every spot of the
 slide, so k-means runs once encoding is done; each fusion batch then gathers
 its spots' top-L prototype banks (never the whole (N, L, D) bank at once).
+A bundle with a neighbour smoothing (`model.neighbours`) then smooths the
+predictions in place over each spot's neighbours in µm.
 """
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..inputs.bands import read_spot_views
+from ..model.neighbours import smooth_predictions
 from ..model.prototypes import slide_prototypes
 from ..outputs.prediction import DroppedSpot, SlidePrediction
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engines import Engines
-    from ..model.bundle import Bundle
+    from ..engines.base import Runner
+    from ..inputs.coords import Spots
+    from ..inputs.slide import SlideReader
+    from ..model.bundle import Bundle, Manifest
+    from ..model.prototypes import SlidePrototypes
 
 # Slides with at least this many spots run k-means on multi-threaded BLAS.
 KMEANS_THREADED_FROM = 20_000
@@ -47,8 +54,8 @@ def _kmeans_blas(n_spots: int):
     """BLAS threads for k-means: one below KMEANS_THREADED_FROM spots, the default above.
 
     A slide's k-means is a few small GEMMs per iteration; waking BLAS threads
-    for them costs more than it saves (measured on 2 cores: 600 x 96 features,
-    K = 80, 0.06 s on one thread, 0.65 s on two).
+    for them costs more than it saves (figures: benchmarks/RESULTS.md,
+    "Figures behind design choices in the code").
     """
     if n_spots < KMEANS_THREADED_FROM:
         return _single_threaded_blas()
@@ -63,7 +70,7 @@ class _EncoderCalls:
     time. `busy` is the wall time during which at least one call ran.
     """
 
-    def __init__(self, runner: Any, f: np.ndarray, y1: np.ndarray, ok: np.ndarray,
+    def __init__(self, runner: Runner, f: np.ndarray, y1: np.ndarray, ok: np.ndarray,
                  progress: Callable[[int], Any] | None):
         self.runner, self.f, self.y1, self.ok, self.progress = runner, f, y1, ok, progress
         self.streams = max(1, runner.streams)
@@ -148,8 +155,8 @@ class _Timer:
 
 
 def predict_slide(
-    slide: Any,
-    spots: Any,
+    slide: SlideReader,
+    spots: Spots,
     bundle: "Bundle",
     engines: "Engines",
     *,
@@ -199,6 +206,10 @@ def predict_slide(
     with timer("kmeans"), _kmeans_blas(len(keep)):
         protos = slide_prototypes(f, m.prototypes)
     pred, n_clipped = _fuse(engines.fusion, f, y1, protos, batch_size, timer)
+    if m.neighbours is not None and m.neighbours.active:
+        with timer("neighbours"):  # in place, over the spots kept, in µm at the slide's resolution
+            array_xy = spots.array_xy[keep] if spots.array_xy is not None else None
+            smooth_predictions(pred, xy[keep] * slide.mpp, m.neighbours, array_xy=array_xy, out=pred)
     return SlidePrediction(
         spot_ids=kept_ids,
         xy=xy[keep],
@@ -215,7 +226,8 @@ def predict_slide(
     )
 
 
-def _encode(slide: Any, ids: Any, xy: np.ndarray, m: Any, runner: Any, timer: _Timer, *, batch_size: int,
+def _encode(slide: SlideReader, ids: list[str] | np.ndarray, xy: np.ndarray, m: Manifest, runner: Runner,
+            timer: _Timer, *, batch_size: int,
             read_workers: int, strict: bool, progress: Callable[[int], Any] | None,
             reader: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[DroppedSpot]]:
     """Every readable spot's `f` and `y1` (rows where `ok`), and the dropped spots in input order."""
@@ -238,8 +250,8 @@ def _encode(slide: Any, ids: Any, xy: np.ndarray, m: Any, runner: Any, timer: _T
 
     read_spent: list[float] = []
     # The views' resizes are small matrix products: BLAS threads only fight the
-    # reader threads and the engine for cores (10-20x slower per spot on 2
-    # cores). The limit is process-wide, so it is lifted again for k-means.
+    # reader threads and the engine for cores (benchmarks/RESULTS.md, "Figures
+    # behind design choices"). The limit is process-wide, so it is lifted again for k-means.
     with _single_threaded_blas():
         chunks = read_spot_views(slide, xy, spec, workers=read_workers, reader=reader, spent=read_spent)
         try:
@@ -275,7 +287,7 @@ def _encode(slide: Any, ids: Any, xy: np.ndarray, m: Any, runner: Any, timer: _T
     return f, y1, ok, [dropped[j] for j in np.argsort(dropped_rows, kind="stable")]
 
 
-def _fuse(runner: Any, f: np.ndarray, y1: np.ndarray, protos: Any, batch_size: int,
+def _fuse(runner: Runner, f: np.ndarray, y1: np.ndarray, protos: SlidePrototypes, batch_size: int,
           timer: _Timer) -> tuple[np.ndarray, int]:
     """The predictions, batch by batch with each spot's top-L prototype bank; and how many were clipped.
 

@@ -14,11 +14,26 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .._version import __version__
 from ..errors import UserError
 from ..messages import echo, info, note, warn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from types import SimpleNamespace
+
+    import anndata
+    import numpy as np
+
+    from ..engines import Engines
+    from ..inputs.geometry import LatticeFit
+    from ..inputs.grid import Grid
+    from ..inputs.layouts import SpotInput
+    from ..inputs.slide import SlideReader
+    from ..inputs.tissue import Tissue
+    from ..model.bundle import Bundle
+    from ..outputs.prediction import SlidePrediction
 
 
 @dataclass
@@ -63,7 +78,7 @@ class SlideResult:
         return f"{self.mpp:.3f} µm/px from {self.mpp_source}" if self.mpp > 0 else ""
 
 
-def load_model(model: Path | None) -> Any:
+def load_model(model: Path | None) -> Bundle:
     """The bundle from --model, or the demo bundle (said plainly, in a note: see `messages`)."""
     from ..model.bundle import default_bundle_path, load_bundle
 
@@ -93,16 +108,16 @@ class SpotSource:
     For a grid (no coords), `grid` and `tissue` are the lattice laid and the tissue it was laid on.
     """
 
-    spot_input: Any  # layouts.SpotInput: spots, layout, scale factors, Space Ranger's images
-    lattice: Any  # geometry.LatticeFit, or None when the input has no array indices
+    spot_input: SpotInput  # spots, layout, scale factors, Space Ranger's images
+    lattice: LatticeFit | None  # None when the input has no array indices
     label: Path  # what messages name as the spots' source (the COORDS path, or the slide for a grid)
-    grid: Any = None  # inputs.grid.Grid
-    tissue: Any = None  # inputs.tissue.Tissue
+    grid: Grid | None = None
+    tissue: Tissue | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
 def open_spots(slide_path: Path, coords: Path | None, *, mpp: float | None, all_spots: bool,
-               settings: RunSettings | None = None) -> tuple[Any, SpotSource]:
+               settings: RunSettings | None = None) -> tuple[SlideReader, SpotSource]:
     """The slide, opened, and its spots: the one place where the spot source is resolved.
 
     With `coords` (a table, or a Space Ranger / Visium HD folder) the spots are
@@ -135,7 +150,7 @@ def open_spots(slide_path: Path, coords: Path | None, *, mpp: float | None, all_
     return slide, SpotSource(spot_input, lattice, coords)
 
 
-def _grid_spots(slide_path: Path, mpp: float | None, settings: RunSettings) -> tuple[Any, SpotSource]:
+def _grid_spots(slide_path: Path, mpp: float | None, settings: RunSettings) -> tuple[SlideReader, SpotSource]:
     """Open the slide, find its tissue (or read the user's mask), lay the grid over it."""
     from ..inputs.geometry import fit_lattice
     from ..inputs.grid import lay_grid, parse_grid
@@ -176,7 +191,7 @@ def _grid_spots(slide_path: Path, mpp: float | None, settings: RunSettings) -> t
 class SlideRun:
     """One slide predicted, in memory: the AnnData and what writing it needs to know."""
 
-    adata: Any  # anndata.AnnData
+    adata: anndata.AnnData
     library_id: str
     n_spots: int
     n_dropped: int
@@ -185,7 +200,7 @@ class SlideRun:
     t0: float  # when the slide's run began (time.perf_counter)
 
 
-def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle: Any, engines: Any,
+def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle: Bundle, engines: Engines,
                   settings: RunSettings, *, mpp: float | None = None, library_id: str | None = None,
                   mpp_origin: str = "--mpp", spot_progress: Callable[[int], Any] | None = None,
                   out: Path | None = None, t0: float | None = None) -> SlideRun:
@@ -236,7 +251,7 @@ def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle
     return SlideRun(adata, library_id, len(pred.spot_ids), len(pred.dropped), dict(pred.timings), checked.need, t0)
 
 
-def _spot_tissue(slide: Any, timings: dict[str, float]) -> tuple[Any, str]:
+def _spot_tissue(slide: SlideReader, timings: dict[str, float]) -> tuple[Tissue | SimpleNamespace | None, str]:
     """The slide's tissue (`detect_tissue`, a coarse level) for a COORDS run's `tissue_fraction`, and a note.
 
     Never fails the run: no tissue found is an empty mask; a slide that cannot be read for it gives
@@ -274,7 +289,7 @@ class _Checked:
     qc: dict[str, Any]
 
 
-def _check_slide(slide: Any, slide_path: Path, source: SpotSource, bundle: Any, settings: RunSettings, *,
+def _check_slide(slide: SlideReader, slide_path: Path, source: SpotSource, bundle: Bundle, settings: RunSettings, *,
                  out: Path | None, mpp_origin: str) -> _Checked:
     """The spots against the slide, the output folder's room, the resolution and the spot geometry."""
     from ..inputs.coords import check_inside, scale_warning
@@ -307,16 +322,16 @@ def _check_slide(slide: Any, slide_path: Path, source: SpotSource, bundle: Any, 
 
 @dataclass
 class _Thumbnail:
-    image: Any  # RGB uint8
+    image: np.ndarray  # RGB uint8
     scale: float
     note: str
     seconds: float  # making it
     wait: float  # waiting for it once the engines were done
 
 
-def _predict_with_thumbnail(slide: Any, desc: str, source: SpotSource, sr_images: dict[str, Any], bundle: Any,
-                            engines: Any, settings: RunSettings,
-                            spot_progress: Callable[[int], Any] | None) -> tuple[Any, _Thumbnail]:
+def _predict_with_thumbnail(slide: SlideReader, desc: str, source: SpotSource, sr_images: dict[str, Any],
+                            bundle: Bundle, engines: Engines, settings: RunSettings,
+                            spot_progress: Callable[[int], Any] | None) -> tuple[SlidePrediction, _Thumbnail]:
     """The slide's predictions (`pipeline.predict_slide`), with the thumbnail made while the engines run.
 
     The thumbnail takes seconds for a 90 Mpx JPEG; Space Ranger's own hires
@@ -352,8 +367,8 @@ def _predict_with_thumbnail(slide: Any, desc: str, source: SpotSource, sr_images
         return pred, _Thumbnail(thumb, scale, thumb_note, t_thumb, time.perf_counter() - t)
 
 
-def _provenance(slide: Any, slide_path: Path, source: SpotSource, checked: _Checked, bundle: Any, engines: Any,
-                settings: RunSettings, library_id: str, thumbnail_note: str) -> dict[str, Any]:
+def _provenance(slide: SlideReader, slide_path: Path, source: SpotSource, checked: _Checked, bundle: Bundle,
+                engines: Engines, settings: RunSettings, library_id: str, thumbnail_note: str) -> dict[str, Any]:
     """`uns['mmap']`'s record of the run: versions, inputs, checks, model, engines."""
     from ..model.prototypes import KMEANS_SEED
     from ..outputs.adata import now_utc
@@ -390,11 +405,14 @@ def _provenance(slide: Any, slide_path: Path, source: SpotSource, checked: _Chec
         "threads": int(settings.threads),
         "strict": bool(settings.strict),
         "kmeans_seed": int(KMEANS_SEED),
+        # the bundle's smoothing over each spot's neighbours (pipeline.predict_slide); absent: none
+        **({"neighbour_radius_um": float(m.neighbours.radius_um), "neighbour_weight": float(m.neighbours.weight)}
+           if m.neighbours is not None else {}),
         "thumbnail": thumbnail_note,
     }
 
 
-def write_adata(adata: Any, out: Path, *, overwrite: bool = False, need: int | None = None,
+def write_adata(adata: anndata.AnnData, out: Path, *, overwrite: bool = False, need: int | None = None,
                 plot: list[str] | None = None, library_id: str | None = None, overview: bool = False) -> list[Path]:
     """Write one slide's AnnData to `out` (.h5ad, or SpatialData for .zarr) atomically, and its `plot` maps.
 
@@ -428,7 +446,7 @@ def write_adata(adata: Any, out: Path, *, overwrite: bool = False, need: int | N
         return pictures
 
 
-def _expected_bytes(adata: Any, *, zarr: bool, n_plots: int) -> int:
+def _expected_bytes(adata: anndata.AnnData, *, zarr: bool, n_plots: int) -> int:
     """`storage.expected_output_bytes` for an AnnData made by `predict_adata` (or one like it)."""
     from .storage import expected_output_bytes
 
@@ -442,7 +460,7 @@ def _expected_bytes(adata: Any, *, zarr: bool, n_plots: int) -> int:
     return expected_output_bytes(adata.n_obs, adata.n_vars, embed_dim, shape, n_plots, zarr)
 
 
-def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Any, engines: Any,
+def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Bundle, engines: Engines,
                     settings: RunSettings, *, mpp: float | None = None, library_id: str | None = None,
                     mpp_origin: str = "--mpp", spot_progress: Callable[[int], Any] | None = None) -> SlideResult:
     """One slide end to end: `predict_adata`, then `write_adata` (the .h5ad or .zarr, and the plots).
@@ -477,14 +495,14 @@ def _engine_text(record: dict[str, Any]) -> str:
     return f"{backend} ({detail})" if detail else backend
 
 
-def engine_defaults(engines: Any, settings: RunSettings) -> RunSettings:
+def engine_defaults(engines: Engines, settings: RunSettings) -> RunSettings:
     """Batch size and reader threads for the engines that were picked.
 
     On the CPU the engine and the patch readers share the cores: 32 spots a
     batch, at most 4 readers. On a GPU the cores are free for reading, and
     bigger batches keep the GPU busy: 128 spots, a reader per core but one,
-    at most 8 (on a 16-core H200 machine, 8 readers made 3 166 patches/s and
-    16 read fewer; see benchmarks/RESULTS.md).
+    at most 8 (past 8 threads, the GIL and memory traffic slow reading down;
+    figures in benchmarks/RESULTS.md).
     """
     from ..engines import GPU_PROVIDERS, default_threads
 
@@ -495,7 +513,7 @@ def engine_defaults(engines: Any, settings: RunSettings) -> RunSettings:
     return settings
 
 
-def open_run_engines(bundle: Any, settings: RunSettings) -> Any:
+def open_run_engines(bundle: Bundle, settings: RunSettings) -> Engines:
     """The bundle's engines for `settings` (backend, precision, threads), loaded once for many slides.
 
     Sets the batch size and reader threads for them (`engine_defaults`) and
@@ -515,7 +533,7 @@ def open_run_engines(bundle: Any, settings: RunSettings) -> Any:
     return engines
 
 
-def _thumbnail(slide: Any) -> tuple[Any, float, str, float]:
+def _thumbnail(slide: SlideReader) -> tuple[np.ndarray, float, str, float]:
     """The hires image, its scale, a note, and the seconds it took.
 
     A damaged region must not cost the predictions, so this degrades step by
