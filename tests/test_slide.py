@@ -484,13 +484,13 @@ def test_demo_sample_opens_without_mpp():
     from mmap_deploy.inputs.coords import check_inside, read_coords
 
     image, coords, mpp = sample_paths()
-    assert mpp == 0.73
+    assert mpp == 0.6876  # section B4's spot lattice
     with open_slide(image) as s:
-        assert (s.mpp, s.mpp_source, s.width, s.height) == (0.73, "exif.XResolution", 3300, 3300)
+        assert (s.mpp, s.mpp_source, s.width, s.height) == (0.6876, "exif.XResolution", 3300, 3300)
         spots = read_coords(coords)
         check_inside(spots, s.width, s.height, coords, image)
         assert len(spots) == 120 and spots.source_format == "her2st"
-        spec = ViewSpec()  # the reference geometry: 224 px at 0.73 µm/px, no resampling
+        spec = ViewSpec()  # the reference geometry: 224 px at 0.6875 µm/px
         patch = s.read_patch(*spots.xy[0], spec)
         assert patch.shape == (224, 224, 3) and patch.std() > 10  # tissue, not background
 

@@ -139,7 +139,13 @@ def _section_positions(counts, spots, manifest, hest_dir, cached: list[str]):
         click.echo(f"no spot table for section(s) {', '.join(bare)} (pass --spots): models are scored without "
                    "neighbour smoothing", err=True)
         return None
-    return {s.name: section_positions(s) for s in secs}
+    positions = {s.name: section_positions(s) for s in secs}
+    unknown = [name for name, pos in positions.items() if pos is None]
+    if unknown:
+        click.echo(f"no µm per pixel for section(s) {', '.join(unknown)} (no slide, mpp or spot lattice): models "
+                   "are scored without neighbour smoothing", err=True)
+        return None
+    return positions
 
 
 def _finite_or_null(value):

@@ -53,8 +53,11 @@ class SectionPositions:
         return self.xy_um[np.array([index[s] for s in spot_ids], dtype=np.int64)]
 
 
-def section_positions(section: Section) -> SectionPositions:
-    """Every spot of the section (in-tissue or not) in µm; see the module docstring for the resolution."""
+def section_positions(section: Section) -> SectionPositions | None:
+    """Every spot of the section (in-tissue or not) in µm; see the module docstring for the resolution.
+
+    None when nothing gives the section's µm per pixel (no slide, no mpp, no spot lattice).
+    """
     from .datasets import lattice_mpp, resolve_section_mpp, section_spots
 
     if section.coords is None:
@@ -76,9 +79,8 @@ def section_positions(section: Section) -> SectionPositions:
             mpp = None if fit is None else float(fit.mpp)
         else:
             mpp = lattice_mpp(section.coords)
-        if mpp is None:
-            raise UserError(f"section {section.name}: {section.coords} has no spot lattice to give its µm per "
-                            "pixel; give the section's mpp (a manifest's mpp column) or its slide")
+        if mpp is None:  # no slide, no mpp, no lattice: the caller says so and scores without neighbours
+            return None
         source = "the spot lattice"
     return SectionPositions(section.name, list(every.ids), np.asarray(every.xy, np.float64) * mpp, float(mpp),
                             source)
