@@ -355,16 +355,24 @@ def manifest_sections(path: str | Path) -> list[Section]:
     return out
 
 
-def lattice_mpp(coords: Path) -> float | None:
+def lattice_mpp(coords: Path, positions: str = "table") -> float | None:
     """µm per pixel of a spot table's lattice (`geometry.fit_lattice`), None where it has none.
 
     What `mmap-predict` uses for a slide that carries no resolution of its own.
+    `positions` as `Section.positions` ("h5ad": HEST's st/ AnnData).
     """
     from mmap_deploy.inputs.geometry import fit_lattice
-    from mmap_deploy.inputs.layouts import read_spot_input
 
-    si = read_spot_input(coords)
-    fit = fit_lattice(si.spots.xy, si.spots.array_xy, si.lattice)
+    if positions == "h5ad":
+        from .hest_files import h5ad_lattice
+
+        spots, spec = h5ad_lattice(coords)
+    else:
+        from mmap_deploy.inputs.layouts import read_spot_input
+
+        si = read_spot_input(coords)
+        spots, spec = si.spots, si.lattice
+    fit = fit_lattice(spots.xy, spots.array_xy, spec)
     return None if fit is None else float(fit.mpp)
 
 

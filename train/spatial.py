@@ -69,16 +69,7 @@ def section_positions(section: Section) -> SectionPositions | None:
     elif section.mpp is not None:
         mpp, source = float(section.mpp), "the manifest's mpp column"
     else:
-        if section.positions == "h5ad":
-            from mmap_deploy.inputs.geometry import fit_lattice
-
-            from .hest_files import h5ad_lattice
-
-            spots, spec = h5ad_lattice(section.coords)
-            fit = fit_lattice(spots.xy, spots.array_xy, spec)
-            mpp = None if fit is None else float(fit.mpp)
-        else:
-            mpp = lattice_mpp(section.coords)
+        mpp = lattice_mpp(section.coords, section.positions)
         if mpp is None:  # no slide, no mpp, no lattice: the caller says so and scores without neighbours
             return None
         source = "the spot lattice"
