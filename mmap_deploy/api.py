@@ -19,21 +19,15 @@ with the CLI's one-line message; findings the run goes on with are
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import inspect
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Self, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Self, Union
 
 from .errors import UserError
-from .run.predict import (
-    RunSettings,
-    load_model,
-    open_run_engines,
-    predict_adata,
-    write_adata,
-)
+from .options import ENGINE, OUTPUT, SLIDE, Settings, api_doc, api_parameters, check_options, settings_from_api
+from .run.predict import RunState, load_model, open_run, predict_adata, write_adata
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -53,10 +47,18 @@ def _path(value: object, what: str) -> Path:
     return Path(value)
 
 
-def _check_int(value: object, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"{what} must be a whole number of at least {minimum}, got {value!r}")
-    return int(value)
+def _signed(function: Any, leading: list[inspect.Parameter], scopes: tuple[str, ...], *,
+            skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
+    """Give `function` (which takes `**options`) the signature and docstring of the options it takes,
+    from their declarations (`options.Settings`), so `help()` and notebooks show them."""
+    function.__signature__ = inspect.Signature(leading + api_parameters(scopes, skip=skip, only=only))
+    indent = " " * (8 if "." in function.__qualname__ else 4)
+    doc = api_doc(scopes, skip=skip, only=only).replace("\n", "\n" + indent)
+    function.__doc__ = (function.__doc__ or "").replace("{options}", doc)
+
+
+def _positional(name: str, annotation: str, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
 
 
 class DemoPaths(NamedTuple):
@@ -106,18 +108,7 @@ class Predictor:
         A model bundle directory made by ``mmap-export``. ``None``: the
         built-in demo model (a tiny model for trying the tool; a note says so
         on the ``mmap_deploy`` logger).
-    backend
-        ``"auto"`` (the fastest available: native TensorRT, ONNX Runtime on a
-        GPU, else on the CPU), ``"onnxruntime"`` or ``"tensorrt"``.
-    precision
-        Which of the bundle's model files to run: ``"fp32"``, ``"fp16"`` or
-        ``"int8"``.
-    threads
-        CPU threads for ONNX Runtime; 0: all cores.
-    batch_size
-        Spots per engine call; ``None``: 32 on the CPU, 128 on a GPU.
-    progress
-        Show a progress bar (tqdm, on stderr) while a slide runs.
+    {options}
 
     Raises
     ------
@@ -147,30 +138,27 @@ class Predictor:
     120
     """
 
-    def __init__(self, model: PathLike | None = None, backend: str = "auto", precision: str = "fp32",
-                 threads: int = 0, *, batch_size: int | None = None, progress: bool = False) -> None:
-        self._engines: Engines | None = None  # set before anything can fail: close() and __del__ rely on it
+    def __init__(self, model: PathLike | None = None, **options: Any) -> None:
+        self._state: RunState | None = None  # set before anything can fail: close() and __del__ rely on it
         self._lock = threading.Lock()
-        threads = _check_int(threads, "threads", 0)
-        if batch_size is not None:
-            batch_size = _check_int(batch_size, "batch_size", 1)
-        settings = RunSettings(backend=backend, precision=precision, batch_size=batch_size or 0, threads=threads,
-                               progress=bool(progress), command=API_COMMAND)
-        self._open(load_model(None if model is None else _path(model, "model")), settings)
+        if model is not None:
+            options["model"] = model
+        settings = settings_from_api(options, (ENGINE,), "Predictor")
+        self._open(load_model(settings.model), settings, API_COMMAND)
 
     @classmethod
-    def _with_settings(cls, bundle: Bundle, settings: RunSettings) -> Predictor:
-        """A Predictor for `mmap-predict`: the bundle it has loaded, and the settings of its options."""
+    def _from_settings(cls, bundle: Bundle, settings: Settings, command: str) -> Predictor:
+        """A Predictor for `mmap-predict`: the bundle it has loaded, and the settings of its command line."""
         self = cls.__new__(cls)
-        self._engines = None
+        self._state = None
         self._lock = threading.Lock()
-        self._open(bundle, settings)
+        self._open(bundle, settings, command)
         return self
 
-    def _open(self, bundle: Bundle, settings: RunSettings) -> None:
+    def _open(self, bundle: Bundle, settings: Settings, command: str) -> None:
         self.bundle = bundle
         self._settings = settings
-        self._engines = open_run_engines(bundle, settings)
+        self._state = open_run(bundle, settings, command)
 
     # -- what it holds --------------------------------------------------------------
     @property
@@ -186,8 +174,18 @@ class Predictor:
     @property
     def engines(self) -> Engines:
         """The loaded encoder and fusion engines (`mmap_deploy.engines.Engines`)."""
+        return self.state.engines
+
+    @property
+    def state(self) -> RunState:
+        """The run's state: its engines, and the batch size and reader threads chosen for them."""
         self._check_open()
-        return self._engines
+        return self._state
+
+    @property
+    def settings(self) -> Settings:
+        """The settings this Predictor was made with (frozen)."""
+        return self._settings
 
     @property
     def backend(self) -> str:
@@ -197,17 +195,14 @@ class Predictor:
     @property
     def closed(self) -> bool:
         """True once `close` has run."""
-        return self._engines is None
+        return self._state is None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.backend}, {self._settings.precision}"
         return f"Predictor(model={str(self.model_path)!r}, {state})"
 
     # -- predicting -----------------------------------------------------------------
-    def predict(self, slide: PathLike, coords: PathLike | None = None, *, mpp: float | None = None,
-                library_id: str | None = None, all_spots: bool = False, strict: bool = False,
-                skip_geometry_checks: bool = False, grid: str | None = None, tissue_mask: PathLike | None = None,
-                min_tissue: float = 0.5, max_spots: int = 2_000_000) -> anndata.AnnData:
+    def predict(self, slide: PathLike, coords: PathLike | None = None, **options: Any) -> anndata.AnnData:
         """Predict the expression of every spot of one slide (given, or laid over its tissue with `grid`).
 
         Parameters
@@ -220,36 +215,9 @@ class Predictor:
             ``spatial/`` folder, a Visium HD ``binned_outputs/square_NNNum/``
             folder, a Visium ``tissue_positions`` file, a her2st
             ``*_selection.tsv``, or a table with ``x,y`` and optionally
-            ``barcode``/``id``.
-        mpp
-            The slide's resolution in µm per pixel; ``None``: from its
-            metadata (or, failing that, from the spot lattice).
-        library_id
-            Key of ``uns['spatial']``; ``None``: the slide's file name
-            without its extension.
-        all_spots
-            Keep spots marked outside the tissue (``in_tissue``/``selected`` = 0).
-        strict
-            Raise on a spot that cannot be read instead of dropping it (and
-            listing it in ``uns['mmap']['dropped_spots']``).
-        skip_geometry_checks
-            Run even when the coordinates look wrong for the slide; the
-            findings become warnings.
-        grid
-            For a slide with no spatial assay (``coords`` left out): lay spots
-            over its tissue: ``"visium"`` (hexagonal, 100 µm apart, 55 µm
-            spots), ``"st"`` (square, 200 µm, 100 µm spots) or ``"NUMum"``
-            (square bins of NUM µm, e.g. ``"16um"``). The slide needs a
-            resolution (metadata or ``mpp``).
-        tissue_mask
-            With ``grid``: the tissue, in place of detection: a binary
-            PNG/TIFF with the slide's aspect ratio, or GeoJSON polygons in
-            level-0 pixels (QuPath, TRIDENT).
-        min_tissue
-            With ``grid``: keep a spot when at least this share of its area is
-            tissue.
-        max_spots
-            With ``grid``: refuse a grid of more spots than this.
+            ``barcode``/``id``. Leave it out for a slide with no spatial
+            assay and give ``grid``.
+        {options}
 
         Returns
         -------
@@ -266,7 +234,9 @@ class Predictor:
         UserError
             Bad input (a missing or unreadable slide or table, a resolution
             that is unknown or contradicts the spot lattice, spots outside the
-            slide, ...), with ``mmap-predict``'s one-line message.
+            slide, an option given without the one it applies with, a bad
+            value, ...), with ``mmap-predict``'s one-line message naming the
+            parameter (``mpp=``).
 
         Warns
         -----
@@ -277,41 +247,23 @@ class Predictor:
         """
         slide_path = _path(slide, "slide")
         coords_path = None if coords is None else _path(coords, "coords")
-        if mpp is not None:
-            try:
-                mpp = float(mpp)
-            except (TypeError, ValueError):
-                raise UserError(f"mpp must be a number of µm per pixel, got {mpp!r}") from None
-            if not math.isfinite(mpp):
-                raise UserError(f"mpp must be a number of µm per pixel, got {mpp!r}")
-        if library_id is not None:
-            library_id = str(library_id)
-            if "/" in library_id:  # a key of uns['spatial']: HDF5 and zarr read a '/' as a sub-group
-                raise UserError(f"library_id {library_id!r}: cannot contain '/'; use letters, digits, - and _")
         with self._lock:
             self._check_open()
-            settings = dataclasses.replace(self._settings, all_spots=bool(all_spots),
-                                           strict=bool(strict), skip_geometry_checks=bool(skip_geometry_checks),
-                                           plot=[], grid=grid, min_tissue=float(min_tissue), max_spots=int(max_spots),
-                                           tissue_mask=None if tissue_mask is None else _path(tissue_mask,
-                                                                                               "tissue_mask"))
-            try:
-                run = predict_adata(slide_path, coords_path, self.bundle, self._engines, settings, mpp=mpp,
-                                    library_id=library_id)
-            finally:
-                self._settings.engines_note = settings.engines_note  # said once, by the first slide
+            settings = settings_from_api(options, (SLIDE,), "Predictor.predict", base=self._settings)
+            check_options(settings, has_coords=coords_path is not None, coords=coords_path, slide=slide_path)
+            run = predict_adata(slide_path, coords_path, self.bundle, self._state, settings)
         return run.adata
 
     # -- closing --------------------------------------------------------------------
     def close(self) -> None:
         """Release the engines (and their GPU memory). Calling it again does nothing."""
         with self._lock:
-            engines, self._engines = self._engines, None
-        if engines is not None:
-            engines.close()
+            state, self._state = self._state, None
+        if state is not None:
+            state.close()
 
     def _check_open(self) -> None:
-        if self._engines is None:
+        if self._state is None:
             raise ValueError("this Predictor is closed; make a new one to predict more slides")
 
     def __enter__(self) -> Self:
@@ -329,11 +281,7 @@ class Predictor:
 
 
 def predict(slide: PathLike, coords: PathLike | None = None, *, model: PathLike | None = None,
-            backend: str = "auto", precision: str = "fp32", threads: int = 0, batch_size: int | None = None,
-            progress: bool = False, mpp: float | None = None, library_id: str | None = None,
-            all_spots: bool = False, strict: bool = False, skip_geometry_checks: bool = False,
-            grid: str | None = None, tissue_mask: PathLike | None = None, min_tissue: float = 0.5,
-            max_spots: int = 2_000_000) -> anndata.AnnData:
+            **options: Any) -> anndata.AnnData:
     """Predict one slide in one call: a `Predictor` that lives for this slide only.
 
     For several slides, make one `Predictor` and call its `Predictor.predict`:
@@ -341,10 +289,11 @@ def predict(slide: PathLike, coords: PathLike | None = None, *, model: PathLike 
 
     Parameters
     ----------
-    slide, coords, mpp, library_id, all_spots, strict, skip_geometry_checks, grid, tissue_mask, min_tissue, max_spots
+    slide, coords
         As for `Predictor.predict`.
-    model, backend, precision, threads, batch_size, progress
+    model
         As for `Predictor`.
+    {options}
 
     Returns
     -------
@@ -364,13 +313,13 @@ def predict(slide: PathLike, coords: PathLike | None = None, *, model: PathLike 
     >>> adata.X.shape
     (120, 785)
     """
-    with Predictor(model, backend, precision, threads, batch_size=batch_size, progress=progress) as predictor:
-        return predictor.predict(slide, coords, mpp=mpp, library_id=library_id, all_spots=all_spots, strict=strict,
-                                 skip_geometry_checks=skip_geometry_checks, grid=grid, tissue_mask=tissue_mask,
-                                 min_tissue=min_tissue, max_spots=max_spots)
+    engine = {k: v for k, v in options.items() if k not in _SLIDE_OPTIONS}
+    per_slide = {k: v for k, v in options.items() if k in _SLIDE_OPTIONS}
+    with Predictor(model, **engine) as predictor:
+        return predictor.predict(slide, coords, **per_slide)
 
 
-def write(adata: anndata.AnnData, path: PathLike, *, overwrite: bool = False) -> Path:
+def write(adata: anndata.AnnData, path: PathLike, **options: Any) -> Path:
     """Write a prediction as ``mmap-predict`` does: ``.h5ad``, or SpatialData for ``.zarr``, atomically.
 
     The file is written to a temporary file beside `path` and renamed into
@@ -383,8 +332,7 @@ def write(adata: anndata.AnnData, path: PathLike, *, overwrite: bool = False) ->
     path
         The output: ``*.h5ad`` (AnnData, its images gzip-compressed) or
         ``*.zarr`` (a SpatialData store; needs the ``[spatialdata]`` extra).
-    overwrite
-        Replace an existing output.
+    {options}
 
     Returns
     -------
@@ -399,7 +347,8 @@ def write(adata: anndata.AnnData, path: PathLike, *, overwrite: bool = False) ->
         folder that is full or cannot be written (nothing is left behind).
     """
     out = _path(path, "path")
-    write_adata(adata, out, overwrite=bool(overwrite))
+    settings = settings_from_api(options, (OUTPUT,), "write")
+    write_adata(adata, out, overwrite=settings.overwrite)
     return out
 
 
@@ -451,18 +400,14 @@ def read_spots(coords: PathLike, *, all_spots: bool = False) -> pandas.DataFrame
     return frame
 
 
-def detect_tissue(slide: PathLike, *, mpp: float | None = None, tissue_mask: PathLike | None = None) -> Tissue:
+def detect_tissue(slide: PathLike, **options: Any) -> Tissue:
     """Find the tissue of a slide as ``mmap-predict --grid`` does (or read the user's mask).
 
     Parameters
     ----------
     slide
         A whole-slide image or a plain JPEG/PNG/TIFF.
-    mpp
-        The slide's resolution in µm per pixel; ``None``: from its metadata.
-    tissue_mask
-        The user's tissue instead of detection: a binary PNG/TIFF with the
-        slide's aspect ratio, or GeoJSON polygons in level-0 pixels.
+    {options}
 
     Returns
     -------
@@ -490,18 +435,20 @@ def detect_tissue(slide: PathLike, *, mpp: float | None = None, tissue_mask: Pat
     ...     json.dump(tissue.to_geojson(), f)
     """
     from .inputs.slide import open_slide
+
+    settings = settings_from_api(options, (SLIDE,), "detect_tissue", only=_DETECT_OPTIONS)
+    with open_slide(_path(slide, "slide"), mpp=settings.mpp) as reader:
+        return _tissue(reader, settings.tissue_mask)
+
+
+def _tissue(reader: Any, tissue_mask: Path | None) -> Tissue:
     from .inputs.tissue import detect_tissue as _detect
     from .inputs.tissue import read_tissue_mask
 
-    with open_slide(_path(slide, "slide"), mpp=mpp) as reader:
-        if tissue_mask is not None:
-            return read_tissue_mask(_path(tissue_mask, "tissue_mask"), reader)
-        return _detect(reader)
+    return read_tissue_mask(tissue_mask, reader) if tissue_mask is not None else _detect(reader)
 
 
-def make_grid(slide: PathLike, grid: str, *, mpp: float | None = None, tissue: Tissue | None = None,
-              tissue_mask: PathLike | None = None, min_tissue: float = 0.5,
-              max_spots: int = 2_000_000) -> pandas.DataFrame:
+def make_grid(slide: PathLike, grid: str, *, tissue: Tissue | None = None, **options: Any) -> pandas.DataFrame:
     """The spots ``mmap-predict --grid`` lays over a slide's tissue, without predicting.
 
     Parameters
@@ -510,13 +457,10 @@ def make_grid(slide: PathLike, grid: str, *, mpp: float | None = None, tissue: T
         A whole-slide image or a plain JPEG/PNG/TIFF.
     grid
         ``"visium"``, ``"st"`` or ``"NUMum"`` (square bins of NUM µm).
-    mpp
-        The slide's resolution in µm per pixel; ``None``: from its metadata.
     tissue
         A `Tissue` from `detect_tissue`; ``None``: detected here (or read
         from ``tissue_mask``).
-    tissue_mask, min_tissue, max_spots
-        As for `Predictor.predict`.
+    {options}
 
     Returns
     -------
@@ -530,28 +474,45 @@ def make_grid(slide: PathLike, grid: str, *, mpp: float | None = None, tissue: T
     ------
     UserError
         An unknown `grid`, a slide without a resolution, no tissue found, a
-        bad mask, a `min_tissue` outside (0, 1], or a grid with no spot on
-        tissue or with more than `max_spots` (the message names the count
-        and the fixes).
+        bad mask, both `tissue` and ``tissue_mask``, a ``min_tissue`` outside
+        (0, 1], or a grid with no spot on tissue or with more than
+        ``max_spots`` (the message names the count and the fixes).
     """
     import numpy as np
     import pandas as pd
 
-    from .inputs.grid import lay_grid, parse_grid
+    from .inputs.grid import grid_over_tissue, parse_grid
     from .inputs.slide import open_slide
-    from .inputs.tissue import detect_tissue as _detect
-    from .inputs.tissue import read_tissue_mask
 
-    spec = parse_grid(grid)
-    with open_slide(_path(slide, "slide"), mpp=mpp) as reader:
+    settings = settings_from_api(dict(options, grid=grid), (SLIDE,), "make_grid", only=_GRID_OPTIONS)
+    if tissue is not None and settings.tissue_mask is not None:
+        raise UserError("give tissue= or tissue_mask=, not both: tissue_mask= is read to make a tissue")
+    spec = parse_grid(settings.grid)
+    with open_slide(_path(slide, "slide"), mpp=settings.mpp) as reader:
         if tissue is None:
-            tissue = (read_tissue_mask(_path(tissue_mask, "tissue_mask"), reader) if tissue_mask is not None
-                      else _detect(reader))
-        g = lay_grid(spec, width_px=reader.width, height_px=reader.height, mpp=reader.mpp, mask=tissue.mask,
-                     scale_x=tissue.scale_x, scale_y=tissue.scale_y, labels=tissue.labels,
-                     min_tissue=float(min_tissue), max_spots=int(max_spots))
+            tissue = _tissue(reader, settings.tissue_mask)
+        g = grid_over_tissue(spec, reader, tissue, min_tissue=settings.min_tissue, max_spots=settings.max_spots)
     frame = pd.DataFrame({"x": g.xy[:, 0], "y": g.xy[:, 1], "array_row": g.array_row, "array_col": g.array_col,
                           "tissue_fraction": g.tissue_fraction, "tissue_id": g.tissue_id},
                          index=pd.Index(np.asarray(g.ids, dtype=object), dtype=object))
     frame.attrs["grid"] = g.record()
     return frame
+
+
+# The options each function takes, from their declarations (options.Settings): the signatures that
+# help() and notebooks show, and the Parameters sections of the docstrings.
+_SLIDE_OPTIONS = tuple(p.name for p in api_parameters((SLIDE,)))
+_DETECT_OPTIONS = ("mpp", "tissue_mask")
+_GRID_OPTIONS = ("grid", "mpp", "tissue_mask", "min_tissue", "max_spots")
+_SELF = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_SLIDE = _positional("slide", "PathLike")
+_COORDS = _positional("coords", "PathLike | None", None)
+_signed(Predictor.__init__, [_SELF, _positional("model", "PathLike | None", None)], (ENGINE,), skip=("model",))
+_signed(Predictor.predict, [_SELF, _SLIDE, _COORDS], (SLIDE,))
+_signed(predict, [_SLIDE, _COORDS, inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                                      annotation="PathLike | None")], (ENGINE, SLIDE), skip=("model",))
+_signed(write, [_positional("adata", "anndata.AnnData"), _positional("path", "PathLike")], (OUTPUT,))
+_signed(detect_tissue, [_SLIDE], (SLIDE,), only=_DETECT_OPTIONS)
+_signed(make_grid, [_SLIDE, _positional("grid", "str"), inspect.Parameter(
+    "tissue", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Tissue | None")], (SLIDE,),
+        only=_GRID_OPTIONS[1:])

@@ -155,21 +155,23 @@ def test_bad_input_raises_user_error_with_the_cli_message(tmp_path, demo, case):
 def test_bad_arguments_are_user_errors(tmp_path, demo):
     with pytest.raises(mm.UserError, match="no spot coordinates given"):
         mm.predict(demo.slide)
-    with pytest.raises(mm.UserError, match="--backend must be one of auto, onnxruntime, tensorrt"):
+    with pytest.raises(mm.UserError, match="^backend='gpu': must be one of auto, onnxruntime, tensorrt$"):
         mm.Predictor(backend="gpu")
-    with pytest.raises(mm.UserError, match="--precision must be one of"):
+    with pytest.raises(mm.UserError, match="^precision='fp8': must be one of"):
         mm.Predictor(precision="fp8")
-    with pytest.raises(mm.UserError, match="threads must be"):
+    with pytest.raises(mm.UserError, match="^threads=-1: must be a whole number, at least 0$"):
         mm.Predictor(threads=-1)
-    with pytest.raises(mm.UserError, match="batch_size must be"):
+    with pytest.raises(mm.UserError, match="^batch_size=0: must be"):
         mm.Predictor(batch_size=0)
+    with pytest.raises(mm.UserError, match="^Predictor.predict\\(\\) got unknown option"):
+        mm.Predictor(threads=1).predict(demo.slide, demo.coords, grid_size=3)
     with pytest.raises(mm.BundleError):
         mm.Predictor(model=tmp_path)  # no manifest.json there
     assert issubclass(mm.BundleError, mm.UserError) and issubclass(mm.OutputStorageError, mm.UserError)
     with mm.Predictor(threads=1) as predictor:
         with pytest.raises(mm.UserError, match="cannot contain '/'"):
             predictor.predict(demo.slide, demo.coords, library_id="a/b")
-        with pytest.raises(mm.UserError, match="mpp must be a number"):
+        with pytest.raises(mm.UserError, match="^mpp='fast': must be a number"):
             predictor.predict(demo.slide, demo.coords, mpp="fast")
 
 

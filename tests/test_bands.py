@@ -285,7 +285,7 @@ def test_encoder_calls_in_flight_at_once_give_the_same_predictions(her2st, tiny_
     with open_slide(tif, mpp=HER2ST_MPP) as slide:
         with open_engines("onnxruntime", bundle, threads=1) as engines:
             assert engines.encoder.streams == 1
-            one = predict_slide(slide, spots, bundle, engines, batch_size=4)
+            one = predict_slide(slide, spots, bundle, engines, batch_size=4, read_workers=2)
         with open_engines("onnxruntime", bundle, threads=2) as engines:
             assert engines.encoder.streams == 2 and engines.fusion.streams == 1
             assert engines.encoder._session.get_session_options().intra_op_num_threads == 1
@@ -308,7 +308,7 @@ def test_encoder_calls_in_flight_at_once_give_the_same_predictions(her2st, tiny_
                         now[0] -= 1
 
             engines.encoder.infer = counted
-            two = predict_slide(slide, spots, bundle, engines, batch_size=4)
+            two = predict_slide(slide, spots, bundle, engines, batch_size=4, read_workers=2)
     assert most[0] == 2
     assert one.spot_ids == two.spot_ids
     np.testing.assert_array_equal(one.embedding, two.embedding)

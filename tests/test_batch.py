@@ -7,7 +7,8 @@ import pytest
 
 from conftest import run_cli as batch
 
-from mmap_deploy.cli import parse_shard, read_manifest
+from mmap_deploy.options import CLI, Settings, caller
+from mmap_deploy.run.manifest import read_manifest
 from mmap_deploy.errors import UserError
 
 ad = pytest.importorskip("anndata")
@@ -126,12 +127,12 @@ def test_bad_slide_content_is_reported_per_slide(cohort, tiny_bundle, tmp_path):
     ("", "empty manifest"),
     ("slide,coord\na.png,a.csv\n", "missing column(s) coords; unknown column(s) coord"),
     ("slide,coords\n", "lists no slides"),
-    ("slide,coords,mpp\na.png,a.csv,abc\n", "line 2: mpp 'abc' is not a positive number"),
-    ("slide,coords,mpp\na.png,a.csv,-1\n", "line 2: mpp '-1' is not a positive number"),
+    ("slide,coords,mpp\na.png,a.csv,abc\n", "line 2: mpp 'abc': must be a number, above 0"),
+    ("slide,coords,mpp\na.png,a.csv,-1\n", "line 2: mpp '-1': must be a number, above 0"),
     ("slide,coords,id\na.png,a.csv,x\nb.png,b.csv,x\n", "line 3: output name 'x' is already used on line 2"),
     ("slide,coords\nd1/a.png,a.csv\nd2/a.png,b.csv\n", "line 3: output name 'a' is already used on line 2"),
     ("slide,coords\na.png\n", "line 2: 1 fields, the header has 2"),
-    ("slide,coords,id\na.png,a.csv,../up\n", "line 2: id '../up' cannot be a file name"),
+    ("slide,coords,id\na.png,a.csv,../up\n", "line 2: id '../up': cannot contain '/'"),
 ])
 def test_bad_manifests_are_one_line_errors(text, fragment, tiny_bundle, tmp_path):
     m = tmp_path / "slides.csv"
@@ -146,18 +147,19 @@ def test_manifest_mode_argument_errors(cohort, tiny_bundle, tmp_path):
     r = batch("--manifest", cohort, "-o", tmp_path / "out.h5ad", "--model", tiny_bundle, expect=2)
     assert "with --manifest, -o is an output folder" in r.stderr
     r = batch("--manifest", cohort, "-o", tmp_path / "out", "--mpp", "0.5", expect=2)
-    assert "give mpp and id per slide in the manifest" in r.stderr
+    assert "with --manifest, give --mpp per slide in the manifest's mpp column" in r.stderr
     r = batch("--manifest", cohort, "-o", tmp_path / "out", "--shard", "2/2", expect=2)
-    assert "need 0 <= i < n" in r.stderr
+    assert "--shard 2/2: needs 0 <= i < n" in r.stderr
     r = batch("x.png", "x.csv", "-o", tmp_path / "o.h5ad", "--shard", "0/2", expect=2)
     assert "--shard only applies with --manifest" in r.stderr
 
 
 def test_parse_shard_and_manifest_paths(cohort):
-    assert parse_shard("3/4") == (3, 4) and parse_shard(None) is None
-    for bad in ("1", "a/b", "1/0", "-1/3", "1/2/3"):
-        with pytest.raises(UserError, match="--shard"):
-            parse_shard(bad)
+    with caller(CLI):
+        assert Settings().replace(shard="3/4").shard == (3, 4) and Settings().shard is None
+        for bad in ("1", "a/b", "1/0", "-1/3", "1/2/3"):
+            with pytest.raises(UserError, match="--shard"):
+                Settings().replace(shard=bad)
     rows = read_manifest(cohort)
     assert [r.name for r in rows] == ["first", "missing", "s1", "third"]
     assert rows[0].slide == cohort.parent / "slides" / "s0.png" and rows[0].mpp == MPP  # relative to the CSV

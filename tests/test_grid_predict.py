@@ -245,12 +245,13 @@ def test_same_command_twice_is_bit_identical(st40x, slide40x, tmp_path):
 
 # -- 3. the same tissue at two resolutions ----------------------------------------------------------
 def test_same_tissue_two_resolutions_same_bins(slide40x, c6_section, tmp_path):
-    from mmap_deploy.run.predict import RunSettings, open_spots
+    from mmap_deploy.options import Settings
+    from mmap_deploy.run.predict import open_spots
 
     low = whole_slide(tmp_path / "c6_07.tif", [c6_section], GLASS_UM, 0.7)
     grids = {}
     for name, path in (("0.25", slide40x), ("0.7", low)):
-        slide, source = open_spots(path, None, mpp=None, all_spots=False, settings=RunSettings(grid="32um"))
+        slide, source = open_spots(path, None, Settings(grid="32um"))
         with slide:
             assert slide.format.startswith("openslide")
             grids[name] = (source.grid, source.tissue, slide.mpp)

@@ -382,7 +382,7 @@ def test_missing_bundle_and_bad_arguments(pyramid, tmp_path):
     r = predict("-o", tmp_path / "o.h5ad", expect=2)
     assert_one_line_error(r, "give either SLIDE COORDS, or --demo, or --manifest")
     r = predict(pyramid, "-o", tmp_path / "o.h5ad", expect=2)
-    assert_one_line_error(r, "missing COORDS")
+    assert_one_line_error(r, "no spot coordinates given: pass COORDS", "--grid visium")
     r = predict(pyramid, coords, "-o", tmp_path / "o.csv", expect=2)
     assert_one_line_error(r, "must end in .h5ad (AnnData) or .zarr (SpatialData)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv"]
@@ -499,15 +499,13 @@ def test_a_whole_run_never_imports_torch(pyramid, tiny_bundle, tmp_path):
 
 
 def test_cpu_engines_get_cpu_batch_and_reader_defaults(tiny_bundle):
-    from mmap_deploy.cli import RunSettings, engine_defaults
     from mmap_deploy.engines import default_threads, open_engines
     from mmap_deploy.model.bundle import load_bundle
+    from mmap_deploy.run.predict import engine_defaults
 
     with open_engines("onnxruntime", load_bundle(tiny_bundle), providers=["cpu"]) as engines:
-        s = engine_defaults(engines, RunSettings())
-        assert (s.batch_size, s.read_workers) == (32, max(1, min(4, default_threads())))
-        s = engine_defaults(engines, RunSettings(batch_size=5, threads=1))
-        assert (s.batch_size, s.read_workers) == (5, 1)  # an explicit --batch-size and --threads win
+        assert engine_defaults(engines, None, 0) == (32, max(1, min(4, default_threads())))
+        assert engine_defaults(engines, 5, 1) == (5, 1)  # an explicit --batch-size and --threads win
 
 
 def test_help_lists_the_options():

@@ -168,16 +168,14 @@ def _engine_rows(ctx: Context, plan: Plan, model: Any, label: str, b: Any) -> di
 
 def _reader_rows(ctx: Context, plan: Plan, tif: Path, coords: Path, b: Any) -> None:
     """The pipeline in-process at 4, 8, 16 reader threads: how long the engine waits for patches."""
-    from mmap_deploy.cli import RunSettings, engine_defaults, predict_to_file
-    from mmap_deploy.engines import open_engines
+    from mmap_deploy.options import Settings
+    from mmap_deploy.run.predict import open_run, predict_to_file
 
-    with open_engines("onnxruntime", b, "fp16") as engines:
-        for threads in plan.reader_threads:
-            settings = engine_defaults(engines, RunSettings(backend="onnxruntime", precision="fp16",
-                                                            overwrite=True, progress=False))
-            settings.read_workers = threads
-            res = predict_to_file(tif, coords, ctx.work / f"readers_{threads}.h5ad", b, engines, settings,
-                                  mpp=SLIDE_MPP)
+    settings = Settings(backend="onnxruntime", precision="fp16", overwrite=True, mpp=SLIDE_MPP)
+    for threads in plan.reader_threads:
+        with open_run(b, settings, "benchmarks/suites/suite_gpu_ort.py", read_workers=threads) as state:
+            engines = state.engines
+            res = predict_to_file(tif, coords, ctx.work / f"readers_{threads}.h5ad", b, state, settings)
             tm = res.timings
             ctx.report.add({"name": "reader_wait", "backend": "onnxruntime", "provider": ",".join(engines.encoder.providers),
                             "precision": "fp16", "reader_threads": threads, "spots": res.n_spots,

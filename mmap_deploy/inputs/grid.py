@@ -73,18 +73,19 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import UserError
+from ..options import Settings
 from .coords import Spots
 from .geometry import ST, VISIUM, LatticeSpec, visium_hd_lattice
 
 MIN_BIN_UM = 2.0  # Visium HD's finest bin
 MAX_BIN_UM = 1000.0
-DEFAULT_MIN_TISSUE = 0.5
-DEFAULT_MAX_SPOTS = 2_000_000
+DEFAULT_MIN_TISSUE = Settings.min_tissue  # the options' declared defaults (options.Settings)
+DEFAULT_MAX_SPOTS = Settings.max_spots
 # An estimate from the tissue area this far above max_spots is refused before any spot is laid.
 ESTIMATE_MARGIN = 1.25
 DISC_SLABS = 16
@@ -93,6 +94,10 @@ GRID_FORMS = (
     "'visium' (hexagonal, 55 µm spots, 100 µm pitch), 'st' (square, 100 µm spots, 200 µm pitch) or 'NUMum' "
     f"(square bins of NUM µm, NUM from {MIN_BIN_UM:g} (the minimum) to {MAX_BIN_UM:g}, e.g. 8um, 16um, 12.5um)"
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .slide import SlideReader
+    from .tissue import Tissue
 
 _BINS = re.compile(r"(\d+(?:\.\d{1,2})?|\.\d{1,2})\s*(?:um|µm|μm)", re.IGNORECASE)
 _NUMBER_UNIT = re.compile(r"([+-]?[\d.]+(?:e[+-]?\d+)?)\s*(?:um|µm|μm)?", re.IGNORECASE)
@@ -559,6 +564,14 @@ def _scan(spec: GridSpec, geo: _Lattice, mask: np.ndarray, min_tissue: float,
         else:
             rows_kept, cols_kept, frac_kept = [], [], []  # only the count matters now
     return count, rows_kept, cols_kept, frac_kept
+
+
+def grid_over_tissue(spec: GridSpec, slide: SlideReader, tissue: Tissue, *, min_tissue: float = DEFAULT_MIN_TISSUE,
+                     max_spots: int = DEFAULT_MAX_SPOTS) -> Grid:
+    """`lay_grid` over an open slide's `tissue` (detected, or the user's mask): its size, scale and pieces."""
+    return lay_grid(spec, width_px=slide.width, height_px=slide.height, mpp=slide.mpp, mask=tissue.mask,
+                    scale_x=tissue.scale_x, scale_y=tissue.scale_y, labels=tissue.labels, min_tissue=min_tissue,
+                    max_spots=max_spots)
 
 
 def lay_grid(

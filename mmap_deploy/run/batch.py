@@ -27,9 +27,9 @@ from ..messages import EXIT_BATCH_FAILED, EXIT_OK, echo
 from .manifest import ManifestRow, check_output_dir
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..engines import Engines
     from ..model.bundle import Bundle
-    from .predict import RunSettings
+    from ..options import Settings
+    from .predict import RunState
 
 DONE, CLAIMED, FAILED, STOP = "done", "claimed", "failed", "stop"
 
@@ -46,12 +46,22 @@ class SlideOutcome:
     seconds: float = 0.0
 
 
-def predict_row(row: ManifestRow, out: Path, bundle: Bundle, engines: Engines, settings: RunSettings, *,
+def row_settings(row: ManifestRow, settings: Settings) -> Settings:
+    """The settings one row runs with: its option columns (mpp, id); a row with coords drops the grid,
+    which is for the rows whose coords cell is empty."""
+    values = dict(row.values)
+    if row.coords is not None:
+        values.update(grid=None, tissue_mask=None)
+    return settings.with_values(**values)
+
+
+def predict_row(row: ManifestRow, out: Path, bundle: Bundle, state: RunState, settings: Settings, *,
                 manifest_name: str, run_id: str, spot_progress: Callable[[int], Any] | None = None) -> SlideOutcome:
     """Claim, predict and write one manifest row; never raises for the slide's own problems."""
     from ..errors import UserError
+    from ..options import check_options
     from .claims import ClaimHolder, claim_path, try_claim
-    from .predict import _summary_line, predict_to_file
+    from .predict import predict_to_file
     from .storage import OutputStorageError, storage_error
 
     t0 = time.perf_counter()
@@ -65,16 +75,12 @@ def predict_row(row: ManifestRow, out: Path, bundle: Bundle, engines: Engines, s
     if isinstance(claim, ClaimHolder):
         return SlideOutcome(row.name, CLAIMED, f"claimed by another run ({claim.describe()}; "
                                                f"{claim_path(out)})")
-    run_settings = settings
-    if getattr(row, "coords", None) is not None and getattr(settings, "grid", None) is not None:
-        # --grid (and --tissue-mask) lay spots for the rows whose coords cell is empty; a row with
-        # coords is predicted at its own spots (given both, predict_adata would refuse it)
-        run_settings = dataclasses.replace(settings, grid=None, tissue_mask=None)
     with claim:
         try:
-            result = predict_to_file(row.slide, row.coords, out, bundle, engines, run_settings, mpp=row.mpp,
-                                     library_id=row.name, mpp_origin=f"{manifest_name} mpp column",
-                                     spot_progress=spot_progress)
+            check_options(settings, batch=True, has_coords=row.coords is not None, coords=row.coords,
+                          slide=row.slide)
+            result = predict_to_file(row.slide, row.coords, out, bundle, state, row_settings(row, settings),
+                                     mpp_origin=f"{manifest_name} mpp column", spot_progress=spot_progress)
         except OutputStorageError as e:
             return SlideOutcome(row.name, STOP, str(e), seconds=time.perf_counter() - t0)
         except UserError as e:
@@ -82,9 +88,7 @@ def predict_row(row: ManifestRow, out: Path, bundle: Bundle, engines: Engines, s
         except Exception as e:  # a bug: keep its traceback for the driver to show, finish the other slides
             return SlideOutcome(row.name, FAILED, f"internal error {type(e).__name__}: {e} (traceback above)",
                                 traceback=traceback.format_exc(), seconds=time.perf_counter() - t0)
-        finally:
-            settings.engines_note = run_settings.engines_note  # said once, by the first slide
-    return SlideOutcome(row.name, DONE, _summary_line(result), n_spots=result.n_spots, seconds=result.seconds)
+    return SlideOutcome(row.name, DONE, result.summary_line(), n_spots=result.n_spots, seconds=result.seconds)
 
 
 @dataclass
@@ -172,13 +176,14 @@ class BatchPlan:
         return EXIT_BATCH_FAILED if self.tally.failed else EXIT_OK
 
 
-def plan_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, settings: RunSettings,
-               shard: tuple[int, int] | None, *, absolute: bool = False) -> BatchPlan:
+def plan_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, settings: Settings, *,
+               absolute: bool = False) -> BatchPlan:
     """The jobs for the manifest's `rows` (or one shard of them); `absolute`: every path made absolute.
 
     Ray's workers run elsewhere, so no path they are given may depend on the driver's cwd.
     """
     check_output_dir(out_dir)
+    shard = settings.shard
     if shard is not None:
         i, n = shard
         rows = [r for k, r in enumerate(rows) if k % n == i]
@@ -186,24 +191,24 @@ def plan_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, settings:
         out_dir = out_dir.absolute()
         rows = [dataclasses.replace(r, slide=r.slide.absolute(),
                                     coords=None if r.coords is None else r.coords.absolute()) for r in rows]
-    jobs = [BatchJob(k, len(rows), row, out_dir / f"{row.name}.{settings.output_format}")
+    jobs = [BatchJob(k, len(rows), row, out_dir / f"{row.name}.{settings.output_format or 'h5ad'}")
             for k, row in enumerate(rows, start=1)]
     return BatchPlan(manifest, out_dir, shard, settings.overwrite, jobs, BatchTally(len(rows)))
 
 
-def run_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: Bundle, engines: Engines,
-              settings: RunSettings, shard: tuple[int, int] | None) -> int:
+def run_batch(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: Bundle, state: RunState,
+              settings: Settings) -> int:
     """Every slide of the manifest's `rows` (or of one shard), one after the other; returns the exit code."""
     from .claims import new_run_id
     from .storage import make_output_dir
 
-    plan = plan_batch(manifest, rows, out_dir, settings, shard)
+    plan = plan_batch(manifest, rows, out_dir, settings)
     make_output_dir(plan.out_dir)
     run_id = new_run_id()
     for job in plan.jobs:
         if plan.skip_existing(job):
             continue
-        outcome = predict_row(job.row, job.out, bundle, engines, settings, manifest_name=manifest.name, run_id=run_id)
+        outcome = predict_row(job.row, job.out, bundle, state, settings, manifest_name=manifest.name, run_id=run_id)
         plan.record(job, outcome)
         if outcome.status == STOP:
             plan.tally.not_started = job.total - job.k

@@ -51,9 +51,9 @@ from ..messages import echo
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model.bundle import Bundle
+    from ..options import Settings
     from .batch import BatchJob, BatchPlan, SlideOutcome
     from .manifest import ManifestRow
-    from .predict import RunSettings
 
 RAY_EXTRA = "pip install 'mmap-deploy[ray]'"
 LOCAL = "local"  # --ray without ADDRESS
@@ -154,17 +154,19 @@ class SpotCounter:
 class SlideWorker:
     """One worker (a Ray actor): loads the bundle and its engines once, then predicts slides."""
 
-    def __init__(self, bundle_path: str, settings: RunSettings, run_id: str, counter: Any):
+    def __init__(self, bundle_path: str, settings: Settings, command: str, run_id: str, counter: Any):
         import socket
 
-        from ..engines import open_engines
         from ..messages import echo, show_on_stderr
-        from .predict import engine_defaults
+        from ..options import CLI, caller
+        from .predict import open_run
 
-        # the worker's notes and warnings are lines on its stderr, which Ray forwards to the driver;
-        # the provenance's command line is the driver's (settings.command), not the worker's
+        # the worker's notes and warnings are lines on its stderr, which Ray forwards to the driver, spelled
+        # as the command line's; the provenance's command line is the driver's (`command`), not the worker's
         self._messages = show_on_stderr(echo)
         self._messages.__enter__()  # for the worker's whole life: the process is this actor's alone
+        self._caller = caller(CLI)
+        self._caller.__enter__()
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.settings, self.run_id, self.counter = settings, run_id, counter
         self.error = ""
@@ -172,22 +174,22 @@ class SlideWorker:
             from ..model.bundle import load_bundle
 
             self.bundle = load_bundle(bundle_path)
-            self.engines = open_engines(settings.backend, self.bundle, settings.precision, threads=settings.threads)
-            engine_defaults(self.engines, settings)
+            self.state = open_run(self.bundle, settings, command)
         except UserError as e:  # reported by ready(): the driver stops with this line
             self.error = str(e)
 
     def ready(self) -> dict[str, Any]:
         info = {"host": self.host, "pid": self.pid, "error": self.error}
         if not self.error:
-            info.update(reason=self.engines.plan.reason, providers=", ".join(self.engines.encoder.providers),
-                        batch_size=self.settings.batch_size, readers=self.settings.read_workers)
+            engines = self.state.engines
+            info.update(reason=engines.plan.reason, providers=", ".join(engines.encoder.providers),
+                        batch_size=self.state.batch_size, readers=self.state.read_workers)
         return info
 
     def predict(self, row: ManifestRow, out: str, manifest_name: str) -> SlideOutcome:
         from .batch import predict_row
 
-        return predict_row(row, Path(out), self.bundle, self.engines, self.settings, manifest_name=manifest_name,
+        return predict_row(row, Path(out), self.bundle, self.state, self.settings, manifest_name=manifest_name,
                            run_id=self.run_id, spot_progress=lambda n: self.counter.add.remote(n))
 
 
@@ -199,9 +201,10 @@ class _RayBatch:
     on a new worker).
     """
 
-    def __init__(self, ray: Any, plan: BatchPlan, to_do: deque[BatchJob], bundle: Bundle, settings: RunSettings,
-                 run_id: str):
-        self.ray, self.plan, self.to_do, self.bundle, self.settings, self.run_id = ray, plan, to_do, bundle, settings, run_id
+    def __init__(self, ray: Any, plan: BatchPlan, to_do: deque[BatchJob], bundle: Bundle, settings: Settings,
+                 command: str, run_id: str):
+        self.ray, self.plan, self.to_do, self.bundle, self.settings = ray, plan, to_do, bundle, settings
+        self.command, self.run_id = command, run_id
         self.actors: dict[int, Any] = {}
         self.info: dict[int, dict[str, Any]] = {}
         self.in_flight: dict[Any, tuple[int, BatchJob]] = {}  # ref -> (worker, job)
@@ -209,17 +212,16 @@ class _RayBatch:
         self.free: deque[int] = deque()
         self.stopped, self.announced, self.deaths_at_start = False, False, 0
 
-    def start(self, n_workers: int | None, where: str) -> None:
+    def start(self, where: str) -> None:
         """Plan the workers on the cluster's nodes, say so, and start them."""
         from tqdm import tqdm
 
         ray, settings = self.ray, self.settings
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        self.workers = plan_workers(nodes, n_workers, settings.threads)
+        self.workers = plan_workers(nodes, settings.ray_workers, settings.threads)
         self.workers.n_workers = min(self.workers.n_workers, len(self.to_do))
         echo(f"ray: {self.workers.describe()} on {len(nodes)} node(s) of {where}; {len(self.to_do)} slide(s) to predict")
-        self.worker_settings = dataclasses.replace(settings, threads=self.workers.num_cpus, progress=False,
-                                                   plot=list(settings.plot))
+        self.worker_settings = settings.with_values(threads=self.workers.num_cpus, progress=False)
         self.counter = ray.remote(SpotCounter).options(num_cpus=0).remote()
         self.worker_cls = ray.remote(SlideWorker).options(num_cpus=self.workers.num_cpus,
                                                           num_gpus=self.workers.num_gpus, max_restarts=0)
@@ -232,7 +234,8 @@ class _RayBatch:
                               dynamic_ncols=True)
 
     def spawn(self, w: int) -> None:
-        self.actors[w] = self.worker_cls.remote(str(self.bundle.root), self.worker_settings, self.run_id, self.counter)
+        self.actors[w] = self.worker_cls.remote(str(self.bundle.root), self.worker_settings, self.command, self.run_id,
+                                                self.counter)
         self.starting[self.actors[w].ready.remote()] = w
 
     def say(self, msg: str) -> None:
@@ -334,23 +337,26 @@ class _RayBatch:
         release_run_claims([job.out for _, job in self.in_flight.values()], self.run_id)
 
 
-def run_batch_ray(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: Bundle, settings: RunSettings,
-                  shard: tuple[int, int] | None, address: str, n_workers: int | None) -> int:
-    """The manifest's slides on Ray workers; the same plan, outputs, summary and exit code as `batch.run_batch`."""
+def run_batch_ray(manifest: Path, rows: list[ManifestRow], out_dir: Path, bundle: Bundle, settings: Settings,
+                  command: str, address: str) -> int:
+    """The manifest's slides on Ray workers; the same plan, outputs, summary and exit code as `batch.run_batch`.
+
+    `command` is the driver's command line, for each slide's provenance.
+    """
     from .batch import plan_batch
     from .claims import new_run_id
     from .storage import make_output_dir
 
-    plan = plan_batch(manifest, rows, out_dir, settings, shard, absolute=True)
+    plan = plan_batch(manifest, rows, out_dir, settings, absolute=True)
     to_do = deque(job for job in plan.jobs if not plan.skip_existing(job))
     if not to_do:
         return plan.finish()
     ray = import_ray()
     started = connect(address)
-    driver = _RayBatch(ray, plan, to_do, bundle, settings, new_run_id())
+    driver = _RayBatch(ray, plan, to_do, bundle, settings, command, new_run_id())
     try:
         make_output_dir(plan.out_dir)  # once Ray is there: a wrong ADDRESS leaves nothing behind
-        driver.start(n_workers, "a local Ray on 127.0.0.1" if started else f"the Ray cluster at {address}")
+        driver.start("a local Ray on 127.0.0.1" if started else f"the Ray cluster at {address}")
         driver.run()
     finally:
         driver.close()

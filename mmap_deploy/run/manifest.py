@@ -1,48 +1,45 @@
-"""The batch manifest (`--manifest slides.csv`): its rows, the --shard option, the output folder's check."""
+"""The batch manifest (`--manifest slides.csv`): its rows, the output folder's check.
+
+The columns are `slide` and `coords`, and one optional column per option that
+a slide may set for itself (`options.manifest_columns`: `mpp`, `id`), read
+by the same checks as the option.
+"""
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
+from ..options import Settings, manifest_columns, parse_column
 
 MANIFEST_COLUMNS = ("slide", "coords")
-MANIFEST_OPTIONAL = ("mpp", "id")
-
-
-def parse_shard(value: str | None) -> tuple[int, int] | None:
-    """'i/n' -> (i, n) with 0 <= i < n."""
-    if value is None:
-        return None
-    try:
-        i_s, n_s = value.split("/")
-        i, n = int(i_s), int(n_s)
-    except ValueError:
-        raise UserError(f"--shard must look like i/n (e.g. 0/4), got {value!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise UserError(f"--shard {value}: need 0 <= i < n (shards are numbered 0 to n-1)")
-    return i, n
 
 
 @dataclass
 class ManifestRow:
+    """One slide of the manifest: its line, paths, output name, and the options its columns set."""
+
     line: int
     slide: Path
     coords: Path | None  # None: an empty coords cell, for --grid
-    mpp: float | None
-    name: str
+    name: str  # the output's name: the id column, else the slide's file name without extension
+    values: dict[str, Any] = field(default_factory=dict)  # option name -> value, from the option columns
+
+    @property
+    def mpp(self) -> float | None:
+        return self.values.get("mpp")
 
 
-def read_manifest(path: Path) -> list[ManifestRow]:
-    """The batch manifest CSV: columns slide, coords, optional mpp and id; paths relative to the CSV.
+def read_manifest(path: Path, settings_cls: type = Settings) -> list[ManifestRow]:
+    """The batch manifest CSV: columns slide, coords, and the option columns; paths relative to the CSV.
 
     An empty coords cell is a slide with no spatial assay: it runs with `--grid` (and fails on its own
     without it).
     """
-    import math
-
+    optional = manifest_columns(settings_cls)
     if not path.is_file():
         raise UserError(f"{path}: manifest file not found; check the --manifest path")
     try:
@@ -52,10 +49,11 @@ def read_manifest(path: Path) -> list[ManifestRow]:
     reader = csv.reader(text.splitlines())
     header = next(reader, None)
     if not header or not any(h.strip() for h in header):
-        raise UserError(f"{path}: empty manifest; it needs a header line 'slide,coords[,mpp][,id]' and one row per slide")
+        raise UserError(f"{path}: empty manifest; it needs a header line "
+                        f"'slide,coords{''.join(f'[,{c}]' for c in optional)}' and one row per slide")
     header = [h.strip().lower() for h in header]
     missing = [c for c in MANIFEST_COLUMNS if c not in header]
-    unknown = [c for c in header if c not in MANIFEST_COLUMNS + MANIFEST_OPTIONAL]
+    unknown = [c for c in header if c not in MANIFEST_COLUMNS + tuple(optional)]
     if missing or unknown or len(set(header)) != len(header):
         what = []
         if missing:
@@ -64,7 +62,8 @@ def read_manifest(path: Path) -> list[ManifestRow]:
             what.append(f"unknown column(s) {', '.join(unknown)}")
         if len(set(header)) != len(header):
             what.append("a repeated column")
-        raise UserError(f"{path}: line 1: {'; '.join(what)}; the header must be slide,coords with optional mpp,id")
+        raise UserError(f"{path}: line 1: {'; '.join(what)}; the header must be slide,coords with optional "
+                        f"{','.join(optional)}")
     rows: list[ManifestRow] = []
     names: dict[str, int] = {}
     base = path.parent
@@ -76,30 +75,23 @@ def read_manifest(path: Path) -> list[ManifestRow]:
         rec = {h: v.strip() for h, v in zip(header, values)}
         if not rec["slide"]:
             raise UserError(f"{path}: line {line_no}: empty slide path")
-        mpp = None
-        if rec.get("mpp"):
-            try:
-                mpp = float(rec["mpp"])
-            except ValueError:
-                mpp = math.nan
-            if not math.isfinite(mpp) or mpp <= 0:
-                raise UserError(f"{path}: line {line_no}: mpp {rec['mpp']!r} is not a positive number (µm per pixel)")
+        options = {optional[c]: parse_column(c, rec[c], f"{path}: line {line_no}", settings_cls)
+                   for c in optional if rec.get(c)}
         slide = Path(rec["slide"]).expanduser()
         slide = slide if slide.is_absolute() else base / slide
         coords = None
         if rec["coords"]:
             coords = Path(rec["coords"]).expanduser()
             coords = coords if coords.is_absolute() else base / coords
-        name = rec.get("id") or slide.stem
-        if any(c in name for c in "/\\") or name in (".", ".."):
-            raise UserError(f"{path}: line {line_no}: id {name!r} cannot be a file name; use letters, digits, - and _")
+        name = options.get("library_id") or slide.stem  # the id column was checked as --library-id is
         if name in names:
             raise UserError(
                 f"{path}: line {line_no}: output name {name!r} is already used on line {names[name]}; "
                 "give the slides distinct 'id' values"
             )
         names[name] = line_no
-        rows.append(ManifestRow(line_no, slide, coords, mpp, name))
+        options["library_id"] = name
+        rows.append(ManifestRow(line_no, slide, coords, name, options))
     if not rows:
         raise UserError(f"{path}: the manifest lists no slides; add one row per slide under the header")
     return rows

@@ -160,8 +160,8 @@ def predict_slide(
     bundle: "Bundle",
     engines: "Engines",
     *,
-    batch_size: int = 16,
-    read_workers: int = 2,
+    batch_size: int,
+    read_workers: int,
     strict: bool = False,
     progress: Callable[[int], Any] | None = None,
     reader: str = "auto",
@@ -170,7 +170,8 @@ def predict_slide(
 
     `slide` is a `SlideReader` (`read_patch(x, y, spec)`), `spots` a `Spots`
     (`ids`, `xy`), `engines` the loaded encoder and fusion runners
-    (`engines.open_engines`). `progress(n)` is called after each encoder
+    (`engines.open_engines`); `batch_size` and `read_workers` are what the
+    run chose (`predict.RunState`). `progress(n)` is called after each encoder
     batch with the number of spots done in it. `reader` picks the band
     reader's path ("auto", "per_spot", "tile_once"; see `bands.plan_reads`).
 

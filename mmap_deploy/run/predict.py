@@ -1,11 +1,12 @@
-"""One slide end to end: settings, the model, `predict_adata` (open, check, predict) and `write_adata`.
+"""One slide end to end: the model, the run's state, `predict_adata` (open, check, predict) and `write_adata`.
 
 Shared by the Python API (api.py), `mmap-predict` (cli.py), the local batch
 (batch.py) and the Ray workers (batch_ray.py): `predict_to_file` is
-`predict_adata` followed by `write_adata`. Nothing here prints: warnings go
-through `warnings`, notes through `logging` (see `messages`); the CLI shows
-them. The heavy parts are imported when a
-slide runs.
+`predict_adata` followed by `write_adata`. The settings are the frozen
+`options.Settings`; what a run learns (its engines, the batch size chosen for
+them) is its `RunState`. Nothing here prints: warnings go through
+`warnings`, notes through `logging` (see `messages`); the CLI shows them. The
+heavy parts are imported when a slide runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .._version import __version__
 from ..errors import UserError
-from ..messages import echo, info, note, warn
+from ..messages import info, note, warn
+from ..options import Settings, spell
 
 if TYPE_CHECKING:  # pragma: no cover
     from types import SimpleNamespace
@@ -37,31 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass
-class RunSettings:
-    """What every slide of one invocation shares."""
-
-    backend: str = "auto"
-    precision: str = "fp32"
-    batch_size: int = 0  # 0: chosen for the engines (see engine_defaults)
-    read_workers: int = 2
-    threads: int = 0
-    all_spots: bool = False
-    overwrite: bool = False
-    strict: bool = False
-    plot: list[str] = field(default_factory=list)
-    progress: bool = True
-    engines_note: str = ""  # the `engines:` line, said once a slide's inputs have passed their checks
-    output_format: str = "h5ad"  # with --manifest: each slide's file is {id}.h5ad or {id}.zarr
-    skip_geometry_checks: bool = False
-    command: str = ""  # the command line that started the run, for the provenance (the CLI's own)
-    grid: str | None = None  # --grid: lay spots over the tissue of slides given without coords
-    tissue_mask: Path | None = None  # --tissue-mask: the user's tissue, in place of detection
-    min_tissue: float = 0.5  # --min-tissue: share of a grid spot's area that must be tissue
-    max_spots: int = 2_000_000  # --max-spots: a grid with more spots is refused
-    overview: bool = False  # --overview: the picture of thumbnail, tissue outline and spots
-
-
-@dataclass
 class SlideResult:
     output: Path
     n_spots: int
@@ -77,22 +54,43 @@ class SlideResult:
         """`0.500 µm/px from SOURCE`: the resolution used and its source (empty when not known)."""
         return f"{self.mpp:.3f} µm/px from {self.mpp_source}" if self.mpp > 0 else ""
 
+    def _details(self) -> list[str]:
+        """What both lines say after the spots: the resolution and its source, the engine."""
+        return ([self.resolution_text()] if self.mpp > 0 else []) + ([f"engine {self.engine}"] if self.engine else [])
+
+    def report_line(self) -> str:
+        """The run's line: output, spots, time, the resolution and its source, the engine, dropped spots."""
+        rate = self.n_spots / self.seconds if self.seconds > 0 else 0.0
+        parts = [f"wrote {self.output}: {self.n_spots} spots in {self.seconds:.1f} s ({rate:.1f} spots/s)",
+                 *self._details()]
+        if self.n_dropped:
+            parts.append(f"{self.n_dropped} unreadable spot(s) dropped (listed in uns['mmap']['dropped_spots'])")
+        return "; ".join(parts)
+
+    def summary_line(self) -> str:
+        """A batch row's line: the same facts, shorter."""
+        rate = self.n_spots / self.seconds if self.seconds > 0 else 0.0
+        parts = [f"wrote {self.output.name}", f"{self.n_spots} spots", f"{rate:.1f} spots/s", *self._details()]
+        if self.n_dropped:
+            parts.append(f"{self.n_dropped} unreadable spot(s) dropped")
+        return ", ".join(parts)
+
 
 def load_model(model: Path | None) -> Bundle:
-    """The bundle from --model, or the demo bundle (said plainly, in a note: see `messages`)."""
+    """The bundle from `model`, or the demo bundle (said plainly, in a note: see `messages`)."""
     from ..model.bundle import default_bundle_path, load_bundle
 
     if model is None:
         path = default_bundle_path()
         if not (path / "manifest.json").is_file():
             raise UserError(
-                f"no --model given and the demo bundle is not installed ({path}); "
-                "pass --model DIR with a bundle made by mmap-export"
+                f"no {spell('model')} given and the demo bundle is not installed ({path}); "
+                f"pass {spell('model', 'DIR')} with a bundle made by mmap-export"
             )
         bundle = load_bundle(path)
         note(
-            f"no --model given: using the built-in DEMO model ({path}); it is a tiny model for "
-            "trying the tool, not for real predictions; pass --model DIR for a real bundle"
+            f"no {spell('model')} given: using the built-in DEMO model ({path}); it is a tiny model for "
+            f"trying the tool, not for real predictions; pass {spell('model', 'DIR')} for a real bundle"
         )
         return bundle
     bundle = load_bundle(model)
@@ -116,55 +114,46 @@ class SpotSource:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def open_spots(slide_path: Path, coords: Path | None, *, mpp: float | None, all_spots: bool,
-               settings: RunSettings | None = None) -> tuple[SlideReader, SpotSource]:
+def open_spots(slide_path: Path, coords: Path | None, settings: Settings) -> tuple[SlideReader, SpotSource]:
     """The slide, opened, and its spots: the one place where the spot source is resolved.
 
     With `coords` (a table, or a Space Ranger / Visium HD folder) the spots are
     read from it; their lattice, when the input has array indices, gives the
     slide a fallback resolution. Without, `settings.grid` lays a grid over the
-    slide's tissue (`settings.tissue_mask`, else detected). The caller closes
-    the slide.
+    slide's tissue (`settings.tissue_mask`, else detected); `options.check_options`
+    has made sure that one of the two is there. The caller closes the slide.
     """
     from ..inputs.geometry import fallback_mpp, fit_lattice
     from ..inputs.layouts import read_spot_input, swapped_arguments_problem
     from ..inputs.slide import open_slide
 
-    grid = settings.grid if settings is not None else None
-    if coords is not None and grid is not None:
-        raise UserError(f"{coords}: give spot coordinates or --grid {grid}, not both; drop COORDS to lay a grid "
-                        "over the tissue, or drop --grid to predict at the given spots")
     if coords is None:
-        if grid is None:
-            raise UserError(f"{slide_path}: no spot coordinates given: pass COORDS (a coordinates table or a "
-                            "Space Ranger / Visium HD folder), or --grid visium|st|NUMum to lay spots over "
-                            "the tissue")
-        return _grid_spots(Path(slide_path), mpp, settings)
+        return _grid_spots(Path(slide_path), settings)
     coords = Path(coords)
     swapped = swapped_arguments_problem(slide_path, coords)
     if swapped:
         raise UserError(swapped)
-    spot_input = read_spot_input(coords, all_spots=all_spots)
+    spot_input = read_spot_input(coords, all_spots=settings.all_spots)
     lattice = fit_lattice(spot_input.spots.xy, spot_input.spots.array_xy, spot_input.lattice)
-    slide = open_slide(slide_path, mpp=mpp, fallback_mpp=fallback_mpp(lattice, spot_input.hd_mpp))
+    slide = open_slide(slide_path, mpp=settings.mpp, fallback_mpp=fallback_mpp(lattice, spot_input.hd_mpp))
     return slide, SpotSource(spot_input, lattice, coords)
 
 
-def _grid_spots(slide_path: Path, mpp: float | None, settings: RunSettings) -> tuple[SlideReader, SpotSource]:
+def _grid_spots(slide_path: Path, settings: Settings) -> tuple[SlideReader, SpotSource]:
     """Open the slide, find its tissue (or read the user's mask), lay the grid over it."""
     from ..inputs.geometry import fit_lattice
-    from ..inputs.grid import lay_grid, parse_grid
+    from ..inputs.grid import grid_over_tissue, parse_grid
     from ..inputs.layouts import SpotInput
     from ..inputs.slide import open_slide
     from ..inputs.tissue import detect_tissue, read_tissue_mask
 
-    spec = parse_grid(settings.grid)  # a bad --grid is said before the slide is opened
+    spec = parse_grid(settings.grid)
     try:
-        slide = open_slide(slide_path, mpp=mpp)
+        slide = open_slide(slide_path, mpp=settings.mpp)
     except UserError as e:
         if "no resolution" not in str(e):
             raise
-        raise UserError(f"{e} (--grid lays its spots in µm: it cannot without the slide's scale)") from None
+        raise UserError(f"{e} ({spell('grid')} lays its spots in µm: it cannot without the slide's scale)") from None
     try:
         t = time.perf_counter()
         if settings.tissue_mask is not None:
@@ -173,9 +162,7 @@ def _grid_spots(slide_path: Path, mpp: float | None, settings: RunSettings) -> t
             tissue = detect_tissue(slide)
         t_tissue = time.perf_counter() - t
         t = time.perf_counter()
-        grid = lay_grid(spec, width_px=slide.width, height_px=slide.height, mpp=slide.mpp, mask=tissue.mask,
-                        scale_x=tissue.scale_x, scale_y=tissue.scale_y, labels=tissue.labels,
-                        min_tissue=settings.min_tissue, max_spots=settings.max_spots)
+        grid = grid_over_tissue(spec, slide, tissue, min_tissue=settings.min_tissue, max_spots=settings.max_spots)
         spots = grid.to_spots()
         t_grid = time.perf_counter() - t
         lattice = fit_lattice(spots.xy, spots.array_xy, spec.lattice)
@@ -200,37 +187,36 @@ class SlideRun:
     t0: float  # when the slide's run began (time.perf_counter)
 
 
-def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle: Bundle, engines: Engines,
-                  settings: RunSettings, *, mpp: float | None = None, library_id: str | None = None,
-                  mpp_origin: str = "--mpp", spot_progress: Callable[[int], Any] | None = None,
-                  out: Path | None = None, t0: float | None = None) -> SlideRun:
+def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle: Bundle, state: RunState,
+                  settings: Settings, *, mpp_origin: str | None = None,
+                  spot_progress: Callable[[int], Any] | None = None, out: Path | None = None,
+                  t0: float | None = None) -> SlideRun:
     """One slide to an AnnData in memory: open, read the spots, check, predict, assemble.
 
     What `mmap-predict`, the local batch, the Ray workers and the Python API
-    (`mmap_deploy.Predictor.predict`) all run. `mpp_origin` names where a
-    given `mpp` came from, for the provenance (`--mpp`, or the batch
-    manifest's mpp column); `spot_progress(n)` is told of every n spots done
-    (a cluster-wide progress bar). With `out`, its folder's free space is
-    checked against the output's size before any patch is read. Warnings go
-    through `warnings` (`MMAPWarning`), notes through `logging`.
+    (`mmap_deploy.Predictor.predict`) all run, after `options.check_options`.
+    `mpp_origin` names where `settings.mpp` came from, for the provenance
+    (default: the option as the caller spells it; a batch names the manifest's
+    mpp column); `spot_progress(n)` is told of every n spots done (a
+    cluster-wide progress bar). With `out`, its folder's free space is checked
+    against the output's size before any patch is read. Warnings go through
+    `warnings` (`MMAPWarning`), notes through `logging`.
     """
     from ..inputs.layouts import spatial_scalefactors
     from ..outputs.adata import build_anndata
 
     t0 = time.perf_counter() if t0 is None else t0
     slide_path = Path(slide_path)
-    slide, source = open_spots(slide_path, None if coords_path is None else Path(coords_path), mpp=mpp,
-                               all_spots=settings.all_spots, settings=settings)
+    mpp_origin = mpp_origin or spell("mpp")
+    slide, source = open_spots(slide_path, None if coords_path is None else Path(coords_path), settings)
     with slide:
         checked = _check_slide(slide, slide_path, source, bundle, settings, out=out, mpp_origin=mpp_origin)
-        if settings.engines_note:
-            info(settings.engines_note)
-            settings.engines_note = ""
+        state.say_engines_once()
         t_open = time.perf_counter() - t0
-        library_id = library_id or slide_path.stem
-        pred, thumb = _predict_with_thumbnail(slide, slide_path.name, source, checked.sr_images, bundle, engines,
+        library_id = settings.library_id or slide_path.stem
+        pred, thumb = _predict_with_thumbnail(slide, slide_path.name, source, checked.sr_images, bundle, state,
                                               settings, spot_progress)
-        provenance = _provenance(slide, slide_path, source, checked, bundle, engines, settings, library_id, thumb.note)
+        provenance = _provenance(slide, slide_path, source, checked, bundle, state, settings, library_id, thumb.note)
         pred.timings.update(source.timings)
         spot_tissue = _spot_tissue(slide, pred.timings) if source.grid is None else None
         pred.timings["open"] = round(t_open, 4)
@@ -289,7 +275,7 @@ class _Checked:
     qc: dict[str, Any]
 
 
-def _check_slide(slide: SlideReader, slide_path: Path, source: SpotSource, bundle: Bundle, settings: RunSettings, *,
+def _check_slide(slide: SlideReader, slide_path: Path, source: SpotSource, bundle: Bundle, settings: Settings, *,
                  out: Path | None, mpp_origin: str) -> _Checked:
     """The spots against the slide, the output folder's room, the resolution and the spot geometry."""
     from ..inputs.coords import check_inside, scale_warning
@@ -330,7 +316,7 @@ class _Thumbnail:
 
 
 def _predict_with_thumbnail(slide: SlideReader, desc: str, source: SpotSource, sr_images: dict[str, Any],
-                            bundle: Bundle, engines: Engines, settings: RunSettings,
+                            bundle: Bundle, state: RunState, settings: Settings,
                             spot_progress: Callable[[int], Any] | None) -> tuple[SlidePrediction, _Thumbnail]:
     """The slide's predictions (`pipeline.predict_slide`), with the thumbnail made while the engines run.
 
@@ -354,8 +340,8 @@ def _predict_with_thumbnail(slide: SlideReader, desc: str, source: SpotSource, s
                     spot_progress(n)
 
             pred = predict_slide(
-                slide, spots, bundle, engines, batch_size=settings.batch_size,
-                read_workers=settings.read_workers, strict=settings.strict, progress=on_spots,
+                slide, spots, bundle, state.engines, batch_size=state.batch_size,
+                read_workers=state.read_workers, strict=settings.strict, progress=on_spots,
             )
         t = time.perf_counter()
         if thumb_job is not None:
@@ -368,17 +354,17 @@ def _predict_with_thumbnail(slide: SlideReader, desc: str, source: SpotSource, s
 
 
 def _provenance(slide: SlideReader, slide_path: Path, source: SpotSource, checked: _Checked, bundle: Bundle,
-                engines: Engines, settings: RunSettings, library_id: str, thumbnail_note: str) -> dict[str, Any]:
+                state: RunState, settings: Settings, library_id: str, thumbnail_note: str) -> dict[str, Any]:
     """`uns['mmap']`'s record of the run: versions, inputs, checks, model, engines."""
     from ..model.prototypes import KMEANS_SEED
     from ..outputs.adata import now_utc
 
-    m, spot_input = bundle.manifest, source.spot_input
+    m, spot_input, engines = bundle.manifest, source.spot_input, state.engines
     return {
         "project": "mmap-deploy",
         "project_version": __version__,
         "created_at": now_utc(),
-        "command": settings.command,
+        "command": state.command,
         "library_id": library_id,
         "slide": str(slide_path),
         "slide_format": str(slide.format),
@@ -401,7 +387,7 @@ def _provenance(slide: SlideReader, slide_path: Path, source: SpotSource, checke
         "backend": engines.plan.backend,
         "providers": ",".join(engines.encoder.providers),
         "precision": engines.encoder.precision,
-        "batch_size": int(settings.batch_size),
+        "batch_size": int(state.batch_size),
         "threads": int(settings.threads),
         "strict": bool(settings.strict),
         "kmeans_seed": int(KMEANS_SEED),
@@ -413,7 +399,8 @@ def _provenance(slide: SlideReader, slide_path: Path, source: SpotSource, checke
 
 
 def write_adata(adata: anndata.AnnData, out: Path, *, overwrite: bool = False, need: int | None = None,
-                plot: list[str] | None = None, library_id: str | None = None, overview: bool = False) -> list[Path]:
+                plot: list[str] | tuple[str, ...] | None = None, library_id: str | None = None,
+                overview: bool = False) -> list[Path]:
     """Write one slide's AnnData to `out` (.h5ad, or SpatialData for .zarr) atomically, and its `plot` maps.
 
     What `mmap-predict` and `mmap_deploy.write` both run. A full or
@@ -460,9 +447,9 @@ def _expected_bytes(adata: anndata.AnnData, *, zarr: bool, n_plots: int) -> int:
     return expected_output_bytes(adata.n_obs, adata.n_vars, embed_dim, shape, n_plots, zarr)
 
 
-def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Bundle, engines: Engines,
-                    settings: RunSettings, *, mpp: float | None = None, library_id: str | None = None,
-                    mpp_origin: str = "--mpp", spot_progress: Callable[[int], Any] | None = None) -> SlideResult:
+def predict_to_file(slide_path: Path, coords_path: Path | None, out: Path, bundle: Bundle, state: RunState,
+                    settings: Settings, *, mpp_origin: str | None = None,
+                    spot_progress: Callable[[int], Any] | None = None) -> SlideResult:
     """One slide end to end: `predict_adata`, then `write_adata` (the .h5ad or .zarr, and the plots).
 
     The output path is checked before anything is read, its folder's free
@@ -472,8 +459,8 @@ def predict_to_file(slide_path: Path, coords_path: Path, out: Path, bundle: Bund
 
     t0 = time.perf_counter()
     out = check_output_path(out, settings.overwrite)
-    run = predict_adata(slide_path, coords_path, bundle, engines, settings, mpp=mpp, library_id=library_id,
-                        mpp_origin=mpp_origin, spot_progress=spot_progress, out=out, t0=t0)
+    run = predict_adata(slide_path, coords_path, bundle, state, settings, mpp_origin=mpp_origin,
+                        spot_progress=spot_progress, out=out, t0=t0)
     t = time.perf_counter()
     plots = write_adata(run.adata, out, overwrite=settings.overwrite, need=run.need, plot=settings.plot,
                         library_id=run.library_id, overview=settings.overview)
@@ -495,8 +482,8 @@ def _engine_text(record: dict[str, Any]) -> str:
     return f"{backend} ({detail})" if detail else backend
 
 
-def engine_defaults(engines: Engines, settings: RunSettings) -> RunSettings:
-    """Batch size and reader threads for the engines that were picked.
+def engine_defaults(engines: Engines, batch_size: int | None, threads: int) -> tuple[int, int]:
+    """(batch size, patch reader threads) for the engines that were picked; a given `batch_size` wins.
 
     On the CPU the engine and the patch readers share the cores: 32 spots a
     batch, at most 4 readers. On a GPU the cores are free for reading, and
@@ -506,31 +493,60 @@ def engine_defaults(engines: Engines, settings: RunSettings) -> RunSettings:
     """
     from ..engines import GPU_PROVIDERS, default_threads
 
-    cores = settings.threads or default_threads()
+    cores = threads or default_threads()
     on_gpu = engines.encoder.name == "tensorrt" or any(p in GPU_PROVIDERS for p in engines.encoder.providers)
-    settings.batch_size = settings.batch_size or (128 if on_gpu else 32)
-    settings.read_workers = max(1, min(8, cores - 1)) if on_gpu else max(1, min(4, cores))
-    return settings
+    readers = max(1, min(8, cores - 1)) if on_gpu else max(1, min(4, cores))
+    return batch_size or (128 if on_gpu else 32), readers
 
 
-def open_run_engines(bundle: Bundle, settings: RunSettings) -> Engines:
-    """The bundle's engines for `settings` (backend, precision, threads), loaded once for many slides.
+@dataclass
+class RunState:
+    """What a run learns as it goes: the engines picked, the batch size and reader threads chosen for them.
 
-    Sets the batch size and reader threads for them (`engine_defaults`) and
-    the `engines:` line that the first slide says once its inputs have passed
-    their checks. The caller closes the engines.
+    Made once per run (`open_run`) from the frozen `Settings`; shared by its
+    slides. `command` is what started the run, for the provenance. The
+    `engines:` line is said once, by the first slide whose inputs pass their
+    checks (`say_engines_once`). A context manager: leaving it closes the engines.
     """
+
+    engines: Engines
+    batch_size: int
+    read_workers: int
+    command: str
+    engines_note: str
+    _said: bool = False
+
+    def say_engines_once(self) -> None:
+        if not self._said:
+            self._said = True
+            info(self.engines_note)
+
+    def close(self) -> None:
+        self.engines.close()
+
+    def __enter__(self) -> RunState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_run(bundle: Bundle, settings: Settings, command: str, *, read_workers: int | None = None) -> RunState:
+    """The bundle's engines for `settings` (backend, precision, threads), loaded once for many slides,
+    and the batch size and reader threads chosen for them (`engine_defaults`; `read_workers` overrides
+    the latter). The caller closes it (or uses it as a context manager)."""
     from ..engines import open_engines
 
     engines = open_engines(settings.backend, bundle, settings.precision, threads=settings.threads)
     try:
-        engine_defaults(engines, settings)
-        settings.engines_note = (f"engines: {engines.plan.reason}; providers: {', '.join(engines.encoder.providers)}; "
-                                 f"batch size {settings.batch_size}, {settings.read_workers} patch reader thread(s)")
+        batch_size, readers = engine_defaults(engines, settings.batch_size, settings.threads)
+        readers = read_workers or readers
+        line = (f"engines: {engines.plan.reason}; providers: {', '.join(engines.encoder.providers)}; "
+                f"batch size {batch_size}, {readers} patch reader thread(s)")
+        return RunState(engines, batch_size, readers, command, line)
     except BaseException:
         engines.close()
         raise
-    return engines
 
 
 def _thumbnail(slide: SlideReader) -> tuple[np.ndarray, float, str, float]:
@@ -556,30 +572,3 @@ def _thumbnail(slide: SlideReader) -> tuple[np.ndarray, float, str, float]:
     shape = (max(1, round(slide.height * scale)), max(1, round(slide.width * scale)), 3)
     note = f"blank: the slide could not be read for it ({reason})"
     return np.full(shape, 255, np.uint8), scale, note, time.perf_counter() - t
-
-
-def _details(result: SlideResult) -> list[str]:
-    """What both lines say after the spots: the resolution and its source, the engine."""
-    parts = [result.resolution_text()] if result.mpp > 0 else []
-    return parts + ([f"engine {result.engine}"] if result.engine else [])
-
-
-def _report(result: SlideResult) -> None:
-    """The run's line: output, spots, time, the resolution and its source, the engine; then the pictures."""
-    rate = result.n_spots / result.seconds if result.seconds > 0 else 0.0
-    parts = [f"wrote {result.output}: {result.n_spots} spots in {result.seconds:.1f} s ({rate:.1f} spots/s)",
-             *_details(result)]
-    if result.n_dropped:
-        parts.append(f"{result.n_dropped} unreadable spot(s) dropped (listed in uns['mmap']['dropped_spots'])")
-    echo("; ".join(parts))
-    for p in result.plots:
-        echo(f"wrote {p}")
-
-
-def _summary_line(result: SlideResult) -> str:
-    """A batch row's line: the same facts, shorter."""
-    rate = result.n_spots / result.seconds if result.seconds > 0 else 0.0
-    parts = [f"wrote {result.output.name}", f"{result.n_spots} spots", f"{rate:.1f} spots/s", *_details(result)]
-    if result.n_dropped:
-        parts.append(f"{result.n_dropped} unreadable spot(s) dropped")
-    return ", ".join(parts)
