@@ -33,6 +33,7 @@ import contextvars
 import dataclasses
 import math
 import os
+import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,8 +68,8 @@ def spell(name: str, value: object = None) -> str:
     """
     spec = _OPTIONS.get(name)
     if _CALLER.get() == CLI and spec is not None and spec.flag:
-        flag = spec.flag
-        return flag if value is None else f"{flag} {value}"
+        # as a shell would take it back: a value with spaces or quotes is quoted
+        return spec.flag if value is None else f"{spec.flag} {shlex.quote(str(value))}"
     return f"{name}=" if value is None else f"{name}={value!r}"
 
 

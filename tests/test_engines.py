@@ -20,6 +20,7 @@ from mmap_deploy.engines import (
 )
 from mmap_deploy.errors import BundleError, UserError
 from mmap_deploy.model.bundle import load_bundle, sha256_file
+from mmap_deploy.options import CLI, caller
 
 ort = pytest.importorskip("onnxruntime")
 HAS_GPU_EP = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -198,9 +199,9 @@ def test_explicit_onnxruntime_backend(tiny_bundle):
 
 def test_unknown_backend_and_precision_are_user_errors(tiny_bundle):
     b = load_bundle(tiny_bundle)
-    with pytest.raises(UserError, match="--backend must be one of auto, onnxruntime, tensorrt"):
+    with pytest.raises(UserError, match="^backend='openvino': must be one of auto, onnxruntime, tensorrt$"):
         select_backend("openvino", b)
-    with pytest.raises(UserError, match="--precision must be one of"):
+    with pytest.raises(UserError, match="^precision='bf16': must be one of"), caller(CLI):
         select_backend("auto", b, "bf16")
 
 
@@ -229,7 +230,8 @@ def test_tensorrt_engine_without_tensorrt(tiny_bundle, tmp_path):
     _add_file(root, {"role": "encoder", "path": "encoder.fp16.engine", "precision": "fp16", "format": "tensorrt",
                      "target": {"gpu": "NVIDIA H100", "compute_capability": "9.0", "tensorrt_version": "10.12.0"}})
     b = load_bundle(root)
-    with pytest.raises(UserError, match=r"--backend tensorrt: tensorrt does not import .*pip install 'mmap-deploy\[tensorrt\]'"):
+    with pytest.raises(UserError, match=r"--backend tensorrt: tensorrt does not import .*pip install 'mmap-deploy\[tensorrt\]'"), \
+            caller(CLI):
         select_backend("tensorrt", b, "fp16")
     # auto: no fp16 ONNX encoder either, so the error names what the bundle has
     with pytest.raises(BundleError, match="no fp16 onnx encoder"):

@@ -20,6 +20,7 @@ from mmap_deploy.inputs.coords import Spots
 from mmap_deploy.inputs.geometry import ST, VISIUM, fit_lattice, visium_hd_lattice
 from mmap_deploy.inputs.grid import (DEFAULT_MAX_SPOTS, DEFAULT_MIN_TISSUE, MIN_BIN_UM, GridSpec, lay_grid,
                                      parse_grid)
+from mmap_deploy.options import CLI, caller
 
 
 def full_slide(spec: GridSpec, size_um: float = 2000.0, mpp: float = 0.5, mask_um: float = 8.0, **kw):
@@ -313,11 +314,14 @@ def test_max_spots_message():
     spec = parse_grid("16um")
     exact = len(lay_on(spec, mask, 8000.0, 0.5, 10.0))
     area = mask.sum() * 100.0 / 1e6
-    with pytest.raises(UserError) as e:  # the estimate alone is far over
+    with pytest.raises(UserError) as e, caller(CLI):  # the estimate alone is far over
         lay_on(spec, mask, 8000.0, 0.5, 10.0, max_spots=1000)
     msg = str(e.value)
     assert "\n" not in msg and "about " in msg and f"{area:.2f} mm²" in msg and "--max-spots 1000" in msg
     assert "--grid" in msg and "--tissue-mask" in msg and "(e.g. 256um)" in msg
+    with pytest.raises(UserError) as e:  # from Python, the parameters
+        lay_on(spec, mask, 8000.0, 0.5, 10.0, max_spots=1000)
+    assert "max_spots=1000" in str(e.value) and "tissue_mask=" in str(e.value) and "--" not in str(e.value)
     with pytest.raises(UserError) as e:  # the estimate passes; the exact count does not
         lay_on(spec, mask, 8000.0, 0.5, 10.0, max_spots=exact - 1)
     msg = str(e.value)

@@ -284,7 +284,7 @@ def test_format_and_output_arguments(tiny_bundle, tmp_path):
     r = predict("--demo", "-o", tmp_path / "x.zarr", "--format", "zarr", expect=2)
     assert "--format only applies with --manifest" in r.stderr
     r = predict("--demo", "-o", tmp_path / "x.zarr", "--library-id", "B4/crop", expect=2)
-    assert "--library-id 'B4/crop': cannot contain '/'" in r.stderr.strip().splitlines()[-1]
+    assert "--library-id B4/crop: cannot contain '/'" in r.stderr.strip().splitlines()[-1]
     r = predict("--demo", "-o", tmp_path / "x.tiff", expect=2)
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'x.tiff'}: the output must end in .h5ad (AnnData) or .zarr (SpatialData), "

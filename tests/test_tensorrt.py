@@ -53,7 +53,7 @@ def test_engine_for_another_target_is_refused_with_both_values(field, value):
         check_engine_target("enc.engine", recorded, HERE)
     msg = str(err.value)
     assert field in msg and repr(value) in msg and repr(HERE[field]) in msg
-    assert "mmap-export --tensorrt" in msg and "--backend onnxruntime" in msg and "\n" not in msg
+    assert "mmap-export --tensorrt" in msg and "backend='onnxruntime'" in msg and "\n" not in msg
 
 
 def test_engine_without_a_recorded_target_is_refused():

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BundleError, UserError, first_line
+from ..options import spell
 from .base import Runner, TensorSpec
 
 # Short names a user may type for ONNX Runtime execution providers.
@@ -150,7 +151,7 @@ class OnnxRuntimeRunner(Runner):
 
         self.path = Path(path)
         if threads < 0:
-            raise UserError(f"--threads must be 0 (all cores) or a positive number, got {threads}")
+            raise UserError(f"{spell('threads', threads)}: must be 0 (all cores) or a positive number")
         names = resolve_providers(providers)
         if "CPUExecutionProvider" not in names:
             names = names + ["CPUExecutionProvider"]

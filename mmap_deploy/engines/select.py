@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from ..model.bundle import PRECISIONS
+from ..options import BACKENDS, PRECISIONS, spell
 from .base import Runner
 from .onnxruntime import GPU_PROVIDERS, OnnxRuntimeRunner, best_providers, resolve_providers
 from .tensorrt import TensorRTRunner, tensorrt_importable
@@ -24,7 +24,6 @@ from .tensorrt import TensorRTRunner, tensorrt_importable
 if TYPE_CHECKING:  # pragma: no cover
     from ..model.bundle import Bundle, ModelFile
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
 # The most encoder calls in flight at once on the CPU (see cpu_encoder_streams).
 CPU_ENCODER_STREAMS = 2
 
@@ -137,9 +136,9 @@ def select_backend(backend: str, bundle: "Bundle", precision: str = "fp32", *,
     `open_engines`, which falls back for `auto`).
     """
     if backend not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise UserError(f"{spell('backend', backend)}: must be one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise UserError(f"{spell('precision', precision)}: must be one of {', '.join(PRECISIONS)}")
     m = bundle.manifest
 
     if backend in ("auto", "tensorrt"):
@@ -160,12 +159,12 @@ def select_backend(backend: str, bundle: "Bundle", precision: str = "fp32", *,
             if enc_trt is None:
                 bundle.select("encoder", precision, "tensorrt")  # raises with the fix
             raise UserError(
-                f"--backend tensorrt: {trt_info}; install TensorRT 10.12+ "
-                "(pip install 'mmap-deploy[tensorrt]') or use --backend onnxruntime"
+                f"{spell('backend', 'tensorrt')}: {trt_info}; install TensorRT 10.12+ "
+                f"(pip install 'mmap-deploy[tensorrt]') or use {spell('backend', 'onnxruntime')}"
             )
         no_trt = (f"no {precision} TensorRT engine in the bundle" if enc_trt is None else trt_info)
     else:
-        no_trt = "--backend onnxruntime"
+        no_trt = spell("backend", "onnxruntime")
 
     ort_providers = resolve_providers(providers) if providers else best_providers()
     enc = _choice(bundle, _onnx_file(bundle, "encoder", precision, strict=True), "onnxruntime", ort_providers)

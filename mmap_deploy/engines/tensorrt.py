@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BundleError, EngineMismatchError, UserError, first_line
+from ..options import spell
 from .base import Runner, TensorSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,7 +52,7 @@ class CudaDriver:
         except OSError:
             raise UserError(
                 "no NVIDIA driver found (libcuda could not be loaded): TensorRT engines need an NVIDIA GPU; "
-                "use --backend onnxruntime on this machine"
+                f"use {spell('backend', 'onnxruntime')} on this machine"
             ) from None
         self._check(self.lib.cuInit(0), "cuInit")
         count = ctypes.c_int()
@@ -74,7 +75,7 @@ class CudaDriver:
             # A GPU that cannot be used is the machine's state, not a bug: one line,
             # and `--backend auto` falls back to ONNX Runtime on it.
             raise UserError(f"CUDA {call} failed: {msg}; check the GPU and its driver, or run with "
-                            "--backend onnxruntime")
+                            f"{spell('backend', 'onnxruntime')}")
 
     def make_current(self) -> None:
         self._check(self.lib.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
@@ -144,7 +145,7 @@ def import_tensorrt() -> Any:
         raise UserError(
             f"TensorRT is not available here ({first_line(e, with_type=True)}); "
             "install it with pip install 'mmap-deploy[tensorrt]' on a machine with an NVIDIA GPU, "
-            "or run the ONNX models (mmap-predict --backend onnxruntime)"
+            f"or run the ONNX models ({spell('backend', 'onnxruntime')})"
         ) from None
     return trt
 
@@ -169,7 +170,7 @@ def check_engine_target(path: str | Path, recorded: dict[str, str], current: dic
     if diffs:
         raise EngineMismatchError(
             f"{path}: TensorRT engine built for another target: {'; '.join(diffs)}. "
-            "Rebuild it here with mmap-export --tensorrt, or run the ONNX model with --backend onnxruntime"
+            f"Rebuild it here with mmap-export --tensorrt, or run the ONNX model with {spell('backend', 'onnxruntime')}"
         )
 
 

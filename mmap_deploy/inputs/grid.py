@@ -78,7 +78,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UserError
-from ..options import Settings
+from ..options import Settings, spell
 from .coords import Spots
 from .geometry import ST, VISIUM, LatticeSpec, visium_hd_lattice
 
@@ -187,7 +187,7 @@ def parse_grid(text: str) -> GridSpec:
         if um < MIN_BIN_UM or um > MAX_BIN_UM:
             limit = f"below the minimum of {MIN_BIN_UM:g} µm (Visium HD's finest bin)" if um < MIN_BIN_UM else \
                 f"above the maximum of {MAX_BIN_UM:g} µm"
-            raise UserError(f"--grid {raw!r}: a bin of {um:g} µm is {limit}; use {GRID_FORMS}")
+            raise UserError(f"{spell('grid', raw)}: a bin of {um:g} µm is {limit}; use {GRID_FORMS}")
         return GridSpec("bins", f"{um:g}um", um, um, "square")
     m = _NUMBER_UNIT.fullmatch(value)
     if m:  # a number of a form the bins do not take: negative, exponent, many decimals, no unit
@@ -200,8 +200,8 @@ def parse_grid(text: str) -> GridSpec:
                    "needs the unit (e.g. 16um)" if not value.endswith(("um", "µm", "μm")) else
                    "write the size as a plain number (e.g. 16um)" if "e" in m.group(1) else
                    "takes at most two decimals")
-            raise UserError(f"--grid {raw!r}: {why}; use {GRID_FORMS}")
-    raise UserError(f"--grid {raw!r}: unknown grid; use {GRID_FORMS}")
+            raise UserError(f"{spell('grid', raw)}: {why}; use {GRID_FORMS}")
+    raise UserError(f"{spell('grid', raw)}: unknown grid; use {GRID_FORMS}")
 
 
 @dataclass
@@ -250,16 +250,16 @@ def _too_many(spec: GridSpec, count: int, approx: bool, area_mm2: float, max_spo
     if spec.kind == "bins":
         for b in (8, 16, 32, 64, 128, 256, 512, 1000):
             if b > spec.pitch_um and count * (spec.pitch_um / b) ** 2 <= max_spots:
-                fixes.append(f"a coarser --grid (e.g. {b}um)")
+                fixes.append(f"a coarser {spell('grid')} (e.g. {b}um)")
                 break
     elif spec.kind == "visium":
-        fixes.append("a coarser --grid (st)")
-    fixes = fixes or ["a coarser --grid"]
-    fixes += [f"--max-spots {int(math.ceil(count / 1000.0) * 1000)}",
-              "or a --tissue-mask that covers only the region to predict"]
+        fixes.append(f"a coarser {spell('grid')} (st)")
+    fixes = fixes or [f"a coarser {spell('grid')}"]
+    fixes += [spell("max_spots", int(math.ceil(count / 1000.0) * 1000)),
+              f"or a {spell('tissue_mask')} that covers only the region to predict"]
     return UserError(
-        f"--grid {spec.name}: {'about ' if approx else ''}{count} spots (each at least {min_tissue:.0%} tissue) over "
-        f"{area_mm2:.2f} mm² of tissue, more than --max-spots {max_spots}; use {', '.join(fixes)}"
+        f"{spell('grid', spec.name)}: {'about ' if approx else ''}{count} spots (each at least {min_tissue:.0%} "
+        f"tissue) over {area_mm2:.2f} mm² of tissue, more than {spell('max_spots', max_spots)}; use {', '.join(fixes)}"
     )
 
 
@@ -496,11 +496,8 @@ def _check_grid_args(mpp: float, mask: np.ndarray, labels: np.ndarray | None, sc
                      max_spots: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The arguments of `lay_grid` checked; the mask as bool, the labels as an array (or None)."""
     if not (math.isfinite(mpp) and mpp > 0):
-        raise UserError(f"µm per pixel {mpp!r} must be a positive number; pass --mpp")
-    if not (0.0 < float(min_tissue) <= 1.0):
-        raise UserError(f"min_tissue {min_tissue!r} must be above 0 and at most 1 (a share of the spot's area)")
-    if int(max_spots) < 1:
-        raise UserError(f"--max-spots {max_spots!r} must be a positive number of spots")
+        raise UserError(f"µm per pixel {mpp!r} must be a positive number; pass {spell('mpp')}")
+    Settings().replace(min_tissue=min_tissue, max_spots=max_spots)  # the options' own checks
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
@@ -611,9 +608,9 @@ def lay_grid(
         raise _too_many(spec, count, False, area_mm2, max_spots, min_tissue)
     if count == 0:
         raise UserError(
-            f"--grid {spec.name}: no spot has at least {min_tissue:g} of its area on tissue "
-            f"({area_mm2:.3f} mm² of tissue found in the mask); check the tissue mask (or pass --tissue-mask), "
-            "or use a finer --grid"
+            f"{spell('grid', spec.name)}: no spot has at least {min_tissue:g} of its area on tissue "
+            f"({area_mm2:.3f} mm² of tissue found in the mask); check the tissue mask (or pass "
+            f"{spell('tissue_mask')}), or use a finer {spell('grid')}"
         )
     array_row = np.concatenate(rows_kept)
     array_col = np.concatenate(cols_kept)

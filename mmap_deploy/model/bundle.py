@@ -24,6 +24,7 @@ from typing import Any
 
 from ..atomic import atomic_path
 from ..errors import BundleError
+from ..options import PRECISIONS, spell
 from .neighbours import NeighbourSmoothing
 from .preprocess import ViewSpec
 from .prototypes import PrototypeRule
@@ -32,7 +33,6 @@ FORMAT = "mmap-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ROLES = ("encoder", "fusion")
-PRECISIONS = ("fp32", "fp16", "int8")
 FILE_FORMATS = ("onnx", "tensorrt")
 HEAD_AVERAGES = ("reference", "paper")
 
@@ -389,7 +389,7 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         root = root.parent
     manifest_path = root / MANIFEST_NAME
     if not root.is_dir():
-        raise BundleError(f"{root}: model bundle directory not found; pass --model DIR made by mmap-export")
+        raise BundleError(f"{root}: model bundle directory not found; pass {spell('model', 'DIR')} made by mmap-export")
     if not manifest_path.is_file():
         raise BundleError(f"{root}: no {MANIFEST_NAME} in this directory; it is not a bundle made by mmap-export")
     raw = manifest_path.read_bytes()
