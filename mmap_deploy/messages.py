@@ -110,9 +110,8 @@ def echo(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def run_cli(body: Callable[[], _T], *, prefix: str = "",
-            missing_extra: Callable[[ModuleNotFoundError], str | None] | None = None) -> _T:
-    """Run a CLI's `body`; a UserError is one line `{prefix}error: ...` on stderr and exit code 2.
+def run_cli(body: Callable[[], _T], *, missing_extra: Callable[[ModuleNotFoundError], str | None] | None = None) -> _T:
+    """Run a CLI's `body`; a UserError is one line `error: ...` on stderr and exit code 2.
 
     So is a missing optional extra, when `missing_extra` turns the
     ModuleNotFoundError into a message (None: a bug, it propagates with its
@@ -127,5 +126,5 @@ def run_cli(body: Callable[[], _T], *, prefix: str = "",
         if found is None:
             raise
         message = found
-    echo(f"{prefix}error: {message}")
+    echo(f"error: {message}")
     sys.exit(EXIT_USER_ERROR)

@@ -308,6 +308,7 @@ def test_batch_manifest_takes_folders_and_lattice_gives_the_mpp(real_data, c2_sl
 def test_a_thumbnail_error_without_a_message_still_warns(tmp_path):
     """A slide whose thumbnail fails with an empty message: the tissue check is skipped with a warning
     naming the error's type (the warning used to raise IndexError itself)."""
+    from mmap_deploy.errors import MMAPWarning
     from mmap_deploy.inputs.layouts import check_spot_geometry, read_spot_input
     from mmap_deploy.inputs.slide import PatchReadError
 
@@ -324,10 +325,11 @@ def test_a_thumbnail_error_without_a_message_still_warns(tmp_path):
         def thumbnail(self, max_side):
             raise PatchReadError("")
 
-    warned: list[str] = []
-    images, qc = check_spot_geometry(read_spot_input(tmp_path / "outs"), None, Slide(), 55.0,
-                                     spatial / "tissue_positions_list.csv", "--mpp", False, warn=warned.append)
-    assert images == {} and "warning: no tissue check: PatchReadError" in warned and qc["checks"] == "done"
+    with pytest.warns(MMAPWarning) as record:
+        images, qc = check_spot_geometry(read_spot_input(tmp_path / "outs"), None, Slide(), 55.0,
+                                         spatial / "tissue_positions_list.csv", "--mpp", False)
+    warned = [str(w.message) for w in record if issubclass(w.category, MMAPWarning)]
+    assert images == {} and "no tissue check: PatchReadError" in warned and qc["checks"] == "done"
 
 
 # -- folder mistakes: one line each ----------------------------------------------------------
