@@ -23,7 +23,6 @@ onnxruntime, anndata and openslide are imported when a run needs them.
 
 from __future__ import annotations
 
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from .messages import (  # noqa: F401  (the exit codes are re-exported for scrip
     EXIT_BATCH_FAILED,
     EXIT_OK,
     EXIT_USER_ERROR,
+    command_line,
     echo,
     run_cli,
     show_on_stderr,
@@ -96,7 +96,7 @@ def _command_line() -> str:
     """`mmap-predict ARGS` as given (also through click's test runner, or on a Ray worker: passed down)."""
     ctx = click.get_current_context(silent=True)
     args = ctx.meta.get("mmap_argv") if ctx is not None else None
-    return shlex.join(["mmap-predict", *(sys.argv[1:] if args is None else args)])
+    return command_line("mmap-predict", args)
 
 
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -12,17 +12,18 @@
   its line (`note: ...`, `engines: ...`) on stderr, as the CLI has always
   written them.
 - The three CLIs speak through `echo` (one line on stderr), exit with
-  `EXIT_*`, and turn a `UserError` into their one-line `error: ...` with
-  `run_cli`.
+  `EXIT_*`, turn a `UserError` into their one-line `error: ...` with
+  `run_cli`, and record how they were called with `command_line`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from .errors import MMAPWarning, UserError
@@ -101,6 +102,15 @@ def show_on_stderr(echo: Callable[[str], None] = _stderr) -> Iterator[None]:
 EXIT_OK = 0
 EXIT_BATCH_FAILED = 1  # mmap-predict --manifest: some slides failed (the others are written)
 EXIT_USER_ERROR = 2  # a mistake in the input: one line `error: ...`, no output
+
+
+def command_line(prog: str, args: Sequence[str] | None = None) -> str:
+    """`prog ARGS` as one line for a run's provenance, quoted as a shell reads it back.
+
+    `args`: the arguments as given (default `sys.argv[1:]`). Quoting (`shlex.join`)
+    keeps a path with spaces one argument: `--out 'run 1'`, not `--out run 1`.
+    """
+    return shlex.join([prog, *(sys.argv[1:] if args is None else args)])
 
 
 def echo(msg: str) -> None:

@@ -37,3 +37,14 @@ def test_run_cli_takes_no_prefix():
     """Every CLI's error line starts with `error: `: there is no prefix to set."""
     with pytest.raises(TypeError):
         run_cli(_refuse, prefix="mmap-train: ")  # type: ignore[call-arg]
+
+
+def test_command_line_is_quoted_as_a_shell_reads_it_back():
+    import shlex
+
+    from mmap_deploy.messages import command_line
+
+    args = ["phase2", "--out", "run 1/out", "--sections", "A2,A3", "--genes", "it's.txt"]
+    line = command_line("mmap-train", args)
+    assert line.startswith("mmap-train phase2 --out 'run 1/out' ")
+    assert shlex.split(line) == ["mmap-train", *args]

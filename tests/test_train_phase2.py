@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import warnings
 
 import numpy as np
@@ -144,11 +145,14 @@ def test_cli_phase2_and_evaluate_on_published_features(real_data, tmp_path, caps
           "--val-sections", "A4", "--epochs", "1", "--max-steps", "2", "--threads", "1"])
     assert (tmp_path / "p2" / "checkpoint.pt").is_file()
     # keeping the end of training: no section is held out unless asked; the kept head averages 2 epochs
-    main(["phase2", *common, "--out", str(tmp_path / "last"), "--sections", "A2,A3,A4", "--keep", "last",
-          "--average-last", "2", "--epochs", "2", "--max-steps", "3", "--threads", "1", "--dropout", "0.1"])
+    last = ["phase2", *common, "--out", str(tmp_path / "run last"), "--sections", "A2,A3,A4", "--keep", "last",
+            "--average-last", "2", "--epochs", "2", "--max-steps", "3", "--threads", "1", "--dropout", "0.1"]
+    main(last)
     from mmap_train.model import read_checkpoint
 
-    ck = read_checkpoint(tmp_path / "last" / "checkpoint.pt")
+    ck = read_checkpoint(tmp_path / "run last" / "checkpoint.pt")
+    # the command line as given, read back by a shell: the folder with a space stays one argument
+    assert shlex.split(ck["command"]) == ["mmap-train", *last]
     assert ck["training_data"]["val_sections"] == [] and ck["training_data"]["train_sections"] == ["A2", "A3", "A4"]
     assert (ck["recipe"]["keep"], ck["recipe"]["average_last"], ck["config"]["dropout"]) == ("last", 2, 0.1)
     main(["evaluate", *common, "--checkpoint", str(tmp_path / "p2" / "checkpoint.pt"),

@@ -12,7 +12,7 @@ import numpy as np
 
 from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
-from mmap_deploy.messages import run_cli
+from mmap_deploy.messages import command_line, run_cli
 
 from . import missing_train_extra
 from .backbones import BACKBONES
@@ -159,7 +159,21 @@ def _finite_or_null(value):
     return value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """A click group that keeps the arguments it was given: the run's command line, for the provenance."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["mmap_argv"] = list(args)  # `meta` is shared with the subcommand's context
+        return super().parse_args(ctx, args)
+
+
+def _command_line() -> str:
+    """`mmap-train ARGS` as given (also when `main(argv)` is called in-process), shell-quoted."""
+    ctx = click.get_current_context(silent=True)
+    return command_line("mmap-train", ctx.meta.get("mmap_argv") if ctx is not None else None)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log more detail to stderr.")
 def cli(verbose: bool) -> None:
     """Train MMAP: phase 1 on slides, the feature cache, phase 2 on cached features, evaluation."""
@@ -253,7 +267,7 @@ def phase1(data_dir, manifest, hest_dir, sections, ids, val_sections, genes, top
     spec = cfg.view_spec
     train = load_spot_set([s for s in secs if s.name in train_names], gene_list, spec)
     val = load_spot_set([s for s in secs if s.name in val_names], gene_list, spec) if val_names else None
-    res = train_phase1(cfg, train, val, out, recipe, resume=resume, extra={"command": " ".join(sys.argv)})
+    res = train_phase1(cfg, train, val, out, recipe, resume=resume, extra={"command": _command_line()})
     click.echo(f"phase 1: {len(res['history'])} epochs logged; checkpoint {res['checkpoint']}", err=True)
 
 
@@ -342,7 +356,7 @@ def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sec
                            neighbour_smoothing=smoothing if smoothing.active else None,
                            **({"dropout": dropout} if dropout is not None else {}))
     res = train_phase2(cfg, feats, targets, train_names, val_names, out, recipe, init=init, max_steps=max_steps,
-                       extra={"command": " ".join(sys.argv), "features": str(features_dir)})
+                       extra={"command": _command_line(), "features": str(features_dir)})
     best = res["best"] or {}
     click.echo(f"phase 2: checkpoint {res['checkpoint']} (validation pcc_pooled "
                f"{best.get('pcc_pooled', float('nan')):.4f}, pcc_per_slide {best.get('pcc_per_slide', float('nan')):.4f})",
@@ -436,7 +450,7 @@ def cv(features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, se
     def write(res):
         tmp = out.with_name(out.name + ".tmp")
         info = {**machine, "load_average_now": list(os.getloadavg())}
-        tmp.write_text(json.dumps(_finite_or_null({**res, "machine": info, "command": " ".join(sys.argv)}),
+        tmp.write_text(json.dumps(_finite_or_null({**res, "machine": info, "command": _command_line()}),
                                   indent=1) + "\n")
         tmp.replace(out)
 
