@@ -24,7 +24,7 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Self, Union
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 from .errors import UserError
 from .run.predict import (
@@ -314,7 +314,7 @@ class Predictor:
         if self._engines is None:
             raise ValueError("this Predictor is closed; make a new one to predict more slides")
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Predictor:
         self._check_open()
         return self
 

@@ -12,6 +12,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pyproject() -> dict:
+    """The project's pyproject.toml, parsed (tomllib; the tomli package on Python 3.10, which lacks it)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the [test] extra installs tomli, the same parser
+        import tomli as tomllib
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+
+
 def data_dir() -> Path | None:
     """The real data (her2st, published features): $MMAP_DATA_DIR, else ../shared/data if present."""
     env = os.environ.get("MMAP_DATA_DIR")

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tomllib
+from conftest import pyproject
 
 HEAVY = ("torch", "timm", "peft", "onnx", "onnxruntime", "anndata", "openslide", "tensorrt", "mmap_train", "mmap_export")
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def test_cli_module_imports_no_torch():
 
 
 def test_runtime_dependencies_have_no_torch():
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = pyproject()["project"]
     names = [d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in project["dependencies"]]
     assert not {"torch", "torchvision", "timm", "peft"} & set(names)
     assert any(d.startswith("torch==") for d in project["optional-dependencies"]["train"])
@@ -39,7 +39,7 @@ def test_plot_extra_installs_what_the_package_draws_with():
     so it is not in [plot] (the tests, which read the output with it, install it through [test])."""
     import re
 
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = pyproject()["project"]["optional-dependencies"]
     assert [re.split(r"[<>=\[]", d)[0] for d in extras["plot"]] == ["matplotlib"]
     assert any(d.startswith("scanpy") for d in extras["test"])
     importing = [str(f.relative_to(REPO)) for pkg in ("mmap_deploy", "train", "export") for f in (REPO / pkg).rglob("*.py")

@@ -305,9 +305,9 @@ def test_element_names_are_valid_for_any_library_id():
 
 
 def test_spatialdata_is_an_optional_extra_that_the_tests_install():
-    import tomllib
+    from conftest import pyproject
 
-    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    project = pyproject()["project"]
     assert not any(d.lower().startswith("spatialdata") for d in project["dependencies"])
     extras = project["optional-dependencies"]
     assert any(d.startswith("spatialdata") for d in extras["spatialdata"])
