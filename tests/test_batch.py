@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 
@@ -10,7 +11,6 @@ from conftest import run_cli as batch
 from mmap_deploy.cli import parse_shard, read_manifest
 from mmap_deploy.errors import UserError
 
-ad = pytest.importorskip("anndata")
 MPP = 0.6
 
 
@@ -54,7 +54,6 @@ def cohort(tmp_path):
         f"slides/s2.png,slides/s2.csv,{MPP},third\n"
     )
     return manifest
-
 
 
 def test_missing_paths_are_listed_in_one_go_before_any_slide_starts(cohort, tiny_bundle, tmp_path):

@@ -13,13 +13,12 @@ import json
 import sys
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 from conftest import write_pyramid
 from test_predict_cli import assert_one_line_error, predict
 
-ad = pytest.importorskip("anndata")
-pytest.importorskip("tifffile")
 
 HER2ST_MPP = 0.69  # µm per pixel of the her2st B-H images (lattice fit; HEST-1k: 0.689-0.698)
 SHRINK = 4  # the test slide is C2 at a quarter of its resolution
@@ -93,8 +92,8 @@ def spaceranger_outs(root: Path, rgb: np.ndarray, her2st_xy: np.ndarray, *, swap
 
 def visium_hd_bins(root: Path, rgb: np.ndarray, her2st_xy: np.ndarray, bin_um: float = 16.0) -> Path:
     """binned_outputs/square_016um/ over a 20 x 20 block of bins on tissue (plus one 8 µm folder)."""
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     h, w = rgb.shape[:2]
     inside = her2st_xy[(her2st_xy > 150).all(axis=1) & (her2st_xy[:, 0] < w - 150) & (her2st_xy[:, 1] < h - 150)]
     centre = inside[np.argmin(np.abs(inside - inside.mean(axis=0)).sum(axis=1))]

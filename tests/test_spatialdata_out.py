@@ -9,14 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import spatialdata_or_skip
 
 from mmap_deploy.cli import main
 
-ad = pytest.importorskip("anndata")
-sd = pytest.importorskip("spatialdata", reason="the [spatialdata] extra is not installed")
+sd = spatialdata_or_skip()
 
 LIBRARY = "her2st B4 (crop)"  # spaces and brackets: not allowed in SpatialData element names
 ELEMENT = "her2st_B4__crop_"
