@@ -329,6 +329,7 @@ def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sec
     from mmap_deploy.model.neighbours import NeighbourSmoothing
     from mmap_deploy.model.prototypes import PrototypeRule
 
+    from .features import cache_backbone
     from .phase2 import Phase2Recipe, config_for_cache, load_init, train_phase2
 
     smoothing = NeighbourSmoothing(smooth_radius_um, smooth_weight)
@@ -350,8 +351,10 @@ def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sec
     else:
         train_names, val_names = split_sections(list(feats), _csv_list(val_sections))
     init = load_init(init_ckpt) if init_ckpt else None
-    # the cache's width and --genes, not the checkpoint's: train_phase2 checks that they agree with --init
-    cfg = config_for_cache(gene_list, next(iter(feats.values())).f.shape[1], base=init.config if init else None,
+    # the cache's backbone and --genes, not the checkpoint's: train_phase2 checks that they agree with --init
+    backbone = cache_backbone(features_dir, next(iter(feats.values())).f.shape[1],
+                              fallback=init.config.backbone if init else None)
+    cfg = config_for_cache(gene_list, backbone, base=init.config if init else None,
                            head_average=head_average, prototype_rule=PrototypeRule(l_fixed=l_fixed),
                            neighbour_smoothing=smoothing if smoothing.active else None,
                            **({"dropout": dropout} if dropout is not None else {}))
@@ -428,6 +431,7 @@ def cv(features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, se
     import torch
 
     from .cv import CANDIDATES, cross_validate, table
+    from .features import cache_backbone
 
     names = _csv_list(candidates) or list(CANDIDATES)
     unknown = [n for n in names if n not in CANDIDATES]
@@ -454,8 +458,9 @@ def cv(features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, se
                                   indent=1) + "\n")
         tmp.replace(out)
 
-    res = cross_validate(gene_list, feats, targets, {n: CANDIDATES[n] for n in names}, epochs=epochs,
-                         max_steps=max_steps, patients=_csv_list(patients), jobs=jobs, on_fold=write,
+    backbone = cache_backbone(features_dir, next(iter(feats.values())).f.shape[1])
+    res = cross_validate(gene_list, feats, targets, {n: CANDIDATES[n] for n in names}, backbone=backbone,
+                         epochs=epochs, max_steps=max_steps, patients=_csv_list(patients), jobs=jobs, on_fold=write,
                          patient_of=patient_map, positions=positions)
     write(res)
     click.echo(table(res), err=True)
