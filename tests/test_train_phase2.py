@@ -238,6 +238,8 @@ def test_cli_phase2_and_evaluate_on_published_features(real_data, tmp_path, caps
     mse_b = sum(m["per_section"][s]["mse"] * spots[s] for s in ("B2", "B3")) / b["n_spots"]
     assert b["mse"] == pytest.approx(mse_b)
     err = capsys.readouterr().err
+    # stderr is not a terminal here (as in a SLURM log): progress comes as lines, never as redraws
+    assert "\r" not in err and 2 <= sum(line.startswith("phase 2: ") for line in err.splitlines()) <= 2 * 12
     rows = [line.split() for line in err.splitlines() if line.startswith(("section ", "patient "))]
     assert [r[:3] for r in rows] == [["section", "A6", str(spots["A6"])], ["section", "B2", str(spots["B2"])],
                                      ["section", "B3", str(spots["B3"])], ["patient", "A", str(spots["A6"])],

@@ -23,7 +23,7 @@ import numpy as np
 
 from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
-from mmap_deploy.messages import warn
+from mmap_deploy.messages import progress, warn
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,6 @@ def compute_features(checkpoint: str | Path, sections: list, out_dir: str | Path
     """
     import torch
     from threadpoolctl import threadpool_limits
-    from tqdm import tqdm
 
     from mmap_deploy.model.preprocess import make_views, normalise
 
@@ -191,10 +190,11 @@ def compute_features(checkpoint: str | Path, sections: list, out_dir: str | Path
     done = set(cached_sections(out_dir)) if Path(out_dir).is_dir() else set()
     written = []
     # views are many small numpy matmuls: BLAS threads only fight torch's for the cores
-    with threadpool_limits(limits=1, user_api="blas"):
-        for sec in tqdm(sections, desc="feature cache", unit="section"):
+    with threadpool_limits(limits=1, user_api="blas"), progress(len(sections), "feature cache", unit="section") as bar:
+        for sec in sections:
             if sec.name in done and not overwrite:
                 log.info("%s: already in %s, skipped", sec.name, out_dir)
+                bar.update(1)
                 continue
             spots = section_spots(sec)
             patches = read_section_patches(sec, np.asarray(spots.xy, np.float64), spec)
@@ -211,4 +211,5 @@ def compute_features(checkpoint: str | Path, sections: list, out_dir: str | Path
                 np.concatenate(fs) if fs else np.zeros((0, d), np.float32),
                 np.concatenate(ys) if ys else np.zeros((0, model.config.n_genes), np.float32)))
             written.append(sec.name)
+            bar.update(1)
     return written

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmap_deploy import messages
 from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
 from mmap_deploy.model.prototypes import PrototypeRule, slide_prototypes
@@ -243,7 +244,6 @@ def fit_fusion(cfg: MMAPConfig, fusion: FusionHead, train_data: BankedSpots, val
     Returns (history, validation metrics of the kept weights or None, kept epoch).
     """
     from torch.optim.swa_utils import AveragedModel
-    from tqdm import tqdm
 
     recipe.validate()
     opt = torch.optim.AdamW(fusion.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -257,7 +257,7 @@ def fit_fusion(cfg: MMAPConfig, fusion: FusionHead, train_data: BankedSpots, val
     averaged = AveragedModel(fusion) if recipe.keep == "last" and recipe.average_last else None
     first_averaged = recipe.epochs - min(recipe.average_last, recipe.epochs)  # epochs before the averaged ones
     t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="phase 2", unit="step", disable=not progress)
+    bar = messages.progress(total, "phase 2", progress, unit="step")
     for epoch in range(recipe.epochs):
         fusion.train()
         perm = torch.randperm(len(train_data), generator=gen)
