@@ -15,6 +15,7 @@ import torch
 from mmap_train.model import MMAP, load_checkpoint
 
 from mmap_deploy import __version__
+from mmap_deploy.messages import command_line
 from mmap_deploy.model.bundle import Bundle, Manifest, ModelFile, sha256_file
 
 from .graphs import EncoderGraph, FusionGraph, deployable
@@ -138,7 +139,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, demo: bool = F
         "torch_version": torch.__version__,
         "checkpoint": str(Path(checkpoint).name),
         "checkpoint_sha256": sha256_file(checkpoint),
-        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
+        "command": command_line(Path(sys.argv[0]).name),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for key in ("phase", "epoch", "training_data", "metrics", "trained"):

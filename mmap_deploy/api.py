@@ -23,7 +23,7 @@ import inspect
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Self, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 from .errors import UserError
 from .options import ENGINE, OUTPUT, SLIDE, Settings, api_doc, api_parameters, check_options, settings_from_api
@@ -266,7 +266,7 @@ class Predictor:
         if self._state is None:
             raise ValueError("this Predictor is closed; make a new one to predict more slides")
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Predictor:
         self._check_open()
         return self
 

@@ -25,7 +25,6 @@ and openslide are imported when a run needs them.
 
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from .messages import (  # noqa: F401  (the exit codes are re-exported for scrip
     EXIT_BATCH_FAILED,
     EXIT_OK,
     EXIT_USER_ERROR,
+    command_line,
     echo,
     run_cli,
     show_on_stderr,
@@ -76,7 +76,7 @@ def _command_line() -> str:
     """`mmap-predict ARGS` as given (also through click's test runner, or on a Ray worker: passed down)."""
     ctx = click.get_current_context(silent=True)
     args = ctx.meta.get("mmap_argv") if ctx is not None else None
-    return shlex.join(["mmap-predict", *(sys.argv[1:] if args is None else args)])
+    return command_line("mmap-predict", args)
 
 
 def _run_params(settings_cls: type) -> list[click.Parameter]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -10,6 +11,26 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pyproject() -> dict:
+    """The project's pyproject.toml, parsed (tomllib; the tomli package on Python 3.10, which lacks it)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the [test] extra installs tomli, the same parser
+        import tomli as tomllib
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def spatialdata_or_skip():
+    """spatialdata, which the [test] extra installs from Python 3.11 on (spatialdata >= 0.6 needs it):
+    missing there, the import fails the test; on 3.10 the test is skipped, saying so."""
+    if sys.version_info < (3, 11):
+        pytest.skip("the [spatialdata] extra needs Python >= 3.11 (spatialdata >= 0.6 does); "
+                    "[test] leaves it out on this Python", allow_module_level=True)
+    import spatialdata
+
+    return spatialdata
 
 
 def data_dir() -> Path | None:

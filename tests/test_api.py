@@ -11,13 +11,13 @@ import sys
 import warnings
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, spatialdata_or_skip
 
 import mmap_deploy as mm
 
-ad = pytest.importorskip("anndata")
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "docs" / "examples" / "predict_demo.py"
 API_PAGE = REPO / "docs" / "api.md"
@@ -57,7 +57,6 @@ def api_demo(demo) -> ad.AnnData:
 
 # -- the worked example -----------------------------------------------------------
 def test_the_worked_example_runs_and_equals_mmap_predict(tmp_path, monkeypatch, cli_demo):
-    pytest.importorskip("scanpy")
     png = tmp_path / "FASN.png"
     monkeypatch.setattr(sys, "argv", [str(EXAMPLE), str(png)])
     with warnings.catch_warnings():
@@ -189,7 +188,7 @@ def test_write_h5ad_atomically_and_refuse_to_overwrite(tmp_path, api_demo):
 
 
 def test_write_zarr(tmp_path, api_demo):
-    sd = pytest.importorskip("spatialdata")
+    sd = spatialdata_or_skip()
     out = mm.write(api_demo, tmp_path / "demo.zarr")
     table = sd.read_zarr(out).tables["table"]
     np.testing.assert_array_equal(table.X, api_demo.X)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 
@@ -11,7 +12,6 @@ from mmap_deploy.options import CLI, Settings, caller
 from mmap_deploy.run.manifest import read_manifest
 from mmap_deploy.errors import UserError
 
-ad = pytest.importorskip("anndata")
 MPP = 0.6
 
 
@@ -55,7 +55,6 @@ def cohort(tmp_path):
         f"slides/s2.png,slides/s2.csv,{MPP},third\n"
     )
     return manifest
-
 
 
 def test_missing_paths_are_listed_in_one_go_before_any_slide_starts(cohort, tiny_bundle, tmp_path):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 import shutil
 
+import anndata as ad
 import numpy as np
 import pytest
+import scanpy as sc
 from conftest import REPO, run_cli
 
-ad = pytest.importorskip("anndata")
-sc = pytest.importorskip("scanpy")
 SAMPLE = REPO / "mmap_deploy" / "demo" / "sample"
 
 

@@ -7,12 +7,11 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import anndata as ad
 import numpy as np
 import pytest
 from conftest import TINY_GENES, run_cli
 from test_predict_cli import assert_one_line_error, pyramid, write_coords  # noqa: F401  (a fixture)
-
-ad = pytest.importorskip("anndata")
 
 
 # -- the summary line ------------------------------------------------------------------------
@@ -143,7 +142,6 @@ def test_plot_genes_match_case_insensitively_and_a_miss_names_near_genes(tmp_pat
 
 
 def test_plot_with_a_lower_case_gene_writes_its_map(pyramid, tiny_bundle, tmp_path):  # noqa: F811
-    pytest.importorskip("matplotlib")
     coords, _, _ = write_coords(tmp_path / "c.csv", "xy")
     out = tmp_path / "o.h5ad"
     r = run_cli(pyramid, coords, "-o", out, "--model", tiny_bundle, "--plot", "gene1", expect=0)

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -22,7 +23,6 @@ from conftest import run_cli as run
 from mmap_deploy.cli import main
 from mmap_deploy.run.claims import claim_path
 
-ad = pytest.importorskip("anndata")
 MPP = 0.6
 SAMPLE = Path(__file__).resolve().parents[1] / "mmap_deploy" / "demo" / "sample"
 
@@ -30,7 +30,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "mmap_deploy" / "demo" / "sample"
 @pytest.fixture(scope="module")
 def local_ray():
     """One private local Ray for the whole module (the runs below join it instead of starting their own)."""
-    ray = pytest.importorskip("ray")
+    import ray
     from mmap_deploy.run.batch_ray import start_local_ray
 
     start_local_ray(num_cpus=2)

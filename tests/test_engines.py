@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from conftest import TINY_GENES, random_views
 
@@ -22,7 +23,6 @@ from mmap_deploy.errors import BundleError, UserError
 from mmap_deploy.model.bundle import load_bundle, sha256_file
 from mmap_deploy.options import CLI, caller
 
-ort = pytest.importorskip("onnxruntime")
 HAS_GPU_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 HAS_TENSORRT = tensorrt_importable()[0]
 

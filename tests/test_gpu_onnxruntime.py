@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from conftest import random_views
 
@@ -26,10 +27,8 @@ from mmap_deploy.engines.onnxruntime import (
     preload_gpu_libraries,
     provider_options,
 )
-from mmap_deploy.errors import first_line
+from mmap_deploy.errors import UserError, first_line
 from mmap_deploy.model.bundle import load_bundle
-
-ort = pytest.importorskip("onnxruntime")
 
 
 def _cuda_reason() -> str:
@@ -40,7 +39,7 @@ def _cuda_reason() -> str:
         from mmap_deploy.engines.tensorrt import CudaDriver
 
         CudaDriver().release()
-    except Exception as e:
+    except UserError as e:  # no NVIDIA driver, no device, or CUDA refuses it; a bug propagates
         return f"needs an NVIDIA GPU ({first_line(e)})"
     return ""
 

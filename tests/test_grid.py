@@ -168,8 +168,8 @@ def test_fit_lattice_recovers_mpp(text, lattice, mpp):
 
 @pytest.mark.parametrize("text, n_neighs, expected", [("visium", 6, 6), ("st", 4, 4), ("16um", 4, 4)])
 def test_squidpy_reads_the_grid(text, n_neighs, expected):
-    sq = pytest.importorskip("squidpy")
-    ad = pytest.importorskip("anndata")
+    import anndata as ad
+    import squidpy as sq
     spec = parse_grid(text)
     g = full_slide(spec, size_um=40 * spec.pitch_um, mpp=0.5)
     adata = ad.AnnData(np.zeros((len(g), 1), np.float32))

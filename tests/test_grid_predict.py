@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, spatialdata_or_skip
 from PIL import Image
 from wsi import GLASS, load_section, whole_slide
 
@@ -448,7 +448,7 @@ def test_geojson_mask_is_not_shifted(small_dir, tmp_path):
 
 # -- 7. SpatialData ---------------------------------------------------------------------------------
 def test_zarr_output_has_the_tissue_shapes(small_dir, tmp_path):
-    spatialdata = pytest.importorskip("spatialdata")
+    spatialdata = spatialdata_or_skip()
     out = tmp_path / "small_st.zarr"
     run_cli(small_dir / "small.jpg", "--grid", "st", "--mpp", HER2ST_MPP, "-o", out, expect=0)
     sdata = spatialdata.read_zarr(out)

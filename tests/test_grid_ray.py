@@ -5,12 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 from conftest import run_cli as run
 from test_cohort_ray import local_ray  # noqa: F401  (the module's private local Ray, a fixture)
 
-ad = pytest.importorskip("anndata")
 SAMPLE = Path(__file__).resolve().parents[1] / "mmap_deploy" / "demo" / "sample"
 
 

@@ -13,13 +13,12 @@ import json
 import sys
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 from conftest import write_pyramid
 from test_predict_cli import assert_one_line_error, predict
 
-ad = pytest.importorskip("anndata")
-pytest.importorskip("tifffile")
 
 HER2ST_MPP = 0.69  # µm per pixel of the her2st B-H images (lattice fit; HEST-1k: 0.689-0.698)
 SHRINK = 4  # the test slide is C2 at a quarter of its resolution
@@ -93,8 +92,8 @@ def spaceranger_outs(root: Path, rgb: np.ndarray, her2st_xy: np.ndarray, *, swap
 
 def visium_hd_bins(root: Path, rgb: np.ndarray, her2st_xy: np.ndarray, bin_um: float = 16.0) -> Path:
     """binned_outputs/square_016um/ over a 20 x 20 block of bins on tissue (plus one 8 µm folder)."""
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     h, w = rgb.shape[:2]
     inside = her2st_xy[(her2st_xy > 150).all(axis=1) & (her2st_xy[:, 0] < w - 150) & (her2st_xy[:, 1] < h - 150)]
     centre = inside[np.argmin(np.abs(inside - inside.mean(axis=0)).sum(axis=1))]
@@ -308,6 +307,7 @@ def test_batch_manifest_takes_folders_and_lattice_gives_the_mpp(real_data, c2_sl
 def test_a_thumbnail_error_without_a_message_still_warns(tmp_path):
     """A slide whose thumbnail fails with an empty message: the tissue check is skipped with a warning
     naming the error's type (the warning used to raise IndexError itself)."""
+    from mmap_deploy.errors import MMAPWarning
     from mmap_deploy.inputs.layouts import check_spot_geometry, read_spot_input
     from mmap_deploy.inputs.slide import PatchReadError
 
@@ -324,10 +324,11 @@ def test_a_thumbnail_error_without_a_message_still_warns(tmp_path):
         def thumbnail(self, max_side):
             raise PatchReadError("")
 
-    warned: list[str] = []
-    images, qc = check_spot_geometry(read_spot_input(tmp_path / "outs"), None, Slide(), 55.0,
-                                     spatial / "tissue_positions_list.csv", "--mpp", False, warn=warned.append)
-    assert images == {} and "warning: no tissue check: PatchReadError" in warned and qc["checks"] == "done"
+    with pytest.warns(MMAPWarning) as record:
+        images, qc = check_spot_geometry(read_spot_input(tmp_path / "outs"), None, Slide(), 55.0,
+                                         spatial / "tissue_positions_list.csv", "--mpp", False)
+    warned = [str(w.message) for w in record if issubclass(w.category, MMAPWarning)]
+    assert images == {} and "no tissue check: PatchReadError" in warned and qc["checks"] == "done"
 
 
 # -- folder mistakes: one line each ----------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 
@@ -17,8 +18,6 @@ from mmap_deploy.outputs.adata import (
     write_h5ad,
 )
 from mmap_deploy.outputs.prediction import DroppedSpot, SlidePrediction
-
-ad = pytest.importorskip("anndata")
 
 
 def _prediction(n: int = 20, genes: int = 5, dim: int = 8, k: int = 4, dropped: int = 1) -> SlidePrediction:

@@ -105,7 +105,6 @@ def test_fp16_on_real_patches(bundle_copy, real_data):
     assert m.provenance["parity_inputs_fp16"] == "her2st B4: 12 real spots"
 
 
-@pytest.mark.skipif(not (default_bundle_path() / "manifest.json").is_file(), reason="the demo bundle is not built")
 def test_int8_of_the_demo_model_on_real_patches(real_data, tmp_path):
     """The issue's bar: int8 output cosine vs fp32 >= 0.99 on real her2st patches with the demo model."""
     root = tmp_path / "demo"

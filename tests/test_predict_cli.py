@@ -8,16 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
+import tifffile
 from click.testing import CliRunner
 from conftest import TINY_GENES, write_pyramid
 
 from mmap_deploy.cli import main
 from mmap_deploy.model.preprocess import ViewSpec, patch_region
 
-ad = pytest.importorskip("anndata")
-tifffile = pytest.importorskip("tifffile")
 
 TIFF_MPP = 0.5  # µm per pixel written into the synthetic pyramid's resolution tags
 TIFF_SIDE = 1400
@@ -182,8 +182,7 @@ def test_mpp_that_contradicts_the_slide_is_used_with_a_warning(pyramid, tiny_bun
 def test_console_script_in_a_subprocess(pyramid, tiny_bundle, tmp_path):
     """The installed `mmap-predict` entry point, as a user runs it."""
     exe = Path(sys.executable).parent / "mmap-predict"
-    if not exe.exists():
-        pytest.skip(f"mmap-predict is not installed next to {sys.executable}")
+    assert exe.exists(), f"mmap-predict is not installed next to {sys.executable}: pip install -e '.[test]'"
     coords, ids, _ = write_coords(tmp_path / "tissue_positions.csv", "visium")
     out = tmp_path / "pred.h5ad"
     env = dict(os.environ, MPLBACKEND="Agg")
@@ -299,7 +298,7 @@ def test_her2st_output_plots_in_scanpy(her2st_output):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sc = pytest.importorskip("scanpy")
+    import scanpy as sc
 
     a = ad.read_h5ad(her2st_output)
     axes = sc.pl.spatial(a, color=[TINY_GENES[0], "mmap_cluster"], show=False)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 from test_predict_cli import (
@@ -19,8 +20,6 @@ from test_predict_cli import (
     write_coords,
     write_pyramidal_tiff,
 )
-
-ad = pytest.importorskip("anndata")
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import spatialdata_or_skip
 
 from mmap_deploy.cli import main
 
-ad = pytest.importorskip("anndata")
-sd = pytest.importorskip("spatialdata", reason="the [spatialdata] extra is not installed")
+sd = spatialdata_or_skip()
 
 LIBRARY = "her2st B4 (crop)"  # spaces and brackets: not allowed in SpatialData element names
 ELEMENT = "her2st_B4__crop_"
@@ -305,9 +306,9 @@ def test_element_names_are_valid_for_any_library_id():
 
 
 def test_spatialdata_is_an_optional_extra_that_the_tests_install():
-    import tomllib
+    from conftest import pyproject
 
-    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    project = pyproject()["project"]
     assert not any(d.lower().startswith("spatialdata") for d in project["dependencies"])
     extras = project["optional-dependencies"]
     assert any(d.startswith("spatialdata") for d in extras["spatialdata"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 from conftest import demo_output_bytes, leave_free
@@ -9,7 +10,6 @@ from conftest import run_cli as run
 
 from mmap_deploy.run.storage import OutputStorageError, expected_output_bytes, output_storage_guard
 
-ad = pytest.importorskip("anndata")
 MPP = 0.6
 
 
@@ -28,7 +28,6 @@ def write_cohort(folder, n: int = 3):
     manifest = folder / "slides.csv"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
-
 
 
 def test_single_slide_into_a_full_folder_is_one_line_before_any_work(small_filesystem):

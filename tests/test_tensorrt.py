@@ -31,7 +31,7 @@ def _has_gpu() -> bool:
 
         CudaDriver()
         return True
-    except Exception:
+    except UserError:  # no NVIDIA driver, no device, or CUDA refuses it: said in one line; a bug propagates
         return False
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 from conftest import data_dir, write_pyramid
 from PIL import Image, ImageDraw
 
@@ -28,8 +29,6 @@ from mmap_deploy.inputs.tissue import (
     detect_tissue,
     read_tissue_mask,
 )
-
-ndi = pytest.importorskip("scipy.ndimage")
 
 SECTIONS = ("B4", "C2", "C3", "C4", "C5", "C6")
 MPP = 0.69  # her2st B-H sections (lattice fit: ~290 px per 200 µm)

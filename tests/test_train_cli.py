@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -34,7 +36,7 @@ def manifest(real_data, tmp_path):
 
 def test_phase1_then_features_from_the_cli(manifest, tmp_path):
     from mmap_train.cli import main
-    from mmap_train.features import read_cache
+    from mmap_train.features import cache_backbone, read_cache
     from mmap_train.model import load_checkpoint
 
     out = tmp_path / "p1"
@@ -50,6 +52,10 @@ def test_phase1_then_features_from_the_cli(manifest, tmp_path):
           "--out", str(tmp_path / "cache")])
     cache = read_cache(tmp_path / "cache")
     assert list(cache) == ["crop1"]
+    # the cache names the backbone that made it, for phase 2
+    assert json.loads((tmp_path / "cache" / "cache.json").read_text()) == {
+        "backbone": "tiny", "embed_dim": 96, "checkpoint": "checkpoint.pt"}
+    assert cache_backbone(tmp_path / "cache", 96) == "tiny"
     assert cache["crop1"].f.shape == (120, 96) and cache["crop1"].y1.shape == (120, 20)
 
 

@@ -93,7 +93,7 @@ def test_weight_averaging_is_the_mean_of_the_last_epochs_and_one_onnx_graph(tmp_
     from export.graphs import FusionGraph
 
     feats, targets = _sections()
-    cfg = config_for_cache(GENES, DIM)
+    cfg = config_for_cache(GENES, "tiny")
     data = BankedSpots(prepare(feats, targets, ["A1", "B1"], cfg.prototype_rule), cfg.prototype_rule.max_bank)
     torch.manual_seed(0)
     head = _RecordingHead(cfg, DIM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import warnings
 
 import numpy as np
@@ -22,6 +23,7 @@ from mmap_train.phase2 import (
     train_phase2,
 )
 
+from mmap_deploy.errors import UserError
 from mmap_deploy.model.prototypes import PrototypeRule, slide_prototypes
 
 GENES = [f"G{i}" for i in range(12)]
@@ -45,9 +47,68 @@ def cache():
     return feats, targets
 
 
+@pytest.fixture()
+def tiny_twin(monkeypatch):
+    """A second backbone as wide as `tiny` (96): the width alone no longer tells them apart."""
+    from dataclasses import replace
+
+    from mmap_train.backbones import BACKBONES
+
+    monkeypatch.setitem(BACKBONES, "tiny_twin", replace(BACKBONES["tiny"], name="tiny_twin"))
+    return "tiny_twin"
+
+
+def _write_cache(cache, folder):
+    from mmap_train.features import write_section
+
+    feats, _ = cache
+    for sf in feats.values():
+        write_section(folder, sf)
+    return folder
+
+
+def test_a_cache_names_its_backbone_and_phase2_builds_on_that_one(cache, tmp_path, tiny_twin):
+    from mmap_train.features import cache_backbone, write_cache_info
+
+    folder = _write_cache(cache, tmp_path / "cache")
+    write_cache_info(folder, tiny_twin, DIM, tmp_path / "p1" / "checkpoint.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named: nothing is guessed, nothing said
+        assert cache_backbone(folder, DIM) == tiny_twin
+    assert config_for_cache(GENES, cache_backbone(folder, DIM)).backbone == tiny_twin
+    with pytest.raises(UserError, match=r"holds features of the tiny_twin backbone.*another --out"):
+        write_cache_info(folder, "small", 384, "other.pt")
+    write_cache_info(tmp_path / "small", "small", 384, "small.pt")
+    with pytest.raises(UserError, match=r"names the small backbone \(384 wide\) but the cached features are 96"):
+        cache_backbone(tmp_path / "small", DIM)
+
+
+def test_an_older_cache_without_the_name_is_read_by_its_width_with_a_warning(cache, tmp_path, monkeypatch):
+    from mmap_train.features import cache_backbone
+
+    from mmap_deploy.errors import MMAPWarning
+
+    folder = _write_cache(cache, tmp_path / "old")
+    with pytest.warns(MMAPWarning, match=r"does not name its backbone.*taken as tiny, the backbone of 96-wide"):
+        assert cache_backbone(folder, DIM) == "tiny"
+    assert cache_backbone(folder, DIM, fallback="tiny") == "tiny"  # --init names it: no guess
+    with pytest.raises(UserError, match=r"cached features are 100-wide; known backbones give 96 \(tiny\)"):
+        cache_backbone(folder, 100)
+
+
+def test_an_older_cache_is_refused_once_two_backbones_share_its_width(cache, tmp_path, tiny_twin):
+    from mmap_train.features import cache_backbone
+
+    folder = _write_cache(cache, tmp_path / "old")
+    with pytest.raises(UserError, match=r"does not name its backbone and 96-wide features fit tiny and tiny_twin; "
+                                        r"rebuild it with `mmap-train features`"):
+        cache_backbone(folder, DIM)
+    assert cache_backbone(folder, DIM, fallback=tiny_twin) == tiny_twin
+
+
 def test_banks_are_the_runtime_banks_and_padding_is_masked(cache):
     feats, targets = cache
-    cfg = config_for_cache(GENES, DIM)
+    cfg = config_for_cache(GENES, "tiny")
     rule = cfg.prototype_rule
     secs = prepare(feats, targets, ["S1", "S3"], rule)
     for p in secs:
@@ -65,7 +126,7 @@ def test_banks_are_the_runtime_banks_and_padding_is_masked(cache):
 
 def test_targets_joined_by_spot_id(cache):
     feats, targets = cache
-    (p,) = prepare(feats, targets, ["S2"], config_for_cache(GENES, DIM).prototype_rule)
+    (p,) = prepare(feats, targets, ["S2"], config_for_cache(GENES, "tiny").prototype_rule)
     rows = targets["S2"].rows_for(feats["S2"].spot_ids, "S2")
     np.testing.assert_array_equal(p.target, targets["S2"].values[rows])
     np.testing.assert_array_equal(p.target[0], targets["S2"].values[-1])
@@ -73,7 +134,7 @@ def test_targets_joined_by_spot_id(cache):
 
 def test_loss_goes_down_and_checkpoint_loads(cache, tmp_path):
     feats, targets = cache
-    cfg = config_for_cache(GENES, DIM)
+    cfg = config_for_cache(GENES, "tiny")
     recipe = Phase2Recipe(epochs=8, batch_size=32, lr=3e-3, threads=1, keep="best", average_last=0)
     res = train_phase2(cfg, feats, targets, ["S1", "S2"], ["S3"], tmp_path, recipe, progress=False)
     losses = [r["train_loss"] for r in res["history"]]
@@ -96,7 +157,7 @@ def test_select_picks_by_its_metric_and_a_typo_is_a_user_error(cache, tmp_path):
     from mmap_deploy.errors import UserError
 
     feats, targets = cache
-    cfg = config_for_cache(GENES, DIM)
+    cfg = config_for_cache(GENES, "tiny")
     recipe = dict(epochs=4, batch_size=32, lr=3e-3, threads=1, keep="best", average_last=0)
     with pytest.raises(UserError, match=r"select must be one of pcc_pooled, pcc_per_slide; got 'pcc_per_slid'"):
         train_phase2(cfg, feats, targets, ["S1"], ["S2", "S3"], tmp_path / "typo",
@@ -110,7 +171,7 @@ def test_select_picks_by_its_metric_and_a_typo_is_a_user_error(cache, tmp_path):
 
 def test_paper_averaging_and_fixed_l(cache, tmp_path):
     feats, targets = cache
-    cfg = config_for_cache(GENES, DIM, head_average="paper", prototype_rule=PrototypeRule(l_fixed=3))
+    cfg = config_for_cache(GENES, "tiny", head_average="paper", prototype_rule=PrototypeRule(l_fixed=3))
     res = train_phase2(cfg, feats, targets, ["S1", "S2"], [], tmp_path, Phase2Recipe(epochs=1, threads=1),
                        progress=False)
     c, _, _ = load_fusion(res["checkpoint"])
@@ -140,15 +201,23 @@ def test_cli_phase2_and_evaluate_on_published_features(real_data, tmp_path, caps
     her2st = real_data / "her2st"
     common = ["--features", str(real_data / "mmap_features" / "train"), "--counts", str(her2st / "counts"),
               "--spots", str(her2st / "spots"), "--genes", str(her2st / "genes_785.txt")]
-    main(["phase2", *common, "--out", str(tmp_path / "p2"), "--sections", "A2,A3,A4",
-          "--val-sections", "A4", "--epochs", "1", "--max-steps", "2", "--threads", "1"])
+    from mmap_deploy.errors import MMAPWarning
+
+    # the published features name no backbone: read as UNI's, by their width (1024), saying so
+    with pytest.warns(MMAPWarning, match=r"does not name its backbone.*taken as uni"):
+        main(["phase2", *common, "--out", str(tmp_path / "p2"), "--sections", "A2,A3,A4",
+              "--val-sections", "A4", "--epochs", "1", "--max-steps", "2", "--threads", "1"])
     assert (tmp_path / "p2" / "checkpoint.pt").is_file()
     # keeping the end of training: no section is held out unless asked; the kept head averages 2 epochs
-    main(["phase2", *common, "--out", str(tmp_path / "last"), "--sections", "A2,A3,A4", "--keep", "last",
-          "--average-last", "2", "--epochs", "2", "--max-steps", "3", "--threads", "1", "--dropout", "0.1"])
+    last = ["phase2", *common, "--out", str(tmp_path / "run last"), "--sections", "A2,A3,A4", "--keep", "last",
+            "--average-last", "2", "--epochs", "2", "--max-steps", "3", "--threads", "1", "--dropout", "0.1"]
+    main(last)
     from mmap_train.model import read_checkpoint
 
-    ck = read_checkpoint(tmp_path / "last" / "checkpoint.pt")
+    ck = read_checkpoint(tmp_path / "run last" / "checkpoint.pt")
+    # the command line as given, read back by a shell: the folder with a space stays one argument
+    assert shlex.split(ck["command"]) == ["mmap-train", *last]
+    assert ck["config"]["backbone"] == "uni"
     assert ck["training_data"]["val_sections"] == [] and ck["training_data"]["train_sections"] == ["A2", "A3", "A4"]
     assert (ck["recipe"]["keep"], ck["recipe"]["average_last"], ck["config"]["dropout"]) == ("last", 2, 0.1)
     main(["evaluate", *common, "--checkpoint", str(tmp_path / "p2" / "checkpoint.pt"),
@@ -169,6 +238,8 @@ def test_cli_phase2_and_evaluate_on_published_features(real_data, tmp_path, caps
     mse_b = sum(m["per_section"][s]["mse"] * spots[s] for s in ("B2", "B3")) / b["n_spots"]
     assert b["mse"] == pytest.approx(mse_b)
     err = capsys.readouterr().err
+    # stderr is not a terminal here (as in a SLURM log): progress comes as lines, never as redraws
+    assert "\r" not in err and 2 <= sum(line.startswith("phase 2: ") for line in err.splitlines()) <= 2 * 12
     rows = [line.split() for line in err.splitlines() if line.startswith(("section ", "patient "))]
     assert [r[:3] for r in rows] == [["section", "A6", str(spots["A6"])], ["section", "B2", str(spots["B2"])],
                                      ["section", "B3", str(spots["B3"])], ["patient", "A", str(spots["A6"])],
@@ -196,7 +267,7 @@ def test_shared_bank_forward_equals_the_fusion_head(cache):
 
     feats, targets = cache
     for average in ("reference", "paper"):
-        cfg = config_for_cache(GENES, DIM, head_average=average)
+        cfg = config_for_cache(GENES, "tiny", head_average=average)
         data = BankedSpots(prepare(feats, targets, ["S1", "S3"], cfg.prototype_rule), cfg.prototype_rule.max_bank)
         torch.manual_seed(1)
         head = FusionHead(cfg, DIM)
@@ -213,11 +284,11 @@ def test_shared_bank_forward_equals_the_fusion_head(cache):
 
 
 def test_cli_init_must_match_the_cache_and_genes(real_data, tmp_path, capsys):
-    """phase2 --init: the cache's width (its backbone) and --genes are checked against the checkpoint."""
+    """phase2 --init: the cache's backbone (named, or its width) and --genes are checked against the checkpoint."""
     from mmap_train.cli import main
     from mmap_train.config import MMAPConfig
     from mmap_train.datasets import read_genes
-    from mmap_train.features import write_section
+    from mmap_train.features import write_cache_info, write_section
     from mmap_train.model import MMAP, save_checkpoint
 
     her2st = real_data / "her2st"
@@ -228,26 +299,31 @@ def test_cli_init_must_match_the_cache_and_genes(real_data, tmp_path, capsys):
     save_checkpoint(tmp_path / "p1.pt", tiny, phase=1)
     ids = (real_data / "mmap_features" / "train" / "A3_spots.txt").read_text().split()
     rng = np.random.default_rng(0)
-    for name, n_genes in (("cache96", len(genes)), ("cache96_12", 12)):  # tiny-wide f; y1 of 785 or 12 genes
+    # tiny-wide f with y1 of 785 or 12 genes; ViT-S-wide f from a cache that names its backbone
+    for name, n_genes, dim in (("cache96", len(genes), DIM), ("cache96_12", 12, DIM), ("cache384", len(genes), 384)):
         write_section(tmp_path / name, SectionFeatures(
-            "A3", ids, rng.normal(size=(len(ids), DIM)).astype(np.float32),
+            "A3", ids, rng.normal(size=(len(ids), dim)).astype(np.float32),
             rng.normal(size=(len(ids), n_genes)).astype(np.float32)))
+    write_cache_info(tmp_path / "cache384", "small", 384, "small.pt")
     (tmp_path / "genes12.txt").write_text("\n".join(genes[:12]) + "\n")
     common = ["phase2", "--init", str(tmp_path / "p1.pt"), "--counts", str(her2st / "counts"),
               "--spots", str(her2st / "spots"), "--out", str(tmp_path / "p2"), "--epochs", "1", "--threads", "1"]
+    mismatch = "the phase-1 model (--init) does not match: "
     cases = [
-        # the published cache is UNI's (1024-wide), the checkpoint a tiny model
+        # the published cache is UNI's (1024-wide, naming no backbone), the checkpoint a tiny model
         (["--features", str(real_data / "mmap_features" / "train"), "--sections", "A3",
-          "--genes", str(her2st / "genes_785.txt")], "backbone (uni here, from the features' width; tiny in"),
+          "--genes", str(her2st / "genes_785.txt")], "cached features are 1024-wide but the model's tiny backbone gives 96"),
+        (["--features", str(tmp_path / "cache384"), "--genes", str(her2st / "genes_785.txt")],
+         mismatch + "backbone (small here, the feature cache's; tiny in the checkpoint)"),
         (["--features", str(tmp_path / "cache96_12"), "--genes", str(tmp_path / "genes12.txt")],
-         "genes (12 here, 785 in the checkpoint"),
+         mismatch + "genes (12 here, 785 in the checkpoint"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as e:
             main(common + extra)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and "the phase-1 model (--init) does not match" in err and message in err, err
+        assert err.count("\n") == 0 and message in err, err
         assert not (tmp_path / "p2" / "checkpoint.pt").exists()
     # the matching cache and genes train
     main(common + ["--features", str(tmp_path / "cache96"), "--genes", str(her2st / "genes_785.txt"),

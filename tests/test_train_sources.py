@@ -18,14 +18,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 
 from conftest import write_pyramid
 
-ad = pytest.importorskip("anndata")
-pytest.importorskip("tifffile")
-pytest.importorskip("torch")
 
 SHRINK = 4
 HER2ST_MPP = 0.69  # her2st B-H images (spot-lattice fit; HEST-1k lists 0.689-0.698 for them)

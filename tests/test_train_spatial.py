@@ -90,7 +90,7 @@ def test_neighbour_slot_is_the_neighbours_mean_f_and_masked_without_any():
     np.testing.assert_allclose(slot[0], f[1], rtol=1e-6)
     np.testing.assert_allclose(slot[5], (f[4] + f[6]) / 2, rtol=1e-6)
     torch.manual_seed(0)
-    head = FusionHead(config_for_cache(genes, dim), dim)
+    head = FusionHead(config_for_cache(genes, "tiny"), dim)
     a, b = predict(head, plain), predict(head, data)
     np.testing.assert_allclose(a[-1], b[-1], rtol=0, atol=1e-6)  # the masked slot changes nothing
     assert not np.allclose(a[0], b[0])

@@ -67,6 +67,7 @@ def check_weights_file(path: str | Path) -> Path:
     return path
 
 
-def backbone_of_width(embed_dim: int) -> Backbone | None:
-    """The backbone whose embeddings are `embed_dim` wide (what a feature cache was made with), if any."""
-    return next((b for b in BACKBONES.values() if b.embed_dim == embed_dim), None)
+def backbones_of_width(embed_dim: int) -> list[Backbone]:
+    """The backbones whose embeddings are `embed_dim` wide: the guess for a feature cache that does not name
+    its backbone (`features.cache_backbone`); more than one once two backbones share a width."""
+    return [b for b in BACKBONES.values() if b.embed_dim == embed_dim]

@@ -12,7 +12,7 @@ import numpy as np
 
 from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
-from mmap_deploy.messages import run_cli
+from mmap_deploy.messages import command_line, run_cli
 
 from . import missing_train_extra
 from .backbones import BACKBONES
@@ -159,7 +159,21 @@ def _finite_or_null(value):
     return value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """A click group that keeps the arguments it was given: the run's command line, for the provenance."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["mmap_argv"] = list(args)  # `meta` is shared with the subcommand's context
+        return super().parse_args(ctx, args)
+
+
+def _command_line() -> str:
+    """`mmap-train ARGS` as given (also when `main(argv)` is called in-process), shell-quoted."""
+    ctx = click.get_current_context(silent=True)
+    return command_line("mmap-train", ctx.meta.get("mmap_argv") if ctx is not None else None)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log more detail to stderr.")
 def cli(verbose: bool) -> None:
     """Train MMAP: phase 1 on slides, the feature cache, phase 2 on cached features, evaluation."""
@@ -253,7 +267,7 @@ def phase1(data_dir, manifest, hest_dir, sections, ids, val_sections, genes, top
     spec = cfg.view_spec
     train = load_spot_set([s for s in secs if s.name in train_names], gene_list, spec)
     val = load_spot_set([s for s in secs if s.name in val_names], gene_list, spec) if val_names else None
-    res = train_phase1(cfg, train, val, out, recipe, resume=resume, extra={"command": " ".join(sys.argv)})
+    res = train_phase1(cfg, train, val, out, recipe, resume=resume, extra={"command": _command_line()})
     click.echo(f"phase 1: {len(res['history'])} epochs logged; checkpoint {res['checkpoint']}", err=True)
 
 
@@ -315,6 +329,7 @@ def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sec
     from mmap_deploy.model.neighbours import NeighbourSmoothing
     from mmap_deploy.model.prototypes import PrototypeRule
 
+    from .features import cache_backbone
     from .phase2 import Phase2Recipe, config_for_cache, load_init, train_phase2
 
     smoothing = NeighbourSmoothing(smooth_radius_um, smooth_weight)
@@ -336,13 +351,15 @@ def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sec
     else:
         train_names, val_names = split_sections(list(feats), _csv_list(val_sections))
     init = load_init(init_ckpt) if init_ckpt else None
-    # the cache's width and --genes, not the checkpoint's: train_phase2 checks that they agree with --init
-    cfg = config_for_cache(gene_list, next(iter(feats.values())).f.shape[1], base=init.config if init else None,
+    # the cache's backbone and --genes, not the checkpoint's: train_phase2 checks that they agree with --init
+    backbone = cache_backbone(features_dir, next(iter(feats.values())).f.shape[1],
+                              fallback=init.config.backbone if init else None)
+    cfg = config_for_cache(gene_list, backbone, base=init.config if init else None,
                            head_average=head_average, prototype_rule=PrototypeRule(l_fixed=l_fixed),
                            neighbour_smoothing=smoothing if smoothing.active else None,
                            **({"dropout": dropout} if dropout is not None else {}))
     res = train_phase2(cfg, feats, targets, train_names, val_names, out, recipe, init=init, max_steps=max_steps,
-                       extra={"command": " ".join(sys.argv), "features": str(features_dir)})
+                       extra={"command": _command_line(), "features": str(features_dir)})
     best = res["best"] or {}
     click.echo(f"phase 2: checkpoint {res['checkpoint']} (validation pcc_pooled "
                f"{best.get('pcc_pooled', float('nan')):.4f}, pcc_per_slide {best.get('pcc_per_slide', float('nan')):.4f})",
@@ -414,6 +431,7 @@ def cv(features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, se
     import torch
 
     from .cv import CANDIDATES, cross_validate, table
+    from .features import cache_backbone
 
     names = _csv_list(candidates) or list(CANDIDATES)
     unknown = [n for n in names if n not in CANDIDATES]
@@ -436,12 +454,13 @@ def cv(features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, se
     def write(res):
         tmp = out.with_name(out.name + ".tmp")
         info = {**machine, "load_average_now": list(os.getloadavg())}
-        tmp.write_text(json.dumps(_finite_or_null({**res, "machine": info, "command": " ".join(sys.argv)}),
+        tmp.write_text(json.dumps(_finite_or_null({**res, "machine": info, "command": _command_line()}),
                                   indent=1) + "\n")
         tmp.replace(out)
 
-    res = cross_validate(gene_list, feats, targets, {n: CANDIDATES[n] for n in names}, epochs=epochs,
-                         max_steps=max_steps, patients=_csv_list(patients), jobs=jobs, on_fold=write,
+    backbone = cache_backbone(features_dir, next(iter(feats.values())).f.shape[1])
+    res = cross_validate(gene_list, feats, targets, {n: CANDIDATES[n] for n in names}, backbone=backbone,
+                         epochs=epochs, max_steps=max_steps, patients=_csv_list(patients), jobs=jobs, on_fold=write,
                          patient_of=patient_map, positions=positions)
     write(res)
     click.echo(table(res), err=True)

@@ -174,9 +174,10 @@ def ridge_alpha(feats, targets, folds: dict[str, list[str]], alphas=RIDGE_ALPHAS
 class _Folds:
     """What every fold needs, built once: data, candidates, and k-means banks per section and rule."""
 
-    def __init__(self, genes, feats, targets, candidates, epochs, max_steps, progress, patient_of=None,
+    def __init__(self, genes, feats, targets, candidates, backbone, epochs, max_steps, progress, patient_of=None,
                  positions: dict[str, SectionPositions] | None = None):
         self.genes, self.feats, self.targets, self.candidates = genes, feats, targets, candidates
+        self.backbone = backbone
         self.positions = positions
         self.epochs, self.max_steps, self.progress = epochs, max_steps, progress
         self.folds = patient_folds(list(feats), patient_of)
@@ -267,7 +268,7 @@ class _Folds:
                 recipe.average_last = min(recipe.average_last, self.epochs)
             recipe.keep = "best" if cand.early_stop else "last"
             fit_names, val_names = split_sections(train_names) if cand.early_stop else (train_names, [])
-            cfg = config_for_cache(self.genes, self.dim, prototype_rule=PrototypeRule(l_fixed=cand.l_fixed),
+            cfg = config_for_cache(self.genes, self.backbone, prototype_rule=PrototypeRule(l_fixed=cand.l_fixed),
                                    **cand.config)
             train_secs, rule = self.sections(cand.l_fixed, fit_names)
             test_data = self.banked(self.sections(cand.l_fixed, held)[0], rule.max_bank, cand)
@@ -315,12 +316,13 @@ def _run_in_worker(patient: str):
 
 
 def cross_validate(genes: list[str], feats: dict[str, SectionFeatures], targets: dict[str, Targets],
-                   candidates: dict[str, Candidate], *, epochs: int | None = None, max_steps: int = 0,
+                   candidates: dict[str, Candidate], *, backbone: str, epochs: int | None = None, max_steps: int = 0,
                    patients: list[str] | None = None, jobs: int = 1, progress: bool = False,
                    on_fold=None, patient_of: dict[str, str] | None = None,
                    positions: dict[str, SectionPositions] | None = None) -> dict[str, Any]:
     """Leave-one-patient-out scores of y1, ridge on f and every candidate; see the module docstring.
 
+    `backbone`: the one that made the features (`features.cache_backbone`).
     `patient_of` maps sections to their patients where the data gives them (see `patient_folds`).
     `positions` (section -> its spots in µm, `spatial.section_positions`) adds the smoothed models.
 
@@ -329,7 +331,7 @@ def cross_validate(genes: list[str], feats: dict[str, SectionFeatures], targets:
     torch thread each; each gets a copy of the data once). `on_fold(results)` is called after each fold with the
     results so far (e.g. to write them).
     """
-    work = _Folds(genes, feats, targets, candidates, epochs, max_steps, progress, patient_of, positions)
+    work = _Folds(genes, feats, targets, candidates, backbone, epochs, max_steps, progress, patient_of, positions)
     todo = patients or list(work.folds)
     unknown = [p for p in todo if p not in work.folds]
     if unknown:

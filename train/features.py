@@ -4,10 +4,17 @@ Layout (the one of the published features in `mmap_features/`), per section:
 `{section}_f.npy` (n, D) float32, `{section}_y1.npy` (n, G) float32,
 `{section}_spots.txt` (the n spot ids, one a line). The published
 `{section}_clss.npy` / `{section}_outs.npy` names are read too.
+
+`cache.json` names the backbone that made the cache (`{"backbone": "uni",
+"embed_dim": 1024, "checkpoint": "checkpoint.pt"}`), so that phase 2 builds its
+model on that backbone. A cache without it (made before mmap-train wrote it,
+or the published features) is taken to come from the backbone of its width,
+said in a warning: a guess that fails once two backbones share a width.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +23,11 @@ import numpy as np
 
 from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
+from mmap_deploy.messages import progress, warn
 
 log = logging.getLogger(__name__)
 
+CACHE_INFO = "cache.json"
 _F_NAMES = ("_f.npy", "_clss.npy")
 _Y1_NAMES = ("_y1.npy", "_outs.npy")
 
@@ -48,6 +57,66 @@ def write_section(cache_dir: str | Path, feats: SectionFeatures) -> None:
     _save_npy(d / f"{feats.section}_y1.npy", np.ascontiguousarray(feats.y1, dtype=np.float32))
     with atomic_path(d / f"{feats.section}_spots.txt") as tmp:
         tmp.write_text("".join(f"{s}\n" for s in feats.spot_ids))
+
+
+def write_cache_info(cache_dir: str | Path, backbone: str, embed_dim: int, checkpoint: str | Path) -> None:
+    """Name the backbone (and the checkpoint) that makes the cache's features; UserError when the cache
+    already holds another backbone's."""
+    d = Path(cache_dir)
+    had = _read_cache_info(d)
+    if had is not None and had.get("backbone") != backbone:
+        raise UserError(f"{d}: this feature cache holds features of the {had.get('backbone')} backbone, "
+                        f"{checkpoint} is a {backbone} model; write its features to another --out folder")
+    d.mkdir(parents=True, exist_ok=True)
+    with atomic_path(d / CACHE_INFO) as tmp:
+        tmp.write_text(json.dumps({"backbone": backbone, "embed_dim": int(embed_dim),
+                                   "checkpoint": Path(checkpoint).name}, indent=1) + "\n")
+
+
+def _read_cache_info(d: Path) -> dict | None:
+    path = d / CACHE_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read it ({e}); rebuild the cache with `mmap-train features`") from None
+    if not isinstance(info, dict) or not isinstance(info.get("backbone"), str):
+        raise UserError(f"{path}: no backbone name in it; rebuild the cache with `mmap-train features`")
+    return info
+
+
+def cache_backbone(cache_dir: str | Path, embed_dim: int, fallback: str | None = None) -> str:
+    """The backbone whose features the cache holds (`embed_dim` wide): the name the cache records.
+
+    A cache that records none (older caches, the published features) is
+    taken as `fallback` when given (the `--init` checkpoint's backbone), else
+    as the one backbone of that width, said in a warning; UserError when no
+    backbone, or more than one, has that width.
+    """
+    from .backbones import BACKBONES, backbones_of_width, get_backbone
+
+    d = Path(cache_dir)
+    info = _read_cache_info(d)
+    if info is not None:
+        backbone = get_backbone(info["backbone"])
+        if backbone.embed_dim != embed_dim:
+            raise UserError(f"{d / CACHE_INFO}: names the {backbone.name} backbone ({backbone.embed_dim} wide) but "
+                            f"the cached features are {embed_dim} wide; rebuild the cache with `mmap-train features`")
+        return backbone.name
+    if fallback is not None:
+        return fallback
+    fits = backbones_of_width(embed_dim)
+    if not fits:
+        raise UserError(f"{d}: cached features are {embed_dim}-wide; known backbones give "
+                        f"{', '.join(f'{b.embed_dim} ({b.name})' for b in BACKBONES.values())}")
+    if len(fits) > 1:
+        raise UserError(f"{d}: the cache does not name its backbone and {embed_dim}-wide features fit "
+                        f"{' and '.join(b.name for b in fits)}; rebuild it with `mmap-train features` "
+                        "(which names it), or pass the phase-1 checkpoint that made it as --init")
+    warn(f"{d}: the feature cache does not name its backbone (made before mmap-train recorded it, or the "
+         f"published features); taken as {fits[0].name}, the backbone of {embed_dim}-wide features")
+    return fits[0].name
 
 
 def cached_sections(cache_dir: str | Path) -> list[str]:
@@ -108,7 +177,6 @@ def compute_features(checkpoint: str | Path, sections: list, out_dir: str | Path
     """
     import torch
     from threadpoolctl import threadpool_limits
-    from tqdm import tqdm
 
     from mmap_deploy.model.preprocess import make_views, normalise
 
@@ -118,13 +186,15 @@ def compute_features(checkpoint: str | Path, sections: list, out_dir: str | Path
     model, _ = load_checkpoint(checkpoint)
     model.eval()
     spec = model.config.view_spec
+    write_cache_info(out_dir, model.config.backbone, model.embed_dim, checkpoint)
     done = set(cached_sections(out_dir)) if Path(out_dir).is_dir() else set()
     written = []
     # views are many small numpy matmuls: BLAS threads only fight torch's for the cores
-    with threadpool_limits(limits=1, user_api="blas"):
-        for sec in tqdm(sections, desc="feature cache", unit="section"):
+    with threadpool_limits(limits=1, user_api="blas"), progress(len(sections), "feature cache", unit="section") as bar:
+        for sec in sections:
             if sec.name in done and not overwrite:
                 log.info("%s: already in %s, skipped", sec.name, out_dir)
+                bar.update(1)
                 continue
             spots = section_spots(sec)
             patches = read_section_patches(sec, np.asarray(spots.xy, np.float64), spec)
@@ -141,4 +211,5 @@ def compute_features(checkpoint: str | Path, sections: list, out_dir: str | Path
                 np.concatenate(fs) if fs else np.zeros((0, d), np.float32),
                 np.concatenate(ys) if ys else np.zeros((0, model.config.n_genes), np.float32)))
             written.append(sec.name)
+            bar.update(1)
     return written

@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 
 from mmap_deploy.errors import UserError
+from mmap_deploy.messages import command_line
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def make_demo(data_dir: str | Path, out: str | Path, work: str | Path, *, epochs
     val = load_spot_set([s for s in sections if s.name in val_names], genes, spec)
     recipe1 = Phase1Recipe(epochs=epochs, batch_size=32, lr=1e-3, min_lr=1e-5, weight_decay=0.05,
                            mag_start_epoch=2, threads=threads, max_steps=max_steps)
-    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    command = command_line("python", ["-m", "mmap_train.make_demo", *sys.argv[1:]])
     p1 = train_phase1(cfg, train, val, work / "phase1", recipe1,
                       extra={"command": command, "dataset": "her2st (Andersson et al. 2021)"})
     compute_features(p1["checkpoint"], sections, work / "features", overwrite=True)

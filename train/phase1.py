@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmap_deploy import messages
 from mmap_deploy.errors import UserError
 from mmap_deploy.model.preprocess import ViewSpec, make_views, normalise
 
@@ -91,15 +92,15 @@ class SpotSet:
 
 def load_spot_set(sections: list, genes: list[str], spec: ViewSpec) -> SpotSet:
     """Read targets, positions (joined by spot id) and patches of every section."""
-    from tqdm import tqdm
-
     from .datasets import join_spots, load_targets, read_section_patches
 
     sets = []
-    for sec in tqdm(sections, desc="reading patches", unit="section"):
-        table = join_spots(sec, load_targets(sec, genes))
-        patches = read_section_patches(sec, table.xy, spec)
-        sets.append(SpotSet(patches, table.targets, np.array([sec.name] * len(patches)), table.spot_ids))
+    with messages.progress(len(sections), "reading patches", unit="section") as bar:
+        for sec in sections:
+            table = join_spots(sec, load_targets(sec, genes))
+            patches = read_section_patches(sec, table.xy, spec)
+            sets.append(SpotSet(patches, table.targets, np.array([sec.name] * len(patches)), table.spot_ids))
+            bar.update(1)
     return SpotSet.concat(sets)
 
 
@@ -218,8 +219,6 @@ class _Run:
 
 def _train_phase1(cfg, train, val, out_dir, recipe, dp, *, backbone_weights, resume, progress, extra,
                   stop_after_epoch):
-    from tqdm import tqdm
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if recipe.threads > 0:
@@ -232,7 +231,7 @@ def _train_phase1(cfg, train, val, out_dir, recipe, dp, *, backbone_weights, res
         _resume(run, last_path)
     run.encoder = dp.wrap(run.model.encoder, run.device)  # after loading: DDP starts from rank 0's weights
     meta = _meta(train, val, recipe, dp, run.global_batch, extra)
-    bar = tqdm(total=run.total, initial=run.step, desc="phase 1", unit="step", disable=not (progress and dp.main))
+    bar = messages.progress(run.total, "phase 1", progress and dp.main, unit="step", initial=run.step)
     t0 = time.perf_counter()
     for epoch in range(run.start_epoch, recipe.epochs):
         if (recipe.max_steps and run.step >= recipe.max_steps) or (stop_after_epoch and epoch >= stop_after_epoch):

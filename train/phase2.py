@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmap_deploy import messages
 from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
 from mmap_deploy.model.prototypes import PrototypeRule, slide_prototypes
 
-from .backbones import BACKBONES, backbone_of_width, check_choice
+from .backbones import check_choice
 from .config import MMAPConfig
 from .datasets import Targets, patient_of
 from .features import SectionFeatures
@@ -183,21 +184,17 @@ def prepare(feats: dict[str, SectionFeatures], targets: dict[str, Targets], name
     return out
 
 
-def config_for_cache(genes: list[str], dim: int, base: MMAPConfig | None = None, **overrides: Any) -> MMAPConfig:
-    """A model config for a cache of `dim`-wide features and the target `genes`.
+def config_for_cache(genes: list[str], backbone: str, base: MMAPConfig | None = None, **overrides: Any) -> MMAPConfig:
+    """A model config for a feature cache made with `backbone` (`features.cache_backbone`) and the target `genes`.
 
-    Its backbone is the one of that width. `base`: the config of the phase-1
-    model phase 2 starts from (`--init`), whose other settings are kept;
-    `train_phase2` then checks that the cache and genes agree with it.
+    `base`: the config of the phase-1 model phase 2 starts from (`--init`),
+    whose other settings are kept; `train_phase2` then checks that the cache
+    and genes agree with it.
     """
-    backbone = backbone_of_width(dim)
-    if backbone is None:
-        raise UserError(f"cached features are {dim}-wide; known backbones give "
-                        f"{', '.join(f'{b.embed_dim} ({b.name})' for b in BACKBONES.values())}")
     if base is None:
-        cfg = MMAPConfig(genes=list(genes), backbone=backbone.name, **overrides)
+        cfg = MMAPConfig(genes=list(genes), backbone=backbone, **overrides)
     else:
-        cfg = replace(base, genes=list(genes), backbone=backbone.name, **overrides)
+        cfg = replace(base, genes=list(genes), backbone=backbone, **overrides)
     cfg.validate()
     return cfg
 
@@ -216,7 +213,7 @@ def _encoder_differences(cfg: MMAPConfig, init: MMAPConfig) -> list[str]:
             first = next((i for i, (a, b) in enumerate(zip(new, old)) if a != b), min(len(new), len(old)))
             out.append(f"genes ({len(new)} here, {len(old)} in the checkpoint; first difference at gene {first + 1})")
         elif k == "backbone":
-            out.append(f"backbone ({new} here, from the features' width; {old} in the checkpoint)")
+            out.append(f"backbone ({new} here, the feature cache's; {old} in the checkpoint)")
         else:
             out.append(f"{k} ({new} here, {old} in the checkpoint)")
     return out
@@ -247,7 +244,6 @@ def fit_fusion(cfg: MMAPConfig, fusion: FusionHead, train_data: BankedSpots, val
     Returns (history, validation metrics of the kept weights or None, kept epoch).
     """
     from torch.optim.swa_utils import AveragedModel
-    from tqdm import tqdm
 
     recipe.validate()
     opt = torch.optim.AdamW(fusion.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -261,7 +257,7 @@ def fit_fusion(cfg: MMAPConfig, fusion: FusionHead, train_data: BankedSpots, val
     averaged = AveragedModel(fusion) if recipe.keep == "last" and recipe.average_last else None
     first_averaged = recipe.epochs - min(recipe.average_last, recipe.epochs)  # epochs before the averaged ones
     t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="phase 2", unit="step", disable=not progress)
+    bar = messages.progress(total, "phase 2", progress, unit="step")
     for epoch in range(recipe.epochs):
         fusion.train()
         perm = torch.randperm(len(train_data), generator=gen)

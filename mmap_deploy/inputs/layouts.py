@@ -23,11 +23,12 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import UserError, first_line
+from ..messages import warn
 from .coords import Spots, read_coords
 from .geometry import LATTICES, LatticeSpec, visium_hd_lattice
 
@@ -221,19 +222,11 @@ def spatial_scalefactors(spot_input: SpotInput, images: dict[str, np.ndarray]) -
     return out
 
 
-def _warn_line(line: str) -> None:
-    """The checks' lines come as `warning: ...`; they become `MMAPWarning`s (the CLI shows them on stderr)."""
-    from ..messages import warn
-
-    warn(line.removeprefix("warning: "))
-
-
 def check_spot_geometry(spot_input: SpotInput, lattice: LatticeFit | None, slide: SlideReader, patch_um: float,
-                        coords_path: Path, mpp_source: str, skip: bool, warn: Callable[[str], None] = _warn_line,
-                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+                        coords_path: Path, mpp_source: str, skip: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """Space Ranger's images that fit the slide, and the geometry checks' qc record (see geometry.py).
 
-    Refusals raise UserError; warnings (and, with `skip`, the refusals) go to `warn`.
+    Refusals raise UserError; warnings (and, with `skip`, the refusals) are `MMAPWarning`s (`messages.warn`).
 
     The tissue mask comes from Space Ranger's lowres image when it fits the
     slide, else from a small thumbnail; a slide too damaged for one skips it.
@@ -243,7 +236,7 @@ def check_spot_geometry(spot_input: SpotInput, lattice: LatticeFit | None, slide
 
     images, warnings = load_images(spot_input, slide.width, slide.height)
     for w in warnings:
-        warn(f"warning: {w}")
+        warn(w)
     mask = None
     if "lowres" in images:
         mask = tissue_mask(images["lowres"], spot_input.scalefactors["tissue_lowres_scalef"],
@@ -253,10 +246,10 @@ def check_spot_geometry(spot_input: SpotInput, lattice: LatticeFit | None, slide
             small, scale = slide.thumbnail(MASK_MAX_SIDE)
             mask = tissue_mask(small, scale, f"slide thumbnail, longest side {max(small.shape[:2])} px")
         except PatchReadError as e:
-            warn(f"warning: no tissue check: {first_line(e)}")
+            warn(f"no tissue check: {first_line(e)}")
     report = check_geometry(spot_input.spots, lattice, slide, mask, patch_um, coords_path, mpp_source, skip)
     for w in report.warnings + (report.problems if skip else []):
-        warn(f"warning: {w}")
+        warn(w)
     qc = dict(report.qc)
     if spot_input.hd_mpp:
         qc["scalefactors_microns_per_pixel"] = float(spot_input.hd_mpp)

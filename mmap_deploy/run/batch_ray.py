@@ -214,7 +214,7 @@ class _RayBatch:
 
     def start(self, where: str) -> None:
         """Plan the workers on the cluster's nodes, say so, and start them."""
-        from tqdm import tqdm
+        from ..messages import progress
 
         ray, settings = self.ray, self.settings
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -228,10 +228,8 @@ class _RayBatch:
         for w in range(self.workers.n_workers):
             self.spawn(w)
         quiet = not settings.progress
-        self.slides_bar = tqdm(total=len(self.to_do), unit="slide", desc="slides", file=sys.stderr, disable=quiet,
-                               position=0, dynamic_ncols=True)
-        self.spots_bar = tqdm(unit="spot", desc="spots (all workers)", file=sys.stderr, disable=quiet, position=1,
-                              dynamic_ncols=True)
+        self.slides_bar = progress(len(self.to_do), "slides", not quiet, unit="slide", position=0, file=sys.stderr)
+        self.spots_bar = progress(None, "spots (all workers)", not quiet, unit="spot", position=1, file=sys.stderr)
 
     def spawn(self, w: int) -> None:
         self.actors[w] = self.worker_cls.remote(str(self.bundle.root), self.worker_settings, self.command, self.run_id,

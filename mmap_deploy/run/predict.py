@@ -325,15 +325,13 @@ def _predict_with_thumbnail(slide: SlideReader, desc: str, source: SpotSource, s
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm import tqdm
-
+    from ..messages import progress
     from .pipeline import predict_slide
 
     spots = source.spot_input.spots
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmap-thumbnail") as background:
         thumb_job = background.submit(_thumbnail, slide) if "hires" not in sr_images else None
-        with tqdm(total=len(spots), unit="spot", desc=desc, file=sys.stderr,
-                  disable=not settings.progress, leave=False, dynamic_ncols=True) as bar:
+        with progress(len(spots), desc, settings.progress, unit="spot", leave=False, file=sys.stderr) as bar:
             def on_spots(n: int) -> None:
                 bar.update(n)
                 if spot_progress is not None:
