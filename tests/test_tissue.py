@@ -30,7 +30,6 @@ from mmap_deploy.inputs.tissue import (
     read_tissue_mask,
     tissue_for,
 )
-from mmap_deploy.inputs.tissue_mask import label_pieces
 
 ndi = pytest.importorskip("scipy.ndimage")
 
@@ -528,9 +527,10 @@ def test_plain_image_determinism(tmp_path):
     img[blob] = np.clip(tex[blob], 0, 255).astype(np.uint8)
     path = _write(tmp_path, "blob", img)
     with open_slide(path, mpp=2.0) as slide:
-        a, b = detect_tissue(slide), detect_tissue(slide)
+        a, b, c = detect_tissue(slide), detect_tissue(slide), tissue_for(slide)
     assert a.pieces == 1 and a.level == 0
     assert np.array_equal(a.mask, b.mask) and np.array_equal(a.labels, b.labels) and a.labels.dtype == np.int32
+    assert c.method == "detected" and np.array_equal(c.labels, a.labels)  # a run's tissue without a mask
     expected = math.pi * 250 * 180 * 4.0 / 1e6  # mm²
     # The texture window reaches ~2 mask px (16 µm) past the edge: a 2.7 mm outline adds ~0.05 mm².
     assert expected < a.area_mm2 < expected + 2.7 * 0.024

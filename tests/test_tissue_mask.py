@@ -25,32 +25,30 @@ def _inside(tissue: Tissue, x: float, y: float) -> bool:
     return bool(tissue.mask[int(y * tissue.scale_y), int(x * tissue.scale_x)])
 
 
-def _blob_image(seed: int = 0) -> np.ndarray:
-    """Glass with one textured, stained ellipse of tissue (250 x 180 px radii) in the middle."""
-    rng = np.random.default_rng(seed)
-    img = np.full((600, 800, 3), (230, 215, 228), np.uint8)
-    img = (img + rng.integers(-2, 3, img.shape)).astype(np.uint8)
-    yy, xx = np.mgrid[:600, :800]
-    blob = (xx - 400) ** 2 / 250**2 + (yy - 300) ** 2 / 180**2 < 1
-    tex = rng.integers(60, 200, (600, 800, 1)) * np.array([[[1.0, 0.6, 1.1]]])
-    img[blob] = np.clip(tex[blob], 0, 255).astype(np.uint8)
-    return img
+@pytest.fixture()
+def plain_slide(tmp_path):
+    """A 3 x 2 mm slide of bare glass (2 µm/px)."""
+    Image.fromarray(np.full((1000, 1500, 3), 235, np.uint8)).save(tmp_path / "slide.png")
+    with open_slide(tmp_path / "slide.png", mpp=2.0) as slide:
+        yield slide
 
 
 # -- the type ------------------------------------------------------------------------------------------
-def test_repr_is_short(tmp_path):
-    Image.fromarray(_blob_image()).save(tmp_path / "blob.png")
-    with open_slide(tmp_path / "blob.png", mpp=2.0) as slide:
-        tissue = detect_tissue(slide)
+def test_repr_is_short(plain_slide, tmp_path):
+    m = Image.new("L", (600, 400), 0)
+    ImageDraw.Draw(m).rectangle([60, 60, 200, 160], fill=255)
+    ImageDraw.Draw(m).ellipse([300, 200, 500, 350], fill=255)
+    m.save(tmp_path / "two.png")
+    tissue = read_tissue_mask(tmp_path / "two.png", plain_slide)
     text = repr(tissue)
     lines = text.split("\n")
     assert len(lines) == 3 and len(text) < 300, text  # a dataclass repr printed both arrays whole
     assert "[" not in text and "array" not in text
-    assert lines[0] == f"Tissue (detected) with 1 piece, {tissue.area_mm2:.2f} mm² ({tissue.tissue_share:.1%} of the slide)"
-    h, w = tissue.mask.shape
-    assert f"mask: {h} x {w} px at 8 µm/px" in lines[1] and f"scale {tissue.scale_x:.4g} x" in lines[1]
-    assert lines[2] == "    source: blob.png"
-    assert repr(tissue) == str(tissue)
+    assert lines[0] == (f"Tissue (mask:image) with 2 pieces, {tissue.area_mm2:.2f} mm² "
+                        f"({tissue.tissue_share:.1%} of the slide)")
+    assert lines[1] == "    mask: 400 x 600 px at 5 µm/px, scale 0.4 x 0.4 mask px per level-0 px"
+    assert lines[2] == "    source: two.png"
+    assert str(tissue) == text
 
 
 def test_empty_tissue(plain_slide):
@@ -86,7 +84,8 @@ def test_a_slide_that_cannot_be_read_gives_no_tissue(tmp_path):
 
     from mmap_deploy.run.predict import _spot_tissue
 
-    path = write_pyramid(tmp_path / "damaged.tif", _blob_image(), levels=(1, 4), resolution=1e4 / 2.0)
+    pixels = np.random.default_rng(0).integers(200, 240, (600, 800, 3), dtype=np.uint8)
+    path = write_pyramid(tmp_path / "damaged.tif", pixels, levels=(1, 4), resolution=1e4 / 2.0)
     with tifffile.TiffFile(path) as tif:
         tiles = [(o, n) for page in tif.pages for o, n in zip(page.dataoffsets, page.databytecounts)]
     with open_slide(path) as slide:
@@ -99,31 +98,22 @@ def test_a_slide_that_cannot_be_read_gives_no_tissue(tmp_path):
     assert tissue is None and note.startswith("tissue detection failed: ") and "damaged.tif" in note
 
 
-def test_tissue_for_reads_the_mask_or_detects(tmp_path):
-    Image.fromarray(_blob_image()).save(tmp_path / "blob.png")
-    m = Image.new("L", (400, 300), 0)
-    ImageDraw.Draw(m).rectangle([40, 30, 120, 90], fill=255)
+def test_tissue_for_reads_the_mask_or_detects(plain_slide, tmp_path):
+    """The user's mask when given (as `read_tissue_mask` reads it), else detection (glass: none)."""
+    m = Image.new("L", (600, 400), 0)
+    ImageDraw.Draw(m).rectangle([120, 80, 240, 160], fill=255)
     m.save(tmp_path / "mask.png")
-    with open_slide(tmp_path / "blob.png", mpp=2.0) as slide:
-        detected, given = tissue_for(slide), tissue_for(slide, tmp_path / "mask.png")
-        alone, read = detect_tissue(slide), read_tissue_mask(tmp_path / "mask.png", slide)
-    assert detected.method == "detected" and given.method == "mask:image" and given.source == str(tmp_path / "mask.png")
-    assert np.array_equal(detected.labels, alone.labels) and detected.threshold == alone.threshold
+    given, read = tissue_for(plain_slide, tmp_path / "mask.png"), read_tissue_mask(tmp_path / "mask.png", plain_slide)
+    assert given.method == "mask:image" and given.source == str(tmp_path / "mask.png")
     assert np.array_equal(given.labels, read.labels) and given.area_mm2 == read.area_mm2
-    assert _inside(given, 160.0, 120.0) and not _inside(given, 400.0, 300.0)  # the mask, not the blob
-    with open_slide(tmp_path / "blob.png", mpp=2.0) as slide, pytest.raises(UserError, match="nowhere.png"):
-        tissue_for(slide, tmp_path / "nowhere.png")
+    assert _inside(given, 450.0, 300.0) and not _inside(given, 1000.0, 300.0)
+    with pytest.raises(NoTissueError):  # no mask: detected, and bare glass has no tissue
+        tissue_for(plain_slide)
+    with pytest.raises(UserError, match="nowhere.png"):
+        tissue_for(plain_slide, tmp_path / "nowhere.png")
 
 
 # -- the user's masks --------------------------------------------------------------------------------
-@pytest.fixture()
-def plain_slide(tmp_path):
-    """A 3 x 2 mm slide of bare glass (2 µm/px)."""
-    Image.fromarray(np.full((1000, 1500, 3), 235, np.uint8)).save(tmp_path / "slide.png")
-    with open_slide(tmp_path / "slide.png", mpp=2.0) as slide:
-        yield slide
-
-
 def test_png_mask_other_size_same_aspect(plain_slide, tmp_path):
     for size, expect_shape in (((600, 400), (400, 600)), ((1500, 1000), (250, 375)), ((3000, 2000), (250, 375))):
         m = Image.new("L", size, 0)
