@@ -7,6 +7,7 @@ QuPath and TRIDENT export it), else detection. Both give a `Tissue`: a boolean
 mask at about `UM_PER_PX` µm per pixel, its pieces labelled 1..n, outlines and a
 record; the type, its outlines and the user's masks live in
 `mmap_deploy.inputs.tissue_mask`, and are importable from here too.
+
 Method (detection)
 ------------------
 What the field does: CLAM (Lu et al. 2021) thresholds the HSV saturation of a
@@ -399,8 +400,6 @@ def _slide_share(mask_share: float, shape: tuple[int, int], sx: float, sy: float
     """A share of the mask's pixels as a share of the slide's area (the mask overhangs by < 1 px)."""
     mask_area = shape[0] * shape[1] / (sx * sy)
     return float(min(1.0, mask_share * mask_area / (slide.width * slide.height)))
-
-
 
 
 # -- the run's tissue --------------------------------------------------------------------------
