@@ -21,6 +21,7 @@ from conftest import data_dir, write_pyramid
 from PIL import Image, ImageDraw
 
 from mmap_deploy.errors import UserError
+from mmap_deploy.inputs import outline as O
 from mmap_deploy.inputs import tissue as T
 from mmap_deploy.inputs.slide import open_slide
 from mmap_deploy.inputs.tissue import (
@@ -28,6 +29,7 @@ from mmap_deploy.inputs.tissue import (
     Tissue,
     detect_tissue,
     read_tissue_mask,
+    tissue_for,
 )
 
 SECTIONS = ("B4", "C2", "C3", "C4", "C5", "C6")
@@ -204,7 +206,7 @@ def test_outline_polygons(her2st, tmp_path):
     rings = tissue.polygons()
     outer = [r for r in rings if not r.hole]
     assert sorted(r.piece for r in outer) == list(range(1, tissue.pieces + 1))  # one outer ring per piece
-    assert sum(len(r.xy) for r in rings) <= T.MAX_OUTLINE_VERTICES
+    assert sum(len(r.xy) for r in rings) <= O.MAX_OUTLINE_VERTICES
     w, h = _section(her2st, "B4")["size"]
     for r in rings:
         assert r.xy.dtype == np.float64 and r.xy.shape[1] == 2 and len(r.xy) >= 3
@@ -220,22 +222,6 @@ def test_outline_polygons(her2st, tmp_path):
     iou = (a & b).sum() / (a | b).sum()
     assert iou > 0.97, iou
     assert back.pieces == tissue.pieces
-
-
-def test_trace_rings_holes_and_corners():
-    m = np.zeros((8, 9), bool)
-    m[1:6, 1:6] = True
-    m[2:4, 2:4] = False  # a hole
-    m[6, 6] = True  # touches the square at a corner only: the same 8-connected piece
-    labels, n = T._label_pieces(m)
-    assert n == 1
-    rings = T._outline(labels, 1.0, 1.0)
-    assert [(r.piece, r.hole) for r in rings] == [(1, False), (1, True)]
-    traced = T._trace(m)  # before simplification: exact pixel edges
-    assert sorted(T._shoelace(r) for r in traced) == [-26.0, 4.0]  # 25 + the corner pixel; the hole
-    assert [len(r) for r in traced] == [8, 4]
-    outline = T._outline(labels, 0.5, 0.25)  # to level-0 pixels
-    assert outline[1].xy.tolist() == [[4.0, 8.0], [8.0, 8.0], [8.0, 16.0], [4.0, 16.0]]
 
 
 # -- artefacts drawn on real tissue --------------------------------------------------------------
@@ -396,7 +382,7 @@ def test_hole_in_tissue(her2st, small_base, tmp_path, area_mm2, filled):
     holes = [ring for ring in tissue.polygons() if ring.hole]
     assert bool(holes) != filled
     if not filled:
-        hole_area = abs(T._shoelace(holes[0].xy)) * (SMALL_MPP**2) / 1e6
+        hole_area = abs(O.shoelace(holes[0].xy)) * (SMALL_MPP**2) / 1e6
         assert abs(hole_area - area_mm2) < 0.25 * area_mm2
 
 
@@ -540,106 +526,10 @@ def test_plain_image_determinism(tmp_path):
     img[blob] = np.clip(tex[blob], 0, 255).astype(np.uint8)
     path = _write(tmp_path, "blob", img)
     with open_slide(path, mpp=2.0) as slide:
-        a, b = detect_tissue(slide), detect_tissue(slide)
+        a, b, c = detect_tissue(slide), detect_tissue(slide), tissue_for(slide)
     assert a.pieces == 1 and a.level == 0
     assert np.array_equal(a.mask, b.mask) and np.array_equal(a.labels, b.labels) and a.labels.dtype == np.int32
+    assert c.method == "detected" and np.array_equal(c.labels, a.labels)  # a run's tissue without a mask
     expected = math.pi * 250 * 180 * 4.0 / 1e6  # mm²
     # The texture window reaches ~2 mask px (16 µm) past the edge: a 2.7 mm outline adds ~0.05 mm².
     assert expected < a.area_mm2 < expected + 2.7 * 0.024
-
-
-# -- the user's masks --------------------------------------------------------------------------------
-@pytest.fixture()
-def plain_slide(tmp_path):
-    img = np.full((1000, 1500, 3), 235, np.uint8)
-    return open_slide(_write(tmp_path, "slide", img), mpp=2.0)  # 3 x 2 mm
-
-
-def test_png_mask_other_size_same_aspect(plain_slide, tmp_path):
-    for size, expect_shape in (((600, 400), (400, 600)), ((1500, 1000), (250, 375)), ((3000, 2000), (250, 375))):
-        m = Image.new("L", size, 0)
-        w, h = size
-        ImageDraw.Draw(m).rectangle([w * 0.2, h * 0.3, w * 0.6, h * 0.7], fill=255)
-        path = tmp_path / f"mask_{w}.png"
-        m.save(path)
-        tissue = read_tissue_mask(path, plain_slide)
-        assert tissue.method == "mask:image" and tissue.level == -1 and tissue.threshold == -1.0
-        assert tissue.mask.shape == expect_shape
-        assert tissue.pieces == 1 and tissue.source == str(path)
-        assert _at(tissue, np.array([600.0]), np.array([500.0]))[0]  # inside (0.4, 0.5) of the slide
-        assert not _at(tissue, np.array([1200.0]), np.array([500.0]))[0]
-        expected = 0.4 * 0.4 * 3.0 * 2.0
-        assert abs(tissue.area_mm2 - expected) < 0.03 * expected
-        assert abs(tissue.tissue_share - 0.16) < 0.01
-        json.dumps(tissue.record())
-
-
-def test_mask_within_one_percent_aspect_accepted(plain_slide, tmp_path):
-    m = np.zeros((400, 603), np.uint8)  # aspect 0.5% off
-    m[100:200, 100:300] = 1
-    Image.fromarray(m).save(tmp_path / "m.tif")
-    tissue = read_tissue_mask(tmp_path / "m.tif", plain_slide)
-    assert tissue.pieces == 1 and abs(tissue.scale_x - 603 / 1500) < 1e-12
-
-
-def test_mask_aspect_mismatch_is_a_user_error(plain_slide, tmp_path):
-    Image.new("L", (640, 400), 255).save(tmp_path / "wide.png")  # 6.7% wider
-    with pytest.raises(UserError) as exc:
-        read_tissue_mask(tmp_path / "wide.png", plain_slide)
-    msg = str(exc.value)
-    assert "wide.png" in msg and "aspect" in msg and "\n" not in msg
-
-
-def test_empty_mask_is_a_user_error(plain_slide, tmp_path):
-    Image.new("L", (600, 400), 0).save(tmp_path / "empty.png")
-    with pytest.raises(UserError, match=r"empty\.png.*empty"):
-        read_tissue_mask(tmp_path / "empty.png", plain_slide)
-
-
-def test_geojson_polygons_holes_multipolygons(plain_slide, tmp_path):
-    def sq(x0, y0, x1, y1):
-        return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-
-    fc = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {"classification": {"name": "Tissue"}},
-         "geometry": {"type": "Polygon", "coordinates": [sq(100, 100, 700, 700), sq(300, 300, 500, 500)]}},
-        {"type": "Feature", "properties": {},
-         "geometry": {"type": "MultiPolygon", "coordinates": [[sq(900, 100, 1400, 400)],
-                                                              [sq(900, 600, 1400, 900), sq(1000, 700, 1100, 800)]]}},
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [50, 50]}},
-        {"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [1500, 1000]]}},
-    ]}
-    path = tmp_path / "tissue.geojson"
-    path.write_text(json.dumps(fc))
-    tissue = read_tissue_mask(path, plain_slide)
-    assert tissue.method == "mask:geojson" and tissue.pieces == 3
-    inside = {(200, 200): True, (400, 400): False, (1100, 250): True, (1200, 650): True, (1050, 750): False,
-              (800, 500): False, (50, 50): False, (1450, 950): False}
-    for (x, y), want in inside.items():
-        assert _at(tissue, np.array([float(x)]), np.array([float(y)]))[0] == want, (x, y)
-    expected = (600**2 - 200**2 + 500 * 300 + 500 * 300 - 100**2) * 4.0 / 1e6  # mm² at 2 µm/px
-    assert abs(tissue.area_mm2 - expected) < 0.03 * expected
-    assert sum(r.hole for r in tissue.polygons()) == 2
-    # Bare geometry, a single Feature and a list of features (QuPath without a collection) work too.
-    for variant in (fc["features"][0]["geometry"], fc["features"][0], fc["features"][:2]):
-        p = tmp_path / "v.json"
-        p.write_text(json.dumps(variant))
-        assert read_tissue_mask(p, plain_slide).mask[int(200 * 0.25), int(200 * 0.25)]
-
-
-def test_geojson_without_polygons_is_a_user_error(plain_slide, tmp_path):
-    path = tmp_path / "points.geojson"
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}}]}))
-    with pytest.raises(UserError) as exc:
-        read_tissue_mask(path, plain_slide)
-    msg = str(exc.value)
-    assert "points.geojson" in msg and "Polygon" in msg and "\n" not in msg
-    (tmp_path / "bad.geojson").write_text("{not json")
-    with pytest.raises(UserError, match="bad.geojson"):
-        read_tissue_mask(tmp_path / "bad.geojson", plain_slide)
-    # Polygons that miss the slide (e.g. in µm or normalised): said so.
-    (tmp_path / "off.geojson").write_text(json.dumps(
-        {"type": "Polygon", "coordinates": [[[-900, -900], [-500, -900], [-500, -500], [-900, -900]]]}))
-    with pytest.raises(UserError, match="level-0 pixels"):
-        read_tissue_mask(tmp_path / "off.geojson", plain_slide)

@@ -1,11 +1,12 @@
 """Where the tissue is: detection on a low-resolution image of the slide, or the user's own mask.
 
-`detect_tissue(slide)` finds the tissue of an H&E slide; `read_tissue_mask(path,
-slide)` reads the user's own (``--tissue-mask FILE``: a binary PNG/TIFF, or GeoJSON
-as QuPath and TRIDENT export it). Both return a `Tissue`: a boolean mask at about
-`UM_PER_PX` µm per pixel, its pieces labelled 1..n, the scale to level-0 pixels,
-outlines in level-0 pixels (`Tissue.polygons`, `Tissue.to_geojson`) and a record
-for the output (`Tissue.record`, for ``uns['mmap']['tissue']``).
+`detect_tissue(slide)` finds the tissue of an H&E slide; `tissue_for(slide,
+tissue_mask)` is the step a run takes: the user's mask if given
+(`read_tissue_mask`, ``--tissue-mask FILE``: a binary PNG/TIFF, or GeoJSON as
+QuPath and TRIDENT export it), else detection. Both give a `Tissue`: a boolean
+mask at about `UM_PER_PX` µm per pixel, its pieces labelled 1..n, outlines and a
+record; the type, its outlines and the user's masks live in
+`mmap_deploy.inputs.tissue_mask`, and are importable from here too.
 
 Method (detection)
 ------------------
@@ -53,12 +54,7 @@ and box-averaged to about `UM_PER_PX` (a 100 000 x 100 000 px 40x slide: its
 box-averaged in memory. Everything is deterministic: the same slide gives the
 same mask, bit for bit.
 
-Pieces
-------
-Pieces are the 8-connected components of the mask, numbered 1..n by descending
-area, ties by the top row and then the left column of their bounding box.
-User masks are used as given (no area filter, no hole filling): they are the
-user's decision; only empty masks are refused.
+Pieces are the mask's 8-connected components (`tissue_mask.label_pieces`).
 
 Limits: red ink looks like eosin and stays tissue; dark navy ink looks like dense
 haematoxylin and is left out only where it is smooth (on glass); a stroke across
@@ -71,22 +67,29 @@ edges may lie up to ~1 mask pixel (8 µm) outside the tissue.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
+from .outline import Ring
+from .tissue_mask import (
+    METHOD_DETECTED,
+    TISSUE_MASK_FLAG,
+    UM_PER_PX,
+    Tissue,
+    area_share,
+    label_pieces,
+    read_tissue_mask,
+)
+
+__all__ = ["NoTissueError", "Ring", "Tissue", "UM_PER_PX", "detect_tissue", "read_tissue_mask", "tissue_for"]
 
 # -- resolution and areas ------------------------------------------------------------
-UM_PER_PX = 8.0  # mask resolution (µm per pixel)
 MIN_AREA_MM2 = 0.05  # pieces smaller than this are debris (CLAM biopsy preset a_t = 1: 0.066 mm² at 20x)
 MAX_HOLE_MM2 = 1.0  # holes smaller than this are filled (CLAM a_h = 16: 1.05 mm² at 20x)
 # -- tissue: texture and stain -------------------------------------------------------
@@ -109,25 +112,16 @@ DARK_MAX_VALUE = 40  # max(R,G,B) below this: black, whatever its (noisy) satura
 WHITE_MIN = 245  # min(R,G,B) at or above: blank (out-of-field block, or bare bright glass)
 INK_MIN_AREA_MM2 = 0.01  # ink/black regions smaller than this are ignored (dark nuclei, specks)
 ARTEFACT_MARGIN_PX = 1  # pixels around an artefact that mix it with its neighbours
-# -- reading and outlines -------------------------------------------------------------
+# -- reading --------------------------------------------------------------------------
 BLOCK_PX = 2048  # level pixels read at a time
 READ_THREADS = 4
-MASK_ASPECT_TOLERANCE = 0.01  # a user mask's aspect ratio may differ this much from the slide's
-MAX_MASK_PIXELS = 40_000 * 40_000  # a user mask image larger than this is refused
-OUTLINE_TOLERANCE_PX = 0.75  # Douglas-Peucker tolerance (mask px); doubled until ...
-MAX_OUTLINE_VERTICES = 4000  # ... the outline of the whole slide has at most this many vertices
-
-METHOD_DETECTED = "detected"
-METHOD_IMAGE = "mask:image"
-METHOD_GEOJSON = "mask:geojson"
-TISSUE_MASK_FLAG = "--tissue-mask FILE"
-GEOJSON_SUFFIXES = (".geojson", ".json")
-
-_PIL_LOCK = threading.Lock()
 
 
 class NoTissueError(UserError):
-    """Detection found no tissue on the slide."""
+    """Detection found no tissue on the slide (a `UserError`: the fix is a mask of the user's).
+
+    A run that needs no tissue goes on with `Tissue.empty`.
+    """
 
 
 def no_tissue_error(source: str | Path, share_before: float, min_area_mm2: float) -> NoTissueError:
@@ -138,173 +132,6 @@ def no_tissue_error(source: str | Path, share_before: float, min_area_mm2: float
         "(a PNG/TIFF mask, or GeoJSON from QuPath or TRIDENT) with the tissue, or check that the slide "
         "is an H&E scan with tissue on it"
     )
-
-
-@dataclass
-class Ring:
-    """One closed outline in level-0 pixels: (n, 2) float64 x, y (not repeating the first vertex)."""
-
-    xy: np.ndarray
-    piece: int  # the piece's label (1..n)
-    hole: bool  # True: a hole of the piece; False: its outer boundary
-
-
-@dataclass
-class Tissue:
-    """Tissue of a slide: a boolean mask, its labelled pieces, and how it was made.
-
-    Mask pixel (i, j) covers level-0 x in [j / scale_x, (j + 1) / scale_x) and y in
-    [i / scale_y, (i + 1) / scale_y).
-
-    Attributes
-    ----------
-    mask : numpy.ndarray
-        (h, w) bool: True where there is tissue.
-    labels : numpy.ndarray
-        (h, w) int32: 0 background, 1..`pieces` the pieces, by descending area.
-    scale_x, scale_y : float
-        Mask pixels per level-0 pixel along x and y.
-    method : str
-        ``"detected"``, ``"mask:image"`` or ``"mask:geojson"``.
-    params : dict
-        The parameters it was made with (the detection's, or how a user's mask was read).
-    threshold : float
-        The texture threshold in grey levels; -1.0 for a user's mask.
-    area_mm2 : float
-        Tissue area in mm².
-    pieces : int
-        Number of pieces.
-    seconds : float
-        Seconds the detection (or reading the mask) took.
-    level : int
-        The pyramid level read; -1 for a user's mask.
-    source : str
-        The mask file, or the slide for detection.
-    tissue_share : float
-        Share of the slide's area that is tissue.
-    mpp : float
-        The slide's level-0 µm per pixel.
-    share_before_filters : float
-        Detection: the share that looked like tissue before the filters (-1.0 otherwise).
-    """
-
-    mask: np.ndarray
-    labels: np.ndarray
-    scale_x: float
-    scale_y: float
-    method: str
-    params: dict[str, Any]
-    threshold: float
-    area_mm2: float
-    pieces: int
-    seconds: float
-    level: int
-    source: str
-    tissue_share: float
-    mpp: float
-    share_before_filters: float = -1.0
-    _rings: list[Ring] | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def um_per_px(self) -> float:
-        """The mask's resolution in µm per pixel (geometric mean of the two axes)."""
-        return self.mpp / math.sqrt(self.scale_x * self.scale_y)
-
-    def piece_areas_mm2(self) -> list[float]:
-        """Area of each piece 1..n in mm².
-
-        Returns
-        -------
-        list of float
-            The areas, piece 1 first.
-        """
-        px_mm2 = (self.mpp / self.scale_x) * (self.mpp / self.scale_y) / 1e6
-        counts = np.bincount(self.labels.ravel(), minlength=self.pieces + 1)[1:]
-        return [float(c) * px_mm2 for c in counts]
-
-    def polygons(self) -> list[Ring]:
-        """Outlines of the pieces in level-0 pixels: per piece one outer ring, then its holes.
-
-        Traced along the mask's pixel edges (8-connected pieces: a ring passes
-        through a corner that joins two pixels), collinear vertices dropped, then
-        simplified (Douglas-Peucker, `OUTLINE_TOLERANCE_PX` mask px, doubled until
-        the whole slide has at most `MAX_OUTLINE_VERTICES` vertices). Ordered by
-        piece, the outer ring first.
-
-        Returns
-        -------
-        list of Ring
-            Each with ``xy`` ((n, 2) float64 x, y in level-0 pixels, the first
-            vertex not repeated), ``piece`` (its label) and ``hole``.
-        """
-        if self._rings is None:
-            self._rings = _outline(self.labels, self.scale_x, self.scale_y)
-        return [Ring(r.xy.copy(), r.piece, r.hole) for r in self._rings]
-
-    def to_geojson(self) -> dict[str, Any]:
-        """A GeoJSON FeatureCollection, one Polygon per piece, in level-0 pixels (what `read_tissue_mask` reads).
-
-        Returns
-        -------
-        dict
-            The FeatureCollection; each Feature's ``properties`` hold its
-            ``piece``; coordinates rounded to 0.01 px. ``json.dump`` it to a
-            ``.geojson`` file for QuPath or for ``tissue_mask``.
-        """
-        features = []
-        by_piece: dict[int, list[Ring]] = {}
-        for ring in self.polygons():
-            by_piece.setdefault(ring.piece, []).append(ring)
-        for piece, rings in sorted(by_piece.items()):
-            coords = []
-            for ring in sorted(rings, key=lambda r: r.hole):
-                pts = [[round(float(x), 2), round(float(y), 2)] for x, y in ring.xy]
-                coords.append(pts + pts[:1])
-            features.append({"type": "Feature", "properties": {"piece": piece, "objectType": "annotation"},
-                             "geometry": {"type": "Polygon", "coordinates": coords}})
-        return {"type": "FeatureCollection", "features": features}
-
-    def record(self) -> dict[str, Any]:
-        """What goes into ``uns['mmap']['tissue']``: str/int/float/bool and lists only, never None.
-
-        Returns
-        -------
-        dict
-            The attributes but the arrays (rounded), with ``piece_areas_mm2``,
-            ``mask_um_per_px`` and ``mask_shape``.
-        """
-        return {
-            "method": self.method,
-            "params": _plain(self.params),
-            "threshold": float(round(self.threshold, 4)),
-            "area_mm2": float(round(self.area_mm2, 4)),
-            "piece_areas_mm2": [float(round(a, 4)) for a in self.piece_areas_mm2()],
-            "pieces": int(self.pieces),
-            "tissue_share": float(round(self.tissue_share, 5)),
-            "share_before_filters": float(round(self.share_before_filters, 5)),
-            "seconds": float(round(self.seconds, 3)),
-            "level": int(self.level),
-            "mask_um_per_px": float(round(self.um_per_px, 4)),
-            "mask_shape": [int(self.mask.shape[0]), int(self.mask.shape[1])],
-            "scale_x": float(self.scale_x),
-            "scale_y": float(self.scale_y),
-            "source": str(self.source),
-        }
-
-
-def _plain(value: Any) -> Any:
-    """Parameters as h5ad stores them: no None, numpy scalars as Python ones."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value if v is not None]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value)
-    return str(value)
 
 
 # -- reading a low-resolution image ------------------------------------------------------
@@ -385,24 +212,6 @@ def _fill_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
     fill[border] = False
     return mask | fill[lab]
-
-
-def _label_pieces(mask: np.ndarray, min_px: float = 0) -> tuple[np.ndarray, int]:
-    """8-connected pieces of at least `min_px` pixels, numbered 1..n by descending area, ties by
-    bounding-box top, then left; smaller ones become background."""
-    from scipy import ndimage as ndi
-
-    lab, n = ndi.label(mask, structure=np.ones((3, 3), bool))
-    if n == 0:
-        return lab.astype(np.int32), 0
-    areas = np.bincount(lab.ravel(), minlength=n + 1)
-    boxes = ndi.find_objects(lab)
-    keep = [i for i in range(1, n + 1) if areas[i] >= min_px]
-    order = sorted(keep, key=lambda i: (-int(areas[i]), boxes[i - 1][0].start, boxes[i - 1][1].start))
-    lut = np.zeros(n + 1, np.int32)
-    if order:
-        lut[np.array(order)] = np.arange(1, len(order) + 1, dtype=np.int32)
-    return lut[lab], len(order)
 
 
 def _planes(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -507,10 +316,33 @@ def _open(mask: np.ndarray, radius: int) -> np.ndarray:
 
 def detect_tissue(slide, *, min_area_mm2: float = MIN_AREA_MM2, max_hole_mm2: float = MAX_HOLE_MM2,
                   um_per_px: float = UM_PER_PX) -> Tissue:
-    """Find the tissue of an H&E slide (see the module docstring); `NoTissueError` if there is none.
+    """Find the tissue of an H&E slide (see the module docstring).
 
-    `slide` is a `SlideReader` (`open_slide`). Reads one pyramid level at about
-    `um_per_px`, never level 0 when a coarser level will do.
+    Reads one pyramid level at about `um_per_px`, never level 0 when a coarser
+    level will do. Deterministic: the same slide gives the same mask, bit for bit.
+
+    Parameters
+    ----------
+    slide : SlideReader
+        The open slide (`open_slide`); it needs a resolution (``slide.mpp``).
+    min_area_mm2 : float
+        Pieces smaller than this are dropped (debris).
+    max_hole_mm2 : float
+        Holes smaller than this are filled (fat, lumens).
+    um_per_px : float
+        The mask's resolution in µm per pixel.
+
+    Returns
+    -------
+    Tissue
+        Method ``"detected"``, with the parameters and the texture threshold used.
+
+    Raises
+    ------
+    NoTissueError
+        No tissue was found (the message gives the share that looked like tissue).
+    UserError
+        `um_per_px` not a positive number.
     """
     if not (um_per_px > 0 and math.isfinite(um_per_px)):
         raise UserError(f"tissue detection: um_per_px must be a positive number, not {um_per_px!r}")
@@ -532,7 +364,7 @@ def detect_tissue(slide, *, min_area_mm2: float = MIN_AREA_MM2, max_hole_mm2: fl
     mask = _open(candidate, radius)
     mask = _trim_edges(planes, mask, excluded, spread=1 + window // 2, window=_odd(EDGE_BACKGROUND_UM / res))
     mask = _fill_holes(mask, max_hole_mm2 / px_mm2) & ~ink
-    labels, n = _label_pieces(mask, min_area_mm2 / px_mm2)
+    labels, n = label_pieces(mask, min_area_mm2 / px_mm2)
     mask = labels > 0
     if n == 0:
         raise no_tissue_error(slide.path, _slide_share(share_before, mask.shape, sx, sy, slide), min_area_mm2)
@@ -553,7 +385,7 @@ def detect_tissue(slide, *, min_area_mm2: float = MIN_AREA_MM2, max_hole_mm2: fl
     return Tissue(
         mask=mask, labels=labels, scale_x=sx, scale_y=sy, method=METHOD_DETECTED, params=params,
         threshold=threshold, area_mm2=area, pieces=n, seconds=time.perf_counter() - t0, level=level,
-        source=str(slide.path), tissue_share=_tissue_share(area, slide),
+        source=str(slide.path), tissue_share=area_share(area, slide),
         mpp=float(slide.mpp), share_before_filters=_slide_share(share_before, mask.shape, sx, sy, slide),
     )
 
@@ -570,362 +402,32 @@ def _slide_share(mask_share: float, shape: tuple[int, int], sx: float, sy: float
     return float(min(1.0, mask_share * mask_area / (slide.width * slide.height)))
 
 
-def _tissue_share(area_mm2: float, slide) -> float:
-    slide_mm2 = slide.width * slide.height * slide.mpp * slide.mpp / 1e6
-    return float(min(1.0, area_mm2 / slide_mm2)) if slide_mm2 > 0 else 0.0
+# -- the run's tissue --------------------------------------------------------------------------
+def tissue_for(slide, tissue_mask: str | Path | None = None) -> Tissue:
+    """The tissue of `slide`: the user's mask if `tissue_mask` is given, else detected.
 
+    The step every run takes before it lays a grid (``--tissue-mask FILE`` or none).
 
-# -- the user's mask ---------------------------------------------------------------------------
-def _is_geojson(path: Path) -> bool:
-    if path.suffix.lower() in GEOJSON_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(64).lstrip()
-    except OSError:
-        return False
-    return head[:1] in (b"{", b"[")
+    Parameters
+    ----------
+    slide : SlideReader
+        The open slide (`open_slide`).
+    tissue_mask : str or Path, optional
+        A binary PNG/TIFF or GeoJSON in level-0 pixels (`read_tissue_mask`);
+        None: `detect_tissue`.
 
+    Returns
+    -------
+    Tissue
+        The mask, its pieces and how it was made (``method``).
 
-def read_tissue_mask(path: str | Path, slide, *, um_per_px: float = UM_PER_PX) -> Tissue:
-    """The user's tissue mask for `slide` (replaces detection); `UserError` if unusable.
-
-    A binary image (PNG, TIFF, ...; nonzero = tissue, alpha 0 = background) of
-    the slide's aspect ratio (within `MASK_ASPECT_TOLERANCE`), any size: it is
-    scaled to the slide (images finer than `um_per_px` are reduced to it, by
-    majority). Or GeoJSON in level-0 pixels as QuPath and TRIDENT export it: a
-    FeatureCollection, Feature, list of features, or bare geometry; Polygon and
-    MultiPolygon (holes are not tissue), other geometries ignored; rasterised at
-    about `um_per_px`. Pieces are labelled as in detection; no area filter.
+    Raises
+    ------
+    NoTissueError
+        Detection found no tissue.
+    UserError
+        An unusable mask, or a resolution detection cannot work at.
     """
-    t0 = time.perf_counter()
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: tissue mask not found; check the path given to {TISSUE_MASK_FLAG.split()[0]}")
-    if _is_geojson(path):
-        mask, sx, sy, params = _geojson_mask(path, slide, um_per_px)
-        method = METHOD_GEOJSON
-    else:
-        mask, sx, sy, params = _image_mask(path, slide, um_per_px)
-        method = METHOD_IMAGE
-    labels, n = _label_pieces(mask)
-    px_mm2 = (slide.mpp / sx) * (slide.mpp / sy) / 1e6
-    area = float(mask.sum()) * px_mm2
-    params["um_per_px"] = float(um_per_px)
-    return Tissue(
-        mask=mask, labels=labels, scale_x=sx, scale_y=sy, method=method, params=params, threshold=-1.0,
-        area_mm2=area, pieces=n, seconds=time.perf_counter() - t0, level=-1, source=str(path),
-        tissue_share=_tissue_share(area, slide), mpp=float(slide.mpp),
-    )
-
-
-def _mask_from_pixels(image) -> np.ndarray:
-    """Nonzero pixels of a PIL image (any channel but alpha); alpha 0 is background."""
-    mode = image.mode
-    if mode == "P":
-        image = image.convert("RGBA")
-        mode = "RGBA"
-    if mode == "1":
-        return np.asarray(image.convert("L")) > 0
-    a = np.asarray(image)
-    if a.ndim == 2:
-        return a != 0
-    if mode in ("RGBA", "LA", "PA"):
-        return (a[..., :-1] != 0).any(axis=2) & (a[..., -1] != 0)
-    return (a != 0).any(axis=2)
-
-
-def _image_mask(path: Path, slide, um_per_px: float) -> tuple[np.ndarray, float, float, dict]:
-    from PIL import Image, UnidentifiedImageError
-
-    with _PIL_LOCK:
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            image = Image.open(path)
-        except UnidentifiedImageError:
-            raise UserError(
-                f"{path}: not an image or GeoJSON; the tissue mask must be a binary PNG/TIFF "
-                "(nonzero = tissue) or GeoJSON polygons in level-0 pixels (QuPath, TRIDENT)"
-            ) from None
-        except Exception as exc:  # noqa: BLE001 (PIL raises assorted errors on damaged headers)
-            raise UserError(f"{path}: cannot read the tissue mask ({exc}); check that the file is complete") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
-    with image:
-        mw, mh = image.size
-        if mw * mh > MAX_MASK_PIXELS:
-            raise UserError(f"{path}: a {mw}x{mh} px tissue mask is too large; save it smaller (e.g. at 8 µm per pixel)")
-        ratio = (mw / mh) / (slide.width / slide.height)
-        if abs(ratio - 1.0) > MASK_ASPECT_TOLERANCE:
-            raise UserError(
-                f"{path}: tissue mask is {mw}x{mh} px (aspect {mw / mh:.4f}) but the slide is "
-                f"{slide.width}x{slide.height} px (aspect {slide.width / slide.height:.4f}); the mask must cover "
-                "the whole slide: export it from the same slide, at any size with the same aspect ratio"
-            )
-        try:
-            mask = _mask_from_pixels(image)
-        except Exception as exc:  # noqa: BLE001 (PIL reports corrupt data only when decoding)
-            raise UserError(f"{path}: cannot decode the tissue mask ({exc}); re-export it as a binary PNG") from None
-    if not mask.any():
-        raise UserError(
-            f"{path}: the tissue mask is empty (no nonzero pixel); tissue must be nonzero (e.g. 255) "
-            "on a zero background"
-        )
-    # Finer than um_per_px: reduce by majority, so downstream work stays small.
-    f = math.floor((um_per_px / slide.mpp) / (slide.width / mw))  # mask px per wanted mask px
-    native = (mw, mh)
-    if f >= 2:
-        from PIL import Image
-
-        w, h = max(1, round(mw / f)), max(1, round(mh / f))
-        small = Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.BOX)
-        reduced = np.asarray(small) >= 128
-        if reduced.any():  # a mask of only thin lines keeps its native resolution
-            mask = reduced
-    h, w = mask.shape
-    return mask, w / slide.width, h / slide.height, {"mask_size": [int(native[0]), int(native[1])]}
-
-
-def _polygons(obj: Any) -> list[list]:
-    """Every polygon (a list of rings) in a GeoJSON object, in file order."""
-    out: list[list] = []
-    if isinstance(obj, list):
-        for item in obj:
-            out += _polygons(item)
-        return out
-    if not isinstance(obj, dict):
-        return out
-    kind = obj.get("type")
-    if kind == "FeatureCollection":
-        out += _polygons(obj.get("features") or [])
-    elif kind == "Feature":
-        out += _polygons(obj.get("geometry"))
-    elif kind == "GeometryCollection":
-        out += _polygons(obj.get("geometries") or [])
-    elif kind == "Polygon":
-        out.append(obj.get("coordinates") or [])
-    elif kind == "MultiPolygon":
-        out += list(obj.get("coordinates") or [])
-    return out
-
-
-def _ring_array(ring: Any) -> np.ndarray | None:
-    try:
-        a = np.asarray(ring, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    if a.ndim != 2 or a.shape[0] < 3 or a.shape[1] < 2 or not np.isfinite(a[:, :2]).all():
-        return None
-    return a[:, :2]
-
-
-def _fill_rings(rings: list[np.ndarray], h: int, w: int) -> np.ndarray:
-    """(h, w) bool: the pixels whose centres lie inside `rings` (even-odd rule: a hole's ring cuts it out).
-
-    Rings are (n, 2) x, y in pixel units, pixel (i, j) spanning [j, j+1) x [i, i+1); closed or
-    not. A scanline fill: every edge crossing a row's centre line (half-open in y, so a vertex on
-    it counts once) gives an x; each row's sorted crossings pair up into the spans [x_a, x_b),
-    and a pixel is inside when its centre j + 0.5 lies in one. Exact, and symmetric on every
-    side (Pillow's polygon fill takes every pixel an edge passes through on its left and top
-    edges and not on the others: half a pixel up and left, and larger by that).
-    """
-    rows_all, xs_all = [], []
-    for ring in rings:
-        x1, y1 = ring[:, 0], ring[:, 1]
-        x2, y2 = np.roll(x1, -1), np.roll(y1, -1)
-        # rows i whose centre line y = i + 0.5 lies in [min(y1, y2), max(y1, y2))
-        i0 = np.clip(np.ceil(np.minimum(y1, y2) - 0.5), 0, h).astype(np.int64)
-        i1 = np.clip(np.ceil(np.maximum(y1, y2) - 0.5), 0, h).astype(np.int64)
-        n = i1 - i0
-        edges = np.flatnonzero(n > 0)
-        if not len(edges):
-            continue
-        counts = n[edges]
-        e = np.repeat(edges, counts)
-        rows = i0[e] + (np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))
-        t = (rows + 0.5 - y1[e]) / (y2[e] - y1[e])
-        rows_all.append(rows)
-        xs_all.append(x1[e] + t * (x2[e] - x1[e]))
-    mask = np.zeros((h, w), bool)
-    if not rows_all:
-        return mask
-    rows, xs = np.concatenate(rows_all), np.concatenate(xs_all)
-    order = np.lexsort((xs, rows))
-    rows, xs = rows[order], xs[order]
-    # crossings of a row pair up (closed rings cross every row an even number of times)
-    if len(rows) % 2 or np.any(rows[0::2] != rows[1::2]):
-        raise AssertionError("unpaired ring crossings")  # pragma: no cover (closed rings cannot give these)
-    r = rows[0::2]
-    j0 = np.clip(np.ceil(xs[0::2] - 0.5), 0, w).astype(np.int64)  # first pixel with centre >= x_a
-    j1 = np.clip(np.ceil(xs[1::2] - 0.5), 0, w).astype(np.int64)  # first pixel with centre >= x_b
-    spans = j1 > j0
-    diff = np.zeros((h, w + 1), np.int8)
-    np.add.at(diff, (r[spans], j0[spans]), 1)
-    np.add.at(diff, (r[spans], j1[spans]), -1)
-    np.cumsum(diff, axis=1, out=diff)
-    return diff[:, :w] > 0
-
-
-def _geojson_mask(path: Path, slide, um_per_px: float) -> tuple[np.ndarray, float, float, dict]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not valid GeoJSON ({exc}); export the tissue from QuPath or TRIDENT as GeoJSON") from None
-    polygons = []
-    for poly in _polygons(data):
-        rings = [_ring_array(r) for r in poly] if isinstance(poly, list) else []
-        if rings and rings[0] is not None:
-            polygons.append([r for r in rings if r is not None])
-    if not polygons:
-        raise UserError(
-            f"{path}: no Polygon or MultiPolygon in this GeoJSON; the tissue mask needs tissue outlines "
-            "(QuPath: export the tissue annotations as GeoJSON; TRIDENT: the contours .geojson)"
-        )
-    d = um_per_px / slide.mpp
-    w, h = max(1, math.ceil(slide.width / d)), max(1, math.ceil(slide.height / d))
-    sx, sy = w / slide.width, h / slide.height
-    mask = np.zeros((h, w), bool)
-    for rings in polygons:
-        # Each polygon in its own bounding box: its holes cut only itself, never another polygon.
-        pts = [np.column_stack([r[:, 0] * sx, r[:, 1] * sy]) for r in rings]  # mask pixel units
-        x0, y0 = np.floor(pts[0].min(axis=0)).astype(int) - 1
-        x1, y1 = np.ceil(pts[0].max(axis=0)).astype(int) + 2
-        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-        if cx1 <= cx0 or cy1 <= cy0:
-            continue  # outside the slide
-        local = [p - np.array([cx0, cy0], dtype=np.float64) for p in pts]
-        fill = _fill_rings(local, int(cy1 - cy0), int(cx1 - cx0))
-        if not fill.any():  # narrower than a mask pixel: the pixel under its middle, if on the slide
-            mx, my = (pts[0].min(axis=0) + pts[0].max(axis=0)) / 2.0
-            if 0 <= mx < w and 0 <= my < h:
-                mask[int(my), int(mx)] = True
-            continue
-        mask[cy0:cy1, cx0:cx1] |= fill
-    if not mask.any():
-        raise UserError(
-            f"{path}: the GeoJSON polygons cover no part of the {slide.width}x{slide.height} px slide; "
-            "coordinates must be level-0 pixels of this slide (QuPath and TRIDENT export them so)"
-        )
-    return mask, sx, sy, {"polygons": len(polygons)}
-
-
-# -- outlines ----------------------------------------------------------------------------------
-def _trace(mask: np.ndarray) -> list[np.ndarray]:
-    """Closed rings along the pixel edges of `mask`, as (n, 2) int vertex arrays (x, y) of pixel corners.
-
-    The foreground is on the left of each ring as drawn on screen (y down):
-    outer boundaries have negative shoelace area, holes positive. Where two
-    pixels meet only at a corner, the ring turns right, joining them
-    (8-connected foreground).
-    """
-    p = np.pad(mask, 1)
-    fg = p[1:-1, 1:-1]
-    starts, dirs = [], []
-    for (dr, dc), (sx, sy), d in (
-        ((-1, 0), (1, 0), (-1, 0)),  # top edge: (c+1, r) -> (c, r)
-        ((1, 0), (0, 1), (1, 0)),  # bottom edge: (c, r+1) -> (c+1, r+1)
-        ((0, -1), (0, 0), (0, 1)),  # left edge: (c, r) -> (c, r+1)
-        ((0, 1), (1, 1), (0, -1)),  # right edge: (c+1, r+1) -> (c+1, r)
-    ):
-        nb = p[1 + dr : p.shape[0] - 1 + dr, 1 + dc : p.shape[1] - 1 + dc]
-        r, c = np.nonzero(fg & ~nb)
-        starts.append(np.column_stack([c + sx, r + sy]))
-        dirs.append(np.tile(np.array(d), (len(r), 1)))
-    start = np.concatenate(starts).astype(np.int64)
-    direction = np.concatenate(dirs).astype(np.int64)
-    if not len(start):
-        return []
-    order = np.lexsort((start[:, 0], start[:, 1]))  # deterministic: raster order of start vertices
-    start, direction = start[order], direction[order]
-    W = int(mask.shape[1]) + 2
-    key = start[:, 1] * W + start[:, 0]
-    end = start + direction
-    end_key = end[:, 1] * W + end[:, 0]
-    out: dict[int, list[int]] = {}
-    for i, kk in enumerate(key.tolist()):
-        out.setdefault(kk, []).append(i)
-    used = np.zeros(len(start), bool)
-    dx, dy = direction[:, 0].tolist(), direction[:, 1].tolist()
-    ends = end_key.tolist()
-    rings = []
-    for first in range(len(start)):
-        if used[first]:
-            continue
-        idx = []
-        cur = first
-        while not used[cur]:
-            used[cur] = True
-            idx.append(cur)
-            options = out[ends[cur]]
-            if len(options) == 1:
-                cur = options[0]
-            else:  # a corner joining two pixels: turn right, (dx, dy) -> (-dy, dx)
-                want = (-dy[cur], dx[cur])
-                cur = next((o for o in options if (dx[o], dy[o]) == want and not used[o]),
-                           next((o for o in options if not used[o]), first))
-        pts = start[idx]
-        turn = np.any(direction[idx] != np.roll(direction[idx], 1, axis=0), axis=1)  # drop collinear vertices
-        rings.append(pts[turn])
-    return rings
-
-
-def _shoelace(xy: np.ndarray) -> float:
-    x, y = xy[:, 0].astype(np.float64), xy[:, 1].astype(np.float64)
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
-
-
-def _douglas_peucker(xy: np.ndarray, tol: float) -> np.ndarray:
-    """A closed ring simplified: split at the vertex farthest from the first, then DP on both halves."""
-    n = len(xy)
-    if n <= 4 or tol <= 0:
-        return xy
-    pts = xy.astype(np.float64)
-    far = int(np.argmax(((pts - pts[0]) ** 2).sum(axis=1)))
-    keep = np.zeros(n + 1, bool)
-    keep[[0, far, n]] = True
-    closed = np.vstack([pts, pts[:1]])
-    stack = [(0, far), (far, n)]
-    while stack:
-        a, b = stack.pop()
-        if b - a < 2:
-            continue
-        seg = closed[b] - closed[a]
-        rel = closed[a + 1 : b] - closed[a]
-        length = math.hypot(seg[0], seg[1])
-        if length == 0:
-            dist = np.hypot(rel[:, 0], rel[:, 1])
-        else:
-            dist = np.abs(seg[0] * rel[:, 1] - seg[1] * rel[:, 0]) / length
-        i = int(np.argmax(dist))
-        if dist[i] > tol:
-            m = a + 1 + i
-            keep[m] = True
-            stack += [(a, m), (m, b)]
-    out = closed[keep[:n].nonzero()[0]]
-    return out if len(out) >= 3 else xy.astype(np.float64)
-
-
-def _outline(labels: np.ndarray, scale_x: float, scale_y: float) -> list[Ring]:
-    raw = _trace(labels > 0)
-    info = []
-    for ring in raw:
-        area = _shoelace(ring)
-        # The pixel left of the ring's first edge (screen coordinates) is foreground.
-        (x0, y0), (x1, y1) = ring[0], ring[1 % len(ring)]
-        ddx, ddy = int(np.sign(x1 - x0)), int(np.sign(y1 - y0))
-        # Foreground lies to the left (screen): for direction (dx, dy) that is the pixel at offset (dy, -dx)/2.
-        cx, cy = x0 + 0.5 * ddx + 0.5 * ddy, y0 + 0.5 * ddy - 0.5 * ddx
-        piece = int(labels[math.floor(cy), math.floor(cx)])
-        info.append((piece, area > 0, ring))
-    tol = OUTLINE_TOLERANCE_PX
-    while True:
-        simplified = [(piece, hole, _douglas_peucker(ring, tol)) for piece, hole, ring in info]
-        total = sum(len(r) for _, _, r in simplified)
-        if total <= MAX_OUTLINE_VERTICES or tol > 64:
-            break
-        tol *= 2
-    scale = np.array([1.0 / scale_x, 1.0 / scale_y])
-    order = sorted(range(len(simplified)), key=lambda i: (simplified[i][0], simplified[i][1], i))
-    return [Ring(simplified[i][2] * scale, simplified[i][0], simplified[i][1]) for i in order]
+    if tissue_mask is not None:
+        return read_tissue_mask(tissue_mask, slide)
+    return detect_tissue(slide)

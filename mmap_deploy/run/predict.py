@@ -23,8 +23,6 @@ from ..messages import info, note, warn
 from ..options import Settings, spell
 
 if TYPE_CHECKING:  # pragma: no cover
-    from types import SimpleNamespace
-
     import anndata
     import numpy as np
 
@@ -237,31 +235,25 @@ def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle
     return SlideRun(adata, library_id, len(pred.spot_ids), len(pred.dropped), dict(pred.timings), checked.need, t0)
 
 
-def _spot_tissue(slide: SlideReader, timings: dict[str, float]) -> tuple[Tissue | SimpleNamespace | None, str]:
+def _spot_tissue(slide: SlideReader, timings: dict[str, float]) -> tuple[Tissue | None, str]:
     """The slide's tissue (`detect_tissue`, a coarse level) for a COORDS run's `tissue_fraction`, and a note.
 
-    Never fails the run: no tissue found is an empty mask; a slide that cannot be read for it gives
-    None (the column is NaN) and a warning. Its time goes to `timings['tissue']`.
+    Never fails the run: no tissue found is `Tissue.empty` (every fraction 0); a slide that cannot
+    be read for it gives None (the column is NaN) and a warning. Its time goes to `timings['tissue']`.
     """
-    import numpy as np
-
     from ..inputs.slide import PatchReadError
-    from ..inputs.tissue import NoTissueError, detect_tissue
+    from ..inputs.tissue import NoTissueError, Tissue, detect_tissue
 
     t = time.perf_counter()
+    tissue: Tissue | None
     try:
         tissue, why = detect_tissue(slide), ""
     except NoTissueError as e:
-        tissue, why = None, f"no tissue found: {e}"
+        tissue, why = Tissue.empty(slide), f"no tissue found: {e}"
     except (PatchReadError, OSError, UserError) as e:
         tissue, why = None, f"tissue detection failed: {e}"
         warn(f"{slide.path}: no tissue_fraction ({why}); obs['tissue_fraction'] is NaN")
     timings["tissue"] = round(time.perf_counter() - t, 4)
-    if tissue is None and why.startswith("no tissue found"):
-        from types import SimpleNamespace
-
-        tissue = SimpleNamespace(mask=np.zeros((1, 1), bool), scale_x=1.0 / max(slide.width, 1),
-                                 scale_y=1.0 / max(slide.height, 1), record=lambda: {"method": "detected", "pieces": 0})
     return tissue, why
 
 
