@@ -382,6 +382,7 @@ def _provenance(slide: SlideReader, slide_path: Path, source: SpotSource, checke
         "library_id": library_id,
         "slide": str(slide_path),
         "slide_format": str(slide.format),
+        "slide_reader": {"backend": str(slide.backend), "reason": str(slide.reason)},
         "slide_width": int(slide.width),
         "slide_height": int(slide.height),
         "mpp": float(slide.mpp),

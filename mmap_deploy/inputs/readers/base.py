@@ -34,6 +34,11 @@ LEVEL_TOLERANCE = 1e-3
 THUMBNAIL_BLOCK_PX = 2048
 # Rows blended at a time where a region is not opaque (see _composite_on_white).
 COMPOSITE_ROWS = 64
+# A patch whose corner falls between two pixels of a coarser level is shifted
+# there by a bilinear blend with weights in steps of 1/PHASES: OpenSlide's
+# (pixman's) 7-bit weights, so every backend reads such a patch alike and the
+# band reader (bands.py) reproduces it.
+PHASES = 128
 _PIL_LOCK = threading.Lock()
 
 
@@ -43,6 +48,14 @@ class PatchReadError(UserError):
 
 class NoResolutionError(UserError):
     """The slide's metadata holds no resolution (µm per pixel) and none was given."""
+
+
+class UnreadableFormat(Exception):
+    """A backend does not read this kind of file (another may): `open_slide` notes why and goes on.
+
+    Not a `UserError`: a file a backend recognises but cannot read (truncated,
+    corrupt, no resolution) raises `UserError` and stops the choice there.
+    """
 
 
 def _plausible(mpp: float) -> bool:
@@ -93,6 +106,29 @@ def resolve_mpp(path: Path, found: tuple[float, str] | None, mpp: float | None,
     if found is None:
         raise NoResolutionError(f"{path}: no resolution (µm per pixel) in the slide's metadata; {MPP_HINT}")
     return _check_mpp(path, found[0], found[1]), found[1]
+
+
+def subpixel_start(start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Level coordinates -> (first whole pixel, phase in 1/PHASES of a pixel), a phase that rounds
+    up to a whole pixel carried over: how `read_patch` and the band reader split a corner alike."""
+    start = np.asarray(start, dtype=np.float64)
+    origin = np.floor(start).astype(np.int64)
+    phase = np.rint((start - origin) * PHASES).astype(np.int64)
+    carry = phase == PHASES
+    return np.where(carry, origin + 1, origin), np.where(carry, 0, phase)
+
+
+def _shift(region: np.ndarray, phase_y: int, phase_x: int) -> np.ndarray:
+    """A region one pixel taller (phase_y > 0) and wider (phase_x > 0) than wanted -> the wanted one,
+    resampled `phase / PHASES` of a pixel down and right (bilinear, float32), rounded to uint8."""
+    out = region.astype(np.float32)
+    if phase_y:
+        p = np.float32(phase_y / PHASES)
+        out = out[:-1] * (np.float32(1) - p) + out[1:] * p
+    if phase_x:
+        p = np.float32(phase_x / PHASES)
+        out = out[:, :-1] * (np.float32(1) - p) + out[:, 1:] * p
+    return np.rint(out).astype(np.uint8)
 
 
 class SlideReader:
@@ -177,9 +213,15 @@ class SlideReader:
     def _read_region(self, left: int, top: int, level: int, size: int) -> np.ndarray:
         """The (size, size) RGB region of `level` whose top-left corner is level-0 pixel (left, top).
 
-        Plain images have level 0 only (`patch_level`), where level and level-0 pixels are one.
+        At a coarser level the corner may fall between level pixels: the region
+        is then shifted there (`_shift`), as OpenSlide does.
         """
-        return self.read_level_region(level, left, top, size, size)
+        d = self.level_downsamples[level]
+        if d == 1.0:
+            return self.read_level_region(level, left, top, size, size)
+        (y0, x0), (py, px) = (v.tolist() for v in subpixel_start([top / d, left / d]))
+        region = self.read_level_region(level, x0, y0, size + (px > 0), size + (py > 0))
+        return _shift(region, py, px) if px or py else region
 
     def read_level_region(self, level: int, left: int, top: int, width: int, height: int) -> np.ndarray:
         """(height, width, 3) uint8 RGB of `level` from level pixel (left, top), white outside (may be a view)."""

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from ...errors import UserError
-from .base import _PIL_LOCK, SlideReader, _composite_on_white, _parse_float, _pil_resize, _plausible, \
-    _resolution_to_mpp, resolve_mpp
+from .base import (
+    _PIL_LOCK,
+    SlideReader,
+    UnreadableFormat,
+    _composite_on_white,
+    _parse_float,
+    _pil_resize,
+    _plausible,
+    _resolution_to_mpp,
+    resolve_mpp,
+)
 
 # The plain-image reader decodes the whole image (3 bytes per pixel). Above this
 # the user should convert to a pyramidal TIFF, which is read tile by tile.
@@ -28,7 +38,7 @@ class ImageReader(SlideReader):
 
     backend = "image"
 
-    def __init__(self, path: Path, pixels: np.ndarray, mpp: float, mpp_source: str, fmt: str):
+    def __init__(self, path: Path | str, pixels: np.ndarray, mpp: float, mpp_source: str, fmt: str):
         self.path = path
         pixels.setflags(write=False)
         self._pixels = pixels
@@ -101,9 +111,9 @@ def _plain_image_mpp(image) -> tuple[float, str] | None:
     return None
 
 
-def _check_plain_tiff(path: Path, image) -> None:
-    """Refuse tiled or multi-page TIFFs: OpenSlide reads every intact one of those,
-    so reaching the plain-image reader means a damaged file or a layout to convert."""
+def _check_plain_tiff(path: Path | str, image) -> None:
+    """Refuse tiled or multi-page TIFFs: this reader would decode one page whole; the tifffile
+    and OpenSlide readers read those tile by tile (a damaged file lands here too)."""
     try:
         tiled = 322 in image.tag_v2  # TileWidth
         pages = image.n_frames
@@ -111,15 +121,20 @@ def _check_plain_tiff(path: Path, image) -> None:
         tiled, pages = True, 0
     if tiled or pages != 1:
         raise UserError(
-            f"{path}: OpenSlide cannot open this tiled or multi-page TIFF: it is truncated or corrupt, "
-            "or its layout is not supported; re-copy it, or convert it with "
-            "`vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`"
+            f"{path}: the plain-image reader cannot open this tiled or multi-page TIFF: it is truncated or "
+            "corrupt, or it is a pyramid for the tifffile reader (--reader tifffile); re-copy it, or convert it "
+            "with `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`"
         )
 
 
-def open_plain_image(path: Path, mpp: float | None,
-                      fallback_mpp: tuple[float, str] | None = None) -> ImageReader | None:
-    """Open `path` with PIL; None if PIL does not recognise it as an image."""
+def open_plain_image(source: Path | BinaryIO, mpp: float | None, fallback_mpp: tuple[float, str] | None = None,
+                     name: Path | str | None = None) -> ImageReader:
+    """Open `source` (a path or binary file object; `name` names it in messages) with PIL.
+
+    `UnreadableFormat` if PIL does not recognise it as an image, `UserError`
+    for a damaged, unsupported, too large or unresolved one.
+    """
+    path = source if name is None else name
     from PIL import Image, UnidentifiedImageError
 
     with _PIL_LOCK, warnings.catch_warnings():
@@ -131,9 +146,9 @@ def open_plain_image(path: Path, mpp: float | None,
         # reader applies its own, higher limit below.
         Image.MAX_IMAGE_PIXELS = None
         try:
-            image = Image.open(path)
+            image = Image.open(source)
         except UnidentifiedImageError:
-            return None
+            raise UnreadableFormat("PIL does not recognise it as an image") from None
         except Exception as exc:  # PIL raises assorted errors on damaged headers
             raise UserError(f"{path}: cannot read the image ({exc}); check that the file is complete") from None
         finally:

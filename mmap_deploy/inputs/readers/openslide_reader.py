@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UserError
-from .base import PatchReadError, SlideReader, _composite_on_white, _parse_float, _resolution_to_mpp, resolve_mpp
+from .base import (
+    PatchReadError,
+    SlideReader,
+    UnreadableFormat,
+    _composite_on_white,
+    _parse_float,
+    _resolution_to_mpp,
+    resolve_mpp,
+)
 
 
 def _mpp_from_openslide_properties(props) -> tuple[float, str] | None:
@@ -144,23 +152,31 @@ class OpenSlideReader(SlideReader):
             h.close()
 
 
-def open_openslide(path: Path, mpp: float | None, fallback_mpp: tuple[float, str] | None) -> OpenSlideReader | None:
-    """`path` through OpenSlide; None when OpenSlide does not recognise or support its format.
-
-    A file OpenSlide recognises but cannot open is truncated or corrupt: `UserError`.
-    """
+def openslide_vendor(path: Path) -> str | None:
+    """The format OpenSlide recognises `path` as ("aperio", "generic-tiff", "dicom", ...), else None."""
     import openslide
 
     try:
-        vendor = openslide.OpenSlide.detect_format(str(path))
-    except Exception:
-        vendor = None
-    if vendor is None:
+        return openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # detect_format raises on unreadable files: not a format OpenSlide knows
         return None
+
+
+def open_openslide(path: Path, mpp: float | None, fallback_mpp: tuple[float, str] | None) -> OpenSlideReader:
+    """`path` through OpenSlide.
+
+    `UnreadableFormat` when OpenSlide does not recognise or support its format;
+    a file it recognises but cannot open is truncated or corrupt: `UserError`.
+    """
+    import openslide
+
+    vendor = openslide_vendor(path)
+    if vendor is None:
+        raise UnreadableFormat("OpenSlide does not recognise the format")
     try:
         handle = openslide.OpenSlide(str(path))
-    except openslide.OpenSlideUnsupportedFormatError:
-        return None
+    except openslide.OpenSlideUnsupportedFormatError as exc:
+        raise UnreadableFormat(f"OpenSlide recognises it as {vendor} but does not support it ({exc})") from None
     except Exception as exc:
         raise UserError(
             f"{path}: OpenSlide cannot open this {vendor} slide ({exc}); the file may be truncated "
