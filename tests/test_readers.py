@@ -124,6 +124,22 @@ def test_ome_pixel_size_units(section, tmp_path, unit):
         assert s.mpp == pytest.approx(0.73, rel=1e-9) and s.mpp_source == "ome.PhysicalSizeX"
 
 
+def test_label_and_macro_images_are_never_levels(tmp_path):
+    """An OME-TIFF written one image per level, with a label shaped like a reduction and a macro: the
+    label and macro are neither the slide nor a level."""
+    rng = np.random.default_rng(1)
+    level0 = rng.integers(0, 255, (512, 768, 3), dtype=np.uint8)
+    path = tmp_path / "with_label.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        for name, img in (("Label_3_HE", level0), ("Label_3_HE reduced", level0[::2, ::2]),
+                          ("label", level0[::4, ::4]), ("macro image", rng.integers(0, 255, (300, 900, 3), np.uint8))):
+            tw.write(np.ascontiguousarray(img), tile=(128, 128), photometric="rgb", compression="zlib",
+                     metadata={"Name": name, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    with open_slide(path) as s:
+        assert s.level_dimensions == ((768, 512), (384, 256)) and s.levels_from == "separate series"
+        np.testing.assert_array_equal(s.read_level_region(1, 0, 0, 384, 256), level0[::2, ::2])
+
+
 @pytest.fixture(scope="module")
 def compressed(section, tmp_path_factory) -> dict[str, Path]:
     """The same small pyramid (0.5 mm of glass at 1 µm/px) with each tile compression, little- and big-endian."""

@@ -41,8 +41,9 @@ CACHE_BYTES = 64 * 2**20
 # µm per OME length unit (ome.xsd's UnitsLength); others (pixel, reference frame) carry no scale.
 OME_UNITS_UM = {"m": 1e6, "dm": 1e5, "cm": 1e4, "mm": 1e3, "µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0,
                 "nm": 1e-3, "pm": 1e-6, "Å": 1e-4, "in": 25400.0, "thou": 25.4}
-# Series names of a slide's associated images, never read as the slide or one of its levels.
-ASSOCIATED = re.compile(r"label|macro|overview|thumbnail", re.IGNORECASE)
+# Series names of a slide's associated images ("Label", "macro image", "CMU-1 - overview"), never read as
+# the slide or one of its levels: the name's last word (a slide named "Label_3_HE" is not one).
+ASSOCIATED = re.compile(r"(?:.*[\s_#:-])?(?:label|macro|overview|thumbnail)(?:\s+image)?\s*", re.IGNORECASE)
 # OpenSlide's vendor names for what tifffile recognises, so `format` reads alike from both backends.
 VENDORS = (("ome", "ome-tiff"), ("svs", "aperio"), ("ndpi", "hamamatsu"), ("philips", "philips"),
            ("scn", "leica"), ("bif", "ventana"))
@@ -123,7 +124,7 @@ def _check_rgb(name: str, page) -> None:
 
 def _main_series(tf, name: str):
     """The slide's own series: the largest one that is not a label, macro or thumbnail image."""
-    candidates = [s for s in tf.series if not ASSOCIATED.search(s.name or "") and len(s.shape) >= 2]
+    candidates = [s for s in tf.series if not ASSOCIATED.fullmatch(s.name or "") and len(s.shape) >= 2]
     if not candidates:
         raise UserError(f"{name}: no image series in this TIFF but label/macro images; it is not a slide")
     return max(candidates, key=lambda s: _size(s.levels[0].keyframe)[0] * _size(s.levels[0].keyframe)[1])
@@ -158,7 +159,7 @@ def _pyramid(tf, name: str) -> tuple[list[_Level], str]:
     if len(pages) == 1:
         base = pages[0]
         more = [s.levels[0].keyframe for s in tf.series
-                if s is not series and not ASSOCIATED.search(s.name or "") and _is_reduction(s.levels[0].keyframe, base)]
+                if s is not series and not ASSOCIATED.fullmatch(s.name or "") and _is_reduction(s.levels[0].keyframe, base)]
         if more:
             pages += sorted(more, key=lambda p: -_size(p)[0])
             how = "separate series"
