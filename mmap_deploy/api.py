@@ -436,16 +436,11 @@ def detect_tissue(slide: PathLike, **options: Any) -> Tissue:
     """
     from .inputs.slide import open_slide
 
+    from .inputs.tissue import tissue_for
+
     settings = settings_from_api(options, (SLIDE,), "detect_tissue", only=_DETECT_OPTIONS)
-    with open_slide(_path(slide, "slide"), mpp=settings.mpp) as reader:
-        return _tissue(reader, settings.tissue_mask)
-
-
-def _tissue(reader: Any, tissue_mask: Path | None) -> Tissue:
-    from .inputs.tissue import detect_tissue as _detect
-    from .inputs.tissue import read_tissue_mask
-
-    return read_tissue_mask(tissue_mask, reader) if tissue_mask is not None else _detect(reader)
+    with open_slide(_path(slide, "slide"), mpp=settings.mpp, reader=settings.reader) as reader:
+        return tissue_for(reader, settings.tissue_mask)
 
 
 def make_grid(slide: PathLike, grid: str, *, tissue: Tissue | None = None, **options: Any) -> pandas.DataFrame:
@@ -483,14 +478,15 @@ def make_grid(slide: PathLike, grid: str, *, tissue: Tissue | None = None, **opt
 
     from .inputs.grid import grid_over_tissue, parse_grid
     from .inputs.slide import open_slide
+    from .inputs.tissue import tissue_for
 
     settings = settings_from_api(dict(options, grid=grid), (SLIDE,), "make_grid", only=_GRID_OPTIONS)
     if tissue is not None and settings.tissue_mask is not None:
         raise UserError("give tissue= or tissue_mask=, not both: tissue_mask= is read to make a tissue")
     spec = parse_grid(settings.grid)
-    with open_slide(_path(slide, "slide"), mpp=settings.mpp) as reader:
+    with open_slide(_path(slide, "slide"), mpp=settings.mpp, reader=settings.reader) as reader:
         if tissue is None:
-            tissue = _tissue(reader, settings.tissue_mask)
+            tissue = tissue_for(reader, settings.tissue_mask)
         g = grid_over_tissue(spec, reader, tissue, min_tissue=settings.min_tissue, max_spots=settings.max_spots)
     frame = pd.DataFrame({"x": g.xy[:, 0], "y": g.xy[:, 1], "array_row": g.array_row, "array_col": g.array_col,
                           "tissue_fraction": g.tissue_fraction, "tissue_id": g.tissue_id},
@@ -502,8 +498,8 @@ def make_grid(slide: PathLike, grid: str, *, tissue: Tissue | None = None, **opt
 # The options each function takes, from their declarations (options.Settings): the signatures that
 # help() and notebooks show, and the Parameters sections of the docstrings.
 _SLIDE_OPTIONS = tuple(p.name for p in api_parameters((SLIDE,)))
-_DETECT_OPTIONS = ("mpp", "tissue_mask")
-_GRID_OPTIONS = ("grid", "mpp", "tissue_mask", "min_tissue", "max_spots")
+_DETECT_OPTIONS = ("mpp", "reader", "tissue_mask")
+_GRID_OPTIONS = ("grid", "mpp", "reader", "tissue_mask", "min_tissue", "max_spots")
 _SELF = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _SLIDE = _positional("slide", "PathLike")
 _COORDS = _positional("coords", "PathLike | None", None)

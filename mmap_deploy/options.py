@@ -292,6 +292,7 @@ def _library_id_problem(value: str) -> str:
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
+SLIDE_READERS = ("auto", "openslide", "tifffile", "image")
 OUTPUT_FORMATS = ("h5ad", "zarr")
 
 
@@ -320,6 +321,9 @@ class Settings:
     # -- one slide (Predictor.predict) --
     mpp: float | None = option(None, Number(low=0, low_open=True, unit="µm per pixel"), "Slide resolution in µm "
                                "per pixel; overrides the slide's metadata.", SLIDE, column="mpp")
+    reader: str = option("auto", Choice(SLIDE_READERS), "Slide reader: auto picks one per file (OpenSlide for "
+                         "vendor formats and DICOM, tifffile for OME-TIFF and other TIFF pyramids, the image reader "
+                         "for JPEG/PNG) and records why in uns['mmap']['slide_reader']; the others force it.", SLIDE)
     library_id: str | None = option(None, Text(_library_id_problem), "Key of uns['spatial'] (default: the slide "
                                     "file name without extension).", SLIDE, column="id")
     all_spots: bool = option(False, Flag(), "Keep spots marked outside the tissue (in_tissue/selected = 0).", SLIDE)

@@ -7,7 +7,13 @@ source sections when it is written. Sections are placed in µm, so the same
 layout can be written at 0.25 and at 0.7 µm per pixel (the same tissue
 scanned at two resolutions).
 
-Used by the grid and tissue tests and by `benchmarks/run.py --suite grid`.
+The same pixels can be written as the other TIFF pyramids slides come in:
+levels as SubIFDs of level 0 or as separate OME images (`layout`), OME-XML
+with the pixel size in any unit (`ome`, `unit`), big-endian (`byteorder`),
+BigTIFF or not, any tile compression tifffile writes, resolution tags or none
+(`tags`). `qupath_export` is what QuPath and Bio-Formats write.
+
+Used by the grid, tissue and reader tests and by `benchmarks/run.py --suite grid` and `--suite read`.
 """
 
 from __future__ import annotations
@@ -87,17 +93,70 @@ def _tiles(sections: list[Section], width: int, height: int, px_um: float) -> It
                 yield glass
 
 
+# µm per unit of the OME-XML pixel sizes the tests write
+UNIT_UM = {"µm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}
+
+
 def whole_slide(path: Path, sections: list[Section], size_um: tuple[float, float], mpp: float,
-                downsamples: tuple[int, ...] = (1, 4, 16, 64), quality: int = 90) -> Path:
-    """Write a JPEG-tiled pyramidal TIFF of `size_um` at `mpp` µm per level-0 pixel; returns `path`."""
+                downsamples: tuple[int, ...] = (1, 4, 16, 64), quality: int = 90, *, compression: str = "jpeg",
+                layout: str = "pages", ome: bool = False, unit: str = "µm", byteorder: str = "<",
+                bigtiff: bool = True, tags: bool = True) -> Path:
+    """Write a tiled pyramidal TIFF of `size_um` at `mpp` µm per level-0 pixel; returns `path`.
+
+    `layout`: "pages" (one IFD per level, reduced-resolution pages: what
+    OpenSlide reads), "subifds" (the levels as SubIFDs of level 0: bfconvert,
+    QuPath, tifffile) or "series" (one OME image per level). `ome` writes the
+    OME-XML with PhysicalSizeX/Y in `unit`; `tags` the XResolution tags.
+    """
     import tifffile
 
     width, height = int(round(size_um[0] / mpp)), int(round(size_um[1] / mpp))
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+    args = {"jpeg": {"level": quality}, "jpeg2000": {"level": quality}}.get(compression)
+    with tifffile.TiffWriter(path, bigtiff=bigtiff, byteorder=byteorder, ome=ome) as tw:
         for i, d in enumerate(downsamples):
             w, h = max(1, width // d), max(1, height // d)
-            res = 1e4 / (mpp * d)  # pixels per centimetre
+            kw = {}
+            if tags:
+                res = 1e4 / (mpp * d)  # pixels per centimetre
+                kw.update(resolution=(res, res), resolutionunit="CENTIMETER")
+            else:
+                kw.update(resolutionunit="NONE")
+            if ome and (i == 0 or layout == "series"):
+                size = mpp * d / UNIT_UM[unit]
+                kw["metadata"] = {"Name": f"level {i}" if layout == "series" else "slide", "PhysicalSizeX": size,
+                                  "PhysicalSizeY": size, "PhysicalSizeXUnit": unit, "PhysicalSizeYUnit": unit}
+            if layout == "subifds" and i == 0:
+                kw["subifds"] = len(downsamples) - 1
             tw.write(_tiles(sections, w, h, mpp * d), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE),
-                     compression="jpeg", compressionargs={"level": quality}, photometric="rgb",
-                     resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=1 if i else 0)
+                     compression=compression, compressionargs=args, photometric="rgb",
+                     subfiletype=1 if i and layout != "series" else 0, **kw)
     return path
+
+
+def qupath_export(path: Path, sections: list[Section], size_um: tuple[float, float], mpp: float,
+                  downsamples: tuple[int, ...] = (1, 4, 16)) -> Path:
+    """An OME-TIFF as QuPath (Bio-Formats) exports a slide: big-endian, JPEG tiles, the levels in
+    SubIFDs, the pixel size in the OME-XML only (no resolution tags)."""
+    return whole_slide(path, sections, size_um, mpp, downsamples, layout="subifds", ome=True, byteorder=">",
+                       bigtiff=False, tags=False)
+
+
+def dicom_series(folder: Path, tif: Path, *, extra_images: tuple[str, ...] = ()) -> list[Path]:
+    """The pyramid `tif` as a DICOM WSI series in `folder` (wsidicomizer: one VOLUME file per level), plus
+    one image of each of `extra_images` ("LABEL", "OVERVIEW") in the same series; returns the new files."""
+    import pydicom
+    from pydicom.uid import generate_uid
+    from wsidicomizer import WsiDicomizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    before = set(folder.iterdir())
+    WsiDicomizer.convert(tif, folder, tile_size=TILE, include_label=False, include_overview=False,
+                         include_thumbnail=False)
+    volumes = sorted(set(folder.iterdir()) - before)
+    smallest = min(volumes, key=lambda p: pydicom.dcmread(p, stop_before_pixels=True).TotalPixelMatrixColumns)
+    for flavor in extra_images:  # the smallest level's pixels, typed as the series' label or overview
+        ds = pydicom.dcmread(smallest)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", flavor, "NONE"]
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / f"{flavor.lower()}.dcm")
+    return sorted(set(folder.iterdir()) - before)

@@ -18,9 +18,17 @@ keeps the best round of each.
   same sharing of tiles as the whole grid). Timing every spot of both layouts
   at 1 and 2 threads, twice, would take an hour on a shared 2-core box.
 
-`tile_read_coverage` rows (OpenSlide, one thread): random spots at rising
-coverage (patch area x spots / slide area), both readers on the same spots:
-where the band reader starts to win (`bands.MIN_COVERAGE`).
+`tile_read_coverage` rows (one thread): random spots at rising coverage
+(patch area x spots / slide area), both readers on the same spots: where the
+band reader starts to win (`bands.MIN_COVERAGE`), through each decoder.
+
+Slide backends: the same pyramid through OpenSlide and tifffile (`open_slide(reader=...)`),
+zlib tiles and JPEG tiles (quality 90, what scanners write), beside the plain
+JPEG. `slide_read` rows time what a slide costs besides its spots: opening it,
+the 2 000 px thumbnail and tissue detection (best of the rounds).
+`tile_read` rows with reader `per_spot (tiffslide)` read the same patches
+through tiffslide's `read_region` (zarr over tifffile), the alternative to a
+tifffile backend of our own, measured here only.
 """
 
 from __future__ import annotations
@@ -106,7 +114,7 @@ def _runs(xy: np.ndarray, layout: str, per_spot_n: int, tile_once_n: int | None)
     return a, xy[start : start + rows * row_len]
 
 
-def coverage_rows(report: Any, slide, spec) -> None:
+def coverage_rows(report: Any, slide, spec, label: str) -> None:
     """Where the band reader starts to win on a tiled slide: random spots at rising coverage
     (patch area x spots / slide area), one thread, both readers on the same spots."""
     from threadpoolctl import threadpool_limits
@@ -122,16 +130,108 @@ def coverage_rows(report: Any, slide, spec) -> None:
         with threadpool_limits(limits=1, user_api="blas"):
             t_spot = _per_spot(slide, xy, spec, 1) / n
             t_band = _tile_once(slide, xy, spec, 1) / n
-        report.add({"name": "tile_read_coverage", "slide": slide.path.name, "coverage": coverage, "spots": n,
+        report.add({"name": "tile_read_coverage", "slide": label, "coverage": coverage, "spots": n,
                     "per_spot_per_s": round(1 / t_spot, 1), "tile_once_per_s": round(1 / t_band, 1),
                     "tile_once_over_per_spot": round(t_spot / t_band, 2), "threads": 1,
                     "load_avg_1m": round(os.getloadavg()[0], 2)})
 
 
-def run_read_suite(args: Any, report: Any, work: Path, data_dir: Path | None) -> None:
-    """Rows `tile_read` for both readers, both layouts, both slides, 1 and 2 threads (see module doc)."""
-    from harness import cpu_model, pyramidal_tiff
+def jpeg_pyramid(image: Path, mpp: float, out: Path) -> Path:
+    """The image as a JPEG-tiled pyramidal TIFF (quality 90, levels 1/2/4), what a scanner writes."""
+    import tifffile
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # a whole her2st section is 92 MP: trusted input here
+    rgb = np.asarray(Image.open(image).convert("RGB"))
+    with tifffile.TiffWriter(out, bigtiff=False) as tw:
+        for i in range(3):
+            res = 1e4 / (mpp * 2**i)
+            tw.write(np.ascontiguousarray(rgb[:: 2**i, :: 2**i]), tile=(256, 256), compression="jpeg",
+                     compressionargs={"level": 90}, photometric="rgb", resolution=(res, res),
+                     resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1)
+    return out
+
+
+def slide_rows(report: Any, slide, label: str, rounds: int) -> None:
+    """`slide_read`: seconds to open the slide, make the 2 000 px thumbnail and find the tissue (best of rounds)."""
+    from mmap_deploy.inputs.slide import open_slide
+    from mmap_deploy.inputs.tissue import detect_tissue
+
+    best = {"open_s": math.inf, "thumbnail_s": math.inf, "tissue_s": math.inf}
+    for _ in range(rounds):
+        t = time.perf_counter()
+        with open_slide(slide.path, mpp=SLIDE_MPP, reader=slide.backend) as fresh:
+            best["open_s"] = min(best["open_s"], time.perf_counter() - t)
+            t = time.perf_counter()
+            fresh.thumbnail(2000)
+            best["thumbnail_s"] = min(best["thumbnail_s"], time.perf_counter() - t)
+            t = time.perf_counter()
+            tissue = detect_tissue(fresh)
+            best["tissue_s"] = min(best["tissue_s"], time.perf_counter() - t)
+    report.add({"name": "slide_read", "slide": label, "format": slide.format, "tissue_level": int(tissue.level),
+                **{k: round(v, 3) for k, v in best.items()}, "rounds": rounds,
+                "load_avg_1m": round(os.getloadavg()[0], 2)})
+
+
+class _TiffSlidePatches:
+    """tiffslide's read_region behind read_patch's geometry (benchmark only: the alternative not taken)."""
+
+    def __init__(self, path: Path, slide):
+        import tiffslide
+
+        from mmap_deploy.inputs.slide import SlideReader
+
+        self._ts = tiffslide.TiffSlide(str(path))
+        self.reader = SlideReader()
+        for k in ("path", "mpp", "mpp_source", "width", "height", "level_downsamples", "level_dimensions"):
+            setattr(self.reader, k, getattr(slide, k))
+        ts = self._ts
+        self.reader._read_region = lambda left, top, level, size: np.asarray(
+            ts.read_region((left, top), level, (size, size), as_array=True))[..., :3]
+
+    def close(self) -> None:
+        self._ts.close()
+
+
+def _compare_readers(report: Any, slide, label: str, xy_all: dict[str, np.ndarray], spec, rounds: int,
+                     per_spot_slide=None, reader_name: str = "per_spot") -> None:
+    """tile_read rows: per_spot (or another per-spot reader) against tile_once, by layout and threads."""
     from threadpoolctl import threadpool_limits
+
+    for layout, xy in xy_all.items():
+        a, b = _runs(xy, layout, 300, 2500 if layout == "visium" else 4000)
+        for threads in (1, 2):
+            best = {"per_spot": math.inf, "tile_once": math.inf}
+            loads = []
+            with threadpool_limits(limits=1, user_api="blas"):  # as the pipeline's readers do
+                _per_spot(per_spot_slide or slide, a[:8], spec, threads)  # warm caches
+                for _ in range(rounds):
+                    loads.append(os.getloadavg()[0])
+                    best["per_spot"] = min(best["per_spot"], _per_spot(per_spot_slide or slide, a, spec, threads) / len(a))
+                    loads.append(os.getloadavg()[0])
+                    if per_spot_slide is None:
+                        best["tile_once"] = min(best["tile_once"], _tile_once(slide, b, spec, threads) / len(b))
+            readers = (("per_spot", len(a)),) if per_spot_slide is not None else (("per_spot", len(a)), ("tile_once", len(b)))
+            for reader, n in readers:
+                report.add({"name": "tile_read", "layout": layout, "reader": reader_name if reader == "per_spot" else reader,
+                            "slide": label, "threads": threads, "patches_per_s": round(1.0 / best[reader], 1),
+                            "spots_in_layout": len(xy), "spots_timed": n, "rounds": rounds,
+                            "cpu": _cpu(), "load_avg_1m": [round(x, 2) for x in loads],
+                            "includes": "patch read + three views"})
+            if per_spot_slide is None:
+                report.add({"name": "tile_read_ratio", "layout": layout, "slide": label, "threads": threads,
+                            "tile_once_over_per_spot": round(best["per_spot"] / best["tile_once"], 2)})
+
+
+def _cpu() -> str:
+    from harness import cpu_model
+
+    return cpu_model()
+
+
+def run_read_suite(args: Any, report: Any, work: Path, data_dir: Path | None) -> None:
+    """Rows `tile_read` for both readers, both layouts, every slide backend, 1 and 2 threads (see module doc)."""
+    from harness import pyramidal_tiff
 
     from mmap_deploy.inputs.slide import open_slide
     from mmap_deploy.model.bundle import default_bundle_path, load_bundle
@@ -142,35 +242,26 @@ def run_read_suite(args: Any, report: Any, work: Path, data_dir: Path | None) ->
         return
     spec = load_bundle(default_bundle_path()).manifest.view  # the demo bundle's geometry
     tif = pyramidal_tiff(image, SLIDE_MPP, work / f"{SLIDE_SECTION}.tif")
+    jpeg_tif = jpeg_pyramid(image, SLIDE_MPP, work / f"{SLIDE_SECTION}_jpeg.tif")
     rounds = getattr(args, "read_rounds", 3)
-    for slide_path in (tif, image):
-        with open_slide(slide_path, mpp=SLIDE_MPP) as slide:
-            if slide_path == tif:
-                coverage_rows(report, slide, spec)
+    slides = [(tif, "openslide"), (tif, "tifffile"), (jpeg_tif, "openslide"), (jpeg_tif, "tifffile"),
+              (image, "image")]
+    for slide_path, backend in slides:
+        label = f"{slide_path.name} ({backend})"
+        with open_slide(slide_path, mpp=SLIDE_MPP, reader=backend) as slide:
+            slide_rows(report, slide, label, rounds)
+            if backend != "image":
+                coverage_rows(report, slide, spec, label)
             layouts = {"visium": visium_grid(slide.width, slide.height, slide.mpp),
                        "hd16": hd_grid(slide.width, slide.height, slide.mpp)}
-            for layout, xy in layouts.items():
-                a, b = _runs(xy, layout, 300, 2500 if layout == "visium" else 4000)
-                for threads in (1, 2):
-                    best = {"per_spot": math.inf, "tile_once": math.inf}
-                    loads = []
-                    with threadpool_limits(limits=1, user_api="blas"):  # as the pipeline's readers do
-                        _per_spot(slide, a[:8], spec, threads)  # warm caches
-                        for _ in range(rounds):
-                            loads.append(os.getloadavg()[0])
-                            best["per_spot"] = min(best["per_spot"], _per_spot(slide, a, spec, threads) / len(a))
-                            loads.append(os.getloadavg()[0])
-                            best["tile_once"] = min(best["tile_once"], _tile_once(slide, b, spec, threads) / len(b))
-                    for reader, n in (("per_spot", len(a)), ("tile_once", len(b))):
-                        report.add({"name": "tile_read", "layout": layout, "reader": reader,
-                                    "slide": f"{slide_path.name} ({'openslide' if slide_path == tif else 'plain JPEG'})",
-                                    "threads": threads, "patches_per_s": round(1.0 / best[reader], 1),
-                                    "spots_in_layout": len(xy), "spots_timed": n, "rounds": rounds,
-                                    "cpu": cpu_model(), "load_avg_1m": [round(x, 2) for x in loads],
-                                    "includes": "patch read + three views"})
-                    report.add({"name": "tile_read_ratio", "layout": layout, "slide": slide_path.name,
-                                "threads": threads,
-                                "tile_once_over_per_spot": round(best["per_spot"] / best["tile_once"], 2)})
+            _compare_readers(report, slide, label, layouts, spec, rounds)
+            if backend == "tifffile":
+                other = _TiffSlidePatches(slide_path, slide)
+                try:
+                    _compare_readers(report, slide, label, layouts, spec, rounds, per_spot_slide=other.reader,
+                                     reader_name="per_spot (tiffslide)")
+                finally:
+                    other.close()
 
 
 def tile_rows(report: Any, suite: Any, slide_path: Path, mpp: float, work: Path, fmt: str) -> None:

@@ -49,7 +49,7 @@ from typing import Iterator
 import numpy as np
 
 from ..model.preprocess import ViewSpec, make_views, patch_region, resize_weights
-from .slide import PatchReadError, SlideReader
+from .slide import PHASES, PatchReadError, SlideReader, subpixel_start
 
 # Level pixels of one band (rows x the spots' x-extent), beyond one patch of
 # overlap: 16 Mpx is 48 MiB of RGB (64 MiB while OpenSlide hands out RGBA).
@@ -72,9 +72,6 @@ MIN_COVERAGE = 1.0
 # Output rows resampled per matrix product: A is banded, so a block of rows
 # touches only a narrow range of input rows.
 BLOCK_ROWS = 16
-# OpenSlide (pixman) interpolates a region that starts between level pixels
-# with 7-bit bilinear weights; phases are kept at that resolution.
-PHASES = 128
 
 READERS = ("auto", "per_spot", "tile_once")
 
@@ -208,12 +205,7 @@ def plan_reads(slide: SlideReader, xy: np.ndarray, spec: ViewSpec, *, reader: st
     level, d, n = slide.patch_level(side, spec.patch_px)
     left = np.floor(xy[:, 0] - side / 2.0 + 0.5)  # patch_region's rounding, for all spots at once
     top = np.floor(xy[:, 1] - side / 2.0 + 0.5)
-    start = np.stack([top, left], axis=1) / d
-    origin = np.floor(start).astype(np.int64)
-    phase = np.rint((start - origin) * PHASES).astype(np.int64)
-    carry = phase == PHASES  # a phase that rounds up to a whole pixel
-    origin[carry] += 1
-    phase[carry] = 0
+    origin, phase = subpixel_start(np.stack([top, left], axis=1) / d)  # read_patch's split of each corner
     extent = n + 1  # one more pixel for a shifted region
     tile_w, tile_h = slide.tile_size(level)
     if (tile_w, tile_h) == (1, 1):

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UserError
+from ..options import spell
 
 if TYPE_CHECKING:  # pragma: no cover
     from .coords import Spots
@@ -201,7 +202,7 @@ def resolution_problem(fit: LatticeFit, mpp: float, mpp_source: str, coords_path
     if abs(ratio - 1.0) <= MPP_TOLERANCE:
         return None
     causes = []
-    if mpp_source.startswith("--mpp") or "mpp column" in mpp_source:
+    if mpp_source == spell("mpp") or "mpp column" in mpp_source:  # a resolution the user gave
         causes.append(f"a wrong {mpp_source} (the lattice says {fit.mpp:.3f})")
     if ratio < 1.0:
         causes.append(

@@ -68,15 +68,14 @@ edges may lie up to ~1 mask pixel (8 µm) outside the tissue.
 from __future__ import annotations
 
 import math
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
 from .outline import Ring
+from .slide import SlideReader, _box_reduce  # noqa: F401 (_box_reduce: named here by the tests)
 from .tissue_mask import (
     METHOD_DETECTED,
     TISSUE_MASK_FLAG,
@@ -135,48 +134,17 @@ def no_tissue_error(source: str | Path, share_before: float, min_area_mm2: float
 
 
 # -- reading a low-resolution image ------------------------------------------------------
-def _box_reduce(rgb: np.ndarray, k: int) -> np.ndarray:
-    """Mean of k x k blocks (edge pixels repeated to fill the last partial block), uint8."""
-    if k == 1:
-        return np.ascontiguousarray(rgb)
-    h, w = rgb.shape[:2]
-    ph, pw = -h % k, -w % k
-    if ph or pw:
-        rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="edge")
-    hh, ww = rgb.shape[0] // k, rgb.shape[1] // k
-    # Rows of each block first (contiguous memory), then columns: faster than one 4-d sum, same result.
-    rows = rgb.reshape(hh, k, rgb.shape[1], 3).sum(axis=1, dtype=np.uint32)
-    sums = rows.reshape(hh, ww, k, 3).sum(axis=2, dtype=np.uint32)
-    return ((sums + (k * k) // 2) // (k * k)).astype(np.uint8)
-
-
-def _read_low_res(slide, um_per_px: float) -> tuple[np.ndarray, int, int, float, float]:
+def _read_low_res(slide: SlideReader, um_per_px: float) -> tuple[np.ndarray, int, int, float, float]:
     """(rgb, level, k, scale_x, scale_y): `level` box-averaged by k to about `um_per_px`.
 
     The level is the coarsest one not coarser than `um_per_px`; plain images have
     level 0 only. Read in blocks of about `BLOCK_PX` level pixels, a few at a time.
     """
     target = um_per_px / slide.mpp  # level-0 px per mask px
-    downsamples = tuple(getattr(slide, "level_downsamples", (1.0,)))
-    dims = tuple(getattr(slide, "level_dimensions", ((slide.width, slide.height),)))
-    level = slide.level_for_downsample(target) if hasattr(slide, "level_for_downsample") else 0
-    lw, lh = (int(v) for v in dims[level])
-    k = max(1, math.floor(target / downsamples[level] + 0.5))
-    block = k * max(1, BLOCK_PX // k)
-    out = np.empty((-(-lh // k), -(-lw // k), 3), np.uint8)
-    jobs = [(top, left) for top in range(0, lh, block) for left in range(0, lw, block)]
-
-    def read(job: tuple[int, int]) -> None:
-        top, left = job
-        w, h = min(block, lw - left), min(block, lh - top)
-        region = slide.read_level_region(level, left, top, w, h)
-        out[top // k : top // k + -(-h // k), left // k : left // k + -(-w // k)] = _box_reduce(region, k)
-
-    if len(jobs) == 1:
-        read(jobs[0])
-    else:
-        with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, os.cpu_count() or 1, len(jobs)))) as pool:
-            list(pool.map(read, jobs))
+    level = slide.level_for_downsample(target)
+    lw, lh = (int(v) for v in slide.level_dimensions[level])
+    k = max(1, math.floor(target / slide.level_downsamples[level] + 0.5))
+    out = slide.read_level_reduced(level, k, block_px=BLOCK_PX, threads=READ_THREADS)
     return out, level, k, lw / (k * slide.width), lh / (k * slide.height)
 
 

@@ -133,7 +133,8 @@ def open_spots(slide_path: Path, coords: Path | None, settings: Settings) -> tup
         raise UserError(swapped)
     spot_input = read_spot_input(coords, all_spots=settings.all_spots)
     lattice = fit_lattice(spot_input.spots.xy, spot_input.spots.array_xy, spot_input.lattice)
-    slide = open_slide(slide_path, mpp=settings.mpp, fallback_mpp=fallback_mpp(lattice, spot_input.hd_mpp))
+    slide = open_slide(slide_path, mpp=settings.mpp, fallback_mpp=fallback_mpp(lattice, spot_input.hd_mpp),
+                       reader=settings.reader)
     return slide, SpotSource(spot_input, lattice, coords)
 
 
@@ -142,22 +143,18 @@ def _grid_spots(slide_path: Path, settings: Settings) -> tuple[SlideReader, Spot
     from ..inputs.geometry import fit_lattice
     from ..inputs.grid import grid_over_tissue, parse_grid
     from ..inputs.layouts import SpotInput
-    from ..inputs.slide import open_slide
-    from ..inputs.tissue import detect_tissue, read_tissue_mask
+    from ..inputs.slide import NoResolutionError, open_slide
+    from ..inputs.tissue import tissue_for
 
     spec = parse_grid(settings.grid)
     try:
-        slide = open_slide(slide_path, mpp=settings.mpp)
-    except UserError as e:
-        if "no resolution" not in str(e):
-            raise
-        raise UserError(f"{e} ({spell('grid')} lays its spots in µm: it cannot without the slide's scale)") from None
+        slide = open_slide(slide_path, mpp=settings.mpp, reader=settings.reader)
+    except NoResolutionError as e:
+        raise NoResolutionError(f"{e} ({spell('grid')} lays its spots in µm: it cannot without the slide's "
+                                "scale)") from None
     try:
         t = time.perf_counter()
-        if settings.tissue_mask is not None:
-            tissue = read_tissue_mask(settings.tissue_mask, slide)
-        else:
-            tissue = detect_tissue(slide)
+        tissue = tissue_for(slide, settings.tissue_mask)
         t_tissue = time.perf_counter() - t
         t = time.perf_counter()
         grid = grid_over_tissue(spec, slide, tissue, min_tissue=settings.min_tissue, max_spots=settings.max_spots)
@@ -288,7 +285,7 @@ def _check_slide(slide: SlideReader, slide_path: Path, source: SpotSource, bundl
     mpp_warning = slide.mpp_warning()
     if mpp_warning:
         warn(mpp_warning)
-    mpp_source = mpp_origin if slide.mpp_source == "--mpp" else str(slide.mpp_source)
+    mpp_source = mpp_origin if slide.mpp_source == GIVEN_MPP else str(slide.mpp_source)
     if source.grid is None:
         sr_images, qc = check_spot_geometry(source.spot_input, source.lattice, slide, bundle.manifest.view.patch_um,
                                             label, mpp_source, settings.skip_geometry_checks)
@@ -358,6 +355,7 @@ def _provenance(slide: SlideReader, slide_path: Path, source: SpotSource, checke
         "library_id": library_id,
         "slide": str(slide_path),
         "slide_format": str(slide.format),
+        "slide_reader": {"backend": str(slide.backend), "reason": str(slide.reason)},
         "slide_width": int(slide.width),
         "slide_height": int(slide.height),
         "mpp": float(slide.mpp),
