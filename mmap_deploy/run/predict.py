@@ -269,6 +269,7 @@ def _check_slide(slide: SlideReader, slide_path: Path, source: SpotSource, bundl
     """The spots against the slide, the output folder's room, the resolution and the spot geometry."""
     from ..inputs.coords import check_inside, scale_warning
     from ..inputs.layouts import check_spot_geometry
+    from ..inputs.slide import GIVEN_MPP
     from .storage import check_free_space, slide_output_bytes
 
     spots, label = source.spot_input.spots, source.label
