@@ -1,12 +1,21 @@
-"""The batch manifest (`--manifest slides.csv`): its rows, the --shard option, the output folder's check."""
+"""The batch manifest (`--manifest slides.csv`): its rows, the --shard option, the output folder's check.
+
+The manifest, its rows' slides and coords, and the output folder may each be
+local or remote (`s3://`, `gs://`, `https://`: see `mmap_deploy.location`).
+A relative path in a row is relative to the manifest's own location: a
+manifest at `s3://bucket/cohort/slides.csv` with the row `svs/A.svs` names
+`s3://bucket/cohort/svs/A.svs`.
+"""
 
 from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 from ..errors import UserError
+from ..location import Location, RemotePath, as_location
 
 MANIFEST_COLUMNS = ("slide", "coords")
 MANIFEST_OPTIONAL = ("mpp", "id")
@@ -29,20 +38,29 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
 @dataclass
 class ManifestRow:
     line: int
-    slide: Path
-    coords: Path | None  # None: an empty coords cell, for --grid
+    slide: Location  # a pathlib.Path, or a location.RemotePath
+    coords: Location | None  # None: an empty coords cell, for --grid
     mpp: float | None
     name: str
 
 
-def read_manifest(path: Path) -> list[ManifestRow]:
+def _row_path(base: Location, text: str) -> Location:
+    """A row's path: a URL as it is, an absolute local path, or a path relative to the manifest's folder."""
+    if "://" in text:  # a URL (an unknown scheme is said as such)
+        return as_location(text)
+    local = Path(text).expanduser()
+    return local if local.is_absolute() else base / text
+
+
+def read_manifest(path: Union[str, Path, RemotePath]) -> list[ManifestRow]:
     """The batch manifest CSV: columns slide, coords, optional mpp and id; paths relative to the CSV.
 
     An empty coords cell is a slide with no spatial assay: it runs with `--grid` (and fails on its own
-    without it).
+    without it). The manifest and its paths may be local or remote (see the module docstring).
     """
     import math
 
+    path = as_location(path)
     if not path.is_file():
         raise UserError(f"{path}: manifest file not found; check the --manifest path")
     try:
@@ -84,12 +102,8 @@ def read_manifest(path: Path) -> list[ManifestRow]:
                 mpp = math.nan
             if not math.isfinite(mpp) or mpp <= 0:
                 raise UserError(f"{path}: line {line_no}: mpp {rec['mpp']!r} is not a positive number (µm per pixel)")
-        slide = Path(rec["slide"]).expanduser()
-        slide = slide if slide.is_absolute() else base / slide
-        coords = None
-        if rec["coords"]:
-            coords = Path(rec["coords"]).expanduser()
-            coords = coords if coords.is_absolute() else base / coords
+        slide = _row_path(base, rec["slide"])
+        coords = _row_path(base, rec["coords"]) if rec["coords"] else None
         name = rec.get("id") or slide.stem
         if any(c in name for c in "/\\") or name in (".", ".."):
             raise UserError(f"{path}: line {line_no}: id {name!r} cannot be a file name; use letters, digits, - and _")
@@ -105,26 +119,40 @@ def read_manifest(path: Path) -> list[ManifestRow]:
     return rows
 
 
-def check_rows_exist(manifest: Path, rows: list[ManifestRow], shard: tuple[int, int] | None = None) -> None:
+REMOTE_CHECKS = 16  # rows' remote paths looked up at once (each is a round trip)
+
+
+def check_rows_exist(manifest: Location, rows: list[ManifestRow], shard: tuple[int, int] | None = None) -> None:
     """Before the first slide starts: every row's slide and coords path (of this shard) exists.
 
     The missing ones are said in one error, one `line N: slide|coords PATH` each. An empty coords
-    cell (a row for --grid) is not a missing path.
+    cell (a row for --grid) is not a missing path. Remote paths are looked up `REMOTE_CHECKS` at a time.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     if shard is not None:
         i, n = shard
         rows = [r for k, r in enumerate(rows) if k % n == i]
-    missing = []
-    for row in rows:
-        for what, p in (("slide", row.slide), ("coords", row.coords)):
-            if p is not None and not p.exists():
-                missing.append(f"line {row.line}: {what} {p}")
+    paths = [(row, what, p) for row in rows for what, p in (("slide", row.slide), ("coords", row.coords))
+             if p is not None]
+    if any(isinstance(p, RemotePath) for _, _, p in paths):
+        with ThreadPoolExecutor(max_workers=REMOTE_CHECKS, thread_name_prefix="mmap-exists") as pool:
+            found = list(pool.map(lambda t: t[2].exists(), paths))
+    else:
+        found = [p.exists() for _, _, p in paths]
+    missing = [f"line {row.line}: {what} {p}" for (row, what, p), ok in zip(paths, found) if not ok]
     if missing:
         raise UserError(f"{manifest}: {len(missing)} path(s) not found, no slide was started: "
                         f"{'; '.join(missing)}; fix the manifest (paths are relative to its folder)")
 
 
-def check_output_dir(out_dir: Path) -> None:
+def check_output_dir(out_dir: Union[str, Path, RemotePath]) -> None:
+    """-o of a batch: a folder (or a bucket prefix), not a file; a remote one must be a bucket."""
+    out_dir = as_location(out_dir)
+    if isinstance(out_dir, RemotePath):
+        from ..location.transfer import require_writable
+
+        require_writable(out_dir)
     if out_dir.suffix in (".h5ad", ".zarr") or (out_dir.exists() and not out_dir.is_dir()):
         raise UserError(f"{out_dir}: with --manifest, -o is an output folder (one .h5ad per slide, "
                         "or one .zarr with --format zarr)")

@@ -1,0 +1,589 @@
+"""Reading remote locations: the storage clients, failures said in one line, retries, range reads, byte counts.
+
+- **Clients.** fsspec's `s3fs` (S3 and S3-compatible stores), `gcsfs` (GCS)
+  and its HTTP file system (aiohttp), from the `[cloud]` extra, imported
+  only when a URL is opened. Without them, one line names the extra.
+  Credentials come the usual ways: for S3 the environment
+  (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, `AWS_ENDPOINT_URL_S3`, ...), the
+  profile files or the instance role; for GCS Application Default
+  Credentials (`GOOGLE_APPLICATION_CREDENTIALS`, `gcloud auth
+  application-default login`, the VM's service account). A read from S3
+  that finds no credentials at all is retried anonymously (public buckets
+  such as the Imaging Data Commons'), and said once in a note; gcsfs falls
+  back to anonymous access by itself. `set_storage_options` gives
+  explicit options (keys, an endpoint); their values are secrets, never
+  shown (`naming.redact_text`).
+- **Failures.** A transient failure (timeout, dropped connection, HTTP 5xx,
+  429, S3 SlowDown) is retried `RETRY.tries` times in all, with backoff; then
+  one UserError line names the URL and the fix. Not found, access denied
+  and an unknown bucket are said at once. A failed write that cannot succeed
+  on a retry (denied, no bucket) is an `OutputStorageError`: a batch stops
+  there. The clients' own retry loops are turned off (S3) so that the
+  bound is this module's.
+- **Range reads.** `open_range` gives a read-only binary file whose reads
+  are ranged GETs of whole blocks (`BLOCK_BYTES`), kept in an LRU cache of
+  `CACHE_BLOCKS` blocks: a reader that wants one pyramid level of a slide
+  fetches the blocks holding that level's tiles and the header, never the
+  whole file. It is safe to read from several threads (`read_at`).
+- **Counts.** Every call to a store, every byte fetched, every retry and
+  the seconds spent waiting are added to the file's `stats` and to the
+  process-wide `io_totals()`: a slide's share is the difference of two
+  snapshots (`IOStats.timings()` for `uns['mmap']['timings']`).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import random
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, TypeVar
+
+from ..errors import OutputStorageError, UserError, first_line
+from .naming import CLOUD_EXTRA, SCHEMES, RemotePath, add_secret, redact_text
+
+_T = TypeVar("_T")
+
+BLOCK_BYTES = 1 << 20  # a ranged GET costs a round trip (~20-50 ms on S3): 1 MiB holds many tiles of one band
+CACHE_BLOCKS = 64  # per open file: 64 MiB at most
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0  # no byte for this long: the connection is taken as dropped (and retried)
+
+
+@dataclass
+class RetryPolicy:
+    """How often a transient failure is tried again: `tries` in all, waits doubling from `first_wait_s`."""
+
+    tries: int = 4
+    first_wait_s: float = 0.5
+    max_wait_s: float = 8.0
+
+    def wait(self, attempt: int) -> float:
+        """Seconds before try `attempt + 1`; jittered so that many workers do not retry in step."""
+        base = min(self.max_wait_s, self.first_wait_s * 2 ** (attempt - 1))
+        return base * random.uniform(0.5, 1.0)
+
+
+RETRY = RetryPolicy()
+
+# What went wrong, for the message and for whether to try again
+TRANSIENT, NOT_FOUND, NO_BUCKET, DENIED, NO_CREDENTIALS, PRECONDITION, OTHER = (
+    "transient", "not found", "no bucket", "denied", "no credentials", "precondition", "other")
+_TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "AllAccessDisabled",
+                 "AccountProblem", "InvalidToken", "TokenRefreshRequired", "403", "401"}
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
+                    "ThrottlingException", "RequestLimitExceeded", "500", "502", "503", "504", "429"}
+_TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+                     errno.EBUSY, errno.EREMOTEIO, errno.EHOSTUNREACH, errno.ENETUNREACH}
+_TRANSIENT_TYPES = {"ClientPayloadError", "ServerDisconnectedError", "ClientConnectionError", "ClientOSError",
+                    "ServerTimeoutError", "ClientConnectorError", "ContentLengthError", "TransferEncodingError",
+                    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                    "ResponseStreamingError", "IncompleteReadError", "ProxyError", "ChunkedEncodingError",
+                    "FSTimeoutError", "ChecksumError"}
+
+
+@dataclass
+class IOStats:
+    """Calls to a store, bytes fetched, retries, and seconds spent in those calls (summed over threads)."""
+
+    requests: int = 0
+    bytes: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, requests: int = 0, nbytes: int = 0, retries: int = 0, seconds: float = 0.0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes += nbytes
+            self.retries += retries
+            self.seconds += seconds
+
+    def snapshot(self) -> IOStats:
+        with self._lock:
+            return IOStats(self.requests, self.bytes, self.retries, self.seconds)
+
+    def __sub__(self, other: IOStats) -> IOStats:
+        return IOStats(self.requests - other.requests, self.bytes - other.bytes, self.retries - other.retries,
+                       self.seconds - other.seconds)
+
+    def timings(self, prefix: str = "remote") -> dict[str, float]:
+        """As floats for `uns['mmap']['timings']`: `{prefix}_requests`, `_bytes`, `_retries`, `_seconds`."""
+        return {f"{prefix}_requests": float(self.requests), f"{prefix}_bytes": float(self.bytes),
+                f"{prefix}_retries": float(self.retries), f"{prefix}_seconds": round(float(self.seconds), 4)}
+
+
+_TOTALS = IOStats()
+
+
+def _count(stats: IOStats | None, **counts: Any) -> None:
+    """Add to a file's stats (when it has some) and to the process's totals."""
+    if stats is not None:
+        stats.add(**counts)
+    _TOTALS.add(**counts)
+
+
+def io_totals() -> IOStats:
+    """A snapshot of this process's remote I/O so far; subtract two to get what happened between them."""
+    return _TOTALS.snapshot()
+
+
+# -- the storage clients -------------------------------------------------------------------------
+_FAMILY = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
+_options: dict[str, dict[str, Any]] = {}
+_clients: dict[tuple[str, bool], Any] = {}
+_anonymous: set[tuple[str, str]] = set()  # (family, bucket) read anonymously: no credentials were found
+_clients_lock = threading.Lock()
+
+
+def set_storage_options(scheme: str, **options: Any) -> None:
+    """Options for the client of `scheme` (`s3`, `gs`, `http`), e.g. `key`, `secret`, `endpoint_url`, `token`.
+
+    What fsspec's `storage_options` take for s3fs, gcsfs and its HTTP file
+    system. Their string values are secrets: never shown in a message or
+    written to an output. Most runs need none (see the module docstring).
+    """
+    family = _FAMILY.get(scheme.lower().removesuffix("://"))
+    if family is None:
+        raise UserError(f"set_storage_options: unknown scheme {scheme!r}; use s3, gs or http")
+    for value in options.values():
+        if isinstance(value, str):
+            add_secret(value)
+    _options[family] = dict(options)
+    reset_clients()
+
+
+def reset_clients() -> None:
+    """Forget the clients made so far (new credentials or endpoint in the environment are read anew)."""
+    with _clients_lock:
+        _clients.clear()
+        _anonymous.clear()
+
+
+def _import_client(loc: RemotePath) -> None:
+    package = SCHEMES[loc.scheme][0]
+    for name in ("fsspec", package):
+        try:
+            __import__(name)
+        except ImportError:
+            raise UserError(f"{loc}: reading {loc.scheme}:// needs the {name} package, not installed here: "
+                            f"{CLOUD_EXTRA}") from None
+
+
+def client(loc: RemotePath, anonymous: bool = False) -> Any:
+    """The fsspec file system for `loc`'s scheme (made once per process; see `reset_clients`)."""
+    family = _FAMILY[loc.scheme]
+    key = (family, anonymous)
+    with _clients_lock:
+        fs = _clients.get(key)
+    if fs is not None:
+        return fs
+    _import_client(loc)
+    options = dict(_options.get(family, {}))
+    # skip_instance_cache: our clients have their own retry settings; another library's stay untouched
+    if family == "s3":
+        import s3fs
+
+        config = {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": CONNECT_TIMEOUT_S,
+                  "read_timeout": READ_TIMEOUT_S, **options.pop("config_kwargs", {})}
+        fs = s3fs.S3FileSystem(anon=anonymous or options.pop("anon", False), config_kwargs=config,
+                               skip_instance_cache=True, **options)
+        fs.retries = 1  # s3fs's own loop: off, the bound is RETRY's
+    elif family == "gcs":
+        import gcsfs
+
+        token = "anon" if anonymous else options.pop("token", None)
+        fs = gcsfs.GCSFileSystem(token=token, skip_instance_cache=True, **options)
+    else:
+        import aiohttp
+        from fsspec.implementations.http import HTTPFileSystem
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+        client_kwargs = {"timeout": timeout, **options.pop("client_kwargs", {})}
+        fs = HTTPFileSystem(skip_instance_cache=True, client_kwargs=client_kwargs, **options)
+    with _clients_lock:
+        return _clients.setdefault(key, fs)
+
+
+def fs_path(loc: RemotePath) -> str:
+    """The name the client takes: `bucket/key` for S3 and GCS, the URL for HTTP."""
+    return f"{loc.bucket}/{loc.key}" if loc.is_bucket else loc.url
+
+
+# -- what went wrong ---------------------------------------------------------------------------
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = 0
+    while exc is not None and seen < 6:
+        yield exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+
+
+def classify(exc: BaseException) -> str:
+    """What kind of failure `exc` is (TRANSIENT, NOT_FOUND, NO_BUCKET, DENIED, NO_CREDENTIALS, PRECONDITION, OTHER)."""
+    for e in _chain(exc):
+        name = type(e).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            return NO_CREDENTIALS
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:  # botocore's ClientError
+            code = str(response["Error"].get("Code", ""))
+            if code == "NoSuchBucket":
+                return NO_BUCKET
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return NOT_FOUND
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return PRECONDITION
+            if code in _DENIED_CODES:
+                return DENIED
+            if code in _TRANSIENT_CODES:
+                return TRANSIENT
+        status = getattr(e, "status", None) if name == "ClientResponseError" else getattr(e, "code", None)
+        if name in ("ClientResponseError", "HttpError") and isinstance(status, int):
+            if status in (401, 403):
+                return DENIED
+            if status in (404, 410):
+                return NOT_FOUND
+            if status == 412:
+                return PRECONDITION
+            if status in _TRANSIENT_STATUS:
+                return TRANSIENT
+            return OTHER
+        if name in _TRANSIENT_TYPES:
+            return TRANSIENT
+    if isinstance(exc, FileNotFoundError):
+        return NO_BUCKET if "bucket does not exist" in str(exc).lower() else NOT_FOUND
+    if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and str(exc).startswith("Forbidden")):
+        return DENIED
+    if isinstance(exc, FileExistsError):
+        return PRECONDITION
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return TRANSIENT
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return TRANSIENT
+    return OTHER
+
+
+def _credentials_hint(loc: RemotePath) -> str:
+    if loc.scheme == "s3":
+        return ("set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where an instance role "
+                "gives them")
+    if loc.is_bucket:
+        return ("run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service "
+                "account's key file")
+    return "the URL may have expired (a signed URL: sign it anew) or need a token"
+
+
+def _reason(exc: BaseException) -> str:
+    """The failure in a few words: the store's status or code when there is one, else the first line."""
+    for e in _chain(exc):
+        if type(e).__name__ == "ClientResponseError":
+            return f"HTTP {getattr(e, 'status', '?')} {getattr(e, 'message', '')}".strip()
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            err = response["Error"]
+            return f"{err.get('Code', '?')}: {err.get('Message', '')}".strip().rstrip(":")
+    return first_line(exc, with_type=True)
+
+
+def storage_error(loc: RemotePath, what: str, exc: BaseException, kind: str, *, tries: int = 1,
+                  write: bool = False) -> UserError:
+    """The one line for a failed `what` (e.g. "reading it") on `loc`; an OutputStorageError when a write cannot
+    succeed on a retry."""
+    reason = redact_text(_reason(exc))
+    where = "bucket and key" if loc.is_bucket else "URL"
+    if kind == NOT_FOUND:
+        msg = f"{loc}: not found; check the {where}"
+    elif kind == NO_BUCKET:
+        msg = (f"{loc}: the bucket {loc.bucket!r} does not exist (or not at this endpoint); check the bucket's name"
+               + (" or create the bucket" if write else ""))
+    elif kind == DENIED:
+        msg = (f"{loc}: access denied {what} ({reason}); {_credentials_hint(loc)}, and check that they may "
+               f"{'write there' if write else 'read it'}")
+    elif kind == NO_CREDENTIALS:
+        msg = f"{loc}: no credentials found for {loc.scheme}:// ({what}); {_credentials_hint(loc)}"
+    elif kind == TRANSIENT:
+        msg = (f"{loc}: {what} failed {tries} time(s) ({reason}); the connection or the service failed: check the "
+               "network (or the endpoint) and rerun" + (" (finished slides are skipped)" if write else ""))
+    else:
+        msg = f"{loc}: failed {what} ({reason})"
+    cls = OutputStorageError if write and kind in (DENIED, NO_BUCKET, NO_CREDENTIALS) else UserError
+    err = cls(msg)
+    err.kind = kind  # type: ignore[attr-defined]
+    return err
+
+
+def _is_ours(exc: BaseException) -> bool:
+    """Whether `exc` is a storage failure to report in one line (else it is a bug, and keeps its traceback)."""
+    if isinstance(exc, (OSError, ValueError)):
+        return True
+    module = type(exc).__module__.split(".")[0]
+    return module in ("aiohttp", "botocore", "aiobotocore", "gcsfs", "google", "fsspec", "requests")
+
+
+def call(loc: RemotePath, what: str, fn: Callable[[Any], _T], *, stats: IOStats | None = None, write: bool = False,
+         count_bytes: Callable[[_T], int] | None = None, passthrough: tuple[str, ...] = ()) -> _T:
+    """`fn(client)` with the retries and the one-line failures of the module docstring; counted in `stats`.
+
+    `passthrough`: kinds of failure re-raised as they are (a conditional
+    write's PRECONDITION is an answer, not a failure).
+    """
+    anonymous = (_FAMILY[loc.scheme], loc.bucket) in _anonymous
+    attempt = 0
+    while True:
+        attempt += 1
+        fs = client(loc, anonymous)
+        t = time.perf_counter()
+        try:
+            result = fn(fs)
+        except Exception as e:
+            seconds = time.perf_counter() - t
+            _count(stats, requests=1, seconds=seconds)
+            if isinstance(e, UserError) or not _is_ours(e):
+                raise
+            kind = classify(e)
+            if kind in passthrough:
+                raise
+            if kind == NO_CREDENTIALS and not write and not anonymous and loc.scheme == "s3":
+                from ..messages import note
+
+                anonymous = True
+                _anonymous.add((_FAMILY[loc.scheme], loc.bucket))
+                note(f"no AWS credentials found: reading s3://{loc.bucket} anonymously (a public bucket)")
+                attempt -= 1
+                continue
+            if kind == TRANSIENT and attempt < RETRY.tries:
+                _count(stats, retries=1)
+                time.sleep(RETRY.wait(attempt))
+                continue
+            raise storage_error(loc, what, e, kind, tries=attempt, write=write) from None
+        seconds = time.perf_counter() - t
+        nbytes = count_bytes(result) if count_bytes is not None else 0
+        _count(stats, requests=1, nbytes=nbytes, seconds=seconds)
+        return result
+
+
+# -- what is there -------------------------------------------------------------------------------
+@dataclass
+class RemoteStat:
+    """What `RemotePath.stat()` gives: the size and the modification time (seconds since the epoch, 0 if unknown)."""
+
+    st_size: int
+    st_mtime: float
+    kind: str  # "file" or "directory"
+    tag: str = ""  # ETag (S3, HTTP) or generation (GCS)
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    import datetime as dt
+
+    value = info.get("LastModified") or info.get("updated") or info.get("mtime") or info.get("Last-Modified")
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        from email.utils import parsedate_to_datetime
+
+        for parse in (lambda v: dt.datetime.fromisoformat(v.replace("Z", "+00:00")), parsedate_to_datetime):
+            try:
+                return parse(value).timestamp()
+            except (ValueError, TypeError):
+                pass
+    return 0.0
+
+
+def info(loc: RemotePath, what: str = "looking it up") -> RemoteStat | None:
+    """The object's size, time and kind; None when nothing is there."""
+    if not loc.key and loc.is_bucket:  # the bucket itself
+        exists = call(loc, what, lambda fs: fs.exists(loc.bucket))
+        return RemoteStat(0, 0.0, "directory") if exists else None
+    if not loc.is_bucket and loc.url.split("?")[0].endswith("/"):
+        return RemoteStat(0, 0.0, "directory")  # HTTP has no folders to ask about: a URL ending in / names one
+    try:
+        d = call(loc, what, lambda fs: fs.info(fs_path(loc)), passthrough=(NOT_FOUND,))
+    except UserError:
+        raise
+    except Exception as e:  # NOT_FOUND, passed through
+        if classify(e) == NOT_FOUND:
+            return None
+        raise
+    kind = "directory" if d.get("type") == "directory" else "file"
+    tag = str(d.get("ETag") or d.get("generation") or "")
+    return RemoteStat(int(d.get("size") or 0), _mtime(d), kind, tag)
+
+
+def exists(loc: RemotePath) -> bool:
+    return info(loc) is not None
+
+
+def is_file(loc: RemotePath) -> bool:
+    found = info(loc)
+    return found is not None and found.kind == "file"
+
+
+def is_dir(loc: RemotePath) -> bool:
+    found = info(loc)
+    return found is not None and found.kind == "directory"
+
+
+def stat(loc: RemotePath) -> RemoteStat:
+    found = info(loc, "reading its size")
+    if found is None:
+        raise storage_error(loc, "reading its size", FileNotFoundError(str(loc)), NOT_FOUND)
+    return found
+
+
+def list_folder(loc: RemotePath) -> list[RemotePath]:
+    """The objects and folders directly under `loc` (S3, GCS); over HTTP a UserError: it has no listing."""
+    if not loc.is_bucket:
+        raise UserError(f"{loc}: a folder over HTTP cannot be listed; give the file's own URL")
+    entries = call(loc, "listing it", lambda fs: fs.ls(fs_path(loc).rstrip("/"), detail=True, refresh=True))
+    out = []
+    for e in entries:
+        name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
+        if name:
+            out.append(loc / (name + ("/" if e.get("type") == "directory" else "")))
+    return out
+
+
+def read_bytes(loc: RemotePath, what: str = "reading it") -> bytes:
+    """The whole object (a table, a JSON file, a small image): one GET, retried, counted."""
+    return call(loc, what, lambda fs: fs.cat_file(fs_path(loc)), count_bytes=len)
+
+
+# -- range reads ---------------------------------------------------------------------------------
+def open_range(loc: RemotePath, *, block_bytes: int = BLOCK_BYTES, cache_blocks: int = CACHE_BLOCKS) -> RangeFile:
+    """A read-only binary file over `loc` that fetches blocks by range (see `RangeFile`)."""
+    stats = IOStats()
+    found = call(loc, "reading its size", lambda fs: fs.info(fs_path(loc)), stats=stats)
+    size = found.get("size")
+    if found.get("type") == "directory":
+        raise UserError(f"{loc}: is a folder, not a file; give the file's own path")
+    if size is None:
+        raise UserError(f"{loc}: the server does not say the file's size (no Content-Length), so it cannot be read "
+                        "by range; copy the file to local disk or serve it from a server that does")
+    return RangeFile(loc, int(size), block_bytes=block_bytes, cache_blocks=cache_blocks, stats=stats)
+
+
+class RangeFile(io.RawIOBase):
+    """A remote file read by byte range through an LRU cache of blocks; seekable, read-only, thread-safe.
+
+    `read`/`seek`/`tell` as any binary file (what tifffile, PIL and pyarrow
+    take); `read_at(offset, n)` reads without moving the position, for
+    readers on several threads. A read needing several missing blocks in a
+    row fetches them in one request. `stats` counts this file's requests
+    and bytes, the `info` call that found its size included.
+    """
+
+    def __init__(self, loc: RemotePath, size: int, *, block_bytes: int = BLOCK_BYTES,
+                 cache_blocks: int = CACHE_BLOCKS, stats: IOStats | None = None):
+        super().__init__()
+        self.location, self.size = loc, size
+        self.name = str(loc)  # what readers show in their messages: the display form
+        self.stats = stats if stats is not None else IOStats()
+        self._block_bytes, self._cache_blocks = int(block_bytes), max(1, int(cache_blocks))
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pos = 0
+        self._http_file: Any = None
+
+    # io.RawIOBase
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        n = self.size - self._pos if size is None or size < 0 else size
+        data = self.read_at(self._pos, n)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    # the cache
+    def read_at(self, offset: int, n: int) -> bytes:
+        """`n` bytes from `offset` (fewer at the end of the file); the position is not moved."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        end = min(self.size, offset + max(0, n))
+        if end <= offset:
+            return b""
+        bb = self._block_bytes
+        first, last = offset // bb, (end - 1) // bb
+        got: dict[int, bytes] = {}
+        with self._lock:
+            for i in range(first, last + 1):
+                block = self._blocks.get(i)
+                if block is not None:
+                    self._blocks.move_to_end(i)
+                    got[i] = block
+        i = first
+        while i <= last:  # each run of missing blocks in one request
+            if i in got:
+                i += 1
+                continue
+            j = i
+            while j + 1 <= last and j + 1 not in got:
+                j += 1
+            data = self._fetch(i * bb, min(self.size, (j + 1) * bb))
+            for k in range(i, j + 1):
+                got[k] = data[(k - i) * bb:(k - i + 1) * bb]
+            i = j + 1
+        with self._lock:
+            for k in range(first, last + 1):
+                self._blocks[k] = got[k]
+                self._blocks.move_to_end(k)
+            while len(self._blocks) > self._cache_blocks:
+                self._blocks.popitem(last=False)
+        joined = b"".join(got[k] for k in range(first, last + 1))
+        return joined[offset - first * bb:end - first * bb]
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        loc = self.location
+
+        def fetch(fs: Any) -> bytes:
+            if loc.is_bucket:
+                return fs.cat_file(fs_path(loc), start=start, end=end)
+            return self._http_range(fs, start, end)
+
+        data = call(loc, f"reading bytes {start}-{end - 1}", fetch, stats=self.stats, count_bytes=len)
+        if len(data) != end - start:
+            raise UserError(f"{loc}: asked for {end - start} bytes at {start}, got {len(data)}: the file changed "
+                            "while it was read, or the server does not honour byte ranges; rerun, or copy it locally")
+        return data
+
+    def _http_range(self, fs: Any, start: int, end: int) -> bytes:
+        # fsspec's HTTPFile checks that the server answered with the range (206), instead of
+        # downloading the whole file as a plain ranged cat_file would when the server ignores ranges
+        if self._http_file is None:
+            self._http_file = fs.open(self.location.url, "rb", block_size=self._block_bytes, cache_type="none",
+                                      size=self.size)
+        return self._http_file._fetch_range(start, end)
+
+    def close(self) -> None:
+        with self._lock:
+            self._blocks.clear()
+        super().close()
+
+
