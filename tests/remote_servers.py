@@ -237,3 +237,84 @@ class FaultProxy:
 
     def __exit__(self, *exc) -> None:
         _stop(self._server, self._thread)
+
+
+# -- pytest fixtures (imported by the test modules that use them) --------------------------------
+import pytest  # noqa: E402
+
+
+class Bucket:
+    """A fresh bucket on the S3 server, and direct access to its objects for the assertions."""
+
+    def __init__(self, name: str, endpoint: str):
+        from mmap_deploy.location import RemotePath
+        from mmap_deploy.location.access import client
+
+        self.name, self.endpoint = name, endpoint
+        self.fs = client(RemotePath(f"s3://{name}/"))
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.name}/{key}"
+
+    def put(self, key: str, data: bytes) -> str:
+        self.fs.pipe_file(f"{self.name}/{key}", data)
+        return self.url(key)
+
+    def put_folder(self, local, prefix: str) -> str:
+        for p in sorted(local.rglob("*")):
+            if p.is_file():
+                self.put(f"{prefix}/{p.relative_to(local).as_posix()}", p.read_bytes())
+        return self.url(prefix + "/")
+
+    def get(self, key: str) -> bytes:
+        return self.fs.cat_file(f"{self.name}/{key}")
+
+    def keys(self) -> list[str]:
+        self.fs.invalidate_cache()
+        return sorted(k.split("/", 1)[1] for k in self.fs.find(self.name))
+
+    def pending_uploads(self) -> list:
+        return self.fs.call_s3("list_multipart_uploads", Bucket=self.name).get("Uploads", [])
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    with S3() as server:
+        yield server
+
+
+def point_clients_at(monkeypatch, endpoint: str) -> None:
+    """The environment of an S3 client that talks to `endpoint`; clients made anew."""
+    from mmap_deploy.location import reset_clients
+
+    for k, v in S3.environment(endpoint).items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(k, raising=False)
+    reset_clients()
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """Three tries without waiting: the tests count tries, they do not wait for backoff."""
+    from mmap_deploy.location import access
+
+    monkeypatch.setattr(access, "RETRY", access.RetryPolicy(tries=3, first_wait_s=0.0))
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch, fast_retries):
+    from mmap_deploy.location import RemotePath, reset_clients
+    from mmap_deploy.location.access import client
+
+    point_clients_at(monkeypatch, s3_server.endpoint)
+    name = new_bucket_name()
+    client(RemotePath(f"s3://{name}/")).mkdir(name)
+    yield Bucket(name, s3_server.endpoint)
+    reset_clients()
+
+
+@pytest.fixture
+def web():
+    with FileServer() as server:
+        yield server

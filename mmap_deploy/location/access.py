@@ -188,7 +188,7 @@ def client(loc: RemotePath, anonymous: bool = False) -> Any:
     if family == "s3":
         import s3fs
 
-        config = {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": CONNECT_TIMEOUT_S,
+        config = {"retries": {"total_max_attempts": 1, "mode": "standard"}, "connect_timeout": CONNECT_TIMEOUT_S,
                   "read_timeout": READ_TIMEOUT_S, **options.pop("config_kwargs", {})}
         fs = s3fs.S3FileSystem(anon=anonymous or options.pop("anon", False), config_kwargs=config,
                                skip_instance_cache=True, **options)
@@ -331,7 +331,7 @@ def call(loc: RemotePath, what: str, fn: Callable[[Any], _T], *, stats: IOStats 
     `passthrough`: kinds of failure re-raised as they are (a conditional
     write's PRECONDITION is an answer, not a failure).
     """
-    anonymous = (_FAMILY[loc.scheme], loc.bucket) in _anonymous
+    anonymous = not write and (_FAMILY[loc.scheme], loc.bucket) in _anonymous  # writes are never anonymous
     attempt = 0
     while True:
         attempt += 1
@@ -397,8 +397,7 @@ def _mtime(info: dict[str, Any]) -> float:
 def info(loc: RemotePath, what: str = "looking it up") -> RemoteStat | None:
     """The object's size, time and kind; None when nothing is there."""
     if not loc.key and loc.is_bucket:  # the bucket itself
-        exists = call(loc, what, lambda fs: fs.exists(loc.bucket))
-        return RemoteStat(0, 0.0, "directory") if exists else None
+        return None if bucket_exists(loc) is False else RemoteStat(0, 0.0, "directory")
     if not loc.is_bucket and loc.url.split("?")[0].endswith("/"):
         return RemoteStat(0, 0.0, "directory")  # HTTP has no folders to ask about: a URL ending in / names one
     try:
@@ -412,6 +411,28 @@ def info(loc: RemotePath, what: str = "looking it up") -> RemoteStat | None:
     kind = "directory" if d.get("type") == "directory" else "file"
     tag = str(d.get("ETag") or d.get("generation") or "")
     return RemoteStat(int(d.get("size") or 0), _mtime(d), kind, tag)
+
+
+def bucket_exists(loc: RemotePath) -> bool | None:
+    """Whether `loc`'s bucket exists; None when these credentials may not look (403: no answer)."""
+
+    def ask(fs: Any) -> Any:
+        if loc.scheme == "s3":
+            return fs.call_s3("head_bucket", Bucket=loc.bucket)
+        return fs.call("GET", "b/{}", loc.bucket, json_out=True)
+
+    try:
+        call(loc, "finding the bucket", ask, passthrough=(NOT_FOUND, NO_BUCKET, DENIED))
+    except UserError:
+        raise
+    except Exception as e:
+        kind = classify(e)
+        if kind in (NOT_FOUND, NO_BUCKET):
+            return False
+        if kind == DENIED:
+            return None
+        raise
+    return True
 
 
 def exists(loc: RemotePath) -> bool:

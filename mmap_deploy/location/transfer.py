@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import OutputStorageError, UserError
-from .access import DENIED, NOT_FOUND, IOStats, call, classify, fs_path, stat
+from .access import NOT_FOUND, IOStats, bucket_exists, call, classify, fs_path, stat
 from .naming import RemotePath
 
 UPLOAD_CHUNK_BYTES = 50 << 20  # S3 multipart part size (s3fs's default; at least 5 MiB)
@@ -64,16 +64,7 @@ def check_bucket(loc: RemotePath) -> None:
     the bucket itself) passes: the upload will say what is wrong.
     """
     require_writable(loc)
-    root = RemotePath(f"{loc.scheme}://{loc.netloc}/")
-    try:
-        found = call(root, "finding the bucket", lambda fs: fs.exists(loc.bucket), passthrough=(DENIED,))
-    except UserError:
-        raise
-    except Exception as e:  # DENIED: cannot look, which is no answer
-        if classify(e) == DENIED:
-            return
-        raise
-    if not found:
+    if bucket_exists(loc) is False:
         raise OutputStorageError(f"{loc}: the bucket {loc.bucket!r} does not exist (or not at this endpoint); "
                                  "check the bucket's name or create the bucket")
 

@@ -59,10 +59,10 @@ def check_output_path(path: str | Path | RemotePath, overwrite: bool) -> Locatio
         from .sdata import check_store_path
 
         check_store_path(path, overwrite)
-    elif path.is_dir():
-        raise UserError(f"{path}: is a directory; give a file name ending in .h5ad")
     if isinstance(path, RemotePath):
         return _check_remote_output(path, overwrite)
+    if path.is_dir() and path.suffix != ".zarr":
+        raise UserError(f"{path}: is a directory; give a file name ending in .h5ad")
     if path.exists() and not overwrite:
         raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
     if path.parent.exists() and not path.parent.is_dir():
