@@ -12,7 +12,7 @@ from remote_servers import FileServer, bucket, fast_retries, s3_server, web  # n
 
 from mmap_deploy.errors import OutputStorageError, UserError
 from mmap_deploy.location import as_location, io_totals, open_input
-from mmap_deploy.location.access import open_range
+from mmap_deploy.location.ranges import open_range
 
 SIGNATURE = "X-Amz-Signature=0123456789abcdef"
 

@@ -5,10 +5,10 @@ or remote. A local path stays a `pathlib.Path` and is read as before; a URL
 becomes a `RemotePath` (never a `pathlib.Path`), read by byte range through
 fsspec (the `[cloud]` extra), its secrets hidden wherever it is shown.
 
-- naming (`naming`): `as_location`, `RemotePath`, `is_remote`, `display`,
-  `redact_url`, `redact_text`;
-- reading (`access`): `open_input` (a binary file: local, or remote by
-  range with a block cache), `RangeFile`, `IOStats`, `io_totals`,
+- naming (`path`, `naming`): `as_location`, `RemotePath`, `is_remote`,
+  `display`, `redact_url`, `redact_text`;
+- reading (`access`, `ranges`): `open_input` (a binary file: local, or
+  remote by range with a block cache), `RangeFile`, `IOStats`, `io_totals`,
   `set_storage_options`, the retry policy and the one-line failures;
 - whole transfers (`transfer`): `upload_file`, `upload_folder`,
   `local_copy` (for readers of local files only, such as OpenSlide),
@@ -26,9 +26,10 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from .access import RETRY, IOStats, RangeFile, RetryPolicy, io_totals, reset_clients, set_storage_options
-from .naming import (CLOUD_EXTRA, Location, RemotePath, as_location, display, is_remote, is_url, redact_text,
-                     redact_url)
+from .access import RETRY, IOStats, RetryPolicy, io_totals, reset_clients, set_storage_options
+from .naming import CLOUD_EXTRA, is_url, redact_text, redact_url
+from .path import Location, RemotePath, as_location, display, is_remote
+from .ranges import RangeFile
 from .transfer import FETCH_LIMIT_BYTES, check_bucket, human_bytes, local_copy, upload_file, upload_folder
 
 __all__ = [

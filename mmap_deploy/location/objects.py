@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import UserError
 from .access import NOT_FOUND, OTHER, PRECONDITION, call, classify, fs_path, info, storage_error
-from .naming import RemotePath
+from .path import RemotePath
 from .transfer import require_writable
 
 

@@ -40,7 +40,7 @@ from typing import Iterator
 
 from ..errors import OutputStorageError, UserError
 from .access import NOT_FOUND, IOStats, bucket_exists, call, classify, fs_path, stat
-from .naming import RemotePath
+from .path import RemotePath
 
 UPLOAD_CHUNK_BYTES = 50 << 20  # S3 multipart part size (s3fs's default; at least 5 MiB)
 UPLOAD_THREADS = 8  # files of a folder uploaded at once
