@@ -251,3 +251,37 @@ def test_open_input_is_a_plain_file_for_a_local_path(tmp_path):
         assert fh.read() == b"abc" and not hasattr(fh, "stats")
     with pytest.raises(FileNotFoundError):
         open_input(tmp_path / "missing.bin")
+
+
+def test_read_input_fetches_a_small_input_whole(web, tmp_path):
+    from mmap_deploy.location import read_input
+
+    web.files["/mask.geojson"] = b'{"type": "FeatureCollection", "features": []}'
+    assert read_input(web.url("/mask.geojson?token=T")) == web.files["/mask.geojson"]
+    (tmp_path / "mask.png").write_bytes(b"png")
+    assert read_input(tmp_path / "mask.png") == b"png"
+    with pytest.raises(FileNotFoundError):
+        read_input(tmp_path / "missing.png")
+
+
+def test_a_slide_for_openslide_is_copied_whole_within_its_bound_and_removed(web, tmp_path):
+    openslide = pytest.importorskip("openslide")
+    from mmap_deploy.location import local_copy
+
+    data = _pyramid_bytes(tmp_path)
+    web.files["/cohort/A.tif"] = data
+    with local_copy(as_location(web.url("/cohort/A.tif") + "?" + SIGNATURE)) as copy:
+        assert copy.name == "A.tif" and copy.read_bytes() == data
+        with openslide.OpenSlide(str(copy)) as slide:  # OpenSlide reads the copy as it reads any local file
+            assert slide.level_count == 3 and slide.dimensions == (2048, 2048)
+        folder = copy.parent
+    assert not folder.exists()
+    with pytest.raises(UserError, match=r"A\.tif\?X-Amz-Signature=\*\*\*: \d+\.\d MB, more than the 1\.0 MB this tool "
+                                        r"copies to local disk for OpenSlide, which cannot read remote files; copy it"):
+        with local_copy(as_location(web.url("/cohort/A.tif") + "?" + SIGNATURE), max_bytes=10**6):
+            pass
+    with pytest.raises(UserError, match=r"B\.mrxs: MIRAX \(\.mrxs and its folder of \.dat files\) slides are several "
+                                        r"files, which OpenSlide reads only from local disk; copy the slide's files"):
+        with local_copy(as_location(web.url("/cohort/B.mrxs"))):
+            pass
+    assert web.gets("/cohort/B.mrxs") == 0

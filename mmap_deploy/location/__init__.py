@@ -35,7 +35,7 @@ from .transfer import FETCH_LIMIT_BYTES, check_bucket, human_bytes, local_copy, 
 __all__ = [
     "CLOUD_EXTRA", "FETCH_LIMIT_BYTES", "RETRY", "IOStats", "Location", "RangeFile", "RemotePath", "RetryPolicy",
     "as_location", "check_bucket", "display", "human_bytes", "io_totals", "is_remote", "is_url", "local_copy",
-    "open_input", "redact_text", "redact_url", "reset_clients", "set_storage_options", "upload_file",
+    "open_input", "read_input", "redact_text", "redact_url", "reset_clients", "set_storage_options", "upload_file",
     "upload_folder",
 ]
 
@@ -51,3 +51,13 @@ def open_input(value: str | os.PathLike | RemotePath) -> BinaryIO:
     if isinstance(loc, Path):
         return open(loc, "rb")
     return loc.open("rb")
+
+
+def read_input(value: str | os.PathLike | RemotePath) -> bytes:
+    """The whole of a small input (a tissue mask, a GeoJSON file, a table), local or remote.
+
+    One GET for a URL (retried; failures in one line). A missing local file
+    raises FileNotFoundError and an unreadable one OSError, as `Path.read_bytes`
+    does, for the caller to say in its own words.
+    """
+    return as_location(value).read_bytes()

@@ -178,7 +178,8 @@ def client(loc: RemotePath, anonymous: bool = False) -> Any:
     if fs is not None:
         return fs
     _import_client(loc)
-    options = dict(_options.get(family, {}))
+    # no listings cache: another process (a worker, another run) writes outputs and claims meanwhile
+    options = {"use_listings_cache": False, **_options.get(family, {})}
     # skip_instance_cache: our clients have their own retry settings; another library's stay untouched
     if family == "s3":
         import s3fs
@@ -361,6 +362,19 @@ def call(loc: RemotePath, what: str, fn: Callable[[Any], _T], *, stats: IOStats 
         return result
 
 
+def call_or(loc: RemotePath, what: str, fn: Callable[[Any], _T], answers: dict[str, Any], **kwargs: Any) -> Any:
+    """`call`, with a failure of a kind in `answers` turned into its value (e.g. `{NOT_FOUND: None}`)."""
+    try:
+        return call(loc, what, fn, passthrough=tuple(answers), **kwargs)
+    except UserError:
+        raise
+    except Exception as e:
+        kind = classify(e)
+        if kind in answers:
+            return answers[kind]
+        raise
+
+
 # -- what is there -------------------------------------------------------------------------------
 @dataclass
 class RemoteStat:
@@ -395,14 +409,9 @@ def info(loc: RemotePath, what: str = "looking it up") -> RemoteStat | None:
         return None if bucket_exists(loc) is False else RemoteStat(0, 0.0, "directory")
     if not loc.is_bucket and loc.url.split("?")[0].endswith("/"):
         return RemoteStat(0, 0.0, "directory")  # HTTP has no folders to ask about: a URL ending in / names one
-    try:
-        d = call(loc, what, lambda fs: fs.info(fs_path(loc)), passthrough=(NOT_FOUND,))
-    except UserError:
-        raise
-    except Exception as e:  # NOT_FOUND, passed through
-        if classify(e) == NOT_FOUND:
-            return None
-        raise
+    d = call_or(loc, what, lambda fs: fs.info(fs_path(loc)), {NOT_FOUND: None})
+    if d is None:
+        return None
     kind = "directory" if d.get("type") == "directory" else "file"
     tag = str(d.get("ETag") or d.get("generation") or "")
     return RemoteStat(int(d.get("size") or 0), _mtime(d), kind, tag)
@@ -416,18 +425,8 @@ def bucket_exists(loc: RemotePath) -> bool | None:
             return fs.call_s3("head_bucket", Bucket=loc.bucket)
         return fs.call("GET", "b/{}", loc.bucket, json_out=True)
 
-    try:
-        call(loc, "finding the bucket", ask, passthrough=(NOT_FOUND, NO_BUCKET, DENIED))
-    except UserError:
-        raise
-    except Exception as e:
-        kind = classify(e)
-        if kind in (NOT_FOUND, NO_BUCKET):
-            return False
-        if kind == DENIED:
-            return None
-        raise
-    return True
+    answer = call_or(loc, "finding the bucket", ask, {NOT_FOUND: "absent", NO_BUCKET: "absent", DENIED: "unknown"})
+    return False if answer == "absent" else None if answer == "unknown" else True
 
 
 def exists(loc: RemotePath) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
-from .access import NOT_FOUND, OTHER, PRECONDITION, call, classify, fs_path, info, storage_error
+from .access import NOT_FOUND, OTHER, PRECONDITION, call, call_or, classify, fs_path, info, storage_error
 from .path import RemotePath
 from .transfer import require_writable
 
@@ -73,26 +73,17 @@ def read_versioned(loc: RemotePath) -> Versioned | None:
 
             return fsspec.asyn.sync(fs.loop, fetch)
 
-        try:
-            data, tag, modified = call(loc, "reading the claim", get, passthrough=(NOT_FOUND,))
-        except UserError:
-            raise
-        except Exception as e:
-            if classify(e) == NOT_FOUND:
-                return None
-            raise
+        found = call_or(loc, "reading the claim", get, {NOT_FOUND: None})
+        if found is None:
+            return None
+        data, tag, modified = found
         return Versioned(data, tag, time.time() - modified.timestamp())
     found = info(loc, "reading the claim")
     if found is None:
         return None
-    try:
-        data = call(loc, "reading the claim", lambda fs: fs.cat_file(fs_path(loc)), passthrough=(NOT_FOUND,))
-    except UserError:
-        raise
-    except Exception as e:
-        if classify(e) == NOT_FOUND:
-            return None
-        raise
+    data = call_or(loc, "reading the claim", lambda fs: fs.cat_file(fs_path(loc)), {NOT_FOUND: None})
+    if data is None:
+        return None
     # read after the tag: a newer content with an older tag makes a later compare-and-swap fail, which is safe
     return Versioned(data, found.tag, time.time() - found.st_mtime if found.st_mtime else 0.0)
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import OutputStorageError, UserError
-from .access import NOT_FOUND, IOStats, bucket_exists, call, classify, fs_path, stat
+from .access import NOT_FOUND, IOStats, bucket_exists, call, call_or, fs_path, stat
 from .path import RemotePath
 
 UPLOAD_CHUNK_BYTES = 50 << 20  # S3 multipart part size (s3fs's default; at least 5 MiB)
@@ -89,13 +89,7 @@ def upload_file(local: Path, dest: RemotePath, *, stats: IOStats | None = None) 
 
 def remove(loc: RemotePath) -> None:
     """Delete the object; nothing there is not a failure."""
-    try:
-        call(loc, "deleting it", lambda fs: fs.rm_file(fs_path(loc)), write=True, passthrough=(NOT_FOUND,))
-    except UserError:
-        raise
-    except Exception as e:
-        if classify(e) != NOT_FOUND:
-            raise
+    call_or(loc, "deleting it", lambda fs: fs.rm_file(fs_path(loc)), {NOT_FOUND: None}, write=True)
 
 
 def remove_folder(loc: RemotePath, markers: tuple[str, ...] = ZARR_MARKERS) -> None:
