@@ -39,6 +39,23 @@ def test_spots_in_a_bucket_and_the_output_uploaded_give_the_local_output(demo, b
     assert f"error: {bucket.url('results/B4.h5ad')}: already exists; pass --overwrite to replace it" in r.stderr
 
 
+@pytest.mark.slow
+def test_a_spatialdata_store_goes_to_the_bucket_whole(demo, bucket, tmp_path):
+    sd = pytest.importorskip("spatialdata")
+    from mmap_deploy.atomic import output_exists
+
+    image, coords, _ = demo
+    run_cli(image, coords, "-o", bucket.url("results/B4.zarr"), expect=0)
+    assert output_exists(bucket.url("results/B4.zarr")) and "results/B4.zarr/zarr.json" in bucket.keys()
+    local = tmp_path / "B4.zarr"
+    for key in bucket.keys():
+        (local / key.removeprefix("results/B4.zarr/")).parent.mkdir(parents=True, exist_ok=True)
+        (local / key.removeprefix("results/B4.zarr/")).write_bytes(bucket.get(key))
+    run_cli(image, coords, "-o", tmp_path / "ref.h5ad", "--library-id", "B4", expect=0)
+    table = sd.read_zarr(local).tables["table"]
+    assert np.array_equal(table.X, ad.read_h5ad(tmp_path / "ref.h5ad").X)
+
+
 def test_spots_that_cannot_be_fetched_are_one_line_and_no_output(demo, bucket, web):
     image, coords, _ = demo
     web.files["/B4_selection.tsv"] = coords.read_bytes()
