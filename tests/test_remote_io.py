@@ -65,7 +65,7 @@ def test_a_connection_that_keeps_dropping_is_one_line(web, fast_retries):
         open_range(as_location(web.url("/a.bin") + "?" + SIGNATURE), block_bytes=64 << 10).read(5)
     msg = str(e.value)
     assert "\n" not in msg and "0123456789abcdef" not in msg
-    assert msg.startswith(f"{web.url('/a.bin')}?X-Amz-Signature=***: reading bytes 0-65535 failed 3 time(s) (")
+    assert msg.startswith(f"{web.url('/a.bin')}?X-Amz-Signature=***: reading bytes 0-65535 failed 3 times (")
     assert msg.endswith("the connection or the service failed: check the network (or the endpoint) and rerun")
     assert web.gets("/a.bin") == 3
 
@@ -74,7 +74,7 @@ def test_a_connection_that_keeps_dropping_is_one_line(web, fast_retries):
     (404, "not found; check the URL", 1),
     (403, "access denied reading it (HTTP 403 Forbidden); the URL may have expired (a signed URL: sign it anew) or "
           "need a token, and check that they may read it", 1),
-    (503, "reading it failed 3 time(s) (HTTP 503 Service Unavailable); the connection or the service failed: check "
+    (503, "reading it failed 3 times (HTTP 503 Service Unavailable); the connection or the service failed: check "
           "the network (or the endpoint) and rerun", 3),
 ])
 def test_http_failures_are_one_line_and_only_transient_ones_are_retried(web, fast_retries, status, says, gets):

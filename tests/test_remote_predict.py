@@ -65,7 +65,7 @@ def test_spots_that_cannot_be_fetched_are_one_line_and_no_output(demo, bucket, w
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
     assert errors[0].startswith(f"error: {web.url('/B4_selection.tsv')}?X-Amz-Signature=***: reading it failed 3 "
-                                "time(s) (")
+                                "times (")
     assert "5d672d79c15b13162d" not in r.stderr
     assert bucket.keys() == []
     assert web.gets("/B4_selection.tsv") == 3

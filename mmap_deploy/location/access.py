@@ -15,8 +15,9 @@
   shown (`naming.redact_text`).
 - **Failures.** A transient failure (timeout, dropped connection, HTTP 5xx,
   429, S3 SlowDown) is retried `RETRY.tries` times in all, with backoff; then
-  one UserError line names the URL and the fix. Not found, access denied
-  and an unknown bucket are said at once. A failed write that cannot succeed
+  one UserError line names the URL and the fix (GCS: gcsfs's own retries,
+  not multiplied by ours). Not found, access denied and an unknown bucket
+  are said at once. A failed write that cannot succeed
   on a retry (denied, no bucket) is an `OutputStorageError`: a batch stops
   there. The clients' own retry loops are turned off (S3) so that the
   bound is this module's.
@@ -160,7 +161,7 @@ def reset_clients() -> None:
 
 
 def _import_client(loc: RemotePath) -> None:
-    package = SCHEMES[loc.scheme][0]
+    package = SCHEMES[loc.scheme]
     for name in ("fsspec", package):
         try:
             __import__(name)
@@ -302,7 +303,8 @@ def storage_error(loc: RemotePath, what: str, exc: BaseException, kind: str, *, 
     elif kind == NO_CREDENTIALS:
         msg = f"{loc}: no credentials found for {loc.scheme}:// ({what}); {_credentials_hint(loc)}"
     elif kind == TRANSIENT:
-        msg = (f"{loc}: {what} failed {tries} time(s) ({reason}); the connection or the service failed: check the "
+        times = f" {tries} times" if tries > 1 else ""
+        msg = (f"{loc}: {what} failed{times} ({reason}); the connection or the service failed: check the "
                "network (or the endpoint) and rerun" + (" (finished slides are skipped)" if write else ""))
     else:
         msg = f"{loc}: failed {what} ({reason})"
@@ -351,7 +353,8 @@ def call(loc: RemotePath, what: str, fn: Callable[[Any], _T], *, stats: IOStats 
                 note(f"no AWS credentials found: reading s3://{loc.bucket} anonymously (a public bucket)")
                 attempt -= 1
                 continue
-            if kind == TRANSIENT and attempt < RETRY.tries:
+            # gcsfs retries transient failures itself (6 tries, backoff): ours would multiply them
+            if kind == TRANSIENT and attempt < (1 if _FAMILY[loc.scheme] == "gcs" else RETRY.tries):
                 _count(stats, retries=1)
                 time.sleep(RETRY.wait(attempt))
                 continue

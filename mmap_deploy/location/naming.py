@@ -13,9 +13,8 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-# scheme -> (the package that reads it, what messages call the store)
-SCHEMES = {"s3": ("s3fs", "S3"), "gs": ("gcsfs", "Google Cloud Storage"), "gcs": ("gcsfs", "Google Cloud Storage"),
-           "http": ("aiohttp", "HTTP"), "https": ("aiohttp", "HTTPS")}
+# scheme -> the package (of the [cloud] extra) that reads it
+SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
 BUCKET_SCHEMES = ("s3", "gs", "gcs")
 CLOUD_EXTRA = "pip install 'mmap-deploy[cloud]'"
 URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
