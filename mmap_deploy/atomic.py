@@ -5,6 +5,12 @@ manifests, checkpoints, feature caches, benchmark results) goes through
 `atomic_path`: the writer fills a temporary file in the destination's own
 folder (a rename is atomic only within one file system), the data is flushed
 to disk, and the temporary file is renamed over the destination.
+
+A destination in a bucket (`s3://`, `gs://`: see `mmap_deploy.location`)
+is staged in the temporary folder (`$TMPDIR`) and uploaded whole when the
+writer is done: a failed or killed run leaves no object, and never a
+partial one. A folder (a `.zarr` store) is uploaded with its root metadata
+last, so `output_exists` sees it only once it is whole.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import tempfile
 from contextlib import contextmanager
 from glob import escape as glob_escape
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Union
 
 from .errors import UserError
+from .location import RemotePath, as_location
 
 # Files are meant to be shared (outputs, bundles); mkstemp makes them private.
 FILE_MODE = 0o644
@@ -29,7 +36,7 @@ def temp_pattern(path: Path) -> str:
 
 
 @contextmanager
-def atomic_path(path: str | Path, *, mode: int = FILE_MODE) -> Iterator[Path]:
+def atomic_path(path: Union[str, Path, RemotePath], *, mode: int = FILE_MODE) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without error it replaces `path`.
 
         with atomic_path(out) as tmp:
@@ -41,8 +48,17 @@ def atomic_path(path: str | Path, *, mode: int = FILE_MODE) -> Iterator[Path]:
     temporary file is removed and `path` is left as it was. A run killed
     while writing leaves its temporary file (`.{name}.XXXXXXXX.tmp`) behind:
     the next write of the same `path` removes it. The folder must exist.
+
+    For a bucket, the temporary file (named like the output, in a new
+    folder under `$TMPDIR`) is uploaded whole instead of renamed, then
+    removed (see the module docstring).
     """
-    path = Path(path)
+    loc = as_location(path)
+    if isinstance(loc, RemotePath):
+        with _staged(loc) as tmp:
+            yield tmp
+        return
+    path = loc
     for stale in path.parent.glob(temp_pattern(path)):
         stale.unlink(missing_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -82,7 +98,22 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_folder(path: Path, write: Callable[[Path], None]) -> None:
+@contextmanager
+def _staged(dest: RemotePath) -> Iterator[Path]:
+    """A local file to write `dest` into; uploaded whole when the block ends without error."""
+    from .location import upload_file
+
+    folder = Path(tempfile.mkdtemp(prefix="mmap-upload-"))
+    try:
+        tmp = folder / (dest.name or "output")
+        tmp.touch()
+        yield tmp
+        upload_file(tmp, dest)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def atomic_folder(path: Union[Path, RemotePath], write: Callable[[Path], None]) -> None:
     """Write a folder through a temporary folder beside `path`, then rename it into place.
 
     `write(p)` creates the folder `p`. A killed run leaves only its temporary
@@ -90,7 +121,24 @@ def atomic_folder(path: Path, write: Callable[[Path], None]) -> None:
     An existing output (the caller checked `--overwrite`) is first moved into
     the temporary folder and deleted after the new one is in place; a kill
     between those two renames leaves no output, never a mixed one.
+
+    For a bucket, the folder is written under `$TMPDIR` and uploaded with
+    its store markers last (`location.upload_folder`); an existing output
+    loses its markers first, so a kill leaves no output, never a mixed one.
     """
+    loc = as_location(path)
+    if isinstance(loc, RemotePath):
+        from .location import upload_folder
+
+        folder = Path(tempfile.mkdtemp(prefix="mmap-upload-"))
+        try:
+            new = folder / (loc.name or "output")
+            write(new)
+            upload_folder(new, loc)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    path = loc
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -109,3 +157,20 @@ def atomic_folder(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(new, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def output_exists(path: Union[str, Path, RemotePath]) -> bool:
+    """Whether a whole output is at `path`: what a rerun skips.
+
+    Locally, anything there (outputs appear only by rename). In a bucket, a
+    `.zarr` store counts only with its root metadata (see `atomic_folder`):
+    objects left by an upload that was killed are not an output.
+    """
+    loc = as_location(path)
+    if isinstance(loc, RemotePath):
+        if loc.suffix == ".zarr":
+            from .location.transfer import folder_complete
+
+            return folder_complete(loc)
+        return loc.is_file()
+    return loc.exists()

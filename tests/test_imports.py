@@ -123,8 +123,8 @@ def test_each_module_imports_first_in_a_fresh_interpreter(module):
 
 # The runtime's parts, lowest first: a module imports its own part and the parts below it, never one
 # above (readers know no engines, writers know no pipeline; see docs/architecture.md).
-LAYERS = [("errors", "_version"), ("atomic", "messages", "options"), ("model",), ("inputs", "outputs", "engines"), ("demo",),
-          ("run",), ("api",), ("__init__",), ("cli",)]
+LAYERS = [("errors", "_version"), ("atomic", "messages", "options", "location"), ("model",),
+          ("inputs", "outputs", "engines"), ("demo",), ("run",), ("api",), ("__init__",), ("cli",)]
 RANK = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
 

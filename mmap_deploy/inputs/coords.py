@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..location import Location, RemotePath, as_location
 
 LAYOUTS = {
     "visium": "Visium tissue_positions.csv (barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres)",
@@ -86,7 +87,7 @@ def _describe_layouts() -> str:
     return "; ".join(LAYOUTS.values())
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Location) -> str:
     if not path.exists():
         raise UserError(f"{path}: coordinates file not found; check the path")
     if path.is_dir():
@@ -155,7 +156,7 @@ def _unquote(name: str) -> str:
     return name.strip().strip('"').strip("'").strip().lower()
 
 
-def _parse_number(value: str, path: Path, line_no: int, column: str) -> float:
+def _parse_number(value: str, path: Location, line_no: int, column: str) -> float:
     if _NUMBER.fullmatch(value):
         v = float(value)
         if math.isfinite(v):
@@ -191,14 +192,15 @@ _LAYOUT_COLUMNS = {
 }
 
 
-def read_coords(path: str | Path, all_spots: bool = False) -> Spots:
+def read_coords(path: str | Path | RemotePath, all_spots: bool = False) -> Spots:
     """Read a coordinates table (Visium, her2st or plain x,y) into `Spots`.
 
     Keeps the file's order. Drops spots outside the tissue (`in_tissue == 0`,
     her2st `selected == 0`) unless `all_spots`. Raises `UserError` for a
     missing/empty file, unknown columns, bad values, duplicate ids, or no spots left.
+    `path` may be remote (`s3://`, `gs://`, `https://`): the table is fetched whole.
     """
-    path = Path(path)
+    path = as_location(path)
     if path.suffix.lower() == ".parquet":
         return read_parquet_positions(path, all_spots)
     text = _read_text(path).replace("\r\n", "\n").replace("\r", "\n")
@@ -271,7 +273,7 @@ def read_coords(path: str | Path, all_spots: bool = False) -> Spots:
                  array_xy=None if array_xy is None else np.ascontiguousarray(array_xy, dtype=np.float64))
 
 
-def _detect_layout(path: Path, header: list[str], head, delim) -> str:
+def _detect_layout(path: Location, header: list[str], head, delim) -> str:
     names = set(header)
     if {"pxl_row_in_fullres", "pxl_col_in_fullres", "barcode"} <= names:
         return "visium"
@@ -300,7 +302,7 @@ def _detect_layout(path: Path, header: list[str], head, delim) -> str:
 class _Columns:
     """The kept columns of a table (as text) and each row's line number, for parsing with messages."""
 
-    def __init__(self, path: Path, columns: dict[str, list[str]], line_nos: array):
+    def __init__(self, path: Location, columns: dict[str, list[str]], line_nos: array):
         self.path, self.columns, self.line_nos = path, columns, line_nos
 
     def numbers(self, column: str) -> np.ndarray:
@@ -335,7 +337,7 @@ class _Columns:
         return ids
 
 
-def _check_unique(path: Path, ids: list[str] | np.ndarray) -> None:
+def _check_unique(path: Location, ids: list[str] | np.ndarray) -> None:
     if isinstance(ids, np.ndarray):  # Visium HD: sorted copies, no per-bin objects
         ordered = np.sort(ids)
         dup = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
@@ -359,23 +361,34 @@ PARQUET_EXTRA = "pip install 'mmap-deploy[visium-hd]'"
 _STRING_BLOCK = 1 << 18
 
 
-def read_parquet_positions(path: str | Path, all_spots: bool = False) -> Spots:
+def read_parquet_positions(path: str | Path | RemotePath, all_spots: bool = False) -> Spots:
     """Read a Visium HD ``tissue_positions.parquet`` into `Spots` (layout ``visium-hd``).
 
     Columns as in Space Ranger's Visium tables (barcode, in_tissue, array_row,
     array_col, pxl_row_in_fullres, pxl_col_in_fullres). Bins with
     ``in_tissue == 0`` are dropped unless `all_spots`. Ids come back as a numpy
     string array, built from Arrow's buffers without a Python object per bin.
+    A remote file is read by range: its footer and the six columns' chunks.
     """
-    path = Path(path)
+    path = as_location(path)
     if not path.is_file():
         raise UserError(f"{path}: coordinates file not found; check the path")
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"{path}: reading Visium HD parquet positions needs pyarrow: {PARQUET_EXTRA}") from None
+    source = path.open() if isinstance(path, RemotePath) else path
     try:
-        schema = pq.read_schema(path)
+        return _parquet_spots(path, source, pq, all_spots)
+    finally:
+        if source is not path:
+            source.close()
+
+
+def _parquet_spots(path: Location, source, pq, all_spots: bool) -> Spots:
+    """`read_parquet_positions` once the file is open (`source`: the local path, or a remote file)."""
+    try:
+        schema = pq.read_schema(source)
         names = [n.lower() for n in schema.names]
         missing = [c for c in VISIUM_COLUMNS if c not in names]
         if missing:
@@ -383,7 +396,7 @@ def read_parquet_positions(path: str | Path, all_spots: bool = False) -> Spots:
                 f"{path}: parquet columns [{','.join(schema.names[:8])}] lack {','.join(missing)}; "
                 f"a Visium HD tissue_positions.parquet has {','.join(VISIUM_COLUMNS)}"
             )
-        table = pq.read_table(path, columns=[schema.names[names.index(c)] for c in VISIUM_COLUMNS])
+        table = pq.read_table(source, columns=[schema.names[names.index(c)] for c in VISIUM_COLUMNS])
     except UserError:
         raise
     except Exception as exc:  # pyarrow's errors for damaged files are many kinds
@@ -419,7 +432,7 @@ def read_parquet_positions(path: str | Path, all_spots: bool = False) -> Spots:
                  array_xy=np.ascontiguousarray(array_xy))
 
 
-def _arrow_strings(path: Path, column) -> np.ndarray:
+def _arrow_strings(path: Location, column) -> np.ndarray:
     """An Arrow string column as a numpy unicode array, copied from its buffers block by block."""
     import pyarrow as pa
 

@@ -14,6 +14,11 @@ outputs" documentation (10x Genomics): ``tissue_hires_image.png`` is 2 000 px
 on its longest side (4 000 for 11 mm Visium, 6 000 for Visium HD),
 ``tissue_lowres_image.png`` 600 px, and ``tissue_hires_scalef`` /
 ``tissue_lowres_scalef`` convert full-resolution pixels to theirs.
+
+Any of these may be remote (`s3://`, `gs://`, `https://`; see
+`mmap_deploy.location`): the same files are fetched, and a bucket's folder
+is listed for its bin folders. A web server has no listing: a folder URL
+ends with `/`, and a Visium HD output must be given as its bin folder.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UserError, first_line
+from ..location import Location, RemotePath, as_location, open_input
 from ..messages import warn
 from .coords import Spots, read_coords
 from .geometry import LATTICES, LatticeSpec, visium_hd_lattice
@@ -51,10 +57,10 @@ class SpotInput:
 
     spots: Spots
     layout: str  # e.g. "spaceranger-spatial", "visium-hd-bins", or "table"
-    table: Path
+    table: Location  # a pathlib.Path, or a location.RemotePath
     lattice: LatticeSpec | None = None
     scalefactors: dict[str, float] = field(default_factory=dict)
-    images: dict[str, Path] = field(default_factory=dict)  # "hires"/"lowres" -> PNG
+    images: dict[str, Location] = field(default_factory=dict)  # "hires"/"lowres" -> PNG
 
     @property
     def hd_mpp(self) -> float | None:
@@ -63,7 +69,7 @@ class SpotInput:
         return float(v) if v else None
 
 
-def _spatial_folder(path: Path) -> Path:
+def _spatial_folder(path: Location) -> Location:
     """The folder holding the positions table, for an outs/, spatial/, square_NNNum/ or binned_outputs/ path."""
     if any((path / f).is_file() for f in POSITION_FILES):
         return path
@@ -84,7 +90,7 @@ def _spatial_folder(path: Path) -> Path:
     )
 
 
-def _read_scalefactors(path: Path) -> dict[str, float]:
+def _read_scalefactors(path: Location) -> dict[str, float]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -109,11 +115,13 @@ _IMAGE_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"\xff\xd8\xff",
                 b"\x00\x00\x00\x0cjP")
 
 
-def _looks_like_slide(path: Path) -> bool:
+def _looks_like_slide(path: Location) -> bool:
     if not path.is_file():
         return False
     if path.suffix.lower() in SLIDE_SUFFIXES:
         return True
+    if isinstance(path, RemotePath):  # no read of its first bytes: a remote read fetches a whole block
+        return False
     try:
         with open(path, "rb") as f:
             head = f.read(12)
@@ -122,23 +130,23 @@ def _looks_like_slide(path: Path) -> bool:
     return head.startswith(_IMAGE_MAGIC)
 
 
-def _looks_like_spots(path: Path) -> bool:
+def _looks_like_spots(path: Location) -> bool:
     name = path.name.lower()
     return path.is_dir() or name.endswith(TABLE_SUFFIXES)
 
 
-def swapped_arguments_problem(slide: str | Path, coords: str | Path) -> str | None:
+def swapped_arguments_problem(slide: str | Path | RemotePath, coords: str | Path | RemotePath) -> str | None:
     """The line to say when SLIDE names a spot table (or folder) and COORDS an image: the wrong way round."""
-    slide, coords = Path(slide), Path(coords)
+    slide, coords = as_location(slide), as_location(coords)
     if not (_looks_like_slide(coords) and _looks_like_spots(slide)):
         return None
     return (f"SLIDE and COORDS are the wrong way round: {slide} is a spot table and {coords} a slide image; "
             f"the order is mmap-predict SLIDE COORDS -o OUT, here: mmap-predict {coords} {slide} -o OUT")
 
 
-def read_spot_input(path: str | Path, all_spots: bool = False) -> SpotInput:
-    """Read COORDS, a table or a Space Ranger / Visium HD folder (see the module docstring)."""
-    path = Path(path)
+def read_spot_input(path: str | Path | RemotePath, all_spots: bool = False) -> SpotInput:
+    """Read COORDS, a table or a Space Ranger / Visium HD folder, local or remote (see the module docstring)."""
+    path = as_location(path)
     if not path.exists():
         raise UserError(f"{path}: coordinates file or folder not found; check the path")
     if path.is_dir():
@@ -166,7 +174,7 @@ def read_spot_input(path: str | Path, all_spots: bool = False) -> SpotInput:
     return SpotInput(spots, layout, table, lattice, scalefactors, images)
 
 
-def _bin_size(table: Path, scalefactors: dict[str, float], spots: Spots) -> float:
+def _bin_size(table: Location, scalefactors: dict[str, float], spots: Spots) -> float:
     """Visium HD's bin size in µm: scalefactors' bin_size_um, else the folder or barcode name."""
     if "bin_size_um" in scalefactors:
         return scalefactors["bin_size_um"]
@@ -197,7 +205,7 @@ def load_images(spot_input: SpotInput, slide_width: int, slide_height: int) -> t
         scalef = spot_input.scalefactors[SCALEF_KEYS[name]]
         want = (round(slide_width * scalef), round(slide_height * scalef))
         try:
-            with Image.open(png) as im:
+            with open_input(png) as fh, Image.open(fh) as im:
                 size = im.size
                 if abs(size[0] - want[0]) > IMAGE_SIZE_SLACK or abs(size[1] - want[1]) > IMAGE_SIZE_SLACK:
                     warnings.append(
@@ -206,7 +214,7 @@ def load_images(spot_input: SpotInput, slide_width: int, slide_height: int) -> t
                     )
                     continue
                 rgb = np.asarray(im.convert("RGB"))
-        except OSError as exc:
+        except (OSError, UserError) as exc:  # UserError: a remote image that could not be fetched
             warnings.append(f"{png}: cannot read it ({exc}); not used")
             continue
         out[name] = np.ascontiguousarray(rgb, dtype=np.uint8)
@@ -223,7 +231,7 @@ def spatial_scalefactors(spot_input: SpotInput, images: dict[str, np.ndarray]) -
 
 
 def check_spot_geometry(spot_input: SpotInput, lattice: LatticeFit | None, slide: SlideReader, patch_um: float,
-                        coords_path: Path, mpp_source: str, skip: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+                        coords_path: Location, mpp_source: str, skip: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """Space Ranger's images that fit the slide, and the geometry checks' qc record (see geometry.py).
 
     Refusals raise UserError; warnings (and, with `skip`, the refusals) are `MMAPWarning`s (`messages.warn`).

@@ -11,6 +11,9 @@ Layout (see docs/architecture.md, "The output"):
 `-o out.zarr` writes the same AnnData as SpatialData (`spatialdata_out`).
 Files are written to a temporary file in the destination directory and
 renamed into place, so a killed run never leaves a half-written output.
+An output in a bucket (`-o s3://bucket/out.h5ad`, `gs://...`) is written
+to a local temporary file and uploaded whole (`mmap_deploy.atomic`), the
+same guarantee.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..errors import UserError
+from ..location import Location, RemotePath, as_location
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -45,9 +49,9 @@ COLOUR_BAR_UNIT = "log10(1 + 10⁴ · count / library size)"  # the training tar
 OUTPUT_FORMATS = {".h5ad": "AnnData", ".zarr": "SpatialData"}
 
 
-def check_output_path(path: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output unless `overwrite`; make sure the folder can take the file."""
-    path = Path(path)
+def check_output_path(path: str | Path | RemotePath, overwrite: bool) -> Location:
+    """Refuse an existing output unless `overwrite`; make sure the folder (or the bucket) can take the file."""
+    path = as_location(path)
     if path.suffix not in OUTPUT_FORMATS:
         raise UserError(f"{path}: the output must end in .h5ad (AnnData) or .zarr (SpatialData), "
                         f"e.g. -o {path.with_suffix('.h5ad').name}")
@@ -55,7 +59,9 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
         from .sdata import check_store_path
 
         check_store_path(path, overwrite)
-    elif path.is_dir():
+    if isinstance(path, RemotePath):
+        return _check_remote_output(path, overwrite)
+    if path.is_dir() and path.suffix != ".zarr":
         raise UserError(f"{path}: is a directory; give a file name ending in .h5ad")
     if path.exists() and not overwrite:
         raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
@@ -75,6 +81,17 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
         from ..errors import OutputStorageError
 
         raise OutputStorageError(f"{path}: cannot write there ({e.strerror or e}); choose another -o") from None
+    return path
+
+
+def _check_remote_output(path: RemotePath, overwrite: bool) -> RemotePath:
+    """`check_output_path` for a bucket: writable there, the bucket exists, no whole output there already."""
+    from ..atomic import output_exists
+    from ..location import check_bucket
+
+    check_bucket(path)  # an HTTP URL, or a bucket that does not exist: said now, not after the slide has run
+    if output_exists(path) and not overwrite:
+        raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
     return path
 
 
@@ -196,17 +213,21 @@ def build_anndata(
     return adata
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Create `path`'s folder (a UserError when that fails), then write it atomically (see mmap_deploy.atomic)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{path}: cannot create its folder ({e.strerror or e}); choose another -o") from None
+def _atomic_write(path: Location, write: Callable[[Path], None]) -> None:
+    """Create `path`'s folder (a UserError when that fails), then write it atomically (see mmap_deploy.atomic).
+
+    In a bucket there is no folder to create: the file is uploaded whole.
+    """
+    if not isinstance(path, RemotePath):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{path}: cannot create its folder ({e.strerror or e}); choose another -o") from None
     with atomic_path(path) as tmp:
         write(tmp)
 
 
-def write_h5ad(adata: "anndata.AnnData", path: str | Path, overwrite: bool = False) -> Path:
+def write_h5ad(adata: "anndata.AnnData", path: str | Path | RemotePath, overwrite: bool = False) -> Location:
     """Write `adata` to `path` atomically; refuse an existing file unless `overwrite`.
 
     The `uns['spatial']` images are stored gzip-compressed (see `write_images_compressed`).
@@ -256,16 +277,16 @@ def write_images_compressed(path: Path, images: dict[str, dict[str, np.ndarray]]
                 write_elem(group, key, img, dataset_kwargs=dict(IMAGE_COMPRESSION, chunks=chunks))
 
 
-def write_output(adata: "anndata.AnnData", path: str | Path, overwrite: bool = False) -> Path:
-    """Write `adata` as `.h5ad` or, for a `.zarr` path, as SpatialData (`spatialdata_out`)."""
-    if Path(path).suffix == ".zarr":
+def write_output(adata: "anndata.AnnData", path: str | Path | RemotePath, overwrite: bool = False) -> Location:
+    """Write `adata` as `.h5ad` or, for a `.zarr` path, as SpatialData (`spatialdata_out`); local or in a bucket."""
+    if as_location(path).suffix == ".zarr":
         from .sdata import write_spatialdata
 
         return write_spatialdata(adata, path, overwrite)
     return write_h5ad(adata, path, overwrite)
 
 
-def plot_paths(out: Path, genes: list[str]) -> list[Path]:
+def plot_paths(out: Location, genes: list[str]) -> list[Location]:
     """Where `--plot` writes each gene's map: next to the output, `{stem}.{gene}.png`."""
     return [out.with_name(f"{out.stem}.{re.sub(r'[^A-Za-z0-9._-]+', '_', g)}.png") for g in genes]
 
@@ -316,7 +337,7 @@ def gene_map_title(adata: "anndata.AnnData", gene: str) -> str:
     return f"{gene} (predicted){demo}"
 
 
-def write_gene_plots(adata: "anndata.AnnData", genes: list[str], out: Path, library_id: str) -> list[Path]:
+def write_gene_plots(adata: "anndata.AnnData", genes: list[str], out: Location, library_id: str) -> list[Location]:
     """One PNG per gene: its predicted value per spot over the hires thumbnail (headless)."""
     import matplotlib
 

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..atomic import atomic_folder
+from ..atomic import atomic_folder, output_exists
 from ..errors import UserError
+from ..location import RemotePath, as_location
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -68,6 +69,8 @@ def check_store_path(path: Path, overwrite: bool) -> None:
     (no `zarr.json`, `.zgroup` or `.zattrs` at its top) is never replaced.
     """
     require_spatialdata(str(path))
+    if isinstance(path, RemotePath):  # a bucket prefix is a store once its root metadata is there (atomic_folder)
+        return
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{path}: exists and is not a folder (a .zarr output is a folder); "
@@ -174,12 +177,12 @@ def _piece_index(ids: list[int]):
     return pd.Index([str(i) for i in ids], dtype=object)
 
 
-def write_spatialdata(adata: "anndata.AnnData", path: str | Path, overwrite: bool = False) -> Path:
+def write_spatialdata(adata: "anndata.AnnData", path: str | Path | RemotePath, overwrite: bool = False) -> Path:
     """Write `adata` as a SpatialData store at `path` atomically; refuse an existing one unless `overwrite`."""
     # (mmap-predict has run output.check_output_path already; a direct call gets the store's own checks)
-    path = Path(path)
+    path = as_location(path)  # a local folder, or a bucket prefix (uploaded whole: see atomic_folder)
     check_store_path(path, overwrite)
-    if path.exists() and not overwrite:
+    if output_exists(path) and not overwrite:
         raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
     sdata = to_spatialdata(adata)
 

@@ -3,6 +3,12 @@
 The columns are `slide` and `coords`, and one optional column per option that
 a slide may set for itself (`options.manifest_columns`: `mpp`, `id`), read
 by the same checks as the option.
+
+The manifest, its rows' slides and coords, and the output folder may each be
+local or remote (`s3://`, `gs://`, `https://`: see `mmap_deploy.location`).
+A relative path in a row is relative to the manifest's own location: a
+manifest at `s3://bucket/cohort/slides.csv` with the row `svs/A.svs` names
+`s3://bucket/cohort/svs/A.svs`.
 """
 
 from __future__ import annotations
@@ -10,9 +16,10 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from ..errors import UserError
+from ..location import Location, RemotePath, as_location
 from ..options import Settings, manifest_columns, parse_column
 
 MANIFEST_COLUMNS = ("slide", "coords")
@@ -23,8 +30,8 @@ class ManifestRow:
     """One slide of the manifest: its line, paths, output name, and the options its columns set."""
 
     line: int
-    slide: Path
-    coords: Path | None  # None: an empty coords cell, for --grid
+    slide: Location  # a pathlib.Path, or a location.RemotePath
+    coords: Location | None  # None: an empty coords cell, for --grid
     name: str  # the output's name: the id column, else the slide's file name without extension
     values: dict[str, Any] = field(default_factory=dict)  # option name -> value, from the option columns
 
@@ -33,13 +40,22 @@ class ManifestRow:
         return self.values.get("mpp")
 
 
-def read_manifest(path: Path, settings_cls: type = Settings) -> list[ManifestRow]:
+def _row_path(base: Location, text: str) -> Location:
+    """A row's path: a URL as it is, an absolute local path, or a path relative to the manifest's folder."""
+    if "://" in text:  # a URL (an unknown scheme is said as such)
+        return as_location(text)
+    local = Path(text).expanduser()
+    return local if local.is_absolute() else base / text
+
+
+def read_manifest(path: Union[str, Path, RemotePath], settings_cls: type = Settings) -> list[ManifestRow]:
     """The batch manifest CSV: columns slide, coords, and the option columns; paths relative to the CSV.
 
     An empty coords cell is a slide with no spatial assay: it runs with `--grid` (and fails on its own
-    without it).
+    without it). The manifest and its paths may be local or remote (see the module docstring).
     """
     optional = manifest_columns(settings_cls)
+    path = as_location(path)
     if not path.is_file():
         raise UserError(f"{path}: manifest file not found; check the --manifest path")
     try:
@@ -77,12 +93,8 @@ def read_manifest(path: Path, settings_cls: type = Settings) -> list[ManifestRow
             raise UserError(f"{path}: line {line_no}: empty slide path")
         options = {optional[c]: parse_column(c, rec[c], f"{path}: line {line_no}", settings_cls)
                    for c in optional if rec.get(c)}
-        slide = Path(rec["slide"]).expanduser()
-        slide = slide if slide.is_absolute() else base / slide
-        coords = None
-        if rec["coords"]:
-            coords = Path(rec["coords"]).expanduser()
-            coords = coords if coords.is_absolute() else base / coords
+        slide = _row_path(base, rec["slide"])
+        coords = _row_path(base, rec["coords"]) if rec["coords"] else None
         name = options.get("library_id") or slide.stem  # the id column was checked as --library-id is
         if name in names:
             raise UserError(
@@ -97,26 +109,40 @@ def read_manifest(path: Path, settings_cls: type = Settings) -> list[ManifestRow
     return rows
 
 
-def check_rows_exist(manifest: Path, rows: list[ManifestRow], shard: tuple[int, int] | None = None) -> None:
+REMOTE_CHECKS = 16  # rows' remote paths looked up at once (each is a round trip)
+
+
+def check_rows_exist(manifest: Location, rows: list[ManifestRow], shard: tuple[int, int] | None = None) -> None:
     """Before the first slide starts: every row's slide and coords path (of this shard) exists.
 
     The missing ones are said in one error, one `line N: slide|coords PATH` each. An empty coords
-    cell (a row for --grid) is not a missing path.
+    cell (a row for --grid) is not a missing path. Remote paths are looked up `REMOTE_CHECKS` at a time.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     if shard is not None:
         i, n = shard
         rows = [r for k, r in enumerate(rows) if k % n == i]
-    missing = []
-    for row in rows:
-        for what, p in (("slide", row.slide), ("coords", row.coords)):
-            if p is not None and not p.exists():
-                missing.append(f"line {row.line}: {what} {p}")
+    paths = [(row, what, p) for row in rows for what, p in (("slide", row.slide), ("coords", row.coords))
+             if p is not None]
+    if any(isinstance(p, RemotePath) for _, _, p in paths):
+        with ThreadPoolExecutor(max_workers=REMOTE_CHECKS, thread_name_prefix="mmap-exists") as pool:
+            found = list(pool.map(lambda t: t[2].exists(), paths))
+    else:
+        found = [p.exists() for _, _, p in paths]
+    missing = [f"line {row.line}: {what} {p}" for (row, what, p), ok in zip(paths, found) if not ok]
     if missing:
         raise UserError(f"{manifest}: {len(missing)} path(s) not found, no slide was started: "
                         f"{'; '.join(missing)}; fix the manifest (paths are relative to its folder)")
 
 
-def check_output_dir(out_dir: Path) -> None:
+def check_output_dir(out_dir: Union[str, Path, RemotePath]) -> None:
+    """-o of a batch: a folder (or a bucket prefix), not a file; a remote one must be a bucket."""
+    out_dir = as_location(out_dir)
+    if isinstance(out_dir, RemotePath):
+        from ..location.transfer import require_writable
+
+        require_writable(out_dir)
     if out_dir.suffix in (".h5ad", ".zarr") or (out_dir.exists() and not out_dir.is_dir()):
         raise UserError(f"{out_dir}: with --manifest, -o is an output folder (one .h5ad per slide, "
                         "or one .zarr with --format zarr)")

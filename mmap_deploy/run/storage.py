@@ -15,6 +15,11 @@ further slide would fail the same way after computing for nothing. So
 
 Quotas (EDQUOT) are not visible in the free space `statvfs` reports, so on a
 quota'd filesystem only the second line of defence applies.
+
+A bucket (`s3://`, `gs://`) has no free space to check: an output for it is
+staged in the temporary folder (`$TMPDIR`) and uploaded whole, so that
+folder is the one checked, and a full disk is said of it. The bucket itself
+is checked to exist (`make_output_dir`).
 """
 
 from __future__ import annotations
@@ -23,10 +28,14 @@ import contextlib
 import errno
 import re
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Union
 
 from ..errors import OutputStorageError
+from ..location import RemotePath, as_location, human_bytes
+
+Folder = Union[str, Path, RemotePath]
 
 # Errors of the output folder rather than of the slide.
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
@@ -67,66 +76,76 @@ def slide_output_bytes(n_spots: int, manifest, width: int, height: int, n_plots:
     return expected_output_bytes(n_spots, len(manifest.genes), manifest.embed_dim, thumb, n_plots, zarr)
 
 
-def free_bytes(folder: Path) -> int:
-    """Bytes an unprivileged writer may still use in `folder` (its nearest existing ancestor)."""
-    folder = Path(folder)
+def local_folder(folder: Folder) -> Path:
+    """Where an output for `folder` is written on this machine: the folder, or for a bucket the staging folder."""
+    loc = as_location(folder)
+    return Path(tempfile.gettempdir()) if isinstance(loc, RemotePath) else loc
+
+
+def _said(folder: Folder) -> str:
+    loc = as_location(folder)
+    return f"{tempfile.gettempdir()} (staging for {loc})" if isinstance(loc, RemotePath) else str(loc)
+
+
+def free_bytes(folder: Folder) -> int:
+    """Bytes an unprivileged writer may still use in `folder` (its nearest existing ancestor; see `local_folder`)."""
+    folder = local_folder(folder)
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return shutil.disk_usage(folder).free
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
-
-
-def _no_room(folder: Path, need: int, free: int, what: str) -> OutputStorageError:
+def _no_room(folder: Folder, need: int, free: int, what: str) -> OutputStorageError:
+    fix = ("free some space there or set TMPDIR to a larger disk" if isinstance(as_location(folder), RemotePath)
+           else "free some space or choose another output folder")
     return OutputStorageError(
-        f"{folder}: no room for {what}: it needs about {human_bytes(need)}, {human_bytes(free)} free there; "
-        "free some space or choose another output folder"
+        f"{_said(folder)}: no room for {what}: it needs about {human_bytes(need)}, {human_bytes(free)} free there; "
+        f"{fix}"
     )
 
 
-def make_output_dir(folder: Path) -> None:
-    """Create a batch's output folder, or say in one line why it cannot be."""
+def make_output_dir(folder: Folder) -> None:
+    """Create a batch's output folder, or say in one line why it cannot be (a bucket: that it does not exist)."""
+    loc = as_location(folder)
+    if isinstance(loc, RemotePath):
+        from ..location import check_bucket
+
+        check_bucket(loc)  # a prefix needs no creating
+        return
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        loc.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputStorageError(f"{folder}: cannot create the output folder ({e.strerror or e}); "
                                  "choose another -o") from None
 
 
-def check_free_space(folder: Path, need: int, what: str) -> None:
-    """Raise OutputStorageError when `folder` has less than `need` bytes free."""
+def check_free_space(folder: Folder, need: int, what: str) -> None:
+    """Raise OutputStorageError when `folder` (for a bucket: the staging folder) has less than `need` bytes free."""
     free = free_bytes(folder)
     if free < need:
-        raise _no_room(Path(folder), need, free, what)
+        raise _no_room(folder, need, free, what)
 
 
-def storage_error(exc: BaseException, folder: Path, need: int, what: str) -> OutputStorageError | None:
+def storage_error(exc: BaseException, folder: Folder, need: int, what: str) -> OutputStorageError | None:
     """The one-line error for an exception that says the folder is full or not writable, else None."""
     if not isinstance(exc, OSError):
         return None
     code = exc.errno
     if code not in _STORAGE_ERRNOS and not _STORAGE_TEXT.search(str(exc)):
         return None
-    folder = Path(folder)
     free = free_bytes(folder)
     text = str(exc)
     if code in (errno.EACCES, errno.EPERM, errno.EROFS) or re.search(r"Permission denied|Read-only", text):
         reason = exc.strerror or ("read-only file system" if "Read-only" in text else "permission denied")
         return OutputStorageError(
-            f"{folder}: cannot write {what} there ({reason}); it needs about {human_bytes(need)}, "
+            f"{_said(folder)}: cannot write {what} there ({reason}); it needs about {human_bytes(need)}, "
             f"{human_bytes(free)} free; fix the folder's permissions or choose another output folder"
         )
     return _no_room(folder, need, free, what)
 
 
 @contextlib.contextmanager
-def output_storage_guard(folder: Path, need: int, what: str) -> Iterator[None]:
+def output_storage_guard(folder: Folder, need: int, what: str) -> Iterator[None]:
     """Turn a full disk, a quota or a permission failure inside the block into OutputStorageError."""
     try:
         yield
