@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
         UserError,
     )
     from .inputs.tissue import Tissue
+    from .location import set_storage_options
 
 # public name -> the module that defines it
 _LAZY = {
@@ -44,6 +45,7 @@ _LAZY = {
     "EngineMismatchError": "errors",
     "OutputStorageError": "errors",
     "MMAPWarning": "errors",
+    "set_storage_options": "location",
 }
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "make_grid",
     "predict",
     "read_spots",
+    "set_storage_options",
     "write",
 ]
 

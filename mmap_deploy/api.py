@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import anndata
     import pandas
 
+    from .location import Location
     from .engines import Engines
     from .inputs.tissue import Tissue
     from .model.bundle import Bundle
@@ -41,10 +42,13 @@ PathLike = Union[str, "os.PathLike[str]"]
 API_COMMAND = "mmap_deploy.Predictor.predict (Python API)"
 
 
-def _path(value: object, what: str) -> Path:
-    if not isinstance(value, (str, os.PathLike)):
-        raise UserError(f"{what} must be a path (str or pathlib.Path), got {type(value).__name__}")
-    return Path(value)
+def _path(value: object, what: str) -> Location:
+    """A local path or a URL (s3://, gs://, https://: `location.as_location`), kept a URL."""
+    from .location import RemotePath, as_location
+
+    if not isinstance(value, (str, os.PathLike, RemotePath)):
+        raise UserError(f"{what} must be a path or a URL (str or pathlib.Path), got {type(value).__name__}")
+    return as_location(value)
 
 
 def _signed(function: Any, leading: list[inspect.Parameter], scopes: tuple[str, ...], *,

@@ -73,25 +73,42 @@ class _Command(click.Command):
 
 
 def _command_line() -> str:
-    """`mmap-predict ARGS` as given (also through click's test runner, or on a Ray worker: passed down)."""
+    """`mmap-predict ARGS` as given (also through click's test runner, or on a Ray worker: passed down),
+    secrets in URLs hidden: it goes into every output's provenance."""
+    from .location import redact_text
+
     ctx = click.get_current_context(silent=True)
     args = ctx.meta.get("mmap_argv") if ctx is not None else None
-    return command_line("mmap-predict", args)
+    return redact_text(command_line("mmap-predict", args))
+
+
+class _LocationType(click.ParamType):
+    """A local path or a URL (s3://, gs://, https://), kept a URL (`location.as_location`)."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from .location import as_location
+
+        try:
+            return as_location(value)
+        except UserError as e:
+            self.fail(str(e), param, ctx)
 
 
 def _run_params(settings_cls: type) -> list[click.Parameter]:
-    path = click.Path(path_type=Path, dir_okay=True)
+    path = _LocationType()
     columns = ",".join(manifest_columns(settings_cls))
     return [
         click.Argument(["slide"], required=False, type=path),
         click.Argument(["coords"], required=False, type=path),
-        click.Option(["-o", "--output"], type=click.Path(path_type=Path),
+        click.Option(["-o", "--output"], type=path,
                      help="Output file: .h5ad (AnnData) or .zarr (SpatialData, needs the [spatialdata] extra). "
                           "With --manifest: an output folder, one file per slide (see --format)."),
         click.Option(["--demo"], is_flag=True, help="Run the built-in her2st sample with the demo model."),
         click.Option(["--list-genes"], is_flag=True, help="Print the genes the model (--model, or the demo model) "
                                                           "predicts, one a line on stdout, and exit."),
-        click.Option(["--manifest"], type=click.Path(path_type=Path, dir_okay=False),
+        click.Option(["--manifest"], type=path, metavar="FILE",
                      help=f"Batch mode: CSV with columns slide,coords and optional {columns} (paths relative "
                           "to the CSV)."),
         click.Option(["--ray", "ray_address"], is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",

@@ -37,9 +37,12 @@ import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .location import Location
 
 # -- who is asking: the spelling of option names in messages --------------------------------------
 CLI, API = "cli", "api"
@@ -214,16 +217,22 @@ class Names(Kind):
 
 @dataclass(frozen=True)
 class PathArg(Kind):
-    """A path to a file or folder; a missing one is refused when `must_exist`."""
+    """A local path or a URL (`location.as_location`); a missing one is refused when `must_exist`, a URL
+    when `local_only`."""
 
     what: str = "file"
     must_exist: bool = False
+    local_only: bool = False
     metavar: str = "PATH"
 
-    def parse(self, value: Any, name: str) -> Path:
-        if not isinstance(value, (str, os.PathLike)) or not str(value):
+    def parse(self, value: Any, name: str) -> Location:
+        from .location import RemotePath, as_location
+
+        if not isinstance(value, (str, os.PathLike, RemotePath)) or not str(value):
             raise self.refuse(name, value, f"must be a path to a {self.what} (str or pathlib.Path)")
-        path = Path(value)
+        path = as_location(value)
+        if self.local_only and isinstance(path, RemotePath):
+            raise self.refuse(name, str(path), f"must be a local {self.what}; copy it to local disk first")
         if self.must_exist and not path.exists():
             raise self.refuse(name, str(path), f"{self.what} not found; check the path")
         return path
@@ -307,8 +316,8 @@ class Settings:
     """
 
     # -- the model and its engines (Predictor) --
-    model: Path | None = option(None, PathArg("model bundle directory"), "Model bundle directory made by "
-                                "mmap-export. Default: the built-in demo model.", ENGINE)
+    model: Path | None = option(None, PathArg("model bundle directory", local_only=True), "Model bundle "
+                                "directory made by mmap-export. Default: the built-in demo model.", ENGINE)
     backend: str = option("auto", Choice(BACKENDS), "Inference engine; auto picks the fastest available and "
                           "says which.", ENGINE)
     precision: str = option("fp32", Choice(PRECISIONS), "Which of the bundle's model files to run.", ENGINE)
@@ -336,7 +345,7 @@ class Settings:
                               "slide's tissue: 'visium' (hexagonal, 100 µm apart, 55 µm spots), 'st' (square, "
                               "200 µm, 100 µm spots) or square bins of NUM µm (e.g. 16um; 2-1000). In a batch: for "
                               "the rows whose coords are empty.", SLIDE)
-    tissue_mask: Path | None = option(None, PathArg("mask file", must_exist=True), "With {grid}: the tissue, in "
+    tissue_mask: Location | None = option(None, PathArg("mask file", must_exist=True), "With {grid}: the tissue, in "
                                       "place of detection: a binary PNG/TIFF (the slide's aspect ratio, any size) "
                                       "or GeoJSON polygons in level-0 pixels (QuPath, TRIDENT).", SLIDE,
                                       applies_with="grid")

@@ -71,9 +71,6 @@ def test_spots_that_cannot_be_fetched_are_one_line_and_no_output(demo, bucket, w
     assert web.gets("/B4_selection.tsv") == 3
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py's path arguments and run/predict.py's open_spots still make every path a "
-                   "pathlib.Path (a TypeError for a row's RemotePath, 's3:/' in messages); passes once they take "
-                   "location.as_location")
 def test_a_batch_from_a_manifest_in_a_bucket_into_a_bucket(demo, bucket, tmp_path):
     image, coords, _ = demo
     bucket.put("cohort/spots/A.tsv", coords.read_bytes())

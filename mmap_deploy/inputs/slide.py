@@ -34,11 +34,14 @@ to pass `--mpp`. The name of the source is recorded as `mpp_source`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import UserError
+from ..location import RemotePath, as_location, local_copy, open_input
+from ..location.transfer import MULTI_FILE_FORMATS
 from ..options import SLIDE_READERS
 from .readers.base import (
     GIVEN_MPP,
@@ -148,6 +151,41 @@ def _forced(source: Path | BinaryIO, reader: str) -> list[_Choice]:
     return [_Choice(reader, why, source)]
 
 
+# Single-file formats that OpenSlide reads and the tifffile reader does not take for its own: a remote one
+# is copied to local disk whole (location.local_copy); multi-file formats (MIRAX, VMS, DICOM) are refused there.
+COPIED_FOR_OPENSLIDE = (".ndpi", ".scn", ".bif", ".svslide", ".vsf")
+
+
+def _open_remote(loc: RemotePath, mpp: float | None, fallback_mpp: tuple[float, str] | None,
+                 reader: str) -> SlideReader:
+    """A slide in a bucket or on a web server (`location`): TIFFs and plain images read by byte range
+    through a block cache; a format only OpenSlide reads copied to local disk first (its size bounded,
+    the copy removed with the slide); a DICOM series refused with the fix. The remote file (and the
+    copy) close with the slide."""
+    dicom = (f"{loc}: a DICOM WSI is a series of files, which OpenSlide reads only from a local folder; copy "
+             "the series folder to local disk and pass that folder")
+    if loc.url.endswith("/"):
+        raise UserError(dicom)
+    stack = contextlib.ExitStack()
+    try:
+        f = stack.enter_context(open_input(loc))
+        if file_kind(f) == "dicom":
+            raise UserError(dicom)
+        suffix = loc.suffix.lower()
+        if reader == "openslide" or suffix in COPIED_FOR_OPENSLIDE or suffix in MULTI_FILE_FORMATS:
+            local = stack.enter_context(local_copy(loc, stats=f.stats))
+            slide = open_slide(local, mpp, fallback_mpp, reader)
+            slide.reason += "; copied to local disk whole: OpenSlide reads local files only"
+        else:
+            slide = open_slide(f, mpp, fallback_mpp, reader, name=str(loc))
+        slide.path = loc
+        slide._owned = stack
+        return slide
+    except BaseException:
+        stack.close()
+        raise
+
+
 def _ranked_object(f: BinaryIO) -> list[_Choice]:
     """The backend for a binary file object (a remote slide): tifffile for a TIFF, else a plain image."""
     kind = file_kind(f)
@@ -194,6 +232,10 @@ def open_slide(path: str | Path | BinaryIO, mpp: float | None = None,
     """
     if reader not in READERS:
         raise UserError(f"reader must be one of {', '.join(READERS)}, not {reader!r}")
+    if not (hasattr(path, "read") and hasattr(path, "seek")):
+        loc = as_location(path)
+        if isinstance(loc, RemotePath):
+            return _open_remote(loc, mpp, fallback_mpp, reader)
     if hasattr(path, "read") and hasattr(path, "seek"):
         source: Path | BinaryIO = path
         label: Path | str = name or str(getattr(path, "path", None) or getattr(path, "name", None) or "<file>")

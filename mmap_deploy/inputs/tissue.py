@@ -74,11 +74,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..options import spell
 from .outline import Ring
 from .slide import SlideReader, _box_reduce  # noqa: F401 (_box_reduce: named here by the tests)
 from .tissue_mask import (
     METHOD_DETECTED,
-    TISSUE_MASK_FLAG,
     UM_PER_PX,
     Tissue,
     area_share,
@@ -127,7 +127,7 @@ def no_tissue_error(source: str | Path, share_before: float, min_area_mm2: float
     """The one-line error for a slide where detection kept no tissue."""
     return NoTissueError(
         f"{source}: no tissue found: {share_before:.1%} of the slide looked like tissue before the filters "
-        f"(ink, out-of-field blocks, pieces under {min_area_mm2:g} mm²); pass {TISSUE_MASK_FLAG} "
+        f"(ink, out-of-field blocks, pieces under {min_area_mm2:g} mm²); pass {spell('tissue_mask')} "
         "(a PNG/TIFF mask, or GeoJSON from QuPath or TRIDENT) with the tissue, or check that the slide "
         "is an H&E scan with tissue on it"
     )

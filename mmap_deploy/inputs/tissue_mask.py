@@ -26,6 +26,7 @@ with `outline.fill_rings` (see there why not a library).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import threading
@@ -37,10 +38,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UserError
+from ..location import as_location, read_input
+from ..options import spell
 from .outline import Ring, fill_rings
 from .outline import outline as _outline
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..location import Location
     from .slide import SlideReader
 
 UM_PER_PX = 8.0  # mask resolution (µm per pixel)
@@ -50,7 +54,6 @@ MAX_MASK_PIXELS = 40_000 * 40_000  # a user mask image larger than this is refus
 METHOD_DETECTED = "detected"
 METHOD_IMAGE = "mask:image"
 METHOD_GEOJSON = "mask:geojson"
-TISSUE_MASK_FLAG = "--tissue-mask FILE"
 GEOJSON_SUFFIXES = (".geojson", ".json")
 
 _PIL_LOCK = threading.Lock()
@@ -285,18 +288,11 @@ def area_share(area_mm2: float, slide: SlideReader) -> float:
 
 
 # -- the user's mask ---------------------------------------------------------------------------
-def _is_geojson(path: Path) -> bool:
-    if path.suffix.lower() in GEOJSON_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(64).lstrip()
-    except OSError:
-        return False
-    return head[:1] in (b"{", b"[")
+def _is_geojson(path: Location, data: bytes) -> bool:
+    return path.suffix.lower() in GEOJSON_SUFFIXES or data[:64].lstrip()[:1] in (b"{", b"[")
 
 
-def read_tissue_mask(path: str | Path, slide: SlideReader, *, um_per_px: float = UM_PER_PX) -> Tissue:
+def read_tissue_mask(path: str | Location, slide: SlideReader, *, um_per_px: float = UM_PER_PX) -> Tissue:
     """The user's tissue mask for `slide` (replaces detection); `UserError` if unusable.
 
     A binary image (PNG, TIFF, ...; nonzero = tissue, alpha 0 = background) of
@@ -309,9 +305,9 @@ def read_tissue_mask(path: str | Path, slide: SlideReader, *, um_per_px: float =
 
     Parameters
     ----------
-    path : str or Path
+    path : str, Path or RemotePath
         The mask: an image, or GeoJSON (by its suffix ``.geojson``/``.json``,
-        or a file that starts with ``{`` or ``[``).
+        or a file that starts with ``{`` or ``[``); local, or a URL (read whole).
     slide : SlideReader
         The slide the mask is of (its size and resolution).
     um_per_px : float
@@ -329,14 +325,18 @@ def read_tissue_mask(path: str | Path, slide: SlideReader, *, um_per_px: float =
         aspect ratio, GeoJSON without polygons or with none on the slide.
     """
     t0 = time.perf_counter()
-    path = Path(path)
+    path = as_location(path)
     if not path.is_file():
-        raise UserError(f"{path}: tissue mask not found; check the path given to {TISSUE_MASK_FLAG.split()[0]}")
-    if _is_geojson(path):
-        mask, sx, sy, params = _geojson_mask(path, slide, um_per_px)
+        raise UserError(f"{path}: tissue mask not found; check the path given to {spell('tissue_mask')}")
+    try:
+        data = read_input(path)
+    except OSError as exc:
+        raise UserError(f"{path}: the tissue mask cannot be read ({exc}); check its permissions") from None
+    if _is_geojson(path, data):
+        mask, sx, sy, params = _geojson_mask(path, data, slide, um_per_px)
         method = METHOD_GEOJSON
     else:
-        mask, sx, sy, params = _image_mask(path, slide, um_per_px)
+        mask, sx, sy, params = _image_mask(path, data, slide, um_per_px)
         method = METHOD_IMAGE
     labels, n = label_pieces(mask)
     px_mm2 = (slide.mpp / sx) * (slide.mpp / sy) / 1e6
@@ -365,14 +365,14 @@ def _mask_from_pixels(image) -> np.ndarray:
     return (a != 0).any(axis=2)
 
 
-def _image_mask(path: Path, slide, um_per_px: float) -> tuple[np.ndarray, float, float, dict]:
+def _image_mask(path: Location, data: bytes, slide, um_per_px: float) -> tuple[np.ndarray, float, float, dict]:
     from PIL import Image, UnidentifiedImageError
 
     with _PIL_LOCK:
         old = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            image = Image.open(path)
+            image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise UserError(
                 f"{path}: not an image or GeoJSON; the tissue mask must be a binary PNG/TIFF "
@@ -450,11 +450,10 @@ def _ring_array(ring: Any) -> np.ndarray | None:
     return a[:, :2]
 
 
-def _geojson_mask(path: Path, slide, um_per_px: float) -> tuple[np.ndarray, float, float, dict]:
+def _geojson_mask(path: Location, raw: bytes, slide, um_per_px: float) -> tuple[np.ndarray, float, float, dict]:
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: not valid GeoJSON ({exc}); export the tissue from QuPath or TRIDENT as GeoJSON") from None
     polygons = []
     for poly in _polygons(data):

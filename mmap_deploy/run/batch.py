@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..atomic import output_exists
 from ..messages import EXIT_BATCH_FAILED, EXIT_OK, echo
 from .manifest import ManifestRow, check_output_dir
 
@@ -72,6 +73,10 @@ def predict_row(row: ManifestRow, out: Path, bundle: Bundle, state: RunState, se
         if err is None:
             raise
         return SlideOutcome(row.name, STOP, str(err))
+    except OutputStorageError as e:  # a bucket that cannot be written at all: every slide would fail so
+        return SlideOutcome(row.name, STOP, str(e))
+    except UserError as e:  # a bucket's one-line failure for this slide's claim
+        return SlideOutcome(row.name, FAILED, str(e))
     if isinstance(claim, ClaimHolder):
         return SlideOutcome(row.name, CLAIMED, f"claimed by another run ({claim.describe()}; "
                                                f"{claim_path(out)})")
@@ -157,7 +162,7 @@ class BatchPlan:
 
     def skip_existing(self, job: BatchJob, say: Callable[[str], None] = echo) -> bool:
         """True (said, and counted) when the job's output is already there and --overwrite is not given."""
-        if job.out.exists() and not self.overwrite:
+        if not self.overwrite and output_exists(job.out):
             self.tally.skipped.append(job.row.name)
             say(f"{job.prefix}: skipped, {job.out} exists (pass --overwrite to redo it)")
             return True

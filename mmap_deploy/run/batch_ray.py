@@ -50,6 +50,7 @@ from ..errors import UserError, first_line
 from ..messages import echo
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..location import Location
     from ..model.bundle import Bundle
     from ..options import Settings
     from .batch import BatchJob, BatchPlan, SlideOutcome
@@ -186,10 +187,10 @@ class SlideWorker:
                         batch_size=self.state.batch_size, readers=self.state.read_workers)
         return info
 
-    def predict(self, row: ManifestRow, out: str, manifest_name: str) -> SlideOutcome:
+    def predict(self, row: ManifestRow, out: Location, manifest_name: str) -> SlideOutcome:
         from .batch import predict_row
 
-        return predict_row(row, Path(out), self.bundle, self.state, self.settings, manifest_name=manifest_name,
+        return predict_row(row, out, self.bundle, self.state, self.settings, manifest_name=manifest_name,
                            run_id=self.run_id, spot_progress=lambda n: self.counter.add.remote(n))
 
 
@@ -249,7 +250,8 @@ class _RayBatch:
         while self.in_flight or (self.to_do and not self.stopped):
             while self.free and self.to_do and not self.stopped:
                 w, job = self.free.popleft(), self.to_do.popleft()
-                self.in_flight[self.actors[w].predict.remote(job.row, str(job.out), self.plan.manifest.name)] = (w, job)
+                # job.out itself: a RemotePath travels as its full URL, str() would be its redacted form
+                self.in_flight[self.actors[w].predict.remote(job.row, job.out, self.plan.manifest.name)] = (w, job)
             if not self.in_flight and not self.starting:
                 raise UserError("no Ray worker could be started; see the messages above")
             done, _ = self.ray.wait(list(self.in_flight) + list(self.starting), num_returns=1, timeout=POLL_S)

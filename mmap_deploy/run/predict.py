@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .._version import __version__
 from ..errors import UserError
+from ..location import Location, as_location, io_totals
 from ..messages import info, note, warn
 from ..options import Settings, spell
 
@@ -112,7 +113,7 @@ class SpotSource:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def open_spots(slide_path: Path, coords: Path | None, settings: Settings) -> tuple[SlideReader, SpotSource]:
+def open_spots(slide_path: Location, coords: Location | None, settings: Settings) -> tuple[SlideReader, SpotSource]:
     """The slide, opened, and its spots: the one place where the spot source is resolved.
 
     With `coords` (a table, or a Space Ranger / Visium HD folder) the spots are
@@ -126,8 +127,8 @@ def open_spots(slide_path: Path, coords: Path | None, settings: Settings) -> tup
     from ..inputs.slide import open_slide
 
     if coords is None:
-        return _grid_spots(Path(slide_path), settings)
-    coords = Path(coords)
+        return _grid_spots(slide_path, settings)
+    coords = as_location(coords)
     swapped = swapped_arguments_problem(slide_path, coords)
     if swapped:
         raise UserError(swapped)
@@ -138,7 +139,7 @@ def open_spots(slide_path: Path, coords: Path | None, settings: Settings) -> tup
     return slide, SpotSource(spot_input, lattice, coords)
 
 
-def _grid_spots(slide_path: Path, settings: Settings) -> tuple[SlideReader, SpotSource]:
+def _grid_spots(slide_path: Location, settings: Settings) -> tuple[SlideReader, SpotSource]:
     """Open the slide, find its tissue (or read the user's mask), lay the grid over it."""
     from ..inputs.geometry import fit_lattice
     from ..inputs.grid import grid_over_tissue, parse_grid
@@ -182,7 +183,7 @@ class SlideRun:
     t0: float  # when the slide's run began (time.perf_counter)
 
 
-def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle: Bundle, state: RunState,
+def predict_adata(slide_path: str | Location, coords_path: str | Location | None, bundle: Bundle, state: RunState,
                   settings: Settings, *, mpp_origin: str | None = None,
                   spot_progress: Callable[[int], Any] | None = None, out: Path | None = None,
                   t0: float | None = None) -> SlideRun:
@@ -201,9 +202,10 @@ def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle
     from ..outputs.adata import build_anndata
 
     t0 = time.perf_counter() if t0 is None else t0
-    slide_path = Path(slide_path)
+    io_before = io_totals()  # remote bytes and requests of this slide (one slide at a time per process)
+    slide_path = as_location(slide_path)
     mpp_origin = mpp_origin or spell("mpp")
-    slide, source = open_spots(slide_path, None if coords_path is None else Path(coords_path), settings)
+    slide, source = open_spots(slide_path, coords_path, settings)
     with slide:
         checked = _check_slide(slide, slide_path, source, bundle, settings, out=out, mpp_origin=mpp_origin)
         state.say_engines_once()
@@ -215,6 +217,9 @@ def predict_adata(slide_path: str | Path, coords_path: str | Path | None, bundle
         pred.timings.update(source.timings)
         spot_tissue = _spot_tissue(slide, pred.timings) if source.grid is None else None
         pred.timings["open"] = round(t_open, 4)
+        remote = io_totals() - io_before
+        if remote.requests:
+            pred.timings.update(remote.timings())
         pred.timings["thumbnail"] = round(thumb.seconds, 4)
         pred.timings["thumbnail_wait"] = round(thumb.wait, 4)
         adata = build_anndata(pred, thumb.image, thumb.scale, library_id=library_id, slide_mpp=slide.mpp,

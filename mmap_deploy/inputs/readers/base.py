@@ -11,6 +11,7 @@ and tissue detection) and the thumbnail.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -171,6 +172,7 @@ class SlideReader:
     level_downsamples: tuple[float, ...] = (1.0,)
     level_dimensions: tuple[tuple[int, int], ...] = ()
     _tiles: list[tuple[int, int]] = [(1, 1)]
+    _owned: contextlib.ExitStack | None = None  # closed with the slide: see `close`
 
     @property
     def level_count(self) -> int:
@@ -289,7 +291,15 @@ class SlideReader:
         return image, scale
 
     def close(self) -> None:
-        """Release the slide's file handles and memory."""
+        """Release the slide's file handles and memory, and what it was opened from (a remote file, a
+        local copy of one: `owned`)."""
+        self._close_backend()
+        owned, self._owned = self._owned, None
+        if owned is not None:
+            owned.close()
+
+    def _close_backend(self) -> None:
+        """What a backend releases: its handles and memory."""
 
     def __enter__(self) -> SlideReader:
         return self

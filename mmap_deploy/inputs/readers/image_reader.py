@@ -71,7 +71,7 @@ class ImageReader(SlideReader):
         image = _pil_resize(self._pixels, w, h)
         return image, image.shape[1] / self.width
 
-    def close(self) -> None:
+    def _close_backend(self) -> None:
         self._pixels = None
 
 

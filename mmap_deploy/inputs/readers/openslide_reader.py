@@ -144,7 +144,7 @@ class OpenSlideReader(SlideReader):
         d = self.level_downsamples[level]
         return _composite_on_white(self._read_rgba((round(left * d), round(top * d)), level, (width, height)))
 
-    def close(self) -> None:
+    def _close_backend(self) -> None:
         with self._lock:
             handles = self._retired + ([self._handle] if self._handle is not None else [])
             self._handle, self._retired, self._users, self._closed = None, [], {}, True

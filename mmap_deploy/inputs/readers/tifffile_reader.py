@@ -335,7 +335,7 @@ class TiffFileReader(SlideReader):
         tile.setflags(write=False)
         return tile
 
-    def close(self) -> None:
+    def _close_backend(self) -> None:
         with self._lock:
             tf, self._tf = self._tf, None
             self._cache.clear()
