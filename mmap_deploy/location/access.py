@@ -41,7 +41,7 @@ from ..errors import OutputStorageError, UserError, first_line
 from .naming import CLOUD_EXTRA, SCHEMES, add_secret, redact_text
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .path import RemotePath
+    from .url import RemoteURL as RemotePath  # the names are all a storage call needs
 
 _T = TypeVar("_T")
 

@@ -19,150 +19,26 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterator, Union
 from urllib.parse import urlsplit
 
 from ..errors import UserError
 from .access import RemoteStat, exists, is_dir, is_file, list_folder, read_bytes, stat
-from .naming import BUCKET_SCHEMES, SCHEMES, URL_SCHEME, is_url, redact_url
+from .naming import SCHEMES, URL_SCHEME, is_url, redact_url
 from .ranges import RangeFile, open_range
+from .url import RemoteURL
 
 # pathlib collapses '//': Path("s3://b/k") is 's3:/b/k'. A path given as such a Path (an old caller, a
 # command-line type that made a Path) is turned back into its URL.
 _MANGLED = re.compile(r"^(s3|gs|gcs|https?):/(?!/)", re.I)
 
 
-class RemotePath:
-    """An object in a bucket or a file on a web server, named by its URL; see the module docstring.
+class RemotePath(RemoteURL):
+    """An object in a bucket or a file on a web server, named by its URL (`url.RemoteURL`), and what reads
+    it: the part of `pathlib.Path` the runtime uses; see the module docstring."""
 
-    `str()` is the display form (secrets hidden); `url` the full URL, for
-    the storage client only. Pickles as its URL, so it travels to Ray
-    workers; credentials are never part of it (each machine has its own:
-    environment, profile, instance role or ADC).
-    """
-
-    __slots__ = ("_url", "scheme", "netloc", "key", "query")
-
-    def __init__(self, url: str):
-        m = URL_SCHEME.match(url)
-        if not m or m.group(1).lower() not in SCHEMES:
-            raise UserError(f"{redact_url(url)}: not a URL this tool reads; use s3://, gs://, https:// or a local path")
-        parts = urlsplit(url)
-        self.scheme = parts.scheme.lower()
-        self.netloc = parts.netloc
-        if not self.netloc:
-            raise UserError(f"{redact_url(url)}: no {'bucket' if self.scheme in BUCKET_SCHEMES else 'host'} in the URL; "
-                            f"write it as {self.scheme}://{'BUCKET' if self.scheme in BUCKET_SCHEMES else 'HOST'}/PATH")
-        self.key = parts.path.lstrip("/")
-        # a query names an HTTP resource (a signed URL); S3 and GCS keys have none
-        self.query = parts.query if self.scheme in ("http", "https") else ""
-        self._url = f"{self.scheme}://{self.netloc}/{self.key}" + (f"?{self.query}" if self.query else "")
-
-    # -- names ---------------------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        """The full URL, secrets included: for the storage client, never for a message."""
-        return self._url
-
-    @property
-    def is_bucket(self) -> bool:
-        """An S3 or GCS location (object storage), not an HTTP server."""
-        return self.scheme in BUCKET_SCHEMES
-
-    @property
-    def bucket(self) -> str:
-        """The bucket (S3, GCS) or host (HTTP)."""
-        return self.netloc.rsplit("@", 1)[-1]
-
-    def __str__(self) -> str:
-        return redact_url(self._url)
-
-    def __repr__(self) -> str:
-        return f"RemotePath({str(self)!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RemotePath) and other._url == self._url
-
-    def __hash__(self) -> int:
-        return hash(self._url)
-
-    def __reduce__(self) -> tuple:
-        return RemotePath, (self._url,)
-
-    @property
-    def _pure(self) -> PurePosixPath:
-        return PurePosixPath("/" + self.key)
-
-    @property
-    def name(self) -> str:
-        return self._pure.name
-
-    @property
-    def stem(self) -> str:
-        return self._pure.stem
-
-    @property
-    def suffix(self) -> str:
-        return self._pure.suffix
-
-    @property
-    def suffixes(self) -> list[str]:
-        return self._pure.suffixes
-
-    @property
-    def parts(self) -> tuple[str, ...]:
-        """The bucket (or host) and each part of the key."""
-        return (self.bucket, *[p for p in self.key.split("/") if p])
-
-    def _with_key(self, key: str) -> RemotePath:
-        # a child or a sibling has no query of its own (a signature is for one object)
-        return RemotePath(f"{self.scheme}://{self.netloc}/{key}")
-
-    @property
-    def parent(self) -> RemotePath:
-        key = self.key.rstrip("/")
-        return self._with_key(key.rsplit("/", 1)[0] + "/" if "/" in key else "")
-
-    def __truediv__(self, other: str | os.PathLike) -> RemotePath:
-        other = os.fspath(other).replace("\\", "/")
-        if is_url(other):
-            return RemotePath(other)
-        parts = [] if other.startswith("/") else [p for p in self.key.split("/") if p]
-        for part in other.split("/"):
-            if part in ("", "."):
-                continue
-            if part == "..":
-                if not parts:
-                    raise UserError(f"{self}: {other!r} goes above the {'bucket' if self.is_bucket else 'server'}'s root")
-                parts.pop()
-            else:
-                parts.append(part)
-        return self._with_key("/".join(parts) + ("/" if other.endswith("/") and parts else ""))
-
-    def joinpath(self, *others: str) -> RemotePath:
-        out = self
-        for o in others:
-            out = out / o
-        return out
-
-    def with_name(self, name: str) -> RemotePath:
-        return self.parent / name
-
-    def with_suffix(self, suffix: str) -> RemotePath:
-        return self.parent / (self.stem + suffix)
-
-    def absolute(self) -> RemotePath:
-        return self
-
-    def resolve(self) -> RemotePath:
-        return self
-
-    def expanduser(self) -> RemotePath:
-        return self
-
-    def is_absolute(self) -> bool:
-        return True
+    __slots__ = ()
 
     # -- what is there (see access.py) ---------------------------------------------------------
     def exists(self) -> bool:

@@ -19,7 +19,7 @@ from ..errors import UserError
 from .access import IOStats, call, fs_path
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .path import RemotePath
+    from .url import RemoteURL as RemotePath  # the names are all a storage call needs
 
 BLOCK_BYTES = 1 << 20  # a ranged GET costs a round trip (~20-50 ms on S3): 1 MiB holds many tiles of one band
 CACHE_BLOCKS = 64  # per open file: 64 MiB at most
