@@ -119,7 +119,7 @@ def test_nothing_is_printed_and_notes_go_to_logging(demo, capfd, caplog):
 
 def test_a_finding_the_run_goes_on_with_is_a_warning(demo, capfd):
     # the EXIF says 0.6876 µm per pixel: 0.65 (5.5% less) is used, with a warning (the lattice's, 0.687, too)
-    with pytest.warns(mm.MMAPWarning, match=r"--mpp 0\.65 overrides the slide's own 0\.6876"):
+    with pytest.warns(mm.MMAPWarning, match=r"mpp=0\.65 overrides the slide's own 0\.6876"):
         adata = mm.predict(demo.slide, demo.coords, mpp=0.65, threads=1)
     assert adata.uns["mmap"]["mpp"] == 0.65
     assert capfd.readouterr() == ("", "")
