@@ -26,7 +26,7 @@ def _pyramid_bytes(tmp_path) -> bytes:
 
 
 def test_a_pyramid_level_is_read_by_range_not_whole(web, bucket, tmp_path):
-    tifffile = pytest.importorskip("tifffile")
+    import tifffile
     data = _pyramid_bytes(tmp_path)
     with tifffile.TiffFile(tmp_path / "slide.tif") as tif:
         want = tif.pages[2].asarray()
@@ -146,8 +146,8 @@ def test_a_space_ranger_folder_and_a_table_over_http_and_in_a_bucket(web, bucket
 
 
 def test_a_visium_hd_folder_in_a_bucket_reads_its_parquet_by_range(bucket, tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from mmap_deploy.inputs.layouts import read_spot_input
 
     root = tmp_path / "hd" / "outs"
@@ -265,7 +265,7 @@ def test_read_input_fetches_a_small_input_whole(web, tmp_path):
 
 
 def test_a_slide_for_openslide_is_copied_whole_within_its_bound_and_removed(web, tmp_path):
-    openslide = pytest.importorskip("openslide")
+    import openslide
     from mmap_deploy.location import local_copy
 
     data = _pyramid_bytes(tmp_path)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, spatialdata_or_skip
 from remote_servers import bucket, fast_retries, s3_server, web  # noqa: F401  (fixtures)
-
-ad = pytest.importorskip("anndata")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,7 @@ def test_spots_in_a_bucket_and_the_output_uploaded_give_the_local_output(demo, b
 
 @pytest.mark.slow
 def test_a_spatialdata_store_goes_to_the_bucket_whole(demo, bucket, tmp_path):
-    sd = pytest.importorskip("spatialdata")
+    sd = spatialdata_or_skip()
     from mmap_deploy.atomic import output_exists
 
     image, coords, _ = demo

@@ -24,6 +24,7 @@ from mmap_deploy.inputs.slide import (
     open_slide,
 )
 from mmap_deploy.model.preprocess import ViewSpec, patch_region, resize
+from mmap_deploy.options import CLI, caller
 
 W, H = 2048, 1536  # level-0 size of the test slides
 MPP = 0.25  # level-0 µm per pixel of the test slides
@@ -323,8 +324,11 @@ def test_explicit_mpp_overrides_metadata(pyramid):
     with open_slide(pyramid, mpp=0.3) as s:
         assert (s.mpp, s.mpp_source) == (0.3, "--mpp")
         assert s.metadata_mpp == (MPP, "openslide.mpp-x")
-        assert s.mpp_warning() == (f"{pyramid}: --mpp 0.3 overrides the slide's own 0.25 µm per pixel "
-                                   "(openslide.mpp-x); patches cover the wrong area if --mpp is wrong")
+        assert s.mpp_warning() == (f"{pyramid}: mpp=0.3 overrides the slide's own 0.25 µm per pixel "
+                                   "(openslide.mpp-x); patches cover the wrong area if mpp= is wrong")
+        with caller(CLI):  # as the command line says it
+            assert s.mpp_warning() == (f"{pyramid}: --mpp 0.3 overrides the slide's own 0.25 µm per pixel "
+                                       "(openslide.mpp-x); patches cover the wrong area if --mpp is wrong")
     with open_slide(pyramid, mpp=0.251) as s:
         assert s.mpp_warning() is None  # within 5%
     with open_slide(pyramid) as s:
@@ -335,7 +339,7 @@ def test_no_resolution_says_pass_mpp(tmp_path, level0):
     from mmap_deploy.inputs.slide import NoResolutionError
 
     path = write_pyramid(tmp_path / "nores.tif", level0[:512, :512], levels=(1, 2))
-    with pytest.raises(NoResolutionError, match=r"nores\.tif: no resolution .*pass --mpp"):
+    with pytest.raises(NoResolutionError, match=r"nores\.tif: no resolution .*pass mpp=, e\.g\. mpp=0\.5"):
         open_slide(path)
     assert issubclass(NoResolutionError, UserError)
     with open_slide(path, mpp=0.5) as s:
@@ -344,7 +348,7 @@ def test_no_resolution_says_pass_mpp(tmp_path, level0):
 
 def test_placeholder_72_dpi_is_implausible(tmp_path, level0):
     path = write_pyramid(tmp_path / "dpi72.tif", level0[:512, :512], levels=(1, 2), resolution=72, unit="INCH")
-    with pytest.raises(UserError, match=r"dpi72\.tif: implausible resolution 352\.778 µm per pixel from openslide\.mpp-x .*placeholder.*--mpp"):
+    with pytest.raises(UserError, match=r"dpi72\.tif: implausible resolution 352\.778 µm per pixel from openslide\.mpp-x .*placeholder.*mpp="):
         open_slide(path)
     with open_slide(path, mpp=0.5) as s:
         assert s.mpp == 0.5
@@ -353,7 +357,7 @@ def test_placeholder_72_dpi_is_implausible(tmp_path, level0):
 
 @pytest.mark.parametrize("bad", [0.0, -0.5, math.nan, math.inf, 100.0, 0.001])
 def test_implausible_explicit_mpp(pyramid, bad):
-    with pytest.raises(UserError, match=r"implausible resolution .* from --mpp"):
+    with pytest.raises(UserError, match=r"implausible resolution .* from mpp= "):
         open_slide(pyramid, mpp=bad)
 
 
@@ -495,7 +499,7 @@ def test_jpeg_placeholder_dpi_needs_mpp(tmp_path):
 
     path = tmp_path / "photo.jpg"
     Image.fromarray(np.full((64, 64, 3), 180, np.uint8)).save(path, dpi=(72, 72))
-    with pytest.raises(NoResolutionError, match=r"photo\.jpg: no resolution \(µm per pixel\) in the slide's metadata; pass --mpp"):
+    with pytest.raises(NoResolutionError, match=r"photo\.jpg: no resolution \(µm per pixel\) in the slide's metadata; pass mpp="):
         open_slide(path)
     with open_slide(path, mpp=0.5) as s:
         assert s.mpp_source == "--mpp"
@@ -580,7 +584,7 @@ def her2st_c2(real_data):
 
 def test_her2st_jpeg_needs_mpp(real_data):
     path = real_data / "her2st" / "images" / "C2.jpg"
-    with pytest.raises(UserError, match=r"C2\.jpg: no resolution .*pass --mpp, e\.g\. --mpp 0\.5"):
+    with pytest.raises(UserError, match=r"C2\.jpg: no resolution .*pass --mpp, e\.g\. --mpp 0\.5"), caller(CLI):
         open_slide(path)
 
 

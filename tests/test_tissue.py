@@ -481,7 +481,7 @@ def test_no_tissue_is_a_user_error(her2st, small_base, tmp_path):
         _detect(tmp_path, "glass", img)
     msg = str(exc.value)
     assert isinstance(exc.value, UserError) and "\n" not in msg
-    assert "glass.png" in msg and "--tissue-mask" in msg and "%" in msg
+    assert "glass.png" in msg and "tissue_mask=" in msg and "%" in msg
 
 
 # -- a pyramid: reads a coarse level only ---------------------------------------------------------

@@ -17,8 +17,6 @@ from mmap_deploy.errors import MMAPWarning, UserError
 from mmap_deploy.inputs.slide import open_slide
 from mmap_deploy.inputs.tissue import NoTissueError, Tissue, detect_tissue, read_tissue_mask, tissue_for
 
-pytest.importorskip("scipy.ndimage")
-
 
 def _inside(tissue: Tissue, x: float, y: float) -> bool:
     """Whether the level-0 point (x, y) is on the tissue's mask."""
