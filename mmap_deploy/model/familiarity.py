@@ -50,8 +50,9 @@ KMEANS_MAX_ITER = 100
 SEED = 0
 UNFAMILIAR_BELOW = 0.05
 SLIDE_SHARE = 0.25  # five times the share of unfamiliar spots a training-like slide should have
-# Whether a slide with SLIDE_SHARE unfamiliar spots is a warning (True) or a note. The product rule
-# (benchmarks/RESULTS_training.md, "Familiarity"): a warning only if familiarity was shown to separate.
+# Whether a slide with SLIDE_SHARE unfamiliar spots is said as a warning (True) or a note (False). The product
+# rule (benchmarks/RESULTS_training.md, "Familiarity"): a warning only if familiarity separates, AUROC >= 0.9 on
+# unseen tissue and a higher PCC on the familiar half in most folds; measured: 0.86, and 3 of 8 folds.
 SLIDE_WARNING = False
 _CHUNK = 8192  # spots per similarity block: (8192, K) floats at a time
 
