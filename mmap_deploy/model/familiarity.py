@@ -153,8 +153,17 @@ def fit_summary(f: np.ndarray, sections: np.ndarray | list[str] | None = None,
 
     Cross-fitted calibration (see `calibration_folds`): every spot is scored by
     centroids fitted on the other folds; the pooled scores give the quantiles.
-    The shipped centroids are then fitted on every spot.
+    The shipped centroids are then fitted on every spot. BLAS runs on one
+    thread: a multi-threaded matrix product may add in another order, and the
+    same training spots must give the same file on any machine's core count.
     """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _fit_summary(f, sections, patients, seed)
+
+
+def _fit_summary(f, sections, patients, seed: int) -> FamiliaritySummary:
     f = np.asarray(f, dtype=np.float32)
     if f.ndim != 2 or len(f) < 2 * CALIBRATION_FOLDS:
         raise ValueError(f"a familiarity summary needs at least {2 * CALIBRATION_FOLDS} training spots, "
