@@ -1,4 +1,10 @@
-"""Checkpoint -> model bundle: encoder.onnx, fusion.onnx, manifest.json."""
+"""Checkpoint -> model bundle: encoder.onnx, fusion.onnx, manifest.json, and the training summary.
+
+The training summary behind familiarity (`familiarity.npz`) is the one
+`mmap-train phase2` wrote beside the checkpoint and recorded in it (file name
+and sha256): export copies it into the bundle and lists it in the manifest
+with its hash. A checkpoint that records none makes a bundle without one.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +21,10 @@ import torch
 from mmap_train.model import MMAP, load_checkpoint
 
 from mmap_deploy import __version__
+from mmap_deploy.errors import UserError
 from mmap_deploy.messages import command_line
-from mmap_deploy.model.bundle import Bundle, Manifest, ModelFile, sha256_file
+from mmap_deploy.model.bundle import Bundle, Manifest, ModelFile, SummaryFile, sha256_file
+from mmap_deploy.model.familiarity import SUMMARY_NAME, read_summary
 
 from .graphs import EncoderGraph, FusionGraph, deployable
 
@@ -116,9 +124,44 @@ def add_to_bundle(bundle: Bundle, role: str, path: Path, **kwargs) -> ModelFile:
     return mf
 
 
+def add_familiarity(manifest: Manifest, bundle_dir: Path, source: Path) -> SummaryFile:
+    """Copy a training summary into the bundle as `familiarity.npz` and list it in `manifest` with its sha256.
+
+    The file is read and checked first (`read_summary`: the format, and that
+    its width is the model's embedding width); a bad one is a UserError.
+    """
+    summary = read_summary(source, manifest.embed_dim)
+    dest = bundle_dir / SUMMARY_NAME
+    if source.resolve() != dest.resolve():
+        shutil.copyfile(source, dest)
+    keep = ("method", "n_centroids", "n_train_spots", "calibration_held_out", "calibration_units")
+    manifest.familiarity = SummaryFile(SUMMARY_NAME, sha256_file(dest), {k: summary.meta[k] for k in keep
+                                                                         if k in summary.meta})
+    return manifest.familiarity
+
+
+def checkpoint_summary(checkpoint: Path, ckpt: dict[str, Any]) -> Path | None:
+    """The training summary a checkpoint records (beside it, its hash checked), or None when it records none."""
+    record = ckpt.get("familiarity")
+    if not record:
+        return None
+    path = checkpoint.parent / str(record["file"])
+    if not path.is_file():
+        raise UserError(f"{checkpoint}: its training summary {record['file']} is not beside it ({path}); copy it "
+                        "from the training's output folder (mmap-train phase2 --out) next to the checkpoint")
+    if sha256_file(path) != record["sha256"]:
+        raise UserError(f"{path}: not the training summary written with {checkpoint.name} (sha256 differs from the "
+                        "checkpoint's record); copy the one from the same training's output folder")
+    return path
+
+
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, demo: bool = False,
-                  overwrite: bool = False, external_data: bool | None = None) -> Manifest:
-    """Turn a checkpoint into a bundle directory (written to a temp dir, then moved in place)."""
+                  overwrite: bool = False, external_data: bool | None = None,
+                  familiarity: Path | None = None) -> Manifest:
+    """Turn a checkpoint into a bundle directory (written to a temp dir, then moved in place).
+
+    The training summary is `familiarity` when given, else the one the checkpoint records (if any).
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
@@ -127,8 +170,6 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, demo: bool = F
         warnings.simplefilter("ignore")  # the no-trained-encoder warning becomes the error below
         model, ckpt = load_checkpoint(checkpoint)
     if ckpt.get("encoder_trained") is False:
-        from mmap_deploy.errors import UserError
-
         raise UserError(
             f"{checkpoint}: this checkpoint has no trained encoder (phase 2 trained from cached features "
             "alone), so its bundle would predict from a random encoder; train phase 2 with "
@@ -142,6 +183,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, demo: bool = F
         "command": command_line(Path(sys.argv[0]).name),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    summary = familiarity if familiarity is not None else checkpoint_summary(Path(checkpoint), ckpt)
     for key in ("phase", "epoch", "training_data", "metrics", "trained"):
         if key in ckpt and ckpt[key] is not None:
             provenance[key] = ckpt[key]
@@ -152,6 +194,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, demo: bool = F
         manifest = manifest_for(model, provenance, demo=demo)
         for role, p in paths.items():
             add_file(manifest, tmp, role, p)
+        if summary is not None:
+            add_familiarity(manifest, tmp, summary)
         manifest.provenance["export_seconds"] = round(time.perf_counter() - t0, 2)
         manifest.write(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared

@@ -41,6 +41,9 @@ def _default_parity_data() -> Path | None:
                    "Default: $MMAP_DATA_DIR; without it, random views (the manifest says which).")
 @click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), default=None,
               help="Smallest accepted output cosine vs fp32 (default: 0.999 for fp16, 0.99 for int8).")
+@click.option("--familiarity", type=click.Path(dir_okay=False, path_type=Path),
+              help="A training summary (familiarity.npz from mmap-train phase2) to put into the bundle, in place of "
+                   "the one the checkpoint records. Default: the checkpoint's, if it records one.")
 def main(**options: Any) -> None:
     """Export CHECKPOINT (from mmap-train) as encoder.onnx + fusion.onnx + manifest.json.
 
@@ -49,6 +52,8 @@ def main(**options: Any) -> None:
     reduced-precision files and engines, to the new bundle or, without
     CHECKPOINT, to the existing bundle at -o. TensorRT engines are built for
     the GPU and TensorRT version they are built on; run --tensorrt there.
+    The training summary behind familiarity (OUT/familiarity.npz of mmap-train
+    phase2, beside the checkpoint) goes into the bundle with it.
     """
     from mmap_train import missing_train_extra
 
@@ -57,7 +62,8 @@ def main(**options: Any) -> None:
 
 def _main(*, checkpoint: Path | None, out_dir: Path, overwrite: bool, demo: bool, fp16: bool, int8: bool,
           tensorrt: bool, trt_precision: str, trt_batch: str, trt_workspace_gib: float,
-          trt_timing_cache: Path | None, parity_data: Path | None, min_cosine: float | None) -> None:
+          trt_timing_cache: Path | None, parity_data: Path | None, min_cosine: float | None,
+          familiarity: Path | None) -> None:
     from mmap_deploy.errors import UserError
 
     t0 = time.perf_counter()
@@ -66,8 +72,9 @@ def _main(*, checkpoint: Path | None, out_dir: Path, overwrite: bool, demo: bool
             raise click.UsageError(f"{checkpoint}: checkpoint not found; pass a .pt file written by mmap-train")
         if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
             raise click.UsageError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
-    elif not (fp16 or int8 or tensorrt):
-        raise click.UsageError("give CHECKPOINT to export, or --fp16/--int8/--tensorrt to add files to the bundle at -o")
+    elif not (fp16 or int8 or tensorrt or familiarity):
+        raise click.UsageError("give CHECKPOINT to export, or --fp16/--int8/--tensorrt/--familiarity to add files to "
+                               "the bundle at -o")
     elif overwrite or demo:
         raise click.UsageError("--overwrite and --demo apply when exporting a CHECKPOINT")
     elif not (out_dir / "manifest.json").is_file():
@@ -86,18 +93,28 @@ def _main(*, checkpoint: Path | None, out_dir: Path, overwrite: bool, demo: bool
             cause = str(e).split(";")[0]  # the runtime's advice (its --backend) does not apply here
             raise UserError(f"--tensorrt: {cause}; engines are built for the GPU they will run on: run --tensorrt "
                             "on that machine (pip install '.[tensorrt]' there), or leave it out") from None
+    if familiarity is not None and not familiarity.is_file():
+        raise UserError(f"{familiarity}: --familiarity file not found; pass the familiarity.npz that mmap-train "
+                        "phase2 wrote")
     if parity_data is not None and not parity_data.is_dir():
         raise UserError(f"{parity_data}: --parity-data folder not found; pass the folder that holds her2st/")
 
     if checkpoint is not None:
         from .bundle_writer import export_bundle
 
-        export_bundle(checkpoint, out_dir, demo=demo, overwrite=overwrite)
+        export_bundle(checkpoint, out_dir, demo=demo, overwrite=overwrite, familiarity=familiarity)
         echo(f"exported {out_dir} in {time.perf_counter() - t0:.1f} s")
     from mmap_deploy.model.bundle import load_bundle
 
     # One bundle object through every step: each model file is hashed once, when first used.
     bundle = load_bundle(out_dir)  # checks the bundle before adding to it
+    if familiarity is not None and checkpoint is None:
+        from .bundle_writer import add_familiarity
+
+        sf = add_familiarity(bundle.manifest, bundle.root, familiarity)
+        bundle.write_manifest()
+        echo(f"familiarity: {sf.path} ({sf.about.get('n_centroids', '?')} centroids of "
+             f"{sf.about.get('n_train_spots', '?')} training spots) added to {out_dir}")
     need_fp16 = fp16 or (tensorrt and trt_precision == "fp16"
                          and bundle.manifest.model_file("encoder", "fp16") is None)
     reference = None
@@ -132,7 +149,9 @@ def _main(*, checkpoint: Path | None, out_dir: Path, overwrite: bool, demo: bool
             echo(f"tensorrt {trt_precision} {role}: built in {r['seconds']:.1f} s for {r['target']['gpu']} "
                   f"(sm {r['target']['compute_capability']}, TensorRT {r['target']['tensorrt']}), "
                   f"cosine {r['parity']['cosine_min']:.6f} vs fp32")
-    sizes = ", ".join(f"{f.path} {(out_dir / f.path).stat().st_size / 1e6:.1f} MB" for f in bundle.manifest.files)
+    listed = [f.path for f in bundle.manifest.files] + ([bundle.manifest.familiarity.path]
+                                                         if bundle.manifest.familiarity is not None else [])
+    sizes = ", ".join(f"{p} {(out_dir / p).stat().st_size / 1e6:.1f} MB" for p in listed)
     echo(f"wrote {out_dir} ({sizes}) in {time.perf_counter() - t0:.1f} s")
 
 if __name__ == "__main__":

@@ -335,8 +335,9 @@ def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sec
     smoothing = NeighbourSmoothing(smooth_radius_um, smooth_weight)
     smoothing.validate()
 
-    gene_list, feats, targets, _ = _load_cache_and_targets(features_dir, genes, _names(sections, ids), counts=counts,
-                                                           spots=spots, manifest=manifest, hest_dir=hest_dir)
+    gene_list, feats, targets, patients = _load_cache_and_targets(features_dir, genes, _names(sections, ids),
+                                                                  counts=counts, spots=spots, manifest=manifest,
+                                                                  hest_dir=hest_dir)
     recipe = Phase2Recipe(seed=seed, threads=threads)
     for k, v in (("epochs", epochs), ("lr", lr), ("weight_decay", weight_decay), ("batch_size", batch_size),
                  ("keep", keep), ("average_last", average_last)):
@@ -359,8 +360,11 @@ def phase2(features_dir, counts, spots, manifest, hest_dir, ids, genes, out, sec
                            neighbour_smoothing=smoothing if smoothing.active else None,
                            **({"dropout": dropout} if dropout is not None else {}))
     res = train_phase2(cfg, feats, targets, train_names, val_names, out, recipe, init=init, max_steps=max_steps,
-                       extra={"command": _command_line(), "features": str(features_dir)})
+                       extra={"command": _command_line(), "features": str(features_dir)}, patients=patients)
     best = res["best"] or {}
+    fam = res["meta"]["familiarity"]
+    click.echo(f"familiarity summary: {Path(out) / fam['file']} ({fam['n_centroids']} centroids of "
+               f"{fam['n_train_spots']} training spots; mmap-export puts it into the bundle)", err=True)
     click.echo(f"phase 2: checkpoint {res['checkpoint']} (validation pcc_pooled "
                f"{best.get('pcc_pooled', float('nan')):.4f}, pcc_per_slide {best.get('pcc_per_slide', float('nan')):.4f})",
                err=True)
@@ -388,8 +392,13 @@ def evaluate(checkpoint, features_dir, counts, spots, manifest, hest_dir, ids, g
     positions = None
     if not no_smoothing and load_fusion(checkpoint)[0].neighbour_smoothing is not None:
         positions = _section_positions(counts, spots, manifest, hest_dir, list(feats))
+    train_target, defined_on = _subset_basis(checkpoint, features_dir, genes, feats, targets, counts=counts,
+                                             spots=spots, manifest=manifest, hest_dir=hest_dir)
+    from .metrics import gene_subsets
+
     m = evaluate_checkpoint(checkpoint, feats, targets, patients=patients, positions=positions,
-                            smoothing=not no_smoothing)
+                            smoothing=not no_smoothing, subsets=gene_subsets(train_target))
+    m["gene_subsets_defined_on"] = defined_on
     m["checkpoint"] = str(checkpoint)
     m["sections"] = sorted(m["per_section"])
     with atomic_path(Path(json_out)) as tmp:
@@ -398,6 +407,29 @@ def evaluate(checkpoint, features_dir, counts, spots, manifest, hest_dir, ids, g
     click.echo(f"pcc_pooled {m['pcc_pooled']:.4f}  pcc_per_slide {m['pcc_per_slide']:.4f}  mse {m['mse']:.4f}  "
                f"mae {m['mae']:.4f}  n_spots {m['n_spots']}  ({m['n_constant_genes_pooled']} constant genes pooled)",
                err=True)
+    for who, scores in (("model", m), ("y1", m.get("y1", {}))):
+        if "subsets" in scores:
+            click.echo(f"{who}: " + "  ".join(f"{name} pooled {v['pcc_pooled']:.4f} per slide {v['pcc_per_slide']:.4f}"
+                                              for name, v in scores["subsets"].items()), err=True)
+
+
+def _subset_basis(checkpoint, features_dir, genes, feats, targets, **sources) -> tuple[np.ndarray, str]:
+    """The targets the gene subsets are defined on: the checkpoint's training sections' cached spots when the
+    cache and the counts have them, else the evaluated spots (said in the JSON)."""
+    from .phase2 import load_fusion
+
+    train = load_fusion(checkpoint)[2].get("training_data", {}).get("train_sections") or []
+    try:
+        if not train:
+            raise UserError("the checkpoint names no training sections")
+        _, tf, tt, _ = _load_cache_and_targets(features_dir, genes, list(train), **sources)
+        rows = [tt[n].values[tt[n].rows_for(tf[n].spot_ids, n)] for n in train if len(tf[n].spot_ids)]
+        return np.concatenate(rows), f"training sections of the checkpoint ({', '.join(train)}), cached spots"
+    except UserError as e:
+        log.info("gene subsets on the evaluated spots: %s", e)
+        rows = [targets[n].values[targets[n].rows_for(feats[n].spot_ids, n)] for n in feats if len(feats[n].spot_ids)]
+        return np.concatenate(rows), "the evaluated sections' spots (the checkpoint's training sections are not " \
+                                     "in the cache or the counts)"
 
 
 def metrics_table(m: dict) -> str:
@@ -430,7 +462,7 @@ def cv(features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, se
     """Leave-one-patient-out comparison of phase-2 recipes with y1 and a ridge probe on f."""
     import torch
 
-    from .cv import CANDIDATES, cross_validate, table
+    from .cv import CANDIDATES, cross_validate, familiarity_table, subset_table, table
     from .features import cache_backbone
 
     names = _csv_list(candidates) or list(CANDIDATES)
@@ -464,6 +496,9 @@ def cv(features_dir, counts, spots, manifest, hest_dir, ids, genes, json_out, se
                          patient_of=patient_map, positions=positions)
     write(res)
     click.echo(table(res), err=True)
+    for extra in (subset_table(res), familiarity_table(res)):
+        if extra:
+            click.echo("\n" + extra, err=True)
     c = res["choice"]
     click.echo(f"chosen: {c['candidate']} ({'beats' if c['meets_rule'] else 'does NOT beat'} ridge per slide in "
                f"{res['summary'][c['candidate']]['wins_per_slide_vs_ridge']} of {c['n_folds']} folds; "

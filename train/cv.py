@@ -15,6 +15,13 @@ probe's inner out-of-fold predictions (the alpha it chose) over the training
 patients (`spatial.choose_smoothing`), then applied to the held-out patient's
 predictions of every model.
 
+Every model is also scored per gene and over the gene subsets papers report
+(`metrics.gene_subsets`: 50 highly variable and 250 highly expressed genes of
+the fold's training patients, and all), and against familiarity: a training
+summary (`mmap_deploy.model.familiarity`) of the training patients' `f` scores
+the held-out spots, and `metrics.familiarity_report` says how each model's
+error goes with it.
+
 Counts and features are read once; k-means banks are built once per section
 and prototype rule and reused by every fold and candidate.
 """
@@ -30,11 +37,12 @@ from typing import Any
 import numpy as np
 
 from mmap_deploy.errors import UserError
+from mmap_deploy.model import familiarity as fam
 from mmap_deploy.model.prototypes import PrototypeRule
 
 from .datasets import Targets, patient_of, split_sections
 from .features import SectionFeatures
-from .metrics import evaluate
+from .metrics import evaluate, familiarity_report, gene_subsets, subset_scores
 from .spatial import SectionPositions, choose_smoothing, smooth_sections
 
 log = logging.getLogger(__name__)
@@ -135,6 +143,34 @@ def _inner_ridge_predictions(feats, targets, folds: dict[str, list[str]], alpha:
 
 def _summary(m: dict[str, Any]) -> dict[str, Any]:
     return {k: m[k] for k in (*METRICS, "mae", "n_spots", "n_sections")}
+
+
+# models whose per-spot familiarity and error the fold keeps (for comparing familiarity methods offline)
+SPOT_ERRORS_OF = ("y1", "ridge", CURRENT_DEFAULT)
+
+
+class _Scoring:
+    """One fold's scoring of every model: metrics, per-gene PCC and gene subsets, and familiarity."""
+
+    def __init__(self, train, held_f: np.ndarray, held_ids: list[str], patient_of_section: dict[str, str]):
+        self.subsets = gene_subsets(train[2])
+        summary = fam.fit_summary(train[0], train[3], [patient_of_section[n] for n in train[3]])
+        self.summary = summary
+        self.familiarity = {"summary": summary.meta, "spot_ids": list(held_ids),
+                            "values": [round(float(v), 6) for v in summary.familiarity(held_f)], "error": {}}
+
+    def __call__(self, model: str, pred: np.ndarray, target: np.ndarray, labels, f: np.ndarray) -> dict[str, Any]:
+        m = _summary(evaluate(pred, target, labels))
+        m.update(subset_scores(pred, target, labels, self.subsets))
+        values = self.summary.familiarity(f)
+        m["familiarity"] = familiarity_report(values, pred, target, labels, fam.UNFAMILIAR_BELOW, fam.SLIDE_SHARE)
+        if model in SPOT_ERRORS_OF:
+            err = ((np.asarray(pred, np.float64) - target) ** 2).mean(axis=1)
+            self.familiarity["error"][model] = [round(float(v), 6) for v in err]
+        return m
+
+    def record(self) -> dict[str, Any]:
+        return {**self.familiarity, "gene_subsets": {k: v.tolist() for k, v in self.subsets.items() if k != "all"}}
 
 
 def ridge_fit(x: np.ndarray, y: np.ndarray, alphas) -> dict[float, tuple[np.ndarray, np.ndarray]]:
@@ -238,14 +274,16 @@ class _Folds:
             log.warning("patient %s: no spots in the cache; fold skipped", patient)
             return None
         fold: dict[str, Any] = {"held_out": held, "n_spots": int(len(te[0]))}
-        fold["y1"] = _summary(evaluate(te[1], te[2], te[3]))
-        t0 = time.perf_counter()
         with threadpool_limits(limits=1, user_api="blas"):
-            alpha, means = ridge_alpha(feats, targets, {p: ns for p, ns in self.folds.items() if p != patient})
             tr = _stack(feats, targets, train_names)
+            patient_of_section = {n: p for p, ns in self.folds.items() for n in ns}
+            score = _Scoring(tr, te[0], [s for n in held for s in feats[n].spot_ids], patient_of_section)
+            fold["y1"] = score("y1", te[1], te[2], te[3], te[0])
+            t0 = time.perf_counter()
+            alpha, means = ridge_alpha(feats, targets, {p: ns for p, ns in self.folds.items() if p != patient})
             w, b = ridge_fit(tr[0], tr[2], [alpha])[alpha]
             ridge_pred = te[0] @ w + b
-            fold["ridge"] = {**_summary(evaluate(ridge_pred, te[2], te[3])), "alpha": alpha,
+            fold["ridge"] = {**score("ridge", ridge_pred, te[2], te[3], te[0]), "alpha": alpha,
                              "inner_pcc_per_slide": {str(a): v for a, v in means.items()},
                              "seconds": round(time.perf_counter() - t0, 1)}
             smoothing = None
@@ -258,8 +296,8 @@ class _Folds:
                                      "seconds": round(time.perf_counter() - t0, 1)}
                 te_xy = self.xy_of(held)
                 for model, pred in (("y1", te[1]), ("ridge", ridge_pred)):
-                    fold[f"{model}+smooth"] = _summary(evaluate(smooth_sections(pred, te[3], te_xy, smoothing),
-                                                                te[2], te[3]))
+                    fold[f"{model}+smooth"] = score(f"{model}+smooth", smooth_sections(pred, te[3], te_xy, smoothing),
+                                                    te[2], te[3], te[0])
         for name, cand in self.candidates.items():
             t0 = time.perf_counter()
             recipe = Phase2Recipe(**{**BASE_RECIPE, **cand.recipe})
@@ -283,11 +321,12 @@ class _Folds:
             history, _, kept = fit_fusion(cfg, fusion, self.banked(train_secs, rule.max_bank, cand), monitor, recipe,
                                           self.max_steps, self.progress)
             pred = predict(fusion, test_data)
-            m = _summary(evaluate(pred, test_data.target.numpy(), test_data.names))
+            test_f = test_data.f.numpy()
+            m = score(name, pred, test_data.target.numpy(), test_data.names, test_f)
             if smoothing is not None:
                 xy = np.concatenate([self.positions[s.name].xy_for(s.spot_ids) for s in test_data.sections])
-                fold[f"{name}+smooth"] = _summary(evaluate(smooth_sections(pred, test_data.names, xy, smoothing),
-                                                           test_data.target.numpy(), test_data.names))
+                fold[f"{name}+smooth"] = score(f"{name}+smooth", smooth_sections(pred, test_data.names, xy, smoothing),
+                                               test_data.target.numpy(), test_data.names, test_f)
             m.update({"kept_epoch": kept, "seconds": round(time.perf_counter() - t0, 1)})
             if not cand.early_stop:
                 m["curve_pcc_pooled"] = [r.get("val_pcc_pooled") for r in history]
@@ -297,6 +336,7 @@ class _Folds:
                     fold[f"{name}:last"] = {k: last[f"val_{k}"] for k in (*METRICS, "mae")}
             fold[name] = m
             log.info("patient %s, %s: %s", patient, name, {k: round(m[k], 4) for k in METRICS})
+        fold["familiarity"] = score.record()
         return fold
 
 
@@ -397,6 +437,7 @@ def summarise(results: dict[str, Any], min_wins: int | None = None,
         if all("ridge+smooth" in f for f in folds.values() if model in f):  # the smoothed probe: a stronger reference
             s["wins_per_slide_vs_ridge+smooth"] = int(sum(
                 f[model]["pcc_per_slide"] > f["ridge+smooth"]["pcc_per_slide"] for f in folds.values() if model in f))
+        s.update(_subset_and_familiarity_means(rows))
         summary[model] = s
     cands = [c for c in cand_names if c in summary]
     chosen, meets = None, False
@@ -408,10 +449,43 @@ def summarise(results: dict[str, Any], min_wins: int | None = None,
     current = default if default in summary else None
     replaces = bool(meets and chosen != current and (
         current is None or summary[chosen]["pcc_per_slide"]["mean"] > summary[current]["pcc_per_slide"]["mean"]))
-    return {**results, "summary": summary, "choice": {"candidate": chosen, "meets_rule": meets,
-                                                       "min_wins_per_slide_vs_ridge": need, "n_folds": n,
-                                                       "ranked_by": "mean pcc_per_slide",
-                                                       "current_default": current, "replaces_default": replaces}}
+    out = {**results, "summary": summary, "choice": {"candidate": chosen, "meets_rule": meets,
+                                                      "min_wins_per_slide_vs_ridge": need, "n_folds": n,
+                                                      "ranked_by": "mean pcc_per_slide",
+                                                      "current_default": current, "replaces_default": replaces}}
+    if current is not None and "familiarity" in summary[current]:
+        f = summary[current]["familiarity"]
+        # the product rule's part on held-out patients (RESULTS_training.md, "Familiarity"): most folds
+        out["familiarity_rule_folds"] = {"model": current, "folds_familiar_50_above_all": f["folds_familiar_50_above_all"],
+                                         "n_folds": f["n_folds"], "needed": f["n_folds"] // 2 + 1,
+                                         "met": f["folds_familiar_50_above_all"] >= f["n_folds"] // 2 + 1}
+    return out
+
+
+def _mean_sd(values) -> dict[str, float]:
+    v = np.array(values, dtype=np.float64)
+    return {"mean": float(np.nanmean(v)), "sd": float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0}
+
+
+def _subset_and_familiarity_means(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± sd over folds of a model's gene-subset PCCs and of its familiarity report's numbers."""
+    out: dict[str, Any] = {}
+    subs = [r["subsets"] for r in rows if "subsets" in r]
+    if subs:
+        out["subsets"] = {name: {k: _mean_sd([x[name][k] for x in subs]) for k in ("pcc_pooled", "pcc_per_slide")}
+                          for name in subs[0]}
+    fams = [r["familiarity"] for r in rows if "familiarity" in r]
+    if fams:
+        out["familiarity"] = {
+            "n_folds": len(fams), "spearman_error": _mean_sd([x["spearman_error"] for x in fams]),
+            **{f"{k}_pcc_pooled": _mean_sd([x[k]["pcc_pooled"] for x in fams]) for k in ("familiar_50", "familiar_80", "all")},
+            **{f"folds_{k}_above_all": int(sum(x[k]["pcc_pooled"] > x["all"]["pcc_pooled"] for x in fams))
+               for k in ("familiar_50", "familiar_80")},
+            **{f"folds_{k}_above_all_per_slide": int(sum(x[k]["pcc_per_slide"] > x["all"]["pcc_per_slide"]
+                                                         for x in fams)) for k in ("familiar_50", "familiar_80")},
+            "share_unfamiliar": _mean_sd([x["unfamiliar"]["share"] for x in fams]),
+        }
+    return out
 
 
 def table(results: dict[str, Any]) -> str:
@@ -434,4 +508,39 @@ def table(results: dict[str, Any]) -> str:
                  for f in folds.values()]
         lines += ["", "| chosen smoothing, held-out patient | " + " | ".join(folds) + " |",
                   "|---|" + "---|" * len(folds), f"| radius, weight | {' | '.join(cells)} |"]
+    return "\n".join(lines)
+
+
+def subset_table(results: dict[str, Any], models=("y1", "ridge", CURRENT_DEFAULT)) -> str:
+    """Markdown: mean ± sd over folds of pooled and per-slide PCC on each gene subset, for `models`."""
+    s = results["summary"]
+    models = [m for m in models if m in s and "subsets" in s[m]]
+    if not models:
+        return ""
+    names = list(s[models[0]]["subsets"])
+    head = " | ".join(f"{n} {k}" for n in names for k in ("pooled", "per slide"))
+    lines = [f"| model | {head} |", "|---|" + "---|" * (2 * len(names))]
+    for m in models:
+        cells = [f"{s[m]['subsets'][n][k]['mean']:.4f} ± {s[m]['subsets'][n][k]['sd']:.4f}"
+                 for n in names for k in ("pcc_pooled", "pcc_per_slide")]
+        lines.append(f"| {m} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def familiarity_table(results: dict[str, Any], model: str = CURRENT_DEFAULT) -> str:
+    """Markdown, per held-out patient: Spearman of familiarity with the per-spot error, pooled PCC on the most
+    familiar 50% / 80% and all spots, the share of unfamiliar spots and their mean error against the others'."""
+    folds = {p: f[model]["familiarity"] for p, f in results["folds"].items() if "familiarity" in f.get(model, {})}
+    if not folds:
+        return ""
+    lines = [f"| {model}, held-out patient | spots | Spearman(familiarity, error) | PCC familiar 50% | "
+             "PCC familiar 80% | PCC all | unfamiliar share | error unfamiliar / others | sections with the line |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p, x in folds.items():
+        u = x["unfamiliar"]
+        warned = [s for s, v in x["per_section"].items() if v["slide_line"]]
+        lines.append(f"| {p} | {x['all']['n_spots']} | {x['spearman_error']:.3f} | "
+                     f"{x['familiar_50']['pcc_pooled']:.4f} | {x['familiar_80']['pcc_pooled']:.4f} | "
+                     f"{x['all']['pcc_pooled']:.4f} | {u['share']:.3f} | {u['mse_unfamiliar']:.4f} / "
+                     f"{u['mse_others']:.4f} | {', '.join(warned) or '–'} ({len(warned)}/{len(x['per_section'])}) |")
     return "\n".join(lines)

@@ -176,20 +176,59 @@ def compute_features(checkpoint: str | Path, sections: list, out_dir: str | Path
     are skipped unless `overwrite`. Returns the sections written.
     """
     import torch
-    from threadpoolctl import threadpool_limits
 
-    from mmap_deploy.model.preprocess import make_views, normalise
+    from mmap_deploy.model.preprocess import normalise
 
-    from .datasets import read_section_patches, section_spots
     from .model import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)
     model.eval()
     spec = model.config.view_spec
+
+    def encode(views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            f, y1, _ = model.encoder(torch.from_numpy(normalise(views, spec)))
+        return f.numpy(), y1.numpy()
+
     write_cache_info(out_dir, model.config.backbone, model.embed_dim, checkpoint)
+    return _encode_sections(encode, spec, (model.embed_dim, model.config.n_genes), sections, out_dir,
+                            batch_size=batch_size, overwrite=overwrite)
+
+
+def compute_features_from_bundle(bundle_dir: str | Path, sections: list, out_dir: str | Path, *,
+                                 batch_size: int = 32, overwrite: bool = False) -> list[str]:
+    """`compute_features` with a bundle's fp32 `encoder.onnx` (ONNX Runtime, CPU): the `f` the runtime computes.
+
+    For a bundle whose checkpoint is gone (the shipped demo): its training
+    spots' embeddings, for its familiarity summary.
+    """
+    from mmap_deploy.engines import OnnxRuntimeRunner
+    from mmap_deploy.model.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    write_cache_info(out_dir, m.backbone, m.embed_dim, Path(bundle_dir) / "encoder.onnx")
+    with OnnxRuntimeRunner(bundle.path_of(bundle.select("encoder")), ["CPUExecutionProvider"]) as runner:
+        def encode(views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            out = runner.infer({"views": views})
+            return out["f"], out["y1"]
+
+        return _encode_sections(encode, m.view, (m.embed_dim, len(m.genes)), sections, out_dir,
+                                batch_size=batch_size, overwrite=overwrite)
+
+
+def _encode_sections(encode, spec, dims: tuple[int, int], sections: list, out_dir: str | Path, *,
+                     batch_size: int, overwrite: bool) -> list[str]:
+    """Every spot of every section through `encode(uint8 views) -> (f, y1)`, written to the cache."""
+    from threadpoolctl import threadpool_limits
+
+    from mmap_deploy.model.preprocess import make_views
+
+    from .datasets import read_section_patches, section_spots
+
     done = set(cached_sections(out_dir)) if Path(out_dir).is_dir() else set()
     written = []
-    # views are many small numpy matmuls: BLAS threads only fight torch's for the cores
+    # views are many small numpy matmuls: BLAS threads only fight the encoder's for the cores
     with threadpool_limits(limits=1, user_api="blas"), progress(len(sections), "feature cache", unit="section") as bar:
         for sec in sections:
             if sec.name in done and not overwrite:
@@ -199,17 +238,14 @@ def compute_features(checkpoint: str | Path, sections: list, out_dir: str | Path
             spots = section_spots(sec)
             patches = read_section_patches(sec, np.asarray(spots.xy, np.float64), spec)
             fs, ys = [], []
-            with torch.no_grad():
-                for i in range(0, len(patches), batch_size):
-                    views = np.stack([make_views(p, spec) for p in patches[i:i + batch_size]])
-                    f, y1, _ = model.encoder(torch.from_numpy(normalise(views, spec)))
-                    fs.append(f.numpy())
-                    ys.append(y1.numpy())
-            d = model.embed_dim
+            for i in range(0, len(patches), batch_size):
+                f, y1 = encode(np.stack([make_views(p, spec) for p in patches[i:i + batch_size]]))
+                fs.append(f)
+                ys.append(y1)
             write_section(out_dir, SectionFeatures(
                 sec.name, list(spots.ids),
-                np.concatenate(fs) if fs else np.zeros((0, d), np.float32),
-                np.concatenate(ys) if ys else np.zeros((0, model.config.n_genes), np.float32)))
+                np.concatenate(fs) if fs else np.zeros((0, dims[0]), np.float32),
+                np.concatenate(ys) if ys else np.zeros((0, dims[1]), np.float32)))
             written.append(sec.name)
             bar.update(1)
     return written

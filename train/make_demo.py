@@ -6,7 +6,12 @@
    sections that have images: train on five, validate on the sixth;
 2. the feature cache of all six sections with the phase-1 checkpoint;
 3. phase 2 on that cache, same split, keeping the phase-1 encoder;
-4. export with `mmap_export.bundle_writer.export_bundle(..., demo=True)`.
+4. export with `mmap_export.bundle_writer.export_bundle(..., demo=True)`, with
+   the training summary behind familiarity that phase 2 wrote.
+
+`--familiarity-only` adds that summary to an existing demo bundle without
+retraining (its model files untouched): the training spots' `f` through the
+bundle's own `encoder.onnx` (`add_demo_familiarity`).
 
 A demo: it shows the runtime working end to end on real tissue; its
 predictions are weak (a 4-block ViT trained from scratch on about 1 000 spots).
@@ -76,6 +81,37 @@ def make_demo(data_dir: str | Path, out: str | Path, work: str | Path, *, epochs
     return summary
 
 
+def add_demo_familiarity(data_dir: str | Path, bundle_dir: str | Path, work: str | Path, *,
+                         val_section: str = DEMO_VAL_SECTION) -> dict:
+    """Add the training summary to an existing demo bundle: its training sections' spots (those with counts,
+    as phase 2 trains on) through its fp32 encoder.onnx, summarised as `mmap-train phase2` does; only
+    `familiarity.npz` and the manifest change."""
+    from mmap_export.bundle_writer import add_familiarity
+
+    from mmap_deploy.model.bundle import load_bundle
+    from mmap_deploy.model.prototypes import PrototypeRule
+
+    from .datasets import her2st_sections, load_targets, split_sections
+    from .features import compute_features_from_bundle, read_cache
+    from .phase2 import prepare, write_familiarity
+
+    work = Path(work)
+    bundle = load_bundle(bundle_dir)
+    sections = her2st_sections(data_dir, with_images=True)
+    train_names, _ = split_sections([s.name for s in sections], [val_section])
+    train = [s for s in sections if s.name in train_names]
+    compute_features_from_bundle(bundle_dir, train, work / "features_bundle", overwrite=True)
+    feats = read_cache(work / "features_bundle")
+    targets = {s.name: load_targets(s, bundle.manifest.genes) for s in train}
+    record = write_familiarity(work, prepare(feats, targets, train_names, PrototypeRule()))
+    add_familiarity(bundle.manifest, bundle.root, work / record["file"])
+    bundle.manifest.provenance["familiarity"] = (
+        f"training summary of {record['n_train_spots']} spots of {', '.join(train_names)} through this bundle's "
+        "encoder.onnx (python -m mmap_train.make_demo --familiarity-only)")
+    bundle.write_manifest()
+    return record
+
+
 @click.command()
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="Folder holding her2st/.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
@@ -86,7 +122,10 @@ def make_demo(data_dir: str | Path, out: str | Path, work: str | Path, *, epochs
               help="The section kept out of training, for validation.")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads (1 is fastest on a busy machine).")
 @click.option("--max-steps", type=int, default=0, help="Smoke runs: stop each phase after this many steps.")
-def main(data_dir, out, work, epochs, phase2_epochs, val_section, threads, max_steps):
+@click.option("--familiarity-only", is_flag=True,
+              help="Only add the training summary behind familiarity to the existing bundle at --out (no training; "
+                   "its model files are left as they are).")
+def main(data_dir, out, work, epochs, phase2_epochs, val_section, threads, max_steps, familiarity_only):
     """Train the tiny demo model on her2st and export it as the demo bundle."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     tmp = None
@@ -94,6 +133,11 @@ def main(data_dir, out, work, epochs, phase2_epochs, val_section, threads, max_s
         tmp = tempfile.mkdtemp(prefix="mmap-demo-")
         work = tmp
     try:
+        if familiarity_only:
+            r = add_demo_familiarity(data_dir, out, work, val_section=val_section)
+            click.echo(f"training summary added to {out}: {r['n_centroids']} centroids of {r['n_train_spots']} "
+                       "training spots", err=True)
+            return
         s = make_demo(data_dir, out, work, epochs=epochs, phase2_epochs=phase2_epochs, val_section=val_section,
                       threads=threads, max_steps=max_steps)
         click.echo(f"demo bundle written to {out}; phase-2 validation {json.dumps(s['phase2_best'])}", err=True)

@@ -6,6 +6,10 @@ bank, padded to the rule's longest bank and masked. The fusion head is trained
 on the training sections; validation is by section, and the checkpoint with the
 best validation score is kept.
 
+The training spots' embeddings are summarised for the runtime's familiarity
+(`mmap_deploy.model.familiarity`): `OUT/familiarity.npz`, recorded with its
+sha256 in the checkpoint, which `mmap-export` puts into the bundle.
+
 Trained from a cache alone (e.g. the published features), a checkpoint holds
 only the fusion weights and `encoder_trained: False`: its encoder is not
 meaningful. Trained on top of a phase-1 checkpoint (`init`), it holds the whole
@@ -28,6 +32,7 @@ import torch
 from mmap_deploy import messages
 from mmap_deploy.atomic import atomic_path
 from mmap_deploy.errors import UserError
+from mmap_deploy.model.familiarity import SUMMARY_NAME, fit_summary, write_summary
 from mmap_deploy.model.prototypes import PrototypeRule, slide_prototypes
 
 from .backbones import check_choice
@@ -315,14 +320,35 @@ def fit_fusion(cfg: MMAPConfig, fusion: FusionHead, train_data: BankedSpots, val
     return history, best_metrics, best_epoch
 
 
+def write_familiarity(out_dir: str | Path, sections: list[PreparedSection],
+                      patients: dict[str, str] | None = None) -> dict[str, Any]:
+    """Summarise the training spots' `f` for familiarity into `out_dir/familiarity.npz`; returns the
+    checkpoint's record of it (file name, sha256, what it is). `patients`: section -> patient where the
+    data names one, else the section's leading letters (the calibration holds out whole patients)."""
+    from mmap_deploy.model.bundle import sha256_file
+
+    from .datasets import patient_of
+
+    given = patients or {}
+    names = np.concatenate([[s.name] * len(s.f) for s in sections])
+    summary = fit_summary(np.concatenate([s.f for s in sections]), names,
+                          np.array([given.get(n) or patient_of(n) for n in names]))
+    path = write_summary(Path(out_dir) / SUMMARY_NAME, summary)
+    keep = ("method", "n_centroids", "n_train_spots", "calibration_held_out", "calibration_units")
+    return {"file": SUMMARY_NAME, "sha256": sha256_file(path), **{k: summary.meta[k] for k in keep}}
+
+
 def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: dict[str, Targets],
                  train_names: list[str], val_names: list[str], out_dir: str | Path,
                  recipe: Phase2Recipe | None = None, init: MMAP | None = None,
-                 max_steps: int = 0, progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 max_steps: int = 0, progress: bool = True, extra: dict[str, Any] | None = None,
+                 patients: dict[str, str] | None = None) -> dict[str, Any]:
     """Train the fusion head; write `out_dir/checkpoint.pt` (the kept weights, see `fit_fusion`) and logs.
 
     `init`: a phase-1 model whose encoder the checkpoint keeps; None trains from
     the cache alone. Without validation sections the last epoch is kept.
+    The training spots' familiarity summary goes to `out_dir/familiarity.npz`
+    (`write_familiarity`; `patients` as there), recorded in the checkpoint.
     Returns a summary with the history and the validation metrics of the kept weights.
     """
     recipe = recipe or Phase2Recipe()
@@ -368,6 +394,7 @@ def train_phase2(cfg: MMAPConfig, feats: dict[str, SectionFeatures], targets: di
                           "n_train_spots": len(train_data), "n_val_spots": len(val_data) if val_data else 0},
         "metrics": {k: v for k, v in (best_metrics or {}).items() if k != "per_section"},
         "recipe": asdict(recipe),
+        "familiarity": write_familiarity(out_dir, train, patients),
         **(extra or {}),
     }
     ckpt_path = out_dir / "checkpoint.pt"
@@ -410,7 +437,8 @@ def predict_section(cfg: MMAPConfig, fusion: FusionHead, feats: SectionFeatures)
 
 def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures],
                         targets: dict[str, Targets], patients: dict[str, str] | None = None,
-                        positions: dict[str, Any] | None = None, smoothing: bool = True) -> dict[str, Any]:
+                        positions: dict[str, Any] | None = None, smoothing: bool = True,
+                        subsets: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Predict every cached section (k-means per section, as at run time) and score against the targets.
 
     Besides the pooled metrics: `per_section` and `per_patient` (sections
@@ -419,12 +447,16 @@ def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures
     (`MMAPConfig.neighbour_smoothing`) is applied per section, as at run time,
     over the section's cached spots, when `smoothing` and `positions` (section ->
     `spatial.SectionPositions`) are given; `neighbour_smoothing` records what ran.
+
+    Also: the per-gene PCC and the means over the gene `subsets` (`metrics.gene_subsets`), the same for the
+    cached `y1` (the phase-1 or published prediction) under `y1`, and, when the checkpoint records a
+    training summary (beside it), how the error goes with familiarity (`familiarity`).
     """
-    cfg, fusion, _ = load_fusion(checkpoint)
+    cfg, fusion, ckpt = load_fusion(checkpoint)
     smooth = cfg.neighbour_smoothing if smoothing and positions is not None else None
     if smooth is not None and not smooth.active:
         smooth = None
-    preds, tgts, labels = [], [], []
+    preds, tgts, labels, fs, y1s = [], [], [], [], []
     for name, sf in feats.items():
         if len(sf.spot_ids) == 0:
             continue
@@ -440,6 +472,8 @@ def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures
         preds.append(pred)
         tgts.append(targets[name].values[rows])
         labels += [name] * len(sf.spot_ids)
+        fs.append(sf.f)
+        y1s.append(sf.y1)
     if not preds:
         raise UserError("no section with spots to evaluate")
     pred, target = np.concatenate(preds), np.concatenate(tgts)
@@ -447,7 +481,26 @@ def evaluate_checkpoint(checkpoint: str | Path, feats: dict[str, SectionFeatures
     given = patients or {}
     m["per_patient"] = by_group(pred, target, labels, lambda s: given.get(s) or patient_of(s))
     m["neighbour_smoothing"] = smooth.to_dict() if smooth is not None else None
+    _add_comparisons(m, checkpoint, ckpt, pred, target, np.concatenate(y1s), np.concatenate(fs), labels, subsets)
     return m
+
+
+def _add_comparisons(m, checkpoint, ckpt, pred, target, y1, f, labels, subsets) -> None:
+    """`evaluate_checkpoint`'s per-gene and gene-subset scores, y1's, and the familiarity report."""
+    from mmap_deploy.model import familiarity as fam
+
+    from .metrics import familiarity_report, subset_scores
+
+    if subsets is not None:
+        m.update(subset_scores(pred, target, labels, subsets))
+        y = evaluate(y1, target, labels)
+        m["y1"] = {**{k: y[k] for k in ("pcc_pooled", "pcc_per_slide", "mse", "mae")},
+                   **subset_scores(y1, target, labels, subsets)}
+    record = ckpt.get("familiarity")
+    path = Path(checkpoint).parent / str(record["file"]) if record else None
+    if path is not None and path.is_file():
+        values = fam.read_summary(path, f.shape[1]).familiarity(f)
+        m["familiarity"] = familiarity_report(values, pred, target, labels, fam.UNFAMILIAR_BELOW, fam.SLIDE_SHARE)
 
 
 def load_init(checkpoint: str | Path) -> MMAP:

@@ -9,7 +9,9 @@ and every problem is reported with the file and the fix.
 `load_bundle` checks the manifest and that every listed file is there; a
 model file's sha256 is checked when a run first asks for the file
 (`Bundle.path_of`), once, so a run hashes only the files it opens (an fp32
-CPU run never reads the bundle's fp16, int8 or TensorRT files).
+CPU run never reads the bundle's fp16, int8 or TensorRT files). The training
+summary behind familiarity (`familiarity.npz`, optional) is checked the same
+way when `Bundle.familiarity()` first reads it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from ..atomic import atomic_path
 from ..errors import BundleError
 from ..options import PRECISIONS, spell
+from .familiarity import FamiliaritySummary, read_summary
 from .neighbours import NeighbourSmoothing
 from .preprocess import ViewSpec
 from .prototypes import PrototypeRule
@@ -61,6 +64,15 @@ class ModelFile:
 
 
 @dataclass
+class SummaryFile:
+    """The training summary behind familiarity (`model.familiarity`): its file, sha256 and what it is."""
+
+    path: str
+    sha256: str
+    about: dict[str, Any] = field(default_factory=dict)  # method, centroids, training spots (information)
+
+
+@dataclass
 class Manifest:
     genes: list[str]
     embed_dim: int
@@ -74,12 +86,15 @@ class Manifest:
     demo: bool = False
     # the smoothing of predictions over each spot's neighbours; None (no manifest entry): none
     neighbours: NeighbourSmoothing | None = None
+    # the training summary behind obs['mmap_familiarity']; None (no manifest entry): none
+    familiarity: SummaryFile | None = None
 
     # -- writing -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         v = self.view
         # written only when there is one: a bundle without it reads as before
         smoothing = {"neighbour_smoothing": self.neighbours.to_dict()} if self.neighbours is not None else {}
+        familiarity = {"familiarity": asdict(self.familiarity)} if self.familiarity is not None else {}
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -97,6 +112,7 @@ class Manifest:
             "head_average": self.head_average,
             **smoothing,
             "files": [asdict(f) for f in self.files],
+            **familiarity,
             "provenance": self.provenance,
         }
 
@@ -212,6 +228,18 @@ def _read_neighbours(r: _Reader) -> NeighbourSmoothing | None:
     return NeighbourSmoothing(radius_um=r.number("radius_um", p, "neighbour_smoothing."), weight=weight)
 
 
+def _read_familiarity(r: _Reader) -> SummaryFile | None:
+    """The training summary's entry (path, sha256, about), or None for a manifest without one."""
+    if "familiarity" not in r.data:
+        return None
+    p = r.get("familiarity", dict)
+    sf = SummaryFile(path=r.get("path", str, p, "familiarity."), sha256=r.get("sha256", str, p, "familiarity."),
+                     about=r.get("about", dict, p, "familiarity.") if "about" in p else {})
+    if len(sf.sha256) != 64 or any(ch not in "0123456789abcdef" for ch in sf.sha256):
+        r.fail("'familiarity.sha256' is not a sha256 hex digest")
+    return sf
+
+
 def _read_file(r: _Reader, i: int, entry: Any) -> ModelFile:
     """One entry of 'files': a model file, its hash, precision and format."""
     where = f"files[{i}]."
@@ -290,6 +318,7 @@ def parse_manifest(data: Any, source: Path) -> Manifest:
         provenance=provenance,
         demo=r.get("demo", bool),
         neighbours=_read_neighbours(r),
+        familiarity=_read_familiarity(r),
     )
 
 
@@ -310,6 +339,7 @@ class Bundle:
     hashed: list[str] = field(default_factory=list)
     _verified: set[str] = field(default_factory=set, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _summary: list[FamiliaritySummary | None] = field(default_factory=list, repr=False)  # read once, kept
 
     def path_of(self, mf: ModelFile) -> Path:
         """The path of model file `mf`, its sha256 checked against the manifest on first use."""
@@ -330,6 +360,23 @@ class Bundle:
                 "the file is damaged or was changed; copy or re-export the bundle"
             )
         self._verified.add(rel)
+
+    def familiarity(self) -> FamiliaritySummary | None:
+        """The training summary behind familiarity, read and checked on first use; None without one.
+
+        Its sha256 is checked against the manifest as a model file's is (a
+        BundleError naming the file when it differs), and its width against
+        the model's embeddings.
+        """
+        sf = self.manifest.familiarity
+        if sf is None:
+            return None
+        with self._lock:
+            if not self._summary:
+                if self.verify_hashes and sf.path not in self._verified:
+                    self._verify(sf.path, sf.sha256)
+                self._summary.append(read_summary(self.root / sf.path, self.manifest.embed_dim))
+            return self._summary[0]
 
     def add_verified(self, mf: ModelFile) -> None:
         """Record that `mf`'s files were hashed as they were written (export), so use does not hash them again."""
@@ -398,11 +445,11 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{manifest_path}: not valid JSON ({e}); re-export the bundle with mmap-export") from None
     manifest = parse_manifest(data, manifest_path)
-    for mf in manifest.files:
-        for rel, _ in _listed(mf):
-            fp = _resolve_inside(root, rel, manifest_path)
-            if not fp.is_file():
-                raise BundleError(f"{manifest_path}: lists {rel} but {fp} does not exist; copy the whole bundle directory")
+    listed = [rel for mf in manifest.files for rel, _ in _listed(mf)]
+    for rel in listed + ([manifest.familiarity.path] if manifest.familiarity is not None else []):
+        fp = _resolve_inside(root, rel, manifest_path)
+        if not fp.is_file():
+            raise BundleError(f"{manifest_path}: lists {rel} but {fp} does not exist; copy the whole bundle directory")
     return Bundle(root=root, manifest=manifest, manifest_sha256=hashlib.sha256(raw).hexdigest(),
                   verify_hashes=verify_hashes)
 

@@ -3,6 +3,8 @@
 Layout (see docs/architecture.md, "The output"):
 - `X` float32 predictions on the training log scale; `var_names` genes;
   `obs_names` spot ids; `obs['mmap_cluster']` the k-means prototype (categorical);
+  `obs['mmap_familiarity']` how close each spot is to the training data (with
+  a bundle that has a training summary; its slide record in `uns['mmap']['qc']`);
 - `obsm['spatial']` (x, y) in full-resolution pixels; `obsm['mmap_embedding']` f;
 - `uns['spatial'][library_id]`: `images['hires']` (thumbnail, longest side
   2000 px) and `scalefactors` (`tissue_hires_scalef`, `spot_diameter_fullres`);
@@ -164,6 +166,8 @@ def build_anndata(
     obs["mmap_cluster"] = pd.Categorical(
         pred.clusters.astype(str), categories=[str(i) for i in range(k)]
     )
+    if pred.familiarity is not None:
+        obs["mmap_familiarity"] = np.asarray(pred.familiarity.values, dtype=np.float32)
     var = pd.DataFrame(index=pd.Index(pred.genes, dtype=object))
     adata = ad.AnnData(X=np.ascontiguousarray(pred.prediction, dtype=np.float32), obs=obs, var=var)
     adata.obsm["spatial"] = np.ascontiguousarray(pred.xy, dtype=np.float64).reshape(n, 2)
@@ -208,6 +212,8 @@ def build_anndata(
         timings={k2: float(v) for k2, v in pred.timings.items()},
         engines=dict(pred.engines),
     )
+    if pred.familiarity is not None:
+        mmap["qc"] = {**mmap.get("qc", {}), "familiarity": pred.familiarity.record()}
     check_no_none(mmap, "uns['mmap']")
     adata.uns["mmap"] = mmap
     return adata

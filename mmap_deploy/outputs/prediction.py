@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..model.familiarity import SlideFamiliarity
 
 
 @dataclass
@@ -33,3 +37,4 @@ class SlidePrediction:
     timings: dict[str, float] = field(default_factory=dict)
     engines: dict[str, str] = field(default_factory=dict)
     n_clipped: int = 0  # predicted values raised to PREDICTION_FLOOR
+    familiarity: SlideFamiliarity | None = None  # None: the bundle has no training summary

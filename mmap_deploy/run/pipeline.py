@@ -9,7 +9,8 @@ outputs stream into preallocated arrays. The K rule needs every spot of the
 slide, so k-means runs once encoding is done; each fusion batch then gathers
 its spots' top-L prototype banks (never the whole (N, L, D) bank at once).
 A bundle with a neighbour smoothing (`model.neighbours`) then smooths the
-predictions in place over each spot's neighbours in µm.
+predictions in place over each spot's neighbours in µm. A bundle with a
+training summary gives each spot its familiarity (`model.familiarity`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..inputs.bands import read_spot_views
+from ..model.familiarity import slide_familiarity
 from ..model.neighbours import smooth_predictions
 from ..model.prototypes import slide_prototypes
 from ..outputs.prediction import DroppedSpot, SlidePrediction
@@ -188,6 +190,7 @@ def predict_slide(
     n = len(ids)
     if n == 0:
         raise UserError("no spots to predict: the coordinates file has no (in-tissue) spots")
+    summary = bundle.familiarity()  # read and hash-checked before any patch is read
     timer = _Timer("read_wait", "encoder", "kmeans", "banks", "fusion")
     f, y1, ok, dropped = _encode(slide, ids, xy, m, engines.encoder, timer, batch_size=batch_size,
                                  read_workers=read_workers, strict=strict, progress=progress, reader=reader)
@@ -207,6 +210,8 @@ def predict_slide(
     with timer("kmeans"), _kmeans_blas(len(keep)):
         protos = slide_prototypes(f, m.prototypes)
     pred, n_clipped = _fuse(engines.fusion, f, y1, protos, batch_size, timer)
+    with timer("familiarity"), _kmeans_blas(len(keep)):  # as k-means: the same bits whatever the cores
+        familiarity = slide_familiarity(summary, f, str(slide.path), str(bundle.root))
     if m.neighbours is not None and m.neighbours.active:
         with timer("neighbours"):  # in place, over the spots kept, in µm at the slide's resolution
             array_xy = spots.array_xy[keep] if spots.array_xy is not None else None
@@ -224,6 +229,7 @@ def predict_slide(
         timings=timer.finish(),
         engines=engines.describe(),
         n_clipped=n_clipped,
+        familiarity=familiarity,
     )
 
 
