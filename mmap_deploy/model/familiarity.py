@@ -70,15 +70,22 @@ class FamiliaritySummary:
         return int(self.centroids.shape[1])
 
     def similarity(self, f: np.ndarray) -> np.ndarray:
-        """(N,) float32: each spot's largest cosine to a centroid (blocks of spots, bounded memory)."""
+        """(N,) float32: each spot's largest cosine to a centroid (blocks of spots, bounded memory).
+
+        On one BLAS thread, whoever calls: a product's float32 sums depend on how BLAS splits it
+        between threads, and the same spots must get the same bits on any machine.
+        """
+        from threadpoolctl import threadpool_limits
+
         f = np.asarray(f, dtype=np.float32)
         if f.ndim != 2 or f.shape[1] != self.embed_dim:
             raise ValueError(f"embeddings must be (spots, {self.embed_dim}), got {f.shape}")
         out = np.empty(len(f), dtype=np.float32)
         ct = np.ascontiguousarray(self.centroids.T)
-        for s in range(0, len(f), _CHUNK):
-            block = unit_rows(f[s:s + _CHUNK])
-            out[s:s + len(block)] = (block @ ct).max(axis=1) if len(block) else 0
+        with threadpool_limits(limits=1, user_api="blas"):
+            for s in range(0, len(f), _CHUNK):
+                block = unit_rows(f[s:s + _CHUNK])
+                out[s:s + len(block)] = (block @ ct).max(axis=1) if len(block) else 0
         return out
 
     def familiarity(self, f: np.ndarray) -> np.ndarray:

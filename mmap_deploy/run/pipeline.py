@@ -210,7 +210,7 @@ def predict_slide(
     with timer("kmeans"), _kmeans_blas(len(keep)):
         protos = slide_prototypes(f, m.prototypes)
     pred, n_clipped = _fuse(engines.fusion, f, y1, protos, batch_size, timer)
-    with timer("familiarity"), _kmeans_blas(len(keep)):  # as k-means: the same bits whatever the cores
+    with timer("familiarity"):  # on one BLAS thread (FamiliaritySummary.similarity): the same bits on any machine
         familiarity = slide_familiarity(summary, f, str(slide.path), str(bundle.root))
     if m.neighbours is not None and m.neighbours.active:
         with timer("neighbours"):  # in place, over the spots kept, in µm at the slide's resolution
