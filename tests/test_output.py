@@ -110,7 +110,8 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
 
 
 def test_output_path_checks(tmp_path):
-    with pytest.raises(UserError, match=r"must end in .h5ad \(AnnData\) or .zarr \(SpatialData\), e.g. -o out.h5ad"):
+    with pytest.raises(UserError, match=r"must end in .h5ad \(AnnData\) or .zarr \(SpatialData\), or .geojson "
+                       r"\(QuPath detections\), e.g. -o out.h5ad"):
         check_output_path(tmp_path / "out.csv", overwrite=False)
     (tmp_path / "d.h5ad").mkdir()
     with pytest.raises(UserError, match="is a directory"):

@@ -33,3 +33,6 @@ class SlidePrediction:
     timings: dict[str, float] = field(default_factory=dict)
     engines: dict[str, str] = field(default_factory=dict)
     n_clipped: int = 0  # predicted values raised to PREDICTION_FLOOR
+    # (N, 3) float32 image QC per spot (inputs.spot_qc: qc_blur, qc_ink, qc_background), and how it was made
+    qc: np.ndarray | None = None
+    qc_record: dict = field(default_factory=dict)

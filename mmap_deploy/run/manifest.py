@@ -125,6 +125,6 @@ def check_rows_exist(manifest: Path, rows: list[ManifestRow], shard: tuple[int, 
 
 
 def check_output_dir(out_dir: Path) -> None:
-    if out_dir.suffix in (".h5ad", ".zarr") or (out_dir.exists() and not out_dir.is_dir()):
+    if out_dir.suffix in (".h5ad", ".zarr", ".geojson") or (out_dir.exists() and not out_dir.is_dir()):
         raise UserError(f"{out_dir}: with --manifest, -o is an output folder (one .h5ad per slide, "
-                        "or one .zarr with --format zarr)")
+                        "or one .zarr or .geojson with --format zarr|geojson)")
