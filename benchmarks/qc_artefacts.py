@@ -261,19 +261,24 @@ def error_rows(predictor, data: Path, rows: list, c6_runs: dict) -> None:
     sections = {s.name: s for s in her2st_sections(data, list(SECTIONS), with_images=True)}
     targets = {n: load_targets(sections[n], genes) for n in SECTIONS}
 
+    def measured(adata, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of adata with a counts row, their targets): spots without counts are left out."""
+        index = {s: i for i, s in enumerate(targets[name].spot_ids)}
+        rows = np.array([index.get(str(s), -1) for s in adata.obs_names])
+        keep = rows >= 0
+        return keep, targets[name].values[rows[keep]]
+
     def mae(adata, name: str) -> np.ndarray:
-        t = targets[name]
-        y = t.values[t.rows_for(list(map(str, adata.obs_names)), name)]
-        return np.abs(np.asarray(adata.X, dtype=np.float64) - y).mean(axis=1)
+        keep, y = measured(adata, name)
+        return np.abs(np.asarray(adata.X, dtype=np.float64)[keep] - y).mean(axis=1)
 
     def pcc_pooled(adata, name: str) -> float:
         from mmap_train.metrics import evaluate
 
-        t = targets[name]
-        y = t.values[t.rows_for(list(map(str, adata.obs_names)), name)]
-        return float(evaluate(np.asarray(adata.X), y, [name] * adata.n_obs)["pcc_pooled"])
+        keep, y = measured(adata, name)
+        return float(evaluate(np.asarray(adata.X)[keep], y, [name] * int(keep.sum()))["pcc_pooled"])
 
-    pooled_err, pooled_fail, pooled_q = [], [], []
+    pooled_err, pooled_q = [], []
     for name in SECTIONS:
         if name == HELD_OUT:
             adata = c6_runs["as is"]
@@ -283,11 +288,12 @@ def error_rows(predictor, data: Path, rows: list, c6_runs: dict) -> None:
             rows.append({"name": "run", "case": f"{name} as is", "spots": int(adata.n_obs),
                          "seconds": round(time.perf_counter() - t, 1), "timings": adata.uns["mmap"]["timings"]})
         err = mae(adata, name)
-        q = qc_of(adata)
+        keep = measured(adata, name)[0]
+        q = {k: v[keep] for k, v in qc_of(adata).items()}
         rows.append(_error_row(name, "held out" if name == HELD_OUT else "training", err, q))
+        rows[-1]["n_without_counts"] = int((~keep).sum())
         if name != HELD_OUT:
             pooled_err.append(err)
-            pooled_fail.append(q["flag"])
             pooled_q.append(q)
     q = {k: np.concatenate([p[k] for p in pooled_q]) for k in pooled_q[0]}
     rows.append(_error_row("B4 C2-C5 pooled", "training", np.concatenate(pooled_err), q))
@@ -353,6 +359,38 @@ def cost_rows(data: Path, work: Path, rows: list, rounds: int, uni: bool) -> Non
                      "qc_ms_per_spot_1_thread": round(qc_ms, 3), "encoder_ms_per_spot": round(enc_ms, 3),
                      "encoder_threads": threads, "qc_over_encoder": round(qc_ms / enc_ms, 4)})
     shutil.rmtree(work / "uni", ignore_errors=True)
+    end_to_end_cost(data, rows, rounds=3)
+
+
+def end_to_end_cost(data: Path, rows: list, rounds: int) -> None:
+    """The demo model on C2 (187 spots) end to end, with the QC and with it replaced by a no-op, interleaved:
+    what the QC costs a run where the encoder is cheapest (the tiny model), readers and encoder sharing the cores."""
+    from harness import interleaved
+
+    import mmap_deploy as mm
+    import mmap_deploy.run.pipeline as pipeline
+
+    image = data / "her2st" / "images" / "C2.jpg"
+    coords = data / "her2st" / "spots" / "C2_selection.tsv"
+    real = pipeline.spot_qc
+
+    def no_qc(views, spec):
+        return np.full((len(views), 3), np.nan, np.float32)
+
+    def run(fn):
+        pipeline.spot_qc = fn
+        try:
+            return predictor.predict(image, coords)
+        finally:
+            pipeline.spot_qc = real
+
+    with mm.Predictor() as predictor:
+        times = interleaved({"with_qc": lambda: run(real), "without_qc": lambda: run(no_qc)}, rounds)
+    with_qc, without = statistics.median(times["with_qc"]), statistics.median(times["without_qc"])
+    rows.append({"name": "cost_end_to_end", "model": "demo", "slide": "her2st C2", "spots": 187, "rounds": rounds,
+                 "seconds_with_qc": round(with_qc, 3), "seconds_without_qc": round(without, 3),
+                 "with_over_without": round(with_qc / without, 4), "all_seconds": {k: [round(t, 3) for t in v]
+                                                                                for k, v in times.items()}})
 
 
 # -- main ------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ BACKGROUND_MAX_TEXTURE = 1.0  # ... and smoother than this: RMS of grey minus it
 TEXTURE_WINDOW_PX = 5
 # Variances below this (grey levels²) are nothing: a flat view's ratio is 0, not 0/0.
 VARIANCE_FLOOR = 1e-2
+# A run warns when at least this share of its spots fails (a few blank spots at a tissue edge are not news).
+WARN_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -229,8 +231,10 @@ def qc_pass(scores: np.ndarray, thresholds: QCThresholds = DEFAULT_THRESHOLDS) -
     numpy.ndarray
         True where the spot passes.
     """
-    s = np.asarray(scores, dtype=np.float64)
-    return (s[:, 0] <= thresholds.blur_max) & (s[:, 1] <= thresholds.ink_max) & (s[:, 2] <= thresholds.background_max)
+    # in float32, as the scores are stored: `adata.obs.qc_ink <= 0.05` gives the same answer
+    s = np.asarray(scores, dtype=np.float32)
+    t = np.asarray([thresholds.blur_max, thresholds.ink_max, thresholds.background_max], dtype=np.float32)
+    return (s[:, 0] <= t[0]) & (s[:, 1] <= t[1]) & (s[:, 2] <= t[2])
 
 
 def qc_columns(scores: np.ndarray, thresholds: QCThresholds = DEFAULT_THRESHOLDS) -> dict[str, np.ndarray]:
@@ -252,3 +256,32 @@ def qc_columns(scores: np.ndarray, thresholds: QCThresholds = DEFAULT_THRESHOLDS
     out = {name: np.ascontiguousarray(scores[:, i]) for i, name in enumerate(QC_COLUMNS)}
     out[PASS_COLUMN] = qc_pass(scores, thresholds)
     return out
+
+
+def qc_warning(scores: np.ndarray, thresholds: QCThresholds = DEFAULT_THRESHOLDS) -> str:
+    """What a run says when at least `WARN_SHARE` of its spots fail the QC ('' otherwise): how many, and why.
+
+    Parameters
+    ----------
+    scores : numpy.ndarray
+        (N, 3) as `spot_qc` returns them.
+    thresholds : QCThresholds
+        What `qc_pass` checks.
+
+    Returns
+    -------
+    str
+        One line without the slide's name, or ''.
+    """
+    s = np.asarray(scores, dtype=np.float32)
+    failed = ~qc_pass(s, thresholds)
+    n, k = len(s), int(failed.sum())
+    if n == 0 or k < WARN_SHARE * n:
+        return ""
+    limits = np.asarray([thresholds.blur_max, thresholds.ink_max, thresholds.background_max], dtype=np.float32)
+    over = [int((s[:, i] > limits[i]).sum()) for i in range(3)]
+    reasons = [(over[0], f"blurred (qc_blur > {thresholds.blur_max:g})"),
+               (over[1], f"under pen ink (qc_ink > {thresholds.ink_max:g})"),
+               (over[2], f"mostly blank (qc_background > {thresholds.background_max:g})")]
+    why = ", ".join(f"{c} {text}" for c, text in reasons if c)
+    return f"{k} of {n} spots ({k / n:.0%}) fail the image QC: {why}; obs['qc_pass'] marks them"

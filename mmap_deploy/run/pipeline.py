@@ -27,7 +27,8 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..inputs.bands import read_spot_views
-from ..inputs.spot_qc import QC_COLUMNS, qc_record, spot_qc
+from ..inputs.spot_qc import QC_COLUMNS, qc_record, qc_warning, spot_qc
+from ..messages import warn
 from ..model.neighbours import smooth_predictions
 from ..model.prototypes import slide_prototypes
 from ..outputs.prediction import DroppedSpot, SlidePrediction
@@ -202,6 +203,9 @@ def predict_slide(
     keep = np.flatnonzero(ok)
     if len(keep) < n:
         f, y1, qc = f[keep], y1[keep], qc[keep]
+    qc_note = qc_warning(qc)
+    if qc_note:
+        warn(f"{slide.path}: {qc_note}")
     if len(keep) == n:
         kept_ids = ids
     else:
