@@ -82,6 +82,19 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def atomic_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Create `path`'s folder (a UserError when that fails), then write the file through `atomic_path`.
+
+    `write(tmp)` fills the temporary file.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create its folder ({e.strerror or e}); choose another -o") from None
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
 def atomic_folder(path: Path, write: Callable[[Path], None]) -> None:
     """Write a folder through a temporary folder beside `path`, then rename it into place.
 

@@ -259,20 +259,8 @@ def qc_columns(scores: np.ndarray, thresholds: QCThresholds = DEFAULT_THRESHOLDS
 
 
 def qc_warning(scores: np.ndarray, thresholds: QCThresholds = DEFAULT_THRESHOLDS) -> str:
-    """What a run says when at least `WARN_SHARE` of its spots fail the QC ('' otherwise): how many, and why.
-
-    Parameters
-    ----------
-    scores : numpy.ndarray
-        (N, 3) as `spot_qc` returns them.
-    thresholds : QCThresholds
-        What `qc_pass` checks.
-
-    Returns
-    -------
-    str
-        One line without the slide's name, or ''.
-    """
+    """The line a run warns with (without the slide's name) when at least `WARN_SHARE` of its spots fail:
+    how many, and on which score; '' when fewer fail. `scores` as `spot_qc` returns them."""
     s = np.asarray(scores, dtype=np.float32)
     failed = ~qc_pass(s, thresholds)
     n, k = len(s), int(failed.sum())

@@ -21,12 +21,13 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..atomic import atomic_file as _atomic_write
 from ..errors import UserError
+from .gene_names import resolve_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -214,16 +215,6 @@ def build_anndata(
     return adata
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Create `path`'s folder (a UserError when that fails), then write it atomically (see mmap_deploy.atomic)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{path}: cannot create its folder ({e.strerror or e}); choose another -o") from None
-    with atomic_path(path) as tmp:
-        write(tmp)
-
-
 def write_h5ad(adata: "anndata.AnnData", path: str | Path, overwrite: bool = False) -> Path:
     """Write `adata` to `path` atomically; refuse an existing file unless `overwrite`.
 
@@ -293,46 +284,6 @@ def write_output(adata: "anndata.AnnData", path: str | Path, overwrite: bool = F
 def plot_paths(out: Path, genes: list[str]) -> list[Path]:
     """Where `--plot` writes each gene's map: next to the output, `{stem}.{gene}.png`."""
     return [out.with_name(f"{out.stem}.{re.sub(r'[^A-Za-z0-9._-]+', '_', g)}.png") for g in genes]
-
-
-def resolve_names(names: list[str], genes: list[str], model: str | Path, *, flag: str = "--plot",
-                  columns: tuple[str, ...] = ()) -> list[str]:
-    """`names` as the model spells its genes (matched case-insensitively), or as `columns` are named.
-
-    A name that is neither a gene of `genes` nor one of `columns` is a
-    UserError of one line that names the model's nearest genes.
-    """
-    import difflib
-
-    known = set(genes) | set(columns)
-    by_fold: dict[str, str] = {}
-    for g in [*genes, *columns]:
-        by_fold.setdefault(g.casefold(), g)
-    resolved, unknown = [], []
-    for g in names:
-        name = g if g in known else by_fold.get(g.casefold())
-        if name is None:
-            unknown.append(g)
-        else:
-            resolved.append(name)
-    if unknown:
-        shown = ", ".join(genes[:5]) + (", ..." if len(genes) > 5 else "")
-        gene_fold: dict[str, str] = {}
-        for g in genes:
-            gene_fold.setdefault(g.casefold(), g)
-        near = []
-        for g in unknown:
-            close = [gene_fold[c] for c in difflib.get_close_matches(g.casefold(), list(gene_fold), n=3, cutoff=0.6)]
-            if close:
-                near.append(f"{g}: did you mean {' or '.join(close)}?")
-        hint = f"; {'; '.join(near)}" if near else ""
-        also = f"; per-spot columns: {', '.join(columns)}" if columns else ""
-        raise UserError(
-            f"{flag}: gene(s) {', '.join(unknown)} not predicted by the model {model} "
-            f"(it predicts {len(genes)} genes: {shown}){hint}{also}; check the spelling "
-            "(mmap-predict --list-genes prints them all)"
-        )
-    return list(dict.fromkeys(resolved))
 
 
 def check_plot_genes(genes: list[str], bundle_genes: list[str], bundle_root: Path) -> list[str]:

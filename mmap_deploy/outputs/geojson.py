@@ -37,7 +37,9 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from ..atomic import atomic_file
 from ..errors import UserError
+from .gene_names import resolve_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -126,8 +128,6 @@ def resolve_genes(adata: "anndata.AnnData", genes: list[str] | str | None, flag:
         if genes.strip().lower() == ALL_GENES:
             return list(adata.var_names)
         genes = [g.strip() for g in genes.split(",") if g.strip()]
-    from .adata import resolve_names
-
     model = str(adata.uns.get("mmap", {}).get("bundle", "that made this output"))
     return resolve_names(list(genes), list(adata.var_names), model, flag=flag)
 
@@ -239,11 +239,14 @@ def write_geojson(adata: "anndata.AnnData", path: str | Path, *, genes: list[str
     Path
         The file written.
     """
-    from .adata import _atomic_write, check_output_path
-
-    path = check_output_path(path, overwrite)
+    # (mmap-predict has run adata.check_output_path already; a direct call gets these checks)
+    path = Path(path)
     if path.suffix != ".geojson":
         raise UserError(f"{path}: a GeoJSON output must end in .geojson")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give a file name ending in .geojson")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
     chosen = resolve_genes(adata, genes)
     if classify_by == DEFAULT_CLASSIFY_BY and classify_by not in adata.obs:
         classify_by = None  # the default is used only where the run made the column (--grid)
@@ -259,5 +262,5 @@ def write_geojson(adata: "anndata.AnnData", path: str | Path, *, genes: list[str
                 fh.write(("," if i else "") + "\n" + feature)
             fh.write("\n]}\n")
 
-    _atomic_write(path, write)
+    atomic_file(path, write)
     return path
