@@ -208,3 +208,26 @@ def test_a_run_warns_only_when_enough_spots_fail():
     scores[3, 1] = 0.5
     assert qc_warning(scores) == ("4 of 200 spots (2%) fail the image QC: 2 blurred (qc_blur > 1.6), 1 under pen ink "
                                   "(qc_ink > 0.05), 1 mostly blank (qc_background > 0.75); obs['qc_pass'] marks them")
+
+
+def test_the_qc_benchmarks_auroc_and_drawn_ink():
+    """benchmarks/qc_artefacts.py: its AUROC (ties half) is scikit-learn's; the strokes cover half the left half."""
+    import importlib.util
+    from pathlib import Path
+
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "qc_artefacts.py"
+    spec = importlib.util.spec_from_file_location("qc_artefacts", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(3)
+    neg, pos = rng.integers(0, 5, 40).astype(float), rng.integers(1, 7, 30).astype(float)  # many ties
+    y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
+    assert bench.auroc(neg, pos) == pytest.approx(sklearn_metrics.roc_auc_score(y, np.r_[neg, pos]))
+    xy = np.array([[1000.0, 1000.0], [3000.0, 3000.0]])
+    strokes = bench.ink_strokes((4000, 4000), xy, mpp=0.5)
+    half = bench.PATCH_UM / 0.5 / 2
+    left = strokes[int(1000 - half):int(3000 + half), int(1000 - half):2000]
+    assert (strokes[:, 2001:] == -1).all() and abs((left >= 0).mean() - 0.5) < 0.02
+    assert set(np.unique(left)) == {-1, 0, 1, 2}
