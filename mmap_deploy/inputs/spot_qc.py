@@ -59,7 +59,12 @@ WARN_SHARE = 0.01
 
 @dataclass(frozen=True)
 class QCThresholds:
-    """Where a spot stops passing: `qc_pass` is True when every score is at or under its maximum."""
+    """Where a spot stops passing: `qc_pass` is True when every score is at or under its maximum.
+
+    Set on the demo's training sections only (B4, C2-C5; benchmarks/RESULTS_training.md,
+    "Image QC"): `blur_max` their 99.5th percentile rounded up, `ink_max` 5% of the
+    patch, `background_max` a quarter of the patch showing cells.
+    """
 
     blur_max: float = 1.6
     ink_max: float = 0.05
@@ -93,9 +98,13 @@ def whole_view(spec: ViewSpec) -> int:
     return max(range(spec.n_views), key=lambda v: (spec.crop_px(v), -v))
 
 
+def _view_um(spec: ViewSpec, view: int) -> float:
+    """µm per pixel of view `view`."""
+    return spec.crop_px(view) * spec.mpp / spec.input_size
+
+
 def _box_factor(spec: ViewSpec) -> int:
-    view_um = spec.crop_px(whole_view(spec)) * spec.mpp / spec.input_size
-    return max(1, int(round(QC_UM_PER_PX / view_um)))
+    return max(1, int(round(QC_UM_PER_PX / _view_um(spec, whole_view(spec)))))
 
 
 def qc_record(spec: ViewSpec, thresholds: QCThresholds = DEFAULT_THRESHOLDS) -> dict[str, float | int | str]:
@@ -104,9 +113,9 @@ def qc_record(spec: ViewSpec, thresholds: QCThresholds = DEFAULT_THRESHOLDS) -> 
     return {
         **thresholds.record(),
         "blur_view": int(blur_view(spec)),
-        "blur_um_per_px": float(spec.crop_px(blur_view(spec)) * spec.mpp / spec.input_size),
+        "blur_um_per_px": float(_view_um(spec, blur_view(spec))),
         "area_view": int(whole_view(spec)),
-        "area_um_per_px": float(k * spec.crop_px(whole_view(spec)) * spec.mpp / spec.input_size),
+        "area_um_per_px": float(k * _view_um(spec, whole_view(spec))),
         "ink_min_area_um2": float(INK_MIN_AREA_UM2),
         "background_min_grey": float(BACKGROUND_MIN_GREY),
         "background_max_texture": float(BACKGROUND_MAX_TEXTURE),
@@ -207,7 +216,7 @@ def spot_qc(views: np.ndarray, spec: ViewSpec) -> np.ndarray:
     out[:, 0] = _blur(views[:, blur_view(spec)])
     k = _box_factor(spec)
     r, g, b = _box_planes(views[:, whole_view(spec)], k)
-    um_per_px = k * spec.crop_px(whole_view(spec)) * spec.mpp / spec.input_size
+    um_per_px = k * _view_um(spec, whole_view(spec))
     ink = _ink(r, g, b, INK_MIN_AREA_UM2 / um_per_px**2)
     grey = (r + g + b) / np.float32(3.0)
     background = ~ink & (blank(r, g, b) | ((grey >= np.float32(BACKGROUND_MIN_GREY)) & _smooth(grey)))
