@@ -113,6 +113,18 @@ def _staged(dest: RemotePath) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def atomic_file(path: Union[Path, RemotePath], write: Callable[[Path], None]) -> None:
+    """Create `path`'s folder (a UserError when that fails), then write the file through `atomic_path`
+    (a bucket's object: staged and uploaded whole). `write(tmp)` fills the temporary file."""
+    if not isinstance(path, RemotePath):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{path}: cannot create its folder ({e.strerror or e}); choose another -o") from None
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
 def atomic_folder(path: Union[Path, RemotePath], write: Callable[[Path], None]) -> None:
     """Write a folder through a temporary folder beside `path`, then rename it into place.
 

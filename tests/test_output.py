@@ -109,7 +109,8 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
 
 
 def test_output_path_checks(tmp_path):
-    with pytest.raises(UserError, match=r"must end in .h5ad \(AnnData\) or .zarr \(SpatialData\), e.g. -o out.h5ad"):
+    with pytest.raises(UserError, match=r"must end in .h5ad \(AnnData\) or .zarr \(SpatialData\), or .geojson "
+                       r"\(QuPath detections\), e.g. -o out.h5ad"):
         check_output_path(tmp_path / "out.csv", overwrite=False)
     (tmp_path / "d.h5ad").mkdir()
     with pytest.raises(UserError, match="is a directory"):
@@ -194,3 +195,70 @@ def test_gene_maps_say_demo_model_and_their_unit(tmp_path):
     adata.uns["mmap"]["bundle_demo"] = False
     assert gene_map_title(adata, "FASN") == "FASN (predicted)"
     assert COLOUR_BAR_UNIT.startswith("log10(1 + ")
+
+
+# -- per-spot columns on the pictures: --plot qc_blur, the overview's marks ----------------------
+def _qc_adata(n_fail: int = 3, thumb_side: int = 400):
+    pred = _prediction()
+    qc = np.zeros((len(pred.spot_ids), 3), np.float32)
+    qc[:, 0] = np.linspace(0.3, 1.2, len(qc))
+    qc[:n_fail, 0] = 2.5  # blurred
+    pred.qc = qc
+    pred.qc_record = {"blur_max": 1.6}
+    a = build_anndata(pred, np.full((thumb_side, thumb_side, 3), 200, np.uint8), thumb_side / 1000.0,
+                      library_id="S1", slide_mpp=0.5, patch_um=160.0, provenance={"mpp": 0.5})
+    return a
+
+
+def test_plot_takes_per_spot_columns_beside_genes(tmp_path):
+    assert check_plot_genes(["QC_BLUR", "g1", "qc_pass", "mmap_familiarity"], ["G0", "G1"], tmp_path) == [
+        "qc_blur", "G1", "qc_pass", "mmap_familiarity"]
+    with pytest.raises(UserError, match=r"--plot: gene\(s\) qc_blurr not predicted by the model .*; qc_blurr: did "
+                                        r"you mean .*; per-spot columns: qc_blur, qc_ink") as e:
+        check_plot_genes(["qc_blurr"], ["G0", "G1", "qc_blurb"], tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_column_maps_are_written_and_a_missing_column_is_said(tmp_path):
+    from PIL import Image
+
+    from mmap_deploy.errors import MMAPWarning
+
+    a = _qc_adata()
+    assert a.uns["mmap"]["qc"]["image"] == {"blur_max": 1.6} and a.obs["qc_pass"].sum() == a.n_obs - 3
+    out = tmp_path / "slide.h5ad"
+    with pytest.warns(MMAPWarning, match="--plot mmap_familiarity: this output has no such column"):
+        written = write_gene_plots(a, ["qc_blur", "G0", "mmap_familiarity", "qc_pass"], out, "S1")
+    assert written == [tmp_path / "slide.qc_blur.png", tmp_path / "slide.G0.png", tmp_path / "slide.qc_pass.png"]
+    for p in written:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 10
+
+
+def _red_pixels(path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    return int(((rgb[..., 0] > 200) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)).sum())
+
+
+def test_the_overview_rings_spots_failing_qc_and_crosses_low_familiarity(tmp_path):
+    from PIL import Image
+
+    from mmap_deploy.outputs.overview import LOW_FAMILIARITY_COLOUR, flagged_spots, overview_title, write_overview
+
+    clean, failing = _qc_adata(n_fail=0), _qc_adata(n_fail=3)
+    assert "image QC failed: 3" in overview_title(failing) and "image QC failed: 0" in overview_title(clean)
+    write_overview(clean, tmp_path / "clean.png", "S1", overview_title(clean))
+    write_overview(failing, tmp_path / "failing.png", "S1", overview_title(failing))
+    assert _red_pixels(tmp_path / "clean.png") == 0 < _red_pixels(tmp_path / "failing.png")
+    failing.obs["mmap_familiarity"] = np.linspace(0, 1, failing.n_obs)
+    failing.uns["mmap"]["qc"] = {**failing.uns["mmap"].get("qc", {}), "familiarity": {"unfamiliar_below": 0.2}}
+    marks = flagged_spots(failing)
+    assert marks["low familiarity"].sum() == 4 and marks["image QC failed"].sum() == 3
+    write_overview(failing, tmp_path / "both.png", "S1", overview_title(failing))
+    amber = tuple(int(LOW_FAMILIARITY_COLOUR[i:i + 2], 16) for i in (1, 3, 5))
+    with Image.open(tmp_path / "both.png") as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    assert (np.abs(rgb - np.array(amber)).sum(axis=-1) < 30).sum() > 0

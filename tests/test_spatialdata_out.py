@@ -289,7 +289,7 @@ def test_format_and_output_arguments(tiny_bundle, tmp_path):
     r = predict("--demo", "-o", tmp_path / "x.tiff", expect=2)
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'x.tiff'}: the output must end in .h5ad (AnnData) or .zarr (SpatialData), "
-        "e.g. -o x.h5ad")
+        "or .geojson (QuPath detections), e.g. -o x.h5ad")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slides.csv"]
 
 

@@ -44,7 +44,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -241,6 +241,7 @@ class ViewChunk:
     rows: np.ndarray
     views: np.ndarray  # (len(rows), V, S, S, 3) uint8 (or (len(rows), P, P, 3) patches)
     failed: list[tuple[int, PatchReadError]] = field(default_factory=list)
+    scores: np.ndarray | None = None  # what `read_spot_views(score=...)` made of `views`, one row per spot
 
 
 class _BandSource:
@@ -372,13 +373,17 @@ def _spot_views(slide: SlideReader, spots: np.ndarray, xy: np.ndarray, spec: Vie
 
 def read_spot_views(slide: SlideReader, xy: np.ndarray, spec: ViewSpec, *, workers: int = 2, reader: str = "auto",
                     patches: bool = False, chunk: int = CHUNK_SPOTS,
-                    spent: list[float] | None = None) -> Iterator[ViewChunk]:
+                    spent: list[float] | None = None,
+                    score: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[ViewChunk]:
     """Every spot's views (`patches=True`: its patch), in chunks, in a fixed reading order.
 
     Spots of a band read whole come band by band; each chunk's views are
     computed by `workers` threads, a bounded window ahead of the consumer.
     The order depends only on the spots and the slide, never on `workers`.
     `spent` collects the seconds each chunk took on its worker thread.
+    `score(views)`, when given, runs on the same thread right after the
+    chunk's views are made, while they are in cache (the spots' image QC,
+    `spot_qc`); its result is the chunk's `scores`.
     """
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     plan = plan_reads(slide, xy, spec, reader=reader)
@@ -395,6 +400,7 @@ def read_spot_views(slide: SlideReader, xy: np.ndarray, spec: ViewSpec, *, worke
 
     def work(b: int, spots: np.ndarray, read: Future | None) -> ViewChunk:
         t = time.perf_counter()
+        out = None
         try:
             band = plan.bands[b]
             if read is not None:
@@ -403,8 +409,12 @@ def read_spot_views(slide: SlideReader, xy: np.ndarray, spec: ViewSpec, *, worke
                 except PatchReadError:
                     pixels = None  # a corrupt tile in the band: only spots that touch it should fail
                 if pixels is not None:
-                    return ViewChunk(spots, _band_views(pixels, plan, spots, band.rows[0], spec, patches))
-            return _spot_views(slide, spots, xy, spec, patches)
+                    out = ViewChunk(spots, _band_views(pixels, plan, spots, band.rows[0], spec, patches))
+            if out is None:
+                out = _spot_views(slide, spots, xy, spec, patches)
+            if score is not None:
+                out.scores = score(out.views)
+            return out
         finally:
             if spent is not None:
                 spent.append(time.perf_counter() - t)

@@ -75,6 +75,18 @@ import numpy as np
 
 from ..errors import UserError
 from ..options import spell
+from .artefacts import (  # the colour rules, shared with the spots' image QC (spot_qc.py)
+    BLACK_MAX_SATURATION,
+    BLACK_MAX_VALUE,
+    DARK_MAX_VALUE,
+    INK_BLUE_RED,
+    INK_GREEN_RED,
+    INK_GREEN_RED_SHARE,
+    WHITE_MIN,
+    black,
+    blank,
+    ink_coloured,
+)
 from .outline import Ring
 from .slide import SlideReader, _box_reduce  # noqa: F401 (_box_reduce: named here by the tests)
 from .tissue_mask import (
@@ -102,13 +114,6 @@ OPEN_UM = 24.0  # opening: structures narrower than ~2 x this are removed
 EDGE_BACKGROUND_UM = 120.0  # window for the local glass colour next to the tissue's edge
 EDGE_MIN_DIFF = 8.0  # an edge pixel within this of the local glass, in every channel, is glass (0-255)
 # -- artefacts -------------------------------------------------------------------------
-INK_GREEN_RED = 30  # G - R at or above: green or blue ink (her2st H&E: at most 26)
-INK_BLUE_RED = 100  # B - R at or above: blue ink (her2st H&E: at most 80)
-INK_GREEN_RED_SHARE = 0.3  # G - R at or above this share of max(R,G,B): dark green/teal ink (her2st: 0.19)
-BLACK_MAX_VALUE = 100  # max(R,G,B) below this and ...
-BLACK_MAX_SATURATION = 0.25  # ... saturation below this: black ink or a black out-of-field block
-DARK_MAX_VALUE = 40  # max(R,G,B) below this: black, whatever its (noisy) saturation
-WHITE_MIN = 245  # min(R,G,B) at or above: blank (out-of-field block, or bare bright glass)
 INK_MIN_AREA_MM2 = 0.01  # ink/black regions smaller than this are ignored (dark nuclei, specks)
 ARTEFACT_MARGIN_PX = 1  # pixels around an artefact that mix it with its neighbours
 # -- reading --------------------------------------------------------------------------
@@ -189,15 +194,10 @@ def _planes(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _artefacts(r: np.ndarray, g: np.ndarray, b: np.ndarray, min_px: float) -> tuple[np.ndarray, np.ndarray]:
     """(ink, blank): ink-coloured or black regions of at least `min_px` pixels; near-white pixels."""
-    vmax = np.maximum(np.maximum(r, g), b)
-    vmin = np.minimum(np.minimum(r, g), b)
-    gr = g - r
-    coloured = (gr >= INK_GREEN_RED) | (b - r >= INK_BLUE_RED) | ((gr >= 8) & (gr >= INK_GREEN_RED_SHARE * vmax))
-    black = ((vmax < BLACK_MAX_VALUE) & ((vmax - vmin) < BLACK_MAX_SATURATION * vmax)) | (vmax < DARK_MAX_VALUE)
-    ink = coloured | black
+    ink = ink_coloured(r, g, b) | black(r, g, b)
     if ink.any():
         ink = _remove_small(ink, min_px, np.ones((3, 3), bool))
-    return ink, vmin >= WHITE_MIN
+    return ink, blank(r, g, b)
 
 
 def _window_mean(values: np.ndarray, valid: np.ndarray | None, norm: np.ndarray | None, size: int) -> np.ndarray:

@@ -8,10 +8,12 @@ Layout (see docs/architecture.md, "The output"):
 - `obsm['spatial']` (x, y) in full-resolution pixels; `obsm['mmap_embedding']` f;
 - `uns['spatial'][library_id]`: `images['hires']` (thumbnail, longest side
   2000 px) and `scalefactors` (`tissue_hires_scalef`, `spot_diameter_fullres`);
+- `obs['qc_blur']`, `qc_ink`, `qc_background`, `qc_pass`: each spot's image QC
+  (`inputs.spot_qc`), its thresholds in `uns['mmap']['qc']['image']`;
 - `uns['mmap']`: provenance. No None anywhere (anndata cannot write it).
 
-`-o out.zarr` writes the same AnnData as SpatialData (`spatialdata_out`).
-Files are written to a temporary file in the destination directory and
+`-o out.zarr` writes the same AnnData as SpatialData (`spatialdata_out`),
+`-o out.geojson` its spots as QuPath detections (`geojson`). Files are written to a temporary file in the destination directory and
 renamed into place, so a killed run never leaves a half-written output.
 An output in a bucket (`-o s3://bucket/out.h5ad`, `gs://...`) is written
 to a local temporary file and uploaded whole (`mmap_deploy.atomic`), the
@@ -24,13 +26,14 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..atomic import atomic_file as _atomic_write
 from ..errors import UserError
 from ..location import Location, RemotePath, as_location
+from .gene_names import resolve_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -48,15 +51,24 @@ _PITCH_SAMPLE = 256
 PLOT_MAX_SIDE = 1000
 COLOUR_BAR_UNIT = "log10(1 + 10⁴ · count / library size)"  # the training target's scale
 # -o's suffix decides what is written
-OUTPUT_FORMATS = {".h5ad": "AnnData", ".zarr": "SpatialData"}
+OUTPUT_FORMATS = {".h5ad": "AnnData", ".zarr": "SpatialData", ".geojson": "GeoJSON for QuPath"}
+# Per-spot columns that --plot maps beside genes, with their colour bar's label.
+PLOT_COLUMNS = {
+    "qc_blur": "qc_blur: log10(var grey / var Laplacian), higher is blurrier",
+    "qc_ink": "qc_ink: share of the patch under pen ink",
+    "qc_background": "qc_background: share of the patch that is blank",
+    "qc_pass": "qc_pass: 1 passes image QC, 0 fails",
+    "tissue_fraction": "tissue_fraction: share of the spot on tissue",
+    "mmap_familiarity": "mmap_familiarity: closeness to the training data",
+}
 
 
 def check_output_path(path: str | Path | RemotePath, overwrite: bool) -> Location:
     """Refuse an existing output unless `overwrite`; make sure the folder (or the bucket) can take the file."""
     path = as_location(path)
     if path.suffix not in OUTPUT_FORMATS:
-        raise UserError(f"{path}: the output must end in .h5ad (AnnData) or .zarr (SpatialData), "
-                        f"e.g. -o {path.with_suffix('.h5ad').name}")
+        raise UserError(f"{path}: the output must end in .h5ad (AnnData) or .zarr (SpatialData), or .geojson "
+                        f"(QuPath detections), e.g. -o {path.with_suffix('.h5ad').name}")
     if path.suffix == ".zarr":
         from .sdata import check_store_path
 
@@ -64,7 +76,7 @@ def check_output_path(path: str | Path | RemotePath, overwrite: bool) -> Locatio
     if isinstance(path, RemotePath):
         return _check_remote_output(path, overwrite)
     if path.is_dir() and path.suffix != ".zarr":
-        raise UserError(f"{path}: is a directory; give a file name ending in .h5ad")
+        raise UserError(f"{path}: is a directory; give a file name ending in {path.suffix}")
     if path.exists() and not overwrite:
         raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
     if path.parent.exists() and not path.parent.is_dir():
@@ -168,6 +180,11 @@ def build_anndata(
     )
     if pred.familiarity is not None:
         obs["mmap_familiarity"] = np.asarray(pred.familiarity.values, dtype=np.float32)
+    if pred.qc is not None:  # the spots' image QC (inputs.spot_qc)
+        from ..inputs.spot_qc import qc_columns
+
+        for name, column in qc_columns(pred.qc).items():
+            obs[name] = column
     var = pd.DataFrame(index=pd.Index(pred.genes, dtype=object))
     adata = ad.AnnData(X=np.ascontiguousarray(pred.prediction, dtype=np.float32), obs=obs, var=var)
     adata.obsm["spatial"] = np.ascontiguousarray(pred.xy, dtype=np.float64).reshape(n, 2)
@@ -213,24 +230,12 @@ def build_anndata(
         engines=dict(pred.engines),
     )
     if pred.familiarity is not None:
-        mmap["qc"] = {**mmap.get("qc", {}), "familiarity": pred.familiarity.record()}
+        mmap["qc"] = {**dict(mmap.get("qc") or {}), "familiarity": pred.familiarity.record()}
+    if pred.qc_record:  # beside the geometry checks: how the image QC was scored and judged
+        mmap["qc"] = {**dict(mmap.get("qc") or {}), "image": dict(pred.qc_record)}
     check_no_none(mmap, "uns['mmap']")
     adata.uns["mmap"] = mmap
     return adata
-
-
-def _atomic_write(path: Location, write: Callable[[Path], None]) -> None:
-    """Create `path`'s folder (a UserError when that fails), then write it atomically (see mmap_deploy.atomic).
-
-    In a bucket there is no folder to create: the file is uploaded whole.
-    """
-    if not isinstance(path, RemotePath):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"{path}: cannot create its folder ({e.strerror or e}); choose another -o") from None
-    with atomic_path(path) as tmp:
-        write(tmp)
 
 
 def write_h5ad(adata: "anndata.AnnData", path: str | Path | RemotePath, overwrite: bool = False) -> Location:
@@ -283,12 +288,20 @@ def write_images_compressed(path: Path, images: dict[str, dict[str, np.ndarray]]
                 write_elem(group, key, img, dataset_kwargs=dict(IMAGE_COMPRESSION, chunks=chunks))
 
 
-def write_output(adata: "anndata.AnnData", path: str | Path | RemotePath, overwrite: bool = False) -> Location:
-    """Write `adata` as `.h5ad` or, for a `.zarr` path, as SpatialData (`spatialdata_out`); local or in a bucket."""
-    if as_location(path).suffix == ".zarr":
+def write_output(adata: "anndata.AnnData", path: str | Path | RemotePath, overwrite: bool = False, *,
+                 genes: list[str] | str | None = None, classify_by: str | None = "tissue_id") -> Location:
+    """Write `adata` as `.h5ad`, as SpatialData for a `.zarr` path (`sdata`), or as QuPath detections
+    for a `.geojson` path (`geojson.write_geojson`, which alone takes `genes` and `classify_by`); local or
+    in a bucket (uploaded whole)."""
+    suffix = as_location(path).suffix
+    if suffix == ".zarr":
         from .sdata import write_spatialdata
 
         return write_spatialdata(adata, path, overwrite)
+    if suffix == ".geojson":
+        from .geojson import write_geojson
+
+        return write_geojson(adata, path, genes=genes, classify_by=classify_by, overwrite=overwrite)
     return write_h5ad(adata, path, overwrite)
 
 
@@ -298,43 +311,18 @@ def plot_paths(out: Location, genes: list[str]) -> list[Location]:
 
 
 def check_plot_genes(genes: list[str], bundle_genes: list[str], bundle_root: Path) -> list[str]:
-    """Before any work: every --plot gene is predicted by the bundle, and matplotlib imports.
+    """Before any work: every --plot name is a gene the bundle predicts or a per-spot column
+    (`PLOT_COLUMNS`: image QC, tissue fraction, familiarity), and matplotlib imports.
 
     Names match case-insensitively (`erbb2` is `ERBB2`); returns them as the
     bundle spells them. A miss names the bundle's nearest genes.
     """
-    import difflib
-
-    known = set(bundle_genes)
-    by_fold: dict[str, str] = {}
-    for g in bundle_genes:
-        by_fold.setdefault(g.casefold(), g)
-    resolved, unknown = [], []
-    for g in genes:
-        name = g if g in known else by_fold.get(g.casefold())
-        if name is None:
-            unknown.append(g)
-        else:
-            resolved.append(name)
-    if unknown:
-        shown = ", ".join(bundle_genes[:5]) + (", ..." if len(bundle_genes) > 5 else "")
-        folded = list(by_fold)
-        near = []
-        for g in unknown:
-            close = [by_fold[c] for c in difflib.get_close_matches(g.casefold(), folded, n=3, cutoff=0.6)]
-            if close:
-                near.append(f"{g}: did you mean {' or '.join(close)}?")
-        hint = f"; {'; '.join(near)}" if near else ""
-        raise UserError(
-            f"--plot: gene(s) {', '.join(unknown)} not predicted by the model {bundle_root} "
-            f"(it predicts {len(bundle_genes)} genes: {shown}){hint}; check the spelling "
-            "(mmap-predict --list-genes prints them all)"
-        )
+    resolved = resolve_names(genes, bundle_genes, bundle_root, flag="--plot", columns=tuple(PLOT_COLUMNS))
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'mmap-deploy[plot]'") from None
-    return list(dict.fromkeys(resolved))
+    return resolved
 
 
 def gene_map_title(adata: "anndata.AnnData", gene: str) -> str:
@@ -344,7 +332,12 @@ def gene_map_title(adata: "anndata.AnnData", gene: str) -> str:
 
 
 def write_gene_plots(adata: "anndata.AnnData", genes: list[str], out: Location, library_id: str) -> list[Location]:
-    """One PNG per gene: its predicted value per spot over the hires thumbnail (headless)."""
+    """One PNG per gene: its predicted value per spot over the hires thumbnail (headless).
+
+    A name of `PLOT_COLUMNS` maps that obs column instead (image QC, tissue
+    fraction, familiarity); one the output lacks (familiarity, from a bundle
+    without a training summary) is skipped with a warning.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -366,16 +359,24 @@ def write_gene_plots(adata: "anndata.AnnData", genes: list[str], out: Location, 
     marker_pt = float(sf["spot_diameter_fullres"]) * scale * px * 72.0 / dpi
     written = []
     for gene, png in zip(genes, plot_paths(out, genes)):
-        values = np.asarray(adata[:, gene].X).ravel()
+        if gene in adata.var_names:
+            values, title, unit = np.asarray(adata[:, gene].X).ravel(), gene_map_title(adata, gene), COLOUR_BAR_UNIT
+        elif gene in adata.obs:
+            values, title, unit = np.asarray(adata.obs[gene], dtype=np.float32), gene, PLOT_COLUMNS.get(gene, gene)
+        else:
+            from ..messages import warn
+
+            warn(f"--plot {gene}: this output has no such column; no map written")
+            continue
         fig = Figure(figsize=(w * px / dpi / 0.85, h * px / dpi / 0.92), dpi=dpi)
         ax = fig.add_axes((0.0, 0.0, 0.85, 0.92))
         ax.imshow(img, interpolation="antialiased")
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=marker_pt**2, cmap="viridis", linewidths=0)
         draw_outline(ax, adata, scale)  # the tissue outline of a --grid run, if any
         ax.set_axis_off()
-        ax.set_title(gene_map_title(adata, gene))
+        ax.set_title(title)
         cax = fig.add_axes((0.88, 0.1, 0.025, 0.75))
-        fig.colorbar(sc, cax=cax).set_label(COLOUR_BAR_UNIT)
+        fig.colorbar(sc, cax=cax).set_label(unit)
         _atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
         written.append(png)
     return written

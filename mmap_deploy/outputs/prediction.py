@@ -38,3 +38,6 @@ class SlidePrediction:
     engines: dict[str, str] = field(default_factory=dict)
     n_clipped: int = 0  # predicted values raised to PREDICTION_FLOOR
     familiarity: SlideFamiliarity | None = None  # None: the bundle has no training summary
+    # (N, 3) float32 image QC per spot (inputs.spot_qc: qc_blur, qc_ink, qc_background), and how it was made
+    qc: np.ndarray | None = None
+    qc_record: dict = field(default_factory=dict)

@@ -143,6 +143,6 @@ def check_output_dir(out_dir: Union[str, Path, RemotePath]) -> None:
         from ..location.transfer import require_writable
 
         require_writable(out_dir)
-    if out_dir.suffix in (".h5ad", ".zarr") or (out_dir.exists() and not out_dir.is_dir()):
+    if out_dir.suffix in (".h5ad", ".zarr", ".geojson") or (out_dir.exists() and not out_dir.is_dir()):
         raise UserError(f"{out_dir}: with --manifest, -o is an output folder (one .h5ad per slide, "
-                        "or one .zarr with --format zarr)")
+                        "or one .zarr or .geojson with --format zarr|geojson)")

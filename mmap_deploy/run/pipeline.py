@@ -10,7 +10,9 @@ slide, so k-means runs once encoding is done; each fusion batch then gathers
 its spots' top-L prototype banks (never the whole (N, L, D) bank at once).
 A bundle with a neighbour smoothing (`model.neighbours`) then smooths the
 predictions in place over each spot's neighbours in µm. A bundle with a
-training summary gives each spot its familiarity (`model.familiarity`).
+training summary gives each spot its familiarity (`model.familiarity`). Each
+spot's image QC (`spot_qc`: blur, ink, blank glass) is scored from its views
+on the reader thread that made them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..inputs.bands import read_spot_views
+from ..inputs.spot_qc import QC_COLUMNS, qc_record, qc_warning, spot_qc
+from ..messages import warn
 from ..model.familiarity import slide_familiarity
 from ..model.neighbours import smooth_predictions
 from ..model.prototypes import slide_prototypes
@@ -192,8 +196,8 @@ def predict_slide(
         raise UserError("no spots to predict: the coordinates file has no (in-tissue) spots")
     summary = bundle.familiarity()  # read and hash-checked before any patch is read
     timer = _Timer("read_wait", "encoder", "kmeans", "banks", "fusion")
-    f, y1, ok, dropped = _encode(slide, ids, xy, m, engines.encoder, timer, batch_size=batch_size,
-                                 read_workers=read_workers, strict=strict, progress=progress, reader=reader)
+    f, y1, ok, dropped, qc = _encode(slide, ids, xy, m, engines.encoder, timer, batch_size=batch_size,
+                                     read_workers=read_workers, strict=strict, progress=progress, reader=reader)
     if not ok.any():
         first = dropped[0]
         raise UserError(
@@ -202,7 +206,10 @@ def predict_slide(
         )
     keep = np.flatnonzero(ok)
     if len(keep) < n:
-        f, y1 = f[keep], y1[keep]
+        f, y1, qc = f[keep], y1[keep], qc[keep]
+    qc_note = qc_warning(qc)
+    if qc_note:
+        warn(f"{slide.path}: {qc_note}")
     if len(keep) == n:
         kept_ids = ids
     else:
@@ -230,17 +237,20 @@ def predict_slide(
         engines=engines.describe(),
         n_clipped=n_clipped,
         familiarity=familiarity,
+        qc=qc,
+        qc_record=qc_record(m.view),
     )
 
 
 def _encode(slide: SlideReader, ids: list[str] | np.ndarray, xy: np.ndarray, m: Manifest, runner: Runner,
             timer: _Timer, *, batch_size: int,
             read_workers: int, strict: bool, progress: Callable[[int], Any] | None,
-            reader: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[DroppedSpot]]:
-    """Every readable spot's `f` and `y1` (rows where `ok`), and the dropped spots in input order."""
+            reader: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[DroppedSpot], np.ndarray]:
+    """Every readable spot's `f`, `y1` and image QC scores (rows where `ok`), and the dropped spots in input order."""
     n, spec = len(ids), m.view
     f = np.empty((n, m.embed_dim), dtype=np.float32)
     y1 = np.empty((n, len(m.genes)), dtype=np.float32)
+    qc = np.full((n, len(QC_COLUMNS)), np.nan, dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     dropped: list[DroppedSpot] = []
     dropped_rows: list[int] = []
@@ -256,11 +266,19 @@ def _encode(slide: SlideReader, ids: list[str] | np.ndarray, xy: np.ndarray, m: 
         batch_rows.clear()
 
     read_spent: list[float] = []
+    qc_spent: list[float] = []
+
+    def score(views: np.ndarray) -> np.ndarray:  # on the reader thread, part of its read_threads time
+        t = time.perf_counter()
+        try:
+            return spot_qc(views, spec)
+        finally:
+            qc_spent.append(time.perf_counter() - t)
     # The views' resizes are small matrix products: BLAS threads only fight the
     # reader threads and the engine for cores (benchmarks/RESULTS.md, "Figures
     # behind design choices"). The limit is process-wide, so it is lifted again for k-means.
     with _single_threaded_blas():
-        chunks = read_spot_views(slide, xy, spec, workers=read_workers, reader=reader, spent=read_spent)
+        chunks = read_spot_views(slide, xy, spec, workers=read_workers, reader=reader, spent=read_spent, score=score)
         try:
             while True:
                 with timer("read_wait"):
@@ -277,6 +295,7 @@ def _encode(slide: SlideReader, ids: list[str] | np.ndarray, xy: np.ndarray, m: 
                     dropped_rows.append(i)
                     if progress is not None:
                         progress(1)
+                qc[chunk.rows] = chunk.scores
                 for i, views in zip(chunk.rows, chunk.views):
                     batch[len(batch_rows)] = views
                     batch_rows.append(int(i))
@@ -290,8 +309,9 @@ def _encode(slide: SlideReader, ids: list[str] | np.ndarray, xy: np.ndarray, m: 
             chunks.close()
     timer.seconds["encoder"] = encoder.busy
     timer.seconds["read_threads"] = float(sum(read_spent))
+    timer.seconds["qc_threads"] = float(sum(qc_spent))
     # the record lists dropped spots in input order, whatever order they were read in
-    return f, y1, ok, [dropped[j] for j in np.argsort(dropped_rows, kind="stable")]
+    return f, y1, ok, [dropped[j] for j in np.argsort(dropped_rows, kind="stable")], qc
 
 
 def _fuse(runner: Runner, f: np.ndarray, y1: np.ndarray, protos: SlidePrototypes, batch_size: int,

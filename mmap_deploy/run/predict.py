@@ -394,14 +394,18 @@ def _provenance(slide: SlideReader, slide_path: Path, source: SpotSource, checke
 
 def write_adata(adata: anndata.AnnData, out: Path, *, overwrite: bool = False, need: int | None = None,
                 plot: list[str] | tuple[str, ...] | None = None, library_id: str | None = None,
-                overview: bool = False) -> list[Path]:
-    """Write one slide's AnnData to `out` (.h5ad, or SpatialData for .zarr) atomically, and its `plot` maps.
+                overview: bool = False, genes: list[str] | str | None = None,
+                classify_by: str | None = "tissue_id") -> list[Path]:
+    """Write one slide's AnnData to `out` (.h5ad, SpatialData for .zarr, QuPath detections for .geojson)
+    atomically, and its `plot` maps.
 
     What `mmap-predict` and `mmap_deploy.write` both run. A full or
     unwritable folder is one line (`OutputStorageError`) and leaves nothing
     behind; `need` is the output's expected size in bytes (estimated from
     `adata` when not given). With `overview`, the overview picture (thumbnail,
-    tissue outline, spots) is written beside it. Returns the PNGs written.
+    tissue outline, spots) is written beside it. `genes` and `classify_by` choose a
+    `.geojson`'s measurements and classes (`outputs.geojson.write_geojson`).
+    Returns the PNGs written.
     """
     from ..outputs.adata import check_output_path, write_gene_plots, write_output
     from .storage import output_storage_guard
@@ -414,7 +418,7 @@ def write_adata(adata: anndata.AnnData, out: Path, *, overwrite: bool = False, n
     if need is None:
         need = _expected_bytes(adata, zarr=out.suffix == ".zarr", n_plots=len(plot or []) + int(overview))
     with output_storage_guard(out.parent, need, out.name):
-        write_output(adata, out, overwrite=overwrite)
+        write_output(adata, out, overwrite=overwrite, genes=genes, classify_by=classify_by)
         if not plot and not overview:
             return []
         if library_id is None:

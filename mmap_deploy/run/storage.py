@@ -9,7 +9,7 @@ further slide would fail the same way after computing for nothing. So
 - a write that fails anyway (another job filled the disk meanwhile, a quota
   that `statvfs` does not show) is turned into the same one-line error
   (`output_storage_guard`), and the temporary file is gone (see
-  `output._atomic_write`);
+  `atomic.atomic_file`);
 - a batch, local or on Ray, stops at the first `OutputStorageError` and says
   how many slides remain.
 
