@@ -323,24 +323,28 @@ def predict(slide: PathLike, coords: PathLike | None = None, *, model: PathLike 
         return predictor.predict(slide, coords, **per_slide)
 
 
-def write(adata: anndata.AnnData, path: PathLike, **options: Any) -> Path:
-    """Write a prediction as ``mmap-predict`` does: ``.h5ad``, or SpatialData for ``.zarr``, atomically.
+def write(adata: anndata.AnnData, path: PathLike, **options: Any) -> Location:
+    """Write a prediction as ``mmap-predict`` does: ``.h5ad``, SpatialData for ``.zarr``, QuPath detections
+    for ``.geojson``, atomically.
 
     The file is written to a temporary file beside `path` and renamed into
-    place: a reader, or a run killed half-way, never sees half a file.
+    place (in a bucket: written locally and uploaded whole): a reader, or a
+    run killed half-way, never sees half a file.
 
     Parameters
     ----------
     adata
         An AnnData from `predict` or `Predictor.predict`.
     path
-        The output: ``*.h5ad`` (AnnData, its images gzip-compressed) or
-        ``*.zarr`` (a SpatialData store; needs the ``[spatialdata]`` extra).
+        The output: ``*.h5ad`` (AnnData, its images gzip-compressed),
+        ``*.zarr`` (a SpatialData store; needs the ``[spatialdata]`` extra) or
+        ``*.geojson`` (the spots as QuPath detections, with measurements); a
+        local path or a bucket's URL.
     {options}
 
     Returns
     -------
-    pathlib.Path
+    pathlib.Path or RemotePath
         The path written.
 
     Raises
@@ -350,9 +354,12 @@ def write(adata: anndata.AnnData, path: PathLike, **options: Any) -> Path:
         a missing ``spatialdata`` for ``.zarr``; `OutputStorageError` for a
         folder that is full or cannot be written (nothing is left behind).
     """
+    from .run.predict import geojson_options
+
     out = _path(path, "path")
     settings = settings_from_api(options, (OUTPUT,), "write")
-    write_adata(adata, out, overwrite=settings.overwrite)
+    check_options(settings, output=out)
+    write_adata(adata, out, overwrite=settings.overwrite, **geojson_options(settings))
     return out
 
 

@@ -164,7 +164,7 @@ def _check_run(run: dict[str, Any], settings: Settings) -> None:
         raise UserError("--ray-workers needs --ray")
     check_options(settings, batch=manifest is not None,
                   has_coords=None if manifest is not None or run["demo"] else run["coords"] is not None,
-                  coords=run["coords"], slide=slide)
+                  coords=run["coords"], slide=slide, output=run["output"])
     if settings.grid is not None:
         from .inputs.grid import parse_grid
 
@@ -226,6 +226,11 @@ def _run(run: dict[str, Any], settings: Settings, command: str) -> int:
         from .outputs.adata import check_plot_genes
 
         settings = settings.replace(plot=check_plot_genes(list(settings.plot), bundle.manifest.genes, bundle.root))
+    if settings.genes and settings.genes != ("all",):  # the QuPath file's measurements, checked before any work
+        from .outputs.gene_names import resolve_names
+
+        settings = settings.replace(genes=resolve_names(list(settings.genes), bundle.manifest.genes, bundle.root,
+                                                        flag=spell("genes")))
     if run["ray_address"] is not None:  # the workers load the engines; the driver only hands out slides
         from .run.batch_ray import run_batch_ray
 

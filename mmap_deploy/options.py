@@ -302,7 +302,8 @@ def _library_id_problem(value: str) -> str:
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 SLIDE_READERS = ("auto", "openslide", "tifffile", "image")
-OUTPUT_FORMATS = ("h5ad", "zarr")
+OUTPUT_FORMATS = ("h5ad", "zarr", "geojson")
+GEOJSON = "geojson"  # `applies_with` of the QuPath file's options: a .geojson output, not an option
 
 
 @dataclass(frozen=True)
@@ -356,12 +357,20 @@ class Settings:
     # -- writing --
     overwrite: bool = option(False, Flag(), "Replace existing output files.", OUTPUT)
     plot: tuple[str, ...] = option((), Names("GENE[,GENE...]"), "Also write a PNG map of each gene over the "
-                                   "slide thumbnail (needs matplotlib).", OUTPUT, api=False)
+                                   "slide thumbnail, or of a per-spot column: qc_blur, qc_ink, qc_background, "
+                                   "qc_pass, tissue_fraction, mmap_familiarity (needs matplotlib).", OUTPUT, api=False)
     overview: bool = option(False, Flag(), "Also write OUT.overview.png: the slide's thumbnail, the tissue outline "
-                            "and every spot.", OUTPUT, api=False)
+                            "and every spot (spots failing the image QC ringed in red).", OUTPUT, api=False)
+    genes: tuple[str, ...] | None = option(None, Names("GENE[,GENE...]|all"), "With a .geojson output (QuPath): the "
+                                           "genes written as measurements (default: the 20 whose predictions vary "
+                                           "most over the slide; all: every gene).", OUTPUT, applies_with=GEOJSON)
+    classify_by: str = option("tissue_id", Text(metavar="COLUMN"), "With a .geojson output: the obs column that "
+                              "classifies each spot in QuPath (tissue_id where the run has it, as --grid runs do; "
+                              "e.g. qc_pass or mmap_cluster).", OUTPUT, applies_with=GEOJSON)
     # -- the command line's batch --
     output_format: str | None = option(None, Choice(OUTPUT_FORMATS), "With --manifest: write each slide as "
-                                       "{{id}}.h5ad (default) or {{id}}.zarr (SpatialData).", BATCH, flag="--format",
+                                       "{{id}}.h5ad (default), {{id}}.zarr (SpatialData) or {{id}}.geojson (QuPath).",
+                                       BATCH, flag="--format",
                                        api=False, show_default=False)
     shard: tuple[int, int] | None = option(None, Shard(), "With --manifest: run only rows k with k % N == I "
                                            "(I = 0..N-1), e.g. $SLURM_ARRAY_TASK_ID/N.", BATCH, api=False)
@@ -565,11 +574,26 @@ def parse_column(column: str, text: str, where: str, cls: type = Settings) -> An
 
 
 # -- the cross-checks ------------------------------------------------------------------------------
+def _applies(settings: Settings, needed: str, output: object) -> bool:
+    """Whether what an option `applies_with` is there: another option, or a .geojson output."""
+    if needed == GEOJSON:
+        return str(output).endswith(".geojson") or settings.output_format == GEOJSON
+    return getattr(settings, needed) is not None
+
+
+def _needed_text(needed: str) -> str:
+    if needed == GEOJSON:
+        return ("a .geojson output (-o OUT.geojson, or --format geojson in a batch)" if current_caller() == CLI
+                else "a .geojson output (write(adata, 'OUT.geojson'))")
+    return f"{spell(needed)} (to the spots it lays over the tissue)"
+
+
 def check_options(settings: Settings, *, batch: bool = False, has_coords: bool | None = None,
-                  coords: object = "", slide: object = "") -> None:
+                  coords: object = "", slide: object = "", output: object = "") -> None:
     """The checks between options: one function for the CLI, the API and each batch row.
 
-    - an option given without the one it applies with (`min_tissue` without `grid`);
+    - an option given without the one it applies with (`min_tissue` without `grid`, `genes` without a
+      .geojson `output`);
     - a batch option outside a batch (`batch`: the command line's --manifest), and in a batch no
       per-slide value from the command line (it is a manifest column);
     - for one slide (`has_coords` known): spots from coordinates or from a grid, not both and not
@@ -581,7 +605,7 @@ def check_options(settings: Settings, *, batch: bool = False, has_coords: bool |
         spec: Option = f.metadata["option"]
         if f.name not in settings.given:
             continue
-        if spec.applies_with and getattr(settings, spec.applies_with) is None:
+        if spec.applies_with and not _applies(settings, spec.applies_with, output):
             orphans.setdefault(spec.applies_with, []).append(f.name)
         if spec.scope == BATCH and not batch:
             raise UserError(f"{spell(f.name)} only applies with --manifest")
@@ -589,8 +613,7 @@ def check_options(settings: Settings, *, batch: bool = False, has_coords: bool |
             raise UserError(f"with --manifest, give {spell(f.name)} per slide in the manifest's {spec.column} column")
     for needed, names in orphans.items():
         said = " and ".join(spell(n) for n in names)
-        raise UserError(f"{said} only appl{'ies' if len(names) == 1 else 'y'} with {spell(needed)} "
-                        "(to the spots it lays over the tissue)")
+        raise UserError(f"{said} only appl{'ies' if len(names) == 1 else 'y'} with {_needed_text(needed)}")
     if has_coords is None:
         return
     grid = settings.grid

@@ -20,8 +20,8 @@ from mmap_deploy.outputs.geojson import (
     write_geojson,
 )
 
-ad = pytest.importorskip("anndata")
-shapely_geometry = pytest.importorskip("shapely.geometry")
+import anndata as ad
+import shapely.geometry as shapely_geometry
 
 AREA_TOLERANCE = 1e-3  # relative: the polygons have the spot's area (coordinates rounded to 0.01 px)
 CENTROID_TOLERANCE_PX = 0.01
@@ -176,7 +176,7 @@ def test_written_atomically_deterministically_and_dispatched_by_suffix(demo_adat
     out = tmp_path / "w.geojson"
     write_adata(demo_adata, out, genes="all", classify_by="qc_pass")
     first = out.read_bytes()
-    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+    with pytest.raises(UserError, match="already exists; pass overwrite="):
         write_adata(demo_adata, out)
     write_adata(demo_adata, out, overwrite=True, genes="all", classify_by="qc_pass")
     assert out.read_bytes() == first  # same input, same bytes
@@ -196,3 +196,36 @@ def test_cli_writes_geojson_from_the_suffix(tiny_bundle, tmp_path):
     data = _read(out)
     assert len(data["features"]) == 120
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.geojson"]
+
+
+def test_genes_and_classes_from_the_command_line_the_api_and_a_batch(tiny_bundle, demo_adata, tmp_path):
+    """--genes / --classify-by (genes= / classify_by=) reach the file; without a .geojson output they are refused,
+    by the CLI and the API alike; a batch with --format geojson writes {id}.geojson."""
+    import mmap_deploy as mm
+    from conftest import run_cli
+
+    from mmap_deploy.demo import sample_paths
+
+    out = tmp_path / "demo.geojson"
+    run_cli("--demo", "--model", tiny_bundle, "-o", out, "--genes", "gene3,GENE1", "--classify-by", "qc_pass", expect=0)
+    props = [f["properties"] for f in _read(out)["features"]]
+    columns = [c for c in MEASURED_COLUMNS if c in demo_adata.obs]
+    assert list(props[1]["measurements"]) == ["GENE3", "GENE1", *columns]
+    assert {p["classification"]["name"] for p in props} <= {"qc_pass True", "qc_pass False"}
+    x = demo_adata[:, ["GENE3", "GENE1"]].X
+    np.testing.assert_allclose([[p["measurements"]["GENE3"], p["measurements"]["GENE1"]] for p in props], x, rtol=1e-6)
+    r = run_cli("--demo", "--model", tiny_bundle, "-o", tmp_path / "demo.h5ad", "--genes", "GENE1", expect=2)
+    assert r.stderr.strip().splitlines()[-1] == ("error: --genes only applies with a .geojson output "
+                                                 "(-o OUT.geojson, or --format geojson in a batch)")
+    r = run_cli("--demo", "--model", tiny_bundle, "-o", tmp_path / "x.geojson", "--genes", "NOTAGENE", expect=2)
+    assert "--genes: gene(s) NOTAGENE not predicted by the model" in r.stderr and not (tmp_path / "x.geojson").exists()
+    with pytest.raises(UserError, match=r"^genes= only applies with a \.geojson output"):
+        mm.write(demo_adata, tmp_path / "api.h5ad", genes=["GENE1"])
+    written = mm.write(demo_adata, tmp_path / "api.geojson", genes="all", classify_by="mmap_cluster")
+    assert len(_read(written)["features"][0]["properties"]["measurements"]) >= demo_adata.n_vars
+    image, coords, _ = sample_paths()
+    (tmp_path / "slides.csv").write_text(f"slide,coords,id\n{image},{coords},b4\n")
+    run_cli("--manifest", tmp_path / "slides.csv", "-o", tmp_path / "batch", "--model", tiny_bundle,
+            "--format", "geojson", "--genes", "GENE2", expect=0)
+    assert [p.name for p in (tmp_path / "batch").iterdir()] == ["b4.geojson"]
+    assert list(_read(tmp_path / "batch" / "b4.geojson")["features"][0]["properties"]["measurements"])[0] == "GENE2"

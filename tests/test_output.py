@@ -101,7 +101,7 @@ def test_none_in_provenance_is_refused_before_writing():
 def test_existing_output_is_refused_without_overwrite(tmp_path):
     out = tmp_path / "out.h5ad"
     out.write_bytes(b"precious")
-    with pytest.raises(UserError, match=r"out.h5ad: already exists; pass --overwrite"):
+    with pytest.raises(UserError, match=r"out.h5ad: already exists; pass overwrite="):
         write_h5ad(_adata(), out)
     assert out.read_bytes() == b"precious"
     write_h5ad(_adata(), out, overwrite=True)

@@ -238,7 +238,7 @@ def test_output_folders_in_buckets_need_no_room_but_the_staging_folder_does(buck
                                                  r"no room for A\.h5ad: .* set TMPDIR to a larger disk$"):
         check_free_space(as_location(bucket.url("results/")), 1 << 60, "A.h5ad")
     bucket.put("results/A.h5ad", b"done")
-    with pytest.raises(UserError, match=r"A\.h5ad: already exists; pass --overwrite to replace it"):
+    with pytest.raises(UserError, match=r"A\.h5ad: already exists; pass overwrite= to replace it"):
         check_output_path(bucket.url("results/A.h5ad"), overwrite=False)
     assert check_output_path(bucket.url("results/A.h5ad"), overwrite=True).url == bucket.url("results/A.h5ad")
     with pytest.raises(OutputStorageError, match="does not exist"):

@@ -96,7 +96,7 @@ def test_existing_store_is_refused_without_overwrite_and_replaced_with_it(demo_o
     stamp = (out / "zarr.json").stat().st_mtime_ns
     r = predict("--demo", "--model", tiny_bundle, "-o", out, expect=2)
     assert r.stderr.strip().splitlines()[-1] == (
-        f"error: {out}: already exists; pass --overwrite to replace it, or choose another -o")
+        f"error: {out}: already exists; pass --overwrite to replace it, or choose another output")
     assert "engines:" not in r.stderr  # refused before any work
     assert (out / "zarr.json").stat().st_mtime_ns == stamp
     predict("--demo", "--model", tiny_bundle, "--library-id", LIBRARY, "-o", out, "--overwrite")

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..atomic import atomic_file as _atomic_write
 from ..errors import UserError
+from ..options import spell
 from ..location import Location, RemotePath, as_location
 from .gene_names import resolve_names
 
@@ -78,7 +79,7 @@ def check_output_path(path: str | Path | RemotePath, overwrite: bool) -> Locatio
     if path.is_dir() and path.suffix != ".zarr":
         raise UserError(f"{path}: is a directory; give a file name ending in {path.suffix}")
     if path.exists() and not overwrite:
-        raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
+        raise UserError(f"{path}: already exists; pass {spell('overwrite')} to replace it, or choose another output")
     if path.parent.exists() and not path.parent.is_dir():
         raise UserError(f"{path.parent}: is not a directory; choose another -o")
     # Find out now, not after the whole slide has run, whether the file can be
@@ -105,7 +106,7 @@ def _check_remote_output(path: RemotePath, overwrite: bool) -> RemotePath:
 
     check_bucket(path)  # an HTTP URL, or a bucket that does not exist: said now, not after the slide has run
     if output_exists(path) and not overwrite:
-        raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
+        raise UserError(f"{path}: already exists; pass {spell('overwrite')} to replace it, or choose another output")
     return path
 
 

@@ -39,6 +39,8 @@ import numpy as np
 
 from ..atomic import atomic_file
 from ..errors import UserError
+from ..location import Location, as_location
+from ..options import spell
 from .gene_names import resolve_names
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -210,17 +212,17 @@ def _features(adata: "anndata.AnnData", genes: list[str], classes: list[str] | N
                f'"measurements":{{{measured}}}}}}}')
 
 
-def write_geojson(adata: "anndata.AnnData", path: str | Path, *, genes: list[str] | str | None = None,
+def write_geojson(adata: "anndata.AnnData", path: str | Location, *, genes: list[str] | str | None = None,
                   classify_by: str | None = DEFAULT_CLASSIFY_BY, overwrite: bool = False,
-                  library_id: str | None = None) -> Path:
+                  library_id: str | None = None) -> Location:
     """Write the spots as QuPath detections with their predictions as measurements (module docstring).
 
     Parameters
     ----------
     adata : anndata.AnnData
         An output of ``mmap-predict`` / `mmap_deploy.predict`.
-    path : str or Path
-        The ``.geojson`` file; refused if it exists, unless `overwrite`.
+    path : str, Path or RemotePath
+        The ``.geojson`` file (in a bucket: uploaded whole); refused if it exists, unless `overwrite`.
     genes : list of str, str or None
         None: the `DEFAULT_N_GENES` most variable predicted genes of the slide;
         ``"all"``: every gene; else gene names (a list, or one comma-separated
@@ -240,13 +242,13 @@ def write_geojson(adata: "anndata.AnnData", path: str | Path, *, genes: list[str
         The file written.
     """
     # (mmap-predict has run adata.check_output_path already; a direct call gets these checks)
-    path = Path(path)
+    path = as_location(path)
     if path.suffix != ".geojson":
         raise UserError(f"{path}: a GeoJSON output must end in .geojson")
     if path.is_dir():
         raise UserError(f"{path}: is a directory; give a file name ending in .geojson")
     if path.exists() and not overwrite:
-        raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
+        raise UserError(f"{path}: already exists; pass {spell('overwrite')} to replace it, or choose another output")
     chosen = resolve_genes(adata, genes)
     if classify_by == DEFAULT_CLASSIFY_BY and classify_by not in adata.obs:
         classify_by = None  # the default is used only where the run made the column (--grid)

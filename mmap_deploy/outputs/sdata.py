@@ -35,6 +35,7 @@ import numpy as np
 from ..atomic import atomic_folder, output_exists
 from ..errors import UserError
 from ..location import RemotePath, as_location
+from ..options import spell
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata
@@ -76,7 +77,7 @@ def check_store_path(path: Path, overwrite: bool) -> None:
             raise UserError(f"{path}: exists and is not a folder (a .zarr output is a folder); "
                             "move it away or choose another -o")
         if overwrite and not any((path / f).is_file() for f in ("zarr.json", ".zgroup", ".zattrs")):
-            raise UserError(f"{path}: exists and is not a zarr store; --overwrite replaces only a store "
+            raise UserError(f"{path}: exists and is not a zarr store; {spell('overwrite')} replaces only a store "
                             "written before: move it away or choose another -o")
 
 
@@ -183,7 +184,7 @@ def write_spatialdata(adata: "anndata.AnnData", path: str | Path | RemotePath, o
     path = as_location(path)  # a local folder, or a bucket prefix (uploaded whole: see atomic_folder)
     check_store_path(path, overwrite)
     if output_exists(path) and not overwrite:
-        raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another -o")
+        raise UserError(f"{path}: already exists; pass {spell('overwrite')} to replace it, or choose another output")
     sdata = to_spatialdata(adata)
 
     def write(tmp: Path) -> None:

@@ -275,14 +275,17 @@ def _check_slide(slide: SlideReader, slide_path: Path, source: SpotSource, bundl
     from ..inputs.coords import check_inside, scale_warning
     from ..inputs.layouts import check_spot_geometry
     from ..inputs.slide import GIVEN_MPP
-    from .storage import check_free_space, slide_output_bytes
+    from .storage import check_free_space, geojson_output_bytes, slide_output_bytes
 
     spots, label = source.spot_input.spots, source.label
     check_inside(spots, slide.width, slide.height, label, slide_path)
     need = 0
     if out is not None:  # a full output folder is found now, not after the whole slide has run
-        need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height,
-                                  len(settings.plot) + int(settings.overview), zarr=out.suffix == ".zarr")
+        if out.suffix == ".geojson":
+            need = geojson_output_bytes(len(spots), _geojson_genes(settings.genes, len(bundle.manifest.genes)))
+        else:
+            need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height,
+                                      len(settings.plot) + int(settings.overview), zarr=out.suffix == ".zarr")
         check_free_space(out.parent, need, out.name)
     # A grid is laid on the slide's own pixels: its spots crowd into a corner only where the tissue does.
     warning = scale_warning(spots, slide.width, slide.height) if source.grid is None else None
@@ -415,7 +418,11 @@ def write_adata(adata: anndata.AnnData, out: Path, *, overwrite: bool = False, n
         from ..outputs.overview import require_matplotlib
 
         require_matplotlib()  # said before the output is written, not after
-    if need is None:
+    if need is None and out.suffix == ".geojson":
+        from .storage import geojson_output_bytes
+
+        need = geojson_output_bytes(adata.n_obs, _geojson_genes(genes, adata.n_vars))
+    elif need is None:
         need = _expected_bytes(adata, zarr=out.suffix == ".zarr", n_plots=len(plot or []) + int(overview))
     with output_storage_guard(out.parent, need, out.name):
         write_output(adata, out, overwrite=overwrite, genes=genes, classify_by=classify_by)
@@ -429,6 +436,25 @@ def write_adata(adata: anndata.AnnData, out: Path, *, overwrite: bool = False, n
 
             pictures.append(write_overview(adata, overview_path(out), library_id, overview_title(adata)))
         return pictures
+
+
+def geojson_options(settings: Settings) -> dict[str, Any]:
+    """What a .geojson output takes from the settings: `genes` (None: the default choice; `all`) and
+    `classify_by`."""
+    genes = settings.genes
+    return {"genes": "all" if genes == ("all",) else (list(genes) if genes else None),
+            "classify_by": settings.classify_by}
+
+
+def _geojson_genes(genes: Any, n_genes: int) -> int:
+    """How many gene measurements a .geojson gets: `all`, the genes named, or the default choice."""
+    from ..outputs.geojson import DEFAULT_N_GENES
+
+    if genes in ("all", ("all",)):
+        return n_genes
+    if isinstance(genes, str):
+        return len(genes.split(","))
+    return len(genes) if genes else min(DEFAULT_N_GENES, n_genes)
 
 
 def _expected_bytes(adata: anndata.AnnData, *, zarr: bool, n_plots: int) -> int:
@@ -461,7 +487,7 @@ def predict_to_file(slide_path: Path, coords_path: Path | None, out: Path, bundl
                         spot_progress=spot_progress, out=out, t0=t0)
     t = time.perf_counter()
     plots = write_adata(run.adata, out, overwrite=settings.overwrite, need=run.need, plot=settings.plot,
-                        library_id=run.library_id, overview=settings.overview)
+                        library_id=run.library_id, overview=settings.overview, **geojson_options(settings))
     timings = dict(run.timings, write=round(time.perf_counter() - t, 4))
     seconds = time.perf_counter() - t0
     timings["wall"] = round(seconds, 4)

@@ -67,6 +67,17 @@ def expected_output_bytes(n_spots: int, n_genes: int, embed_dim: int, thumbnail_
     return int(raw * SPACE_MARGIN) + n_plots * PLOT_BYTES
 
 
+# A QuPath detection (polygon, ids, class, QC and tissue measurements) and one more measurement per gene:
+# 13.5 MB per 10 000 spots with the default 20 genes, 160 MB with 785 (docs/predict.md).
+GEOJSON_SPOT_BYTES = 1100
+GEOJSON_GENE_BYTES = 20
+
+
+def geojson_output_bytes(n_spots: int, n_genes: int) -> int:
+    """At most how many bytes a .geojson of `n_spots` detections with `n_genes` gene measurements takes."""
+    return int((n_spots * (GEOJSON_SPOT_BYTES + GEOJSON_GENE_BYTES * n_genes) + _FIXED_EXTRA) * SPACE_MARGIN)
+
+
 def slide_output_bytes(n_spots: int, manifest, width: int, height: int, n_plots: int = 0, zarr: bool = False) -> int:
     """`expected_output_bytes` for a slide of `width` x `height` level-0 pixels and a bundle's manifest."""
     from ..outputs.adata import THUMBNAIL_MAX_SIDE
