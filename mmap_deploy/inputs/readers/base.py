@@ -147,7 +147,8 @@ def _shift(region: np.ndarray, phase_y: int, phase_x: int) -> np.ndarray:
 class SlideReader:
     """An open slide: level-0 geometry, resolution, pyramid levels, and patch/thumbnail reading.
 
-    Attributes: `path`, `mpp` (level-0 µm per pixel), `mpp_source`, `width`,
+    Attributes: `path` (for a file object, the name it was opened with, e.g. its
+    URL), `mpp` (level-0 µm per pixel), `mpp_source`, `width`,
     `height` (level-0 pixels), `level_downsamples` and `level_dimensions` (one
     per pyramid level, level 0 first), `format` ("<backend>:<format>", e.g.
     "openslide:aperio", "tifffile:ome-tiff", "image:JPEG"), `backend` (the
@@ -160,7 +161,7 @@ class SlideReader:
     `close`; the rest is written here once.
     """
 
-    path: Path
+    path: Path | str
     mpp: float
     mpp_source: str
     width: int

@@ -103,8 +103,9 @@ def dicom_slide_file(folder: Path) -> tuple[Path, str]:
     (uid, vs), = slides.items()
     base = max(vs, key=lambda i: (i.width * i.height, i.path.name))
     left = len(series[uid]) - len(vs)
+    beside = f" ({left} label/overview/thumbnail image(s) beside them)" if left else ""
     return base.path, (f"a DICOM WSI series folder: OpenSlide reads its {len(vs)} VOLUME image(s) from "
-                       f"{base.path.name}" + (f" ({left} label/overview/thumbnail image(s) beside them)" if left else ""))
+                       f"{base.path.name}{beside}")
 
 
 def _describe(uid: str, volumes: list[_Instance], files: int) -> str:

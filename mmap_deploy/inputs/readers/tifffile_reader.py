@@ -158,8 +158,8 @@ def _pyramid(tf, name: str) -> tuple[list[_Level], str]:
     how = "SubIFDs" if any(getattr(p, "is_subifd", False) for p in pages) else "pages"
     if len(pages) == 1:
         base = pages[0]
-        more = [s.levels[0].keyframe for s in tf.series
-                if s is not series and not ASSOCIATED.fullmatch(s.name or "") and _is_reduction(s.levels[0].keyframe, base)]
+        more = [s.levels[0].keyframe for s in tf.series if s is not series
+                and not ASSOCIATED.fullmatch(s.name or "") and _is_reduction(s.levels[0].keyframe, base)]
         if more:
             pages += sorted(more, key=lambda p: -_size(p)[0])
             how = "separate series"
