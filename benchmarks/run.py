@@ -4,7 +4,7 @@
     python benchmarks/run.py --suite gpu --json $OUT/gpu.json
     python benchmarks/run.py --suite gpu-ort --json $OUT/gpu_ort.json   # via benchmarks/gpu/gpu_ort_suite.sh
     python benchmarks/run.py --suite smoke --json /tmp/smoke.json   # tiny sizes, for the tests
-    python benchmarks/run.py --suite read --json benchmarks/results/read.json   # per-spot vs band reader
+    python benchmarks/run.py --suite read --json benchmarks/results/read.json   # per-spot vs band reader; --only remote: over HTTP
     python benchmarks/run.py --suite grid --json benchmarks/results/grid_cpu.json   # slides with no assay
 
 Writes `{"machine": {...}, "results": [...], "targets": [...]}` (after every
@@ -109,11 +109,17 @@ def slide_steps(ctx: Context) -> None:
 
 
 def read_suite(ctx: Context) -> None:
-    """The per-spot reader against the band reader (both layouts, every slide backend, 1 and 2 threads)."""
-    from suite_read import run_read_suite
+    """The per-spot reader against the band reader (both layouts, every slide backend, 1 and 2 threads);
+    `remote`: a slide end to end from disk and over HTTP from 127.0.0.1."""
+    from suite_read import SLIDE_SECTION, remote_rows, run_read_suite
 
-    with step(ctx.report, "read"):
-        run_read_suite(None, ctx.report, ctx.work, ctx.data_dir)
+    if ctx.wanted("backends"):
+        with step(ctx.report, "read"):
+            run_read_suite(None, ctx.report, ctx.work, ctx.data_dir)
+    image = ctx.data_dir / "her2st" / "images" / f"{SLIDE_SECTION}.jpg" if ctx.data_dir else None
+    if ctx.wanted("remote") and image is not None and image.is_file():
+        with step(ctx.report, "remote"):
+            remote_rows(ctx.report, ctx.work, image)
 
 
 def grid_suite(ctx: Context) -> None:
@@ -159,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny-bundle", type=Path, help="its exported bundle (skips the export)")
     ap.add_argument("--read-rounds", type=int, default=3,
                     help="--suite read: alternating rounds of both readers; each row keeps the best")
-    ap.add_argument("--only", default="", help="comma-separated steps: encoder,uni,kmeans,tiles,pipeline,rss,gpu; grid: detect,build,e2e")
+    ap.add_argument("--only", default="", help="comma-separated steps: encoder,uni,kmeans,tiles,pipeline,rss,gpu; "
+                    "grid: detect,build,e2e; read: backends,remote")
     args = ap.parse_args(argv)
     suite, run_suite = SUITES[args.suite]
     data_dir = args.data_dir or (Path(os.environ["MMAP_DATA_DIR"]) if os.environ.get("MMAP_DATA_DIR") else None)

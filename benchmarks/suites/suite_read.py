@@ -65,9 +65,9 @@ def visium_grid(width: int, height: int, mpp: float, n: int = VISIUM_SPOTS) -> n
     return np.asarray(rows[:n])
 
 
-def hd_grid(width: int, height: int, mpp: float, n: int = HD_BINS) -> np.ndarray:
-    """n bin centres on a square 16 µm grid centred on the slide, row by row."""
-    pitch = HD_PITCH_UM / mpp
+def hd_grid(width: int, height: int, mpp: float, n: int = HD_BINS, pitch_um: float = HD_PITCH_UM) -> np.ndarray:
+    """n bin centres on a square grid (16 µm: Visium HD's bins) centred on the slide, row by row."""
+    pitch = pitch_um / mpp
     side = int(math.ceil(math.sqrt(n)))
     x0 = width / 2 - side * pitch / 2
     y0 = height / 2 - side * pitch / 2
@@ -223,6 +223,53 @@ def _compare_readers(report: Any, slide, label: str, xy_all: dict[str, np.ndarra
             if per_spot_slide is None:
                 report.add({"name": "tile_read_ratio", "layout": layout, "slide": label, "threads": threads,
                             "tile_once_over_per_spot": round(best["per_spot"] / best["tile_once"], 2)})
+
+
+REMOTE_SPOTS = 1600  # a 4 x 4 mm square of 100 µm spots in the section's centre
+REMOTE_ROUNDS = 2
+
+
+def remote_rows(report: Any, work: Path, image: Path) -> None:
+    """`remote_read` rows: one slide end to end (the pipeline of mmap-predict, the demo bundle), read from disk
+    and served over HTTP from 127.0.0.1 by byte range (the tests' file server), in alternating rounds: seconds
+    per slide, the requests and bytes it took against the file's size, and whether the outputs are the same."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the tests' range-serving file server
+    from remote_servers import FileServer
+
+    import mmap_deploy as mm
+
+    slide = work / f"{SLIDE_SECTION}_jpeg.tif"
+    if not slide.is_file():
+        jpeg_pyramid(image, SLIDE_MPP, slide)
+    with mm.Predictor(threads=2) as probe:
+        del probe  # the engines once, so the first round does not pay their loading
+    from PIL import Image
+
+    with Image.open(image) as im:
+        width, height = im.size
+    coords = write_coords(work / "remote_spots.csv", hd_grid(width, height, SLIDE_MPP, REMOTE_SPOTS, 100.0))
+    size = slide.stat().st_size
+    best: dict[str, float] = {}
+    outputs: dict[str, Any] = {}
+    with FileServer({"/C6_jpeg.tif": slide.read_bytes()}) as web, mm.Predictor(threads=2) as predictor:
+        where = {"disk": slide, "http (127.0.0.1)": web.url("/C6_jpeg.tif")}
+        for _ in range(REMOTE_ROUNDS):
+            for name, path in where.items():
+                t = time.perf_counter()
+                adata = predictor.predict(path, coords, mpp=SLIDE_MPP)
+                best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
+                outputs[name] = adata
+    same = bool(np.array_equal(outputs["disk"].X, outputs["http (127.0.0.1)"].X))
+    for name, adata in outputs.items():
+        timings = adata.uns["mmap"]["timings"]
+        fetched = float(timings.get("remote_bytes", 0.0))
+        report.add({"name": "remote_read", "where": name, "slide": slide.name, "file_bytes": size,
+                    "spots": int(adata.n_obs), "s_per_slide": round(best[name], 2),
+                    "remote_requests": int(timings.get("remote_requests", 0)), "remote_bytes": int(fetched),
+                    "share_of_file_fetched": round(fetched / size, 3), "same_X_as_disk": same,
+                    "rounds": REMOTE_ROUNDS, "cpu": _cpu(), "load_avg_1m": round(os.getloadavg()[0], 2)})
 
 
 def _cpu() -> str:
