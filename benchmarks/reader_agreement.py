@@ -15,8 +15,7 @@ Cases (demo bundle; files written to a scratch folder):
 Rows per case: the largest difference of whole levels read by both backends,
 of patches at the spots, and of the predictions (max abs difference of X,
 the worst gene's Pearson r, spots and clusters that agree). `mmap-predict`
-runs in a fresh process per backend, the backend forced by calling
-`open_slide` with `reader=` (what `--reader` passes).
+runs in a fresh process per backend, the backend forced with `--reader`.
 """
 
 from __future__ import annotations
@@ -37,9 +36,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the test slides' writer (tests/wsi.py)
 
 C6_MPP = 0.698
-FORCED = ("import functools, sys; import mmap_deploy.inputs.slide as s; "
-          "s.open_slide = functools.partial(s.open_slide, reader={reader!r}); "
-          "from mmap_deploy.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def _slides(work: Path, data: Path, cases: list[str]) -> dict[str, tuple[Path, list[str]]]:
@@ -98,7 +94,8 @@ def _pixels(path: Path) -> dict:
 
 def _predict(slide: Path, args: list[str], reader: str, out: Path) -> float:
     t = time.perf_counter()
-    cmd = [sys.executable, "-c", FORCED.format(reader=reader), str(slide), *args, "-o", str(out), "-q", "--overwrite"]
+    cmd = [sys.executable, "-m", "mmap_deploy.cli", str(slide), *args, "-o", str(out), "-q", "--overwrite",
+           "--reader", reader]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)
     if r.returncode != 0:
         raise RuntimeError(f"{reader} on {slide.name}: exit {r.returncode}: {r.stderr[-800:]}")

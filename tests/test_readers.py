@@ -415,10 +415,10 @@ def test_auto_choice_and_forcing(slides, dicom, demo, tmp_path):
                                                                       "DICOM WSI series folder")
     assert READERS == ("auto", "openslide", "tifffile", "image")
     with pytest.raises(UserError, match=r"qupath\.ome\.tif: the openslide reader cannot open it \(openslide: "
-                                        r"OpenSlide does not recognise the format\); try reader 'auto'"):
+                                        r"OpenSlide does not recognise the format\); try reader='auto'"):
         open_slide(slides["qupath"], reader="openslide")
     with pytest.raises(UserError, match=r"pages\.tif: the plain-image reader cannot open this tiled or multi-page "
-                                        r"TIFF.*--reader tifffile"):
+                                        r"TIFF.*reader='tifffile'"):
         open_slide(slides["pages"], reader="image")
     with pytest.raises(UserError, match=r"\.jpg: tifffile cannot read this TIFF"):
         open_slide(image, reader="tifffile")
@@ -506,3 +506,16 @@ def test_mmap_predict_end_to_end(slides, dicom, coords_csv, tmp_path, name, spot
     else:
         assert a.n_obs > 40 and m["tissue"]["level"] == 2  # the mask's 8 µm/px: level 2 (16 x 0.5 µm/px)
     assert np.isfinite(np.asarray(a.X)).all() and np.asarray(a.X).std() > 0
+
+
+def test_the_reader_option_forces_a_backend_from_the_command_line(slides, tmp_path):
+    out = tmp_path / "forced.h5ad"
+    run_cli(slides["pages"], "--grid", "visium", "-o", out, "--reader", "tifffile", expect=0)
+    import anndata as ad
+
+    record = ad.read_h5ad(out).uns["mmap"]["slide_reader"]
+    assert record == {"backend": "tifffile", "reason": "chosen by the caller (reader 'tifffile')"}
+    r = run_cli(slides["qupath"], "--grid", "visium", "-o", tmp_path / "o.h5ad", "--reader", "openslide", expect=2)
+    assert r.stderr.strip().splitlines()[-1].endswith("try --reader auto") and not (tmp_path / "o.h5ad").exists()
+    r = run_cli(slides["pages"], "--grid", "visium", "-o", tmp_path / "o.h5ad", "--reader", "bioformats", expect=2)
+    assert "'bioformats' is not one of 'auto', 'openslide', 'tifffile', 'image'" in r.stderr

@@ -42,7 +42,7 @@ from typing import BinaryIO
 from ..errors import UserError
 from ..location import RemotePath, as_location, local_copy, open_input
 from ..location.transfer import MULTI_FILE_FORMATS
-from ..options import SLIDE_READERS
+from ..options import SLIDE_READERS, spell
 from .readers.base import (
     GIVEN_MPP,
     MPP_RANGE,
@@ -262,5 +262,6 @@ def open_slide(path: str | Path | BinaryIO, mpp: float | None = None,
         slide.reason = choice.reason + "".join(f"; {p}" for p in passed)
         return slide
     if reader != "auto":
-        raise UserError(f"{label}: the {reader} reader cannot open it ({'; '.join(passed)}); try reader 'auto'")
+        raise UserError(f"{label}: the {reader} reader cannot open it ({'; '.join(passed)}); try "
+                        f"{spell('reader', 'auto')}")
     raise UserError(f"{label}: not a slide or image this tool can read ({'; '.join(passed)}); {SUPPORTED}")

@@ -14,6 +14,7 @@ from typing import BinaryIO
 import numpy as np
 
 from ...errors import UserError
+from ...options import spell
 from .base import (
     _PIL_LOCK,
     SlideReader,
@@ -122,8 +123,8 @@ def _check_plain_tiff(path: Path | str, image) -> None:
     if tiled or pages != 1:
         raise UserError(
             f"{path}: the plain-image reader cannot open this tiled or multi-page TIFF: it is truncated or "
-            "corrupt, or it is a pyramid for the tifffile reader (--reader tifffile); re-copy it, or convert it "
-            "with `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`"
+            f"corrupt, or it is a pyramid for the tifffile reader ({spell('reader', 'tifffile')}); re-copy it, or "
+            "convert it with `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`"
         )
 
 
