@@ -114,7 +114,7 @@ def test_valid_visium_round_trips(workdir, points, in_tissue):
     path.write_text("barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres\n" + "\n".join(rows))
     kept = [i for i in range(len(points)) if in_tissue[i]]
     if not kept:
-        with pytest.raises(UserError, match="--all-spots"):
+        with pytest.raises(UserError, match="all_spots="):
             read_coords(path)
         return
     spots = read_coords(path)

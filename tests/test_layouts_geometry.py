@@ -174,7 +174,7 @@ def test_tissue_check_passes_each_real_her2st_image_and_refuses_its_swap(section
     assert report.problems == [] and report.warnings == []
     assert report.qc["on_tissue"] >= 0.95 and report.qc["on_tissue"] > report.qc["on_tissue_if_swapped"]
     swapped = SimpleNamespace(xy=spots.xy[:, ::-1].copy())
-    with pytest.raises(UserError, match=r"x and y look swapped.*--skip-geometry-checks"):
+    with pytest.raises(UserError, match=r"x and y look swapped.*skip_geometry_checks="):
         check_geometry(swapped, fit_lattice(swapped.xy, spots.array_xy, ST), slide, mask, 163.52, table,
                        "openslide.mpp-x")
 

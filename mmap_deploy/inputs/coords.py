@@ -46,6 +46,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..location import Location, RemotePath, as_location
+from ..options import spell
 
 LAYOUTS = {
     "visium": "Visium tissue_positions.csv (barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres)",
@@ -266,7 +267,7 @@ def read_coords(path: str | Path | RemotePath, all_spots: bool = False) -> Spots
         if not ids:
             raise UserError(
                 f"{path}: all {len(keep)} spots have {dropped_by}, so none is left; "
-                "pass --all-spots to predict every spot"
+                f"pass {spell('all_spots')} to predict every spot"
             )
     _check_unique(path, ids)
     return Spots(ids=ids, xy=np.ascontiguousarray(xy, dtype=np.float64), source_format=layout,
@@ -422,7 +423,7 @@ def _parquet_spots(path: Location, source, pq, all_spots: bool) -> Spots:
     keep = slice(None) if all_spots else np.flatnonzero(in_tissue == 1)
     if not all_spots and len(keep) == 0:
         raise UserError(f"{path}: all {len(in_tissue)} bins have in_tissue == 0, so none is left; "
-                        "pass --all-spots to predict every bin")
+                        f"pass {spell('all_spots')} to predict every bin")
     barcodes = cols["barcode"].take(keep) if not all_spots else cols["barcode"]
     ids = _arrow_strings(path, barcodes)
     xy = np.stack([numbers["pxl_col_in_fullres"][keep], numbers["pxl_row_in_fullres"][keep]], axis=1)

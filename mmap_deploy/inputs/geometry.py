@@ -32,7 +32,7 @@ Vendor facts (`LATTICES`):
   Communications 12, 2021). Fitted on all 36 her2st sections: ~290 px per
   step for B1-H3 (0.69 µm/px), ~218 px for A1-A6.
 
-Every refusal is one line that names `SKIP_FLAG`; with it, refusals become
+Every refusal is one line that names the skip option (`--skip-geometry-checks`); with it, refusals become
 warnings and the run goes on with the slide's (or ``--mpp``'s) resolution.
 """
 
@@ -52,7 +52,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .coords import Spots
     from .slide import SlideReader
 
-SKIP_FLAG = "--skip-geometry-checks"
 # The slide's (or --mpp's) resolution may differ this much from the lattice's.
 MPP_TOLERANCE = 0.10
 # Beyond this (and within MPP_TOLERANCE), the run goes on with a warning.
@@ -193,14 +192,15 @@ def fallback_mpp(fit: LatticeFit | None, hd_mpp: float | None) -> tuple[float, s
 
 
 def resolution_problem(fit: LatticeFit, mpp: float, mpp_source: str, coords_path: Path,
-                       fix: str = f"fix it, or pass {SKIP_FLAG} to run anyway") -> str | None:
+                       fix: str = "") -> str | None:
     """The refusal line when the run's mpp is more than MPP_TOLERANCE from the lattice's, else None.
 
-    `fix` ends the line: what the user can do (the runtime names its override).
+    `fix` ends the line: what the user can do (default: fix it, or skip the geometry checks).
     """
     ratio = mpp / fit.mpp
     if abs(ratio - 1.0) <= MPP_TOLERANCE:
         return None
+    fix = fix or f"fix it, or pass {spell('skip_geometry_checks')} to run anyway"
     causes = []
     if mpp_source == spell("mpp") or "mpp column" in mpp_source:  # a resolution the user gave
         causes.append(f"a wrong {mpp_source} (the lattice says {fit.mpp:.3f})")
@@ -237,7 +237,7 @@ def transposed_problem(fit: LatticeFit, coords_path: Path) -> str:
     return (
         f"{coords_path}: x and y look swapped: the spot array's columns run along the image's rows and its rows "
         f"along the image's columns ({fit.spec.name}); take x from the pixel-column field and y from the "
-        f"pixel-row field (x = pxl_col_in_fullres / pixel_x), or pass {SKIP_FLAG} if the image is really "
+        f"pixel-row field (x = pxl_col_in_fullres / pixel_x), or pass {spell('skip_geometry_checks')} if the image is really "
         "transposed"
     )
 
@@ -336,7 +336,7 @@ def check_geometry(spots: Spots, fit: LatticeFit | None, slide: SlideReader, mas
     """
     report = GeometryReport()
     qc = report.qc
-    qc["checks"] = "skipped (" + SKIP_FLAG + ")" if skip else "done"
+    qc["checks"] = f"skipped ({spell('skip_geometry_checks')})" if skip else "done"
     if fit is not None:
         qc.update(fit.record())
         if not mpp_source.startswith("spot lattice"):
@@ -369,7 +369,7 @@ def check_geometry(spots: Spots, fit: LatticeFit | None, slide: SlideReader, mas
             report.problems.append(
                 f"{coords_path}: x and y look swapped: {on:.0%} of the spots lie on tissue as given, "
                 f"{swapped:.0%} with x and y swapped; x is the column and y the row (pxl_col_in_fullres is x), "
-                f"fix the coordinates or pass {SKIP_FLAG} to run anyway"
+                f"fix the coordinates or pass {spell('skip_geometry_checks')} to run anyway"
             )
         elif on < FEW_ON_TISSUE:
             report.warnings.append(

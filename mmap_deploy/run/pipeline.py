@@ -30,6 +30,7 @@ from ..errors import UserError, first_line
 from ..inputs.bands import read_spot_views
 from ..inputs.spot_qc import QC_COLUMNS, qc_record, qc_warning, spot_qc
 from ..messages import warn
+from ..options import spell
 from ..model.familiarity import slide_familiarity
 from ..model.neighbours import smooth_predictions
 from ..model.prototypes import slide_prototypes
@@ -187,7 +188,7 @@ def predict_slide(
     an error too (UserError). Any other exception is a bug and propagates.
     """
     if batch_size < 1:
-        raise UserError(f"--batch-size must be a positive number, got {batch_size}")
+        raise UserError(f"{spell('batch_size', batch_size)}: must be a positive number")
     m = bundle.manifest
     ids = spots.ids  # a list, or a numpy string array (no per-spot objects for Visium HD)
     xy = np.asarray(spots.xy, dtype=np.float64)
@@ -289,7 +290,7 @@ def _encode(slide: SlideReader, ids: list[str] | np.ndarray, xy: np.ndarray, m: 
                     if strict:
                         raise UserError(
                             f"spot {ids[i]} at ({xy[i, 0]:.0f}, {xy[i, 1]:.0f}): {e} "
-                            "(run without --strict to skip unreadable spots)"
+                            f"(run without {spell('strict')} to skip unreadable spots)"
                         ) from None
                     dropped.append(DroppedSpot(ids[i], float(xy[i, 0]), float(xy[i, 1]), first_line(e)))
                     dropped_rows.append(i)
