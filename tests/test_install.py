@@ -84,3 +84,12 @@ def test_no_test_skips_on_what_the_tests_install():
                 if names & installed:
                     skipping.append(f"{path.name}:{node.lineno}: importorskip({node.args[0].value!r})")
     assert skipping == []
+
+
+def test_every_runtime_package_is_installed():
+    """`pip install .` installs the packages pyproject.toml lists: a new subpackage left off that list is
+    missing from every installed copy (ModuleNotFoundError at run time) though the tests, run from the
+    checkout, import it."""
+    listed = set(pyproject()["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "mmap_deploy").rglob("__init__.py")}
+    assert on_disk - listed == set()
