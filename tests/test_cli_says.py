@@ -137,7 +137,8 @@ def test_plot_genes_match_case_insensitively_and_a_miss_names_near_genes(tmp_pat
     genes = ["ERBB2", "FASN", "IGKC", "GAPDH", "MT-CO1"]
     assert check_plot_genes(["erbb2", "Fasn", "IGKC", "ERBB2"], genes, tmp_path) == ["ERBB2", "FASN", "IGKC"]
     with pytest.raises(UserError, match=r"gene\(s\) ERB2, XYZQW not predicted .*ERB2: did you mean ERBB2\?; "
-                                        r"check the spelling \(mmap-predict --list-genes prints them all\)"):
+                                        r"per-spot columns: qc_blur, .*; check the spelling \(mmap-predict "
+                                        r"--list-genes prints them all\)"):
         check_plot_genes(["ERB2", "XYZQW"], genes, tmp_path)
 
 

@@ -84,7 +84,7 @@ def test_fill_rings_takes_the_pixels_whose_centres_are_inside():
 
 def test_fill_rings_is_shapely_at_pixel_centres():
     """Off the edges, a pixel is filled exactly when shapely says its centre is inside the polygon."""
-    shapely = pytest.importorskip("shapely")
+    import shapely
     rng = np.random.default_rng(11)
     for k in range(20):
         n = int(rng.integers(3, 80))

@@ -177,7 +177,7 @@ def test_the_pipeline_writes_the_columns_from_the_views_the_encoder_read(tiny_bu
     spots = read_coords(coords)
     xy = np.asarray(spots.xy, dtype=np.float64)
     with open_engines("onnxruntime", bundle, "fp32", threads=1) as engines, open_slide(image, mpp=mpp) as slide:
-        runs = {r: predict_slide(slide, spots, bundle, engines, batch_size=8, reader=r) for r in ("per_spot", "tile_once")}
+        runs = {r: predict_slide(slide, spots, bundle, engines, batch_size=8, read_workers=2, reader=r) for r in ("per_spot", "tile_once")}
         for r, run in runs.items():
             direct = np.empty_like(run.qc)
             for chunk in read_spot_views(slide, xy, spec, workers=1, reader=r):
@@ -215,7 +215,7 @@ def test_the_qc_benchmarks_auroc_and_drawn_ink():
     import importlib.util
     from pathlib import Path
 
-    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    import sklearn.metrics as sklearn_metrics
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "qc_artefacts.py"
     spec = importlib.util.spec_from_file_location("qc_artefacts", path)
