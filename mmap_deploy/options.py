@@ -8,7 +8,7 @@ one declaration come:
 - the Python API: `Predictor(...)`, `Predictor.predict(...)`, `predict(...)`
   and `write(...)` take the fields of their scope by keyword, checked by the
   same `Kind` as the flag (`settings_from_api`; the functions' signatures are
-  made from the fields too, `api_signature`);
+  made from the fields too, `api_parameters`, `api_doc`);
 - the batch manifest's columns: a field with a `column` may be set per slide
   in the manifest CSV (`manifest_columns`), read by the same `Kind`.
 
@@ -390,10 +390,6 @@ class Settings:
         row with coords drops, a Ray worker's share of the cores): not options the caller gave."""
         return dataclasses.replace(self, **values)
 
-    def for_scope(self, *scopes: str) -> dict[str, Any]:
-        """The values of the options of `scopes`, by name."""
-        return {f.name: getattr(self, f.name) for f in option_fields(type(self)) if f.metadata["option"].scope
-                in scopes}
 
 
 def option_fields(cls: type = Settings) -> tuple[dataclasses.Field, ...]:
@@ -403,13 +399,6 @@ def option_fields(cls: type = Settings) -> tuple[dataclasses.Field, ...]:
         _register(fields)
         _REGISTERED.add(cls)
     return fields
-
-
-def option_of(name: str, cls: type = Settings) -> Option:
-    for f in option_fields(cls):
-        if f.name == name:
-            return f.metadata["option"]
-    raise KeyError(name)
 
 
 def _flag(name: str, spec: Option) -> str | None:
