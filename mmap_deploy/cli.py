@@ -26,7 +26,6 @@ and openslide are imported when a run needs them.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
