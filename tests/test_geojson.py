@@ -96,8 +96,8 @@ def test_default_genes_are_the_most_variable_and_names_match_like_plot(demo_adat
     gene = demo_adata.var_names[3]
     data = _read(write_geojson(demo_adata, tmp_path / "g.geojson", genes=[gene.lower()]))
     assert list(data["features"][0]["properties"]["measurements"])[0] == gene
-    with pytest.raises(UserError, match=r"--genes: gene\(s\) GENE99 not predicted by the model .*did you mean") as e:
-        write_geojson(demo_adata, tmp_path / "bad.geojson", genes="GENE1,GENE99")
+    with pytest.raises(UserError, match=r"^genes: gene\(s\) GENE99 not predicted by the model .*did you mean") as e:
+        write_geojson(demo_adata, tmp_path / "bad.geojson", genes="GENE1,GENE99")  # from Python: the parameter
     assert "\n" not in str(e.value) and not (tmp_path / "bad.geojson").exists()
 
 
@@ -109,7 +109,7 @@ def test_classes_from_a_column_and_their_colours(demo_adata, tmp_path, monkeypat
     assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in classes.values())
     data = _read(write_geojson(demo_adata, tmp_path / "p.geojson", classify_by="qc_pass"))
     assert {f["properties"]["classification"]["name"] for f in data["features"]} <= {"qc_pass True", "qc_pass False"}
-    with pytest.raises(UserError, match="--classify-by nope: no such column in this output"):
+    with pytest.raises(UserError, match="^classify_by='nope': no such column in this output"):
         write_geojson(demo_adata, tmp_path / "n.geojson", classify_by="nope")
     import mmap_deploy.outputs.geojson as g
 

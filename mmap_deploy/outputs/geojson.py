@@ -118,7 +118,7 @@ def default_genes(adata: "anndata.AnnData", n: int = DEFAULT_N_GENES) -> list[st
     return [names[i] for i in order[:n]]
 
 
-def resolve_genes(adata: "anndata.AnnData", genes: list[str] | str | None, flag: str = "--genes") -> list[str]:
+def resolve_genes(adata: "anndata.AnnData", genes: list[str] | str | None) -> list[str]:
     """The genes to write: `default_genes` for None, every gene for ``"all"``, else the names given.
 
     Names match case-insensitively, as `--plot`'s do; a name the model does
@@ -131,11 +131,11 @@ def resolve_genes(adata: "anndata.AnnData", genes: list[str] | str | None, flag:
             return list(adata.var_names)
         genes = [g.strip() for g in genes.split(",") if g.strip()]
     model = str(adata.uns.get("mmap", {}).get("bundle", "that made this output"))
-    return resolve_names(list(genes), list(adata.var_names), model, flag=flag)
+    return resolve_names(list(genes), list(adata.var_names), model, flag=spell("genes").rstrip("="))
 
 
 def spot_classes(adata: "anndata.AnnData", column: str | None,
-                 flag: str = "--classify-by") -> tuple[list[str] | None, dict[str, tuple[int, int, int]]]:
+                 ) -> tuple[list[str] | None, dict[str, tuple[int, int, int]]]:
     """Each spot's class name and each class's colour, from obs column `column` (None: no classes).
 
     Numbers and booleans name their class ``"{column} {value}"``; text is used
@@ -146,7 +146,7 @@ def spot_classes(adata: "anndata.AnnData", column: str | None,
         return None, {}
     if column not in adata.obs:
         shown = ", ".join(map(str, adata.obs.columns))
-        raise UserError(f"{flag} {column}: no such column in this output (it has: {shown})")
+        raise UserError(f"{spell('classify_by', column)}: no such column in this output (it has: {shown})")
     import pandas as pd
 
     values = adata.obs[column]
@@ -155,7 +155,7 @@ def spot_classes(adata: "anndata.AnnData", column: str | None,
     else:
         levels = sorted(pd.unique(values.dropna()), key=lambda v: (str(type(v)), v))
     if len(levels) > MAX_CLASSES:
-        raise UserError(f"{flag} {column}: {len(levels)} different values; classify by a column with at most "
+        raise UserError(f"{spell('classify_by', column)}: {len(levels)} different values; classify by a column with at most "
                         f"{MAX_CLASSES} (e.g. tissue_id, qc_pass or mmap_cluster); a number per spot is a measurement")
     numeric = not (isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object
                    or pd.api.types.is_string_dtype(values.dtype))

@@ -282,7 +282,8 @@ def _check_slide(slide: SlideReader, slide_path: Path, source: SpotSource, bundl
     need = 0
     if out is not None:  # a full output folder is found now, not after the whole slide has run
         if out.suffix == ".geojson":
-            need = geojson_output_bytes(len(spots), _geojson_genes(settings.genes, len(bundle.manifest.genes)))
+            need = geojson_output_bytes(len(spots), _geojson_genes(geojson_options(settings)["genes"],
+                                                                   len(bundle.manifest.genes)))
         else:
             need = slide_output_bytes(len(spots), bundle.manifest, slide.width, slide.height,
                                       len(settings.plot) + int(settings.overview), zarr=out.suffix == ".zarr")
@@ -446,14 +447,13 @@ def geojson_options(settings: Settings) -> dict[str, Any]:
             "classify_by": settings.classify_by}
 
 
-def _geojson_genes(genes: Any, n_genes: int) -> int:
-    """How many gene measurements a .geojson gets: `all`, the genes named, or the default choice."""
+def _geojson_genes(genes: list[str] | str | None, n_genes: int) -> int:
+    """How many gene measurements a .geojson gets (`genes` as `geojson_options` gives it): `all`, the genes
+    named, or the default choice."""
     from ..outputs.geojson import DEFAULT_N_GENES
 
-    if genes in ("all", ("all",)):
+    if genes == "all":
         return n_genes
-    if isinstance(genes, str):
-        return len(genes.split(","))
     return len(genes) if genes else min(DEFAULT_N_GENES, n_genes)
 
 
